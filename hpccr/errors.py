@@ -1,0 +1,83 @@
+"""hpccr errors and the exit codes the CLI maps them to.
+
+Every error a user can cause or meet carries one clear message and one exit code; the CLI prints
+``hpccr: error: <message>`` and exits with ``exit_code``.  The table is documented in README.md.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class HpccrError(Exception):
+    """Base class: a failure with a one-line message meant for a person."""
+
+    exit_code = 1
+
+
+class NoSuchProcess(HpccrError):
+    exit_code = 10
+
+
+class AccessDenied(HpccrError):
+    exit_code = 11
+
+
+class ImageNotFound(HpccrError):
+    exit_code = 12
+
+
+class ImageCorrupt(HpccrError):
+    """Missing, truncated or altered file, bad checksum, unknown format version."""
+
+    exit_code = 13
+
+
+class UnsupportedResource(HpccrError):
+    """The target holds kernel state hpccr cannot checkpoint yet."""
+
+    exit_code = 14
+
+
+class PidInUse(HpccrError):
+    exit_code = 15
+
+
+class IncompatibleMachine(HpccrError):
+    """CPU features, kernel layout or privileges here cannot host the image."""
+
+    exit_code = 16
+
+
+class FileMismatch(HpccrError):
+    """A file the image refers to is missing or changed since the checkpoint."""
+
+    exit_code = 17
+
+
+class DumpFailed(HpccrError):
+    exit_code = 18
+
+
+class RestoreFailed(HpccrError):
+    exit_code = 19
+
+
+class ImageWriteError(HpccrError):
+    """The image could not be written (disk full, permissions); the previous one is intact."""
+
+    exit_code = 20
+
+
+class CheckFailed(HpccrError):
+    exit_code = 21
+
+
+def from_oserror(exc: OSError, what: str) -> HpccrError:
+    """Translate an OSError met while doing ``what`` into the matching hpccr error."""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ESRCH:
+        return NoSuchProcess(f"{what}: no such process")
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return AccessDenied(f"{what}: {reason}")
+    return HpccrError(f"{what}: {reason}")
