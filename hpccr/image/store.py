@@ -1,0 +1,380 @@
+"""Writing and reading image directories: atomic commit, checksums, verification.
+
+The format is described in docs/image-format.md.  Writers stream every file through an xxh3-128
+hasher, so committing never re-reads data; readers treat everything on disk as untrusted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import xxhash
+
+from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
+from hpccr.image.schema import check_meta
+
+FORMAT_VERSION = 1
+PAGE_SIZE = 4096
+CHECKSUMS = "checksums"
+META = "image.json"
+
+_VERIFY_CHUNK = 8 << 20
+_CHECKSUM_LINE = re.compile(r"xxh3-128 ([0-9a-f]{32})  ([0-9]+)  (.+)")
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def valid_name(name: str) -> bool:
+    """Image files are plain names inside the image directory: no paths, no hidden files."""
+    return (
+        bool(name)
+        and name != CHECKSUMS
+        and not name.startswith(".")
+        and not any(c in name for c in "/\0\n")
+    )
+
+
+def _write_error(exc: OSError, image: Path, name: str | None = None) -> ImageWriteError:
+    where = f"{image}: {name}" if name else str(image)
+    return ImageWriteError(f"cannot write image {where}: {exc.strerror or exc}")
+
+
+def _fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> None:
+    if _libc.renameat2(_AT_FDCWD, a.encode(), _AT_FDCWD, b.encode(), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), b)
+
+
+class StreamWriter:
+    """One image file, written sequentially and hashed on the way through."""
+
+    def __init__(self, image: Path, path: Path, on_close):
+        self.name = path.name
+        self.size = 0
+        self._image = image
+        self._hash = xxhash.xxh3_128()
+        self._on_close = on_close
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _write_error(exc, image, self.name) from exc
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def write(self, buf) -> None:
+        """Write any buffer-protocol object (bytes, memoryview, cffi buffer) without copying it."""
+        if self.closed:
+            raise ValueError(f"{self.name}: write to a closed stream")
+        view = memoryview(buf)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        self._hash.update(view)
+        done = 0
+        try:
+            while done < len(view):
+                done += os.write(self._fd, view[done:])
+        except OSError as exc:
+            raise _write_error(exc, self._image, self.name) from exc
+        self.size += done
+
+    def discard(self) -> None:
+        """Close without fsync or recording a digest (the image is being thrown away)."""
+        if not self.closed:
+            os.close(self._fd)
+            self._fd = -1
+
+    def close(self) -> None:
+        """fsync and close; the digest is handed to the ImageWriter for ``checksums``."""
+        if self.closed:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise _write_error(exc, self._image, self.name) from exc
+        finally:
+            os.close(fd)
+        self._on_close(self.name, self._hash.hexdigest(), self.size)
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class ImageWriter:
+    """Builds an image in a temporary sibling directory and moves it into place on commit().
+
+    Until commit() returns, whatever was at ``final_dir`` is untouched; on any failure the
+    temporary directory is removed.  Used as a context manager, it aborts unless committed.
+    """
+
+    def __init__(self, final_dir: str | Path):
+        self.final_dir = Path(os.path.abspath(final_dir))
+        parent, name = self.final_dir.parent, self.final_dir.name
+        if not name:
+            raise ImageWriteError(f"cannot write image at {final_dir}: not a directory name")
+        self._digests: dict[str, tuple[str, int]] = {}
+        self._open: dict[str, StreamWriter] = {}
+        self._done = False
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self._tmp = parent / f".{name}.partial-{secrets.token_hex(4)}"
+            os.mkdir(self._tmp, 0o700)
+        except OSError as exc:
+            raise _write_error(exc, self.final_dir) from exc
+
+    def open_stream(self, name: str) -> StreamWriter:
+        if not valid_name(name):
+            raise ValueError(f"invalid image file name {name!r}")
+        if name in self._digests or name in self._open:
+            raise ValueError(f"image file {name} written twice")
+        self._check_active()
+        stream = StreamWriter(self.final_dir, self._tmp / name, self._stream_closed)
+        self._open[name] = stream
+        return stream
+
+    def _stream_closed(self, name: str, digest: str, size: int) -> None:
+        del self._open[name]
+        self._digests[name] = (digest, size)
+
+    def write_bytes(self, name: str, data) -> None:
+        with self.open_stream(name) as stream:
+            stream.write(data)
+
+    def write_json(self, name: str, obj) -> None:
+        text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        self.write_bytes(name, text.encode())
+
+    def commit(self) -> Path:
+        """Write ``checksums``, make everything durable and atomically replace ``final_dir``."""
+        self._check_active()
+        if self._open:
+            raise ValueError(f"commit with unclosed image files: {', '.join(sorted(self._open))}")
+        try:
+            self._seal()
+            self._place()
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.final_dir) from exc
+        except ImageWriteError:
+            self.abort()
+            raise
+        self._done = True
+        return self.final_dir
+
+    def _seal(self) -> None:
+        lines = [
+            f"xxh3-128 {digest}  {size}  {name}\n"
+            for name, (digest, size) in sorted(self._digests.items())
+        ]
+        with StreamWriter(self.final_dir, self._tmp / CHECKSUMS, lambda *_: None) as stream:
+            stream.write("".join(lines).encode())
+        _fsync_dir(self._tmp)
+
+    def _place(self) -> None:
+        final = self.final_dir
+        try:
+            st = os.lstat(final)
+        except FileNotFoundError:
+            st = None
+        if st is None or (stat.S_ISDIR(st.st_mode) and not os.listdir(final)):
+            os.rename(self._tmp, final)
+            _fsync_dir(final.parent)
+            return
+        if not stat.S_ISDIR(st.st_mode) or not (
+            os.path.lexists(final / CHECKSUMS) or os.path.lexists(final / META)
+        ):
+            raise ImageWriteError(f"refusing to overwrite {final}: not an hpccr image")
+        try:
+            _exchange(str(self._tmp), str(final))
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise ImageWriteError(
+                    f"cannot replace image {final}: the filesystem does not support "
+                    "atomic exchange (renameat2 RENAME_EXCHANGE)"
+                ) from exc
+            raise
+        self._done = True
+        _fsync_dir(final.parent)
+        # The temporary name now holds the previous image.  The new one is already in place, so
+        # failing to delete the old one only leaves a stale .partial directory behind.
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _check_active(self) -> None:
+        if self._done:
+            raise ValueError(f"image writer for {self.final_dir} already finished")
+
+    def abort(self) -> None:
+        """Discard everything written so far; idempotent, and a no-op after commit()."""
+        if self._done:
+            return
+        self._done = True
+        for stream in self._open.values():
+            stream.discard()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.abort()
+
+
+class ImageFile(NamedTuple):
+    name: str
+    size: int
+    digest: str
+
+
+class ImageReader:
+    """A checkpoint image on disk.  Call verify() before trusting any file's content."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ImageNotFound(f"no checkpoint image at {path}")
+        self._meta = None
+        try:
+            raw = self._read_file(CHECKSUMS)
+        except FileNotFoundError:
+            if not os.path.lexists(self.path / META):
+                raise ImageNotFound(f"no checkpoint image at {path}") from None
+            raise ImageCorrupt(f"{path}: checksums missing (image corrupted)") from None
+        except OSError as exc:
+            raise from_oserror(exc, f"reading {self.path / CHECKSUMS}") from exc
+        self.files = self._parse_checksums(raw)
+
+    def _parse_checksums(self, raw: bytes) -> dict[str, ImageFile]:
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            raise ImageCorrupt(f"{self.path}: checksums is not UTF-8 text") from None
+        if text and not text.endswith("\n"):
+            raise ImageCorrupt(f"{self.path}: checksums is truncated")
+        files: dict[str, ImageFile] = {}
+        for lineno, line in enumerate(text.splitlines(), 1):
+            m = _CHECKSUM_LINE.fullmatch(line)
+            if not m or not valid_name(m[3]) or m[3] in files:
+                raise ImageCorrupt(f"{self.path}: checksums line {lineno} is malformed")
+            files[m[3]] = ImageFile(m[3], int(m[2]), m[1])
+        return files
+
+    def _open(self, name: str) -> int:
+        """Open an image file for reading; it must be a regular file, not a symlink."""
+        try:
+            fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ImageCorrupt(f"{name}: not a regular file") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ImageCorrupt(f"{name}: not a regular file")
+        return fd
+
+    def _read_file(self, name: str) -> bytes:
+        fd = self._open(name)
+        with open(fd, "rb") as f:
+            return f.read()
+
+    def iter_problems(self) -> Iterator[tuple[str, str]]:
+        """Yield (file name, message) for each missing, extra, truncated or altered file."""
+        try:
+            present = set(os.listdir(self.path))
+        except OSError as exc:
+            raise from_oserror(exc, f"reading {self.path}") from exc
+        for name in sorted(present - set(self.files) - {CHECKSUMS}):
+            yield name, f"{name}: unexpected file in image (not listed in checksums)"
+        for entry in self.files.values():
+            if entry.name not in present:
+                yield entry.name, f"{entry.name} missing"
+                continue
+            problem = self._check_file(entry)
+            if problem:
+                yield entry.name, problem
+
+    def _check_file(self, entry: ImageFile) -> str | None:
+        try:
+            fd = self._open(entry.name)
+        except ImageCorrupt as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"{entry.name}: {exc.strerror}"
+        with open(fd, "rb", buffering=0) as f:
+            size = os.fstat(fd).st_size
+            if size < entry.size:
+                return f"{entry.name}: truncated ({size} of {entry.size} bytes)"
+            if size > entry.size:
+                return f"{entry.name}: size {size}, expected {entry.size} (image corrupted)"
+            hasher = xxhash.xxh3_128()
+            buf = memoryview(bytearray(min(_VERIFY_CHUNK, max(size, 1))))
+            total = 0
+            while n := f.readinto(buf):
+                hasher.update(buf[:n])
+                total += n
+        if total != entry.size or hasher.hexdigest() != entry.digest:
+            return f"{entry.name}: checksum mismatch (image corrupted)"
+        return None
+
+    def verify(self) -> None:
+        """Check every file against ``checksums``; raise ImageCorrupt on the first problem."""
+        for _, message in self.iter_problems():
+            raise ImageCorrupt(message)
+
+    def path_of(self, name: str) -> Path:
+        if not valid_name(name):
+            raise ImageCorrupt(f"invalid image file name {name!r}")
+        if name not in self.files:
+            raise ImageCorrupt(f"{name}: not listed in checksums (image corrupted)")
+        return self.path / name
+
+    def open_file(self, name: str) -> int:
+        """A read-only descriptor on a listed image file (regular file, symlinks refused)."""
+        self.path_of(name)
+        try:
+            return self._open(name)
+        except FileNotFoundError:
+            raise ImageCorrupt(f"{name} missing") from None
+        except OSError as exc:
+            raise from_oserror(exc, f"reading {self.path / name}") from exc
+
+    def read_bytes(self, name: str) -> bytes:
+        with open(self.open_file(name), "rb") as f:
+            return f.read()
+
+    def meta(self) -> dict:
+        """The parsed and structurally checked ``image.json``."""
+        if self._meta is None:
+            try:
+                meta = json.loads(self.read_bytes(META))
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+                raise ImageCorrupt(f"{META}: malformed JSON ({exc})") from None
+            check_meta(meta, FORMAT_VERSION)
+            self._meta = meta
+        return self._meta
