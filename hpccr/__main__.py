@@ -1,0 +1,3 @@
+from hpccr.cli import main
+
+main()

@@ -1,0 +1,75 @@
+"""The hpccr command line: one click group, one function per command.
+
+Every hpccr error becomes one line on stderr and the exit code of its class (hpccr.errors);
+a traceback is only ever shown for a bug, never for bad input.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hpccr import __version__
+from hpccr.errors import HpccrError
+
+
+class HpccrGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except HpccrError as exc:
+            click.echo(f"hpccr: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("hpccr: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=HpccrGroup)
+@click.version_option(__version__, prog_name="hpccr")
+def main() -> None:
+    """Transparent checkpoint/restart of running processes and HPC jobs."""
+
+
+@main.command()
+@click.argument("pid", type=int)
+@click.option("-D", "--images-dir", "directory", required=True, type=click.Path(),
+              help="Directory to write the checkpoint image to (created if needed).")
+@click.option("--leave-running", "mode", flag_value="running",
+              help="Let the process run on after the dump.")
+@click.option("--leave-stopped", "mode", flag_value="stopped",
+              help="Leave the process stopped (SIGSTOP) after the dump.")
+def dump(pid: int, directory: str, mode: str | None) -> None:
+    """Checkpoint process PID (all its threads). By default it is killed once the image is
+    complete, like `criu dump`."""
+    from hpccr.engine.dump import dump as do_dump
+
+    result = do_dump(pid, directory, mode or "kill")
+    click.echo(f"dumped process {pid} to {result.path}: {result.pages} pages, "
+               f"frozen {result.frozen_s * 1000:.1f} ms, total {result.dump_s * 1000:.1f} ms",
+               err=True)
+
+
+@main.command()
+@click.option("-D", "--images-dir", "directory", required=True, type=click.Path(),
+              help="Checkpoint image directory to restore.")
+@click.option("--detach", is_flag=True,
+              help="Return once the process runs instead of waiting for it to exit.")
+@click.option("--pidfile", type=click.Path(), help="Write the restored process's pid here.")
+def restore(directory: str, detach: bool, pidfile: str | None) -> None:
+    """Restore a checkpoint image. Without --detach, wait for the restored process and exit
+    with its exit status (128+N if killed by signal N), like cr_restart."""
+    from hpccr.engine.restore import restore as do_restore
+
+    sys.exit(do_restore(directory, detach=detach, pidfile=pidfile))
+
+
+@main.command()
+@click.argument("directory", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(directory: str, as_json: bool) -> None:
+    """Show what a checkpoint image holds (no ptrace, read-only)."""
+    from hpccr.image.show import render
+
+    click.echo(render(directory, as_json=as_json))

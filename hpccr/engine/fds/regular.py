@@ -1,0 +1,41 @@
+"""Regular files, directories and the harmless character devices (/dev/null and friends):
+reopened by path with their flags and offset; deleted files from their saved content."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from hpccr.errors import FileMismatch
+
+NAME = "file"
+SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+DELETED = " (deleted)"
+NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
+
+
+def recognise(link: str, st: os.stat_result) -> bool:
+    return (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+            or (stat.S_ISCHR(st.st_mode) and link in SAFE_DEVICES))
+
+
+def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+    deleted = link.endswith(DELETED) and st.st_nlink == 0
+    path = link[: -len(DELETED)] if deleted else link
+    ghost = None
+    if deleted and stat.S_ISREG(st.st_mode):
+        ghost = ghosts.save(f"/proc/{pid}/fd/{fd}", st)
+    return {"path": path, "ghost": ghost}
+
+
+def check(entry: dict, ctx) -> None:
+    if entry["ghost"] is None and not os.path.exists(entry["path"]):
+        raise FileMismatch(f"fd {entry['fd']}: {entry['path']} no longer exists")
+
+
+def open(entry: dict, ctx) -> int:  # noqa: A001 - the kind interface
+    path = ctx.ghosts.path(entry["ghost"], entry["mode"]) if entry["ghost"] else entry["path"]
+    fd = os.open(path, entry["flags"] & ~NOT_REOPENED)
+    if not stat.S_ISCHR(entry["mode"]):
+        os.lseek(fd, entry["pos"], os.SEEK_SET)
+    return fd

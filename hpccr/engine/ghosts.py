@@ -1,0 +1,58 @@
+"""Ghost files: regular files that were deleted while a process still had them open or mapped.
+Their content goes into the image; at restore they are recreated in a private directory, opened
+by the restored process, and unlinked again once every opener has them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+
+COPY_CHUNK = 8 << 20
+
+
+class GhostWriter:
+    """Dump side: one image file per deleted inode, however many descriptors or VMAs use it."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.saved: dict[tuple[int, int], str] = {}
+
+    def save(self, path: str, st: os.stat_result) -> str:
+        key = (st.st_dev, st.st_ino)
+        if key not in self.saved:
+            name = f"ghost-{len(self.saved)}.img"
+            with open(path, "rb") as src, self.writer.open_stream(name) as out:
+                while chunk := src.read(COPY_CHUNK):
+                    out.write(chunk)
+            self.saved[key] = name
+        return self.saved[key]
+
+
+class GhostFiles:
+    """Restore side: materialise ghost files for the restored process, owned by its user."""
+
+    def __init__(self, reader, uid: int, gid: int):
+        self.reader = reader
+        self.uid, self.gid = uid, gid
+        self.dir: str | None = None
+        self.paths: dict[str, str] = {}
+
+    def path(self, name: str, mode: int) -> str:
+        if name not in self.paths:
+            if self.dir is None:
+                self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-")
+                os.chmod(self.dir, 0o711)
+            dest = os.path.join(self.dir, name)
+            with open(self.reader.open_file(name), "rb") as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out, COPY_CHUNK)
+            os.chown(dest, self.uid, self.gid)
+            os.chmod(dest, stat.S_IMODE(mode) | stat.S_IRUSR)
+            self.paths[name] = dest
+        return self.paths[name]
+
+    def unlink_all(self) -> None:
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

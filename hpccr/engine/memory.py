@@ -1,0 +1,292 @@
+"""Address space: VMAs and their pages.
+
+Dump: every VMA of /proc/PID/maps is recorded; the pages worth saving are the present or swapped
+pages of private mappings that are anonymous (pagemap bit 61 clear: heap, stack, and the
+copy-on-write pages inside private file mappings), plus the pages of shared anonymous mappings.
+They are found with pagemap in C, copied with process_vm_readv in large batches (/proc/PID/mem for
+unreadable VMAs) and streamed into the image.
+
+Restore (inside the stub, by injected calls): unmap the stub, move [vvar]/[vvar_vclock]/[vdso] to
+their saved addresses, map every VMA (writable while its pages are written), write the pages from
+the image's page file straight out of the page cache with process_vm_writev, then set the final
+protections.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from hpccr import native
+from hpccr.engine import procfs
+from hpccr.errors import IncompatibleMachine, RestoreFailed, UnsupportedResource
+
+PAGE = native.PAGE_SIZE
+PM_PRESENT = 1 << 63
+PM_SWAPPED = 1 << 62
+PM_FILE = 1 << 61
+PAGEMAP_CHUNK = 1 << 20  # entries read per pread (8 MiB)
+COPY_BATCH = 64 << 20  # bytes per process_vm_readv / writev batch
+
+SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock",
+           "[vsyscall]": "vsyscall"}
+RELOCATED = ("vvar", "vvar_vclock", "vdso")
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x1, 0x2, 0x10, 0x20
+MAP_GROWSDOWN, MAP_NORESERVE, MAP_POPULATE = 0x100, 0x4000, 0x8000
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+
+
+def kind_of(entry: procfs.MapsEntry) -> str:
+    if entry.name in SPECIAL:
+        return SPECIAL[entry.name]
+    if entry.name == "[heap]":
+        return "heap"
+    if entry.name.startswith("[stack"):
+        return "stack"
+    if entry.inode == 0 and (entry.name == "" or entry.name.startswith("[anon")):
+        return "anon"
+    if entry.shared and entry.name.startswith("/dev/zero"):
+        return "anon"  # MAP_SHARED|MAP_ANONYMOUS shows as a deleted /dev/zero
+    if entry.name.startswith("/"):
+        return "ghost" if entry.deleted else "file"
+    raise UnsupportedResource(f"memory mapping {entry.start:#x}-{entry.end:#x} "
+                              f"'{entry.name}' is not supported")
+
+
+def prot_bits(perms: str) -> int:
+    return ((PROT_READ if perms[0] == "r" else 0) | (PROT_WRITE if perms[1] == "w" else 0)
+            | (PROT_EXEC if perms[2] == "x" else 0))
+
+
+def saves_pages(vma: dict) -> bool:
+    return vma["kind"] not in (*RELOCATED, "vsyscall") and not (
+        vma["shared"] and vma["kind"] in ("file", "ghost"))
+
+
+# --- dump ----------------------------------------------------------------------------------
+
+
+def select_pages(pid: int, vmas: list[dict]) -> list[tuple[int, int]]:
+    """(address, length) of every page range to save, in address order."""
+    ranges: list[tuple[int, int]] = []
+    fd = procfs.pagemap_fd(pid)
+    try:
+        for vma in vmas:
+            if not saves_pages(vma):
+                continue
+            no_bits = 0 if vma["shared"] else PM_FILE
+            first = vma["start"] // PAGE
+            total = (vma["end"] - vma["start"]) // PAGE
+            count = 0
+            for chunk in range(0, total, PAGEMAP_CHUNK):
+                n = min(PAGEMAP_CHUNK, total - chunk)
+                entries = os.pread(fd, n * 8, (first + chunk) * 8)
+                for start, pages in native.pagemap_runs(entries, PM_PRESENT | PM_SWAPPED,
+                                                        no_bits):
+                    addr = (first + chunk + start) * PAGE
+                    if ranges and ranges[-1][0] + ranges[-1][1] == addr:
+                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + pages * PAGE)
+                    else:
+                        ranges.append((addr, pages * PAGE))
+                    count += pages
+            vma["saved_pages"] = count
+    finally:
+        os.close(fd)
+    return ranges
+
+
+def _batches(ranges: list[tuple[int, int]], limit: int):
+    """Split ranges into batches of at most `limit` bytes (long ranges are cut)."""
+    batch, size = [], 0
+    for addr, length in ranges:
+        while length:
+            take = min(length, limit - size)
+            batch.append((addr, take))
+            size += take
+            addr += take
+            length -= take
+            if size == limit:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def copy_pages(pid: int, ranges: list[tuple[int, int]], unreadable: list[tuple[int, int]],
+               pages) -> None:
+    """Stream the selected pages of `pid` into `pages` (an image PageWriter)."""
+    buf = mmap.mmap(-1, COPY_BATCH)
+    mem = None
+    try:
+        for batch in _batches(ranges, COPY_BATCH):
+            size = sum(length for _, length in batch)
+            view = memoryview(buf)[:size]
+            if any(_inside(addr, unreadable) for addr, _ in batch):
+                mem = mem if mem is not None else os.open(procfs.path(pid, "mem"), os.O_RDONLY)
+                offset = 0
+                for addr, length in batch:
+                    _read_exact(mem, view[offset:offset + length], addr)
+                    offset += length
+            else:
+                addrs = native.ffi.new("unsigned long long[]", [a for a, _ in batch])
+                lens = native.ffi.new("unsigned long long[]", [n for _, n in batch])
+                native.read_ranges(pid, addrs, lens, len(batch), view)
+            offset = 0
+            for addr, length in batch:
+                pages.write_run(addr, view[offset:offset + length])
+                offset += length
+            view.release()
+    finally:
+        if mem is not None:
+            os.close(mem)
+        buf.close()
+
+
+def _inside(addr: int, spans: list[tuple[int, int]]) -> bool:
+    return any(start <= addr < end for start, end in spans)
+
+
+def _read_exact(fd: int, view: memoryview, addr: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], addr + done)
+        if n <= 0:
+            raise OSError(errno.EIO, f"short read of memory at {addr + done:#x}")
+        done += n
+
+
+def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dict]:
+    """The image records of the VMAs; deleted mapped files have their content saved."""
+    vmas = []
+    for e in entries:
+        kind = kind_of(e)
+        vma = {"start": e.start, "end": e.end, "prot": e.perms, "shared": e.shared,
+               "kind": kind, "path": None, "offset": e.offset, "file": None, "saved_pages": 0}
+        if kind in ("file", "ghost"):
+            name = e.name[: -len(" (deleted)")] if e.deleted else e.name
+            link = procfs.path(pid, "map_files", f"{e.start:x}-{e.end:x}")
+            st = os.stat(link)
+            vma["path"] = name
+            vma["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                           "ghost": ghosts.save(link, st) if kind == "ghost" else None}
+        vmas.append(vma)
+    return vmas
+
+
+# --- restore -------------------------------------------------------------------------------
+
+
+def find_free(occupied: list[tuple[int, int]], size: int, low: int = 0x10000000,
+              high: int = 0x7FF000000000) -> int:
+    """Lowest page-aligned address >= low where `size` bytes overlap nothing in `occupied`."""
+    addr = low
+    for start, end in sorted(occupied):
+        if end <= addr:
+            continue
+        if start >= addr + size:
+            break
+        addr = (end + PAGE - 1) & ~(PAGE - 1)
+    if addr + size > high:
+        raise RestoreFailed("no free address range for the restore scratch area")
+    return addr
+
+
+def clear_stub(inj, pid: int) -> list[procfs.MapsEntry]:
+    """Unmap all of the stub's own mappings; returns the special ones left in place."""
+    specials = []
+    for e in procfs.maps(pid):
+        if e.start == inj.base or e.name in SPECIAL:
+            if e.name in SPECIAL and SPECIAL[e.name] != "vsyscall":
+                specials.append(e)
+            continue
+        inj.call("munmap", e.start, e.end - e.start)
+    return specials
+
+
+def move_specials(inj, current: list[procfs.MapsEntry], saved: list[dict],
+                  occupied: list[tuple[int, int]]) -> None:
+    """Move [vvar]/[vvar_vclock]/[vdso] to their saved addresses, keeping their layout."""
+    want = {v["kind"]: v for v in saved if v["kind"] in RELOCATED}
+    have = {SPECIAL[e.name]: e for e in current}
+    for kind, e in have.items():
+        if kind not in want:
+            inj.call("munmap", e.start, e.end - e.start)
+    for kind, v in want.items():
+        e = have.get(kind)
+        if e is None or e.end - e.start != v["end"] - v["start"]:
+            raise IncompatibleMachine(
+                f"the kernel's {kind} mapping differs from the image's (different kernel?)")
+    if not want:
+        return
+    # Through a temporary spot, since the saved and current places may overlap.
+    lo = min(e.start for e in have.values() if SPECIAL[e.name] in want)
+    span = max(e.end for e in have.values()) - lo
+    temp = find_free(occupied + [(e.start, e.end) for e in have.values()], span)
+    for kind in want:
+        e = have[kind]
+        inj.call("mremap", e.start, e.end - e.start, e.end - e.start,
+                 MREMAP_MAYMOVE | MREMAP_FIXED, temp + e.start - lo)
+    for kind, v in want.items():
+        e = have[kind]
+        inj.call("mremap", temp + e.start - lo, e.end - e.start, e.end - e.start,
+                 MREMAP_MAYMOVE | MREMAP_FIXED, v["start"])
+
+
+def map_vmas(inj, vmas: list[dict], open_file) -> None:
+    """mmap every saved VMA at its place; those with saved pages stay writable for now.
+
+    `open_file(vma)` returns a descriptor, valid in the target, for a file-backed VMA."""
+    for v in vmas:
+        if v["kind"] in (*RELOCATED, "vsyscall"):
+            continue
+        length = v["end"] - v["start"]
+        prot = prot_bits(v["prot"])
+        if v["saved_pages"]:
+            prot |= PROT_READ | PROT_WRITE
+        flags = MAP_FIXED | (MAP_SHARED if v["shared"] else MAP_PRIVATE)
+        fd, offset = -1, 0
+        if v["kind"] in ("file", "ghost"):
+            fd, offset = open_file(v), v["offset"]
+        else:
+            flags |= MAP_ANONYMOUS | MAP_NORESERVE
+            if v["kind"] == "stack":
+                flags |= MAP_GROWSDOWN
+            if v["saved_pages"] * 2 * PAGE >= length:
+                flags |= MAP_POPULATE  # pre-faulting in the kernel beats faults on write
+        inj.call("mmap", v["start"], length, prot, flags, fd, offset)
+
+
+def write_pages(pid: int, reader) -> None:
+    """Copy the saved pages from the image's page file (mmapped) into the target."""
+    view = reader.mmap()
+    if view is None:
+        return
+    try:
+        runs = reader.runs
+        i = 0
+        while i < len(runs):
+            first_offset = runs[i][2]
+            addrs, lens, size = [], [], 0
+            while i < len(runs) and (size == 0 or size + runs[i][1] * PAGE <= COPY_BATCH):
+                vaddr, npages, _ = runs[i]
+                addrs.append(vaddr)
+                lens.append(npages * PAGE)
+                size += npages * PAGE
+                i += 1
+            a = native.ffi.new("unsigned long long[]", addrs)
+            n = native.ffi.new("unsigned long long[]", lens)
+            native.write_ranges(pid, a, n, len(addrs),
+                                memoryview(view)[first_offset:first_offset + size])
+    finally:
+        reader.close()
+
+
+def protect_vmas(inj, vmas: list[dict]) -> None:
+    for v in vmas:
+        if v["saved_pages"] and v["kind"] not in RELOCATED:
+            prot = prot_bits(v["prot"])
+            if prot != PROT_READ | PROT_WRITE:
+                inj.call("mprotect", v["start"], v["end"] - v["start"], prot)

@@ -1,0 +1,116 @@
+"""Parsers for /proc files, one function per file."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+PROC = "/proc"
+
+
+def path(pid: int, *parts: str) -> str:
+    return os.path.join(PROC, str(pid), *parts)
+
+
+def tids(pid: int) -> list[int]:
+    """Thread ids of process `pid`, the leader first."""
+    found = sorted(int(t) for t in os.listdir(path(pid, "task")))
+    return [pid] + [t for t in found if t != pid]
+
+
+@dataclass
+class MapsEntry:
+    start: int
+    end: int
+    perms: str  # e.g. "rw-p"
+    offset: int
+    dev: str
+    inode: int
+    name: str  # path, "[heap]", "" for anonymous
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def deleted(self) -> bool:
+        return self.name.endswith(" (deleted)")
+
+
+_MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
+
+
+def maps(pid: int) -> list[MapsEntry]:
+    out = []
+    with open(path(pid, "maps")) as f:
+        for line in f:
+            m = _MAPS_RE.match(line.rstrip("\n"))
+            if not m:
+                continue
+            start, end, perms, off, dev, inode, name = m.groups()
+            out.append(MapsEntry(int(start, 16), int(end, 16), perms, int(off, 16), dev,
+                                 int(inode), name))
+    return out
+
+
+def status(pid: int, tid: int | None = None) -> dict[str, str]:
+    p = path(pid, "task", str(tid), "status") if tid else path(pid, "status")
+    out = {}
+    with open(p) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def stat(pid: int) -> list[str]:
+    """Fields of /proc/PID/stat, 1-based as in proc(5) (index 0 is unused)."""
+    with open(path(pid, "stat")) as f:
+        data = f.read()
+    head, _, rest = data.rpartition(")")
+    pid_field, _, comm = head.partition(" (")
+    return ["", pid_field, comm] + rest.split()
+
+
+def comm(pid: int, tid: int | None = None) -> str:
+    p = path(pid, "task", str(tid), "comm") if tid else path(pid, "comm")
+    with open(p) as f:
+        return f.read().rstrip("\n")
+
+
+def cmdline(pid: int) -> list[str]:
+    with open(path(pid, "cmdline"), "rb") as f:
+        return [a.decode(errors="replace") for a in f.read().split(b"\0")[:-1]]
+
+
+def auxv(pid: int) -> bytes:
+    with open(path(pid, "auxv"), "rb") as f:
+        return f.read()
+
+
+def fdinfo(pid: int, fd: int) -> dict[str, str]:
+    out = {}
+    with open(path(pid, "fdinfo", str(fd))) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            out[key] = value.strip()
+    return out
+
+
+def fds(pid: int) -> list[int]:
+    return sorted(int(fd) for fd in os.listdir(path(pid, "fd")))
+
+
+def personality(pid: int) -> int:
+    with open(path(pid, "personality")) as f:
+        return int(f.read(), 16)
+
+
+def pagemap_fd(pid: int) -> int:
+    return os.open(path(pid, "pagemap"), os.O_RDONLY)
+
+
+def ns_pid_depth(pid: int) -> int:
+    """How many pid namespaces below ours the process lives in (0: ours)."""
+    return len(status(pid).get("NSpid", "").split()) - 1

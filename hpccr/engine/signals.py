@@ -1,0 +1,94 @@
+"""Signals: dispositions, blocked masks, queued (pending) signals, alternate stacks, itimers."""
+
+from __future__ import annotations
+
+import base64
+import struct
+
+from hpccr import native
+
+NSIG = 64
+SIGKILL, SIGSTOP = 9, 19
+SIGACTION = struct.Struct("<QQQQ")  # kernel struct sigaction: handler, flags, restorer, mask
+STACK_T = struct.Struct("<QiiQ")  # ss_sp, ss_flags, (pad), ss_size
+ITIMERVAL = struct.Struct("<qqqq")  # interval (sec, usec), value (sec, usec)
+ITIMERS = ("real", "virtual", "prof")
+SS_ONSTACK = 1
+
+
+def dump_sigactions(inj) -> list[dict]:
+    """Every disposition that is not SIG_DFL, read with injected rt_sigaction calls."""
+    out = []
+    area = inj.alloc(SIGACTION.size * NSIG)
+    for signo in range(1, NSIG + 1):
+        if signo not in (SIGKILL, SIGSTOP):
+            inj.call("rt_sigaction", signo, 0, area + (signo - 1) * SIGACTION.size, 8)
+    raw = inj.get(area, SIGACTION.size * NSIG)
+    for signo in range(1, NSIG + 1):
+        handler, flags, restorer, mask = SIGACTION.unpack_from(raw, (signo - 1) * SIGACTION.size)
+        if handler and signo not in (SIGKILL, SIGSTOP):
+            out.append({"signo": signo, "handler": handler, "flags": flags,
+                        "restorer": restorer, "mask": mask})
+    inj.reset()
+    return out
+
+
+def restore_sigactions(inj, actions: list[dict]) -> None:
+    for act in actions:
+        ptr = inj.put(SIGACTION.pack(act["handler"], act["flags"], act["restorer"], act["mask"]))
+        inj.call("rt_sigaction", act["signo"], ptr, 0, 8)
+    inj.reset()
+
+
+def dump_itimers(inj) -> dict[str, list[int]]:
+    out = {}
+    area = inj.alloc(ITIMERVAL.size)
+    for which, name in enumerate(ITIMERS):
+        inj.call("getitimer", which, area)
+        isec, iusec, vsec, vusec = ITIMERVAL.unpack(inj.get(area, ITIMERVAL.size))
+        out[name] = [isec * 10**6 + iusec, vsec * 10**6 + vusec]
+    inj.reset()
+    return out
+
+
+def restore_itimers(inj, itimers: dict[str, list[int]]) -> None:
+    for which, name in enumerate(ITIMERS):
+        interval, value = itimers[name]
+        if value:
+            ptr = inj.put(ITIMERVAL.pack(*divmod(interval, 10**6), *divmod(value, 10**6)))
+            inj.call("setitimer", which, ptr, 0)
+    inj.reset()
+
+
+def dump_altstack(inj, thread) -> dict[str, int]:
+    area = inj.alloc(STACK_T.size)
+    inj.call("sigaltstack", 0, area, thread=thread)
+    sp, flags, _, size = STACK_T.unpack(inj.get(area, STACK_T.size))
+    inj.reset()
+    return {"sp": sp, "flags": flags, "size": size}
+
+
+def restore_altstack(inj, thread, altstack: dict[str, int]) -> None:
+    if altstack["sp"] or altstack["size"]:
+        ptr = inj.put(STACK_T.pack(altstack["sp"], altstack["flags"] & ~SS_ONSTACK, 0,
+                                   altstack["size"]))
+        inj.call("sigaltstack", ptr, 0, thread=thread)
+        inj.reset()
+
+
+def dump_pending(tid: int, shared: bool) -> list[str]:
+    return [base64.b64encode(info).decode() for info in native.peek_siginfo(tid, shared)]
+
+
+def queue_pending(inj, pid: int, tid: int | None, infos: list[str]) -> None:
+    """Queue saved signals again, from the leader: only a process may queue signals with any
+    si_code to itself (and to its threads when it is the thread-group leader)."""
+    for encoded in infos:
+        info = base64.b64decode(encoded)
+        signo = struct.unpack_from("<i", info)[0]
+        ptr = inj.put(info)
+        if tid is None:
+            inj.call("rt_sigqueueinfo", pid, signo, ptr)
+        else:
+            inj.call("rt_tgsigqueueinfo", pid, tid, signo, ptr)
+        inj.reset()

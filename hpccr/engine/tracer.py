@@ -1,0 +1,218 @@
+"""Freezing a process under ptrace, and running system calls inside it (the "parasite").
+
+Nothing here knows about images: the dump and restore drivers use these two tools.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+from hpccr import native
+from hpccr.engine import procfs
+from hpccr.errors import AccessDenied, DumpFailed, NoSuchProcess
+
+ALL_SIGNALS = (1 << 64) - 1
+SYSCALL_INT3 = b"\x0f\x05\xcc"  # syscall; int3
+
+
+def _is_event_stop(status: int) -> bool:
+    return os.WIFSTOPPED(status) and (status >> 16) == native.PTRACE_EVENT_STOP
+
+
+class Thread:
+    """One thread stopped under ptrace, with the registers and mask it had when it stopped."""
+
+    def __init__(self, tid: int):
+        self.tid = tid
+        self.regs = None
+        self.sigmask = 0
+        self.regs_changed = False
+
+    def capture(self) -> None:
+        self.regs = native.get_regs(self.tid)
+        self.sigmask = native.get_sigmask(self.tid)
+
+
+class FrozenProcess:
+    """All threads of `pid` seized and stopped; thaw() or kill() releases them."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.threads: dict[int, Thread] = {}
+
+    def freeze(self) -> None:
+        try:
+            self._seize_all()
+            for thread in self.threads.values():
+                thread.capture()
+                # Nothing may be delivered while we run injected calls.
+                native.set_sigmask(thread.tid, ALL_SIGNALS)
+        except OSError as exc:
+            self.thaw()
+            if exc.errno == errno.ESRCH:
+                raise NoSuchProcess(f"process {self.pid} exited while being frozen") from None
+            if exc.errno == errno.EPERM:
+                raise AccessDenied(f"cannot ptrace process {self.pid}: "
+                                   "operation not permitted") from None
+            raise DumpFailed(f"freezing process {self.pid}: {exc.strerror}") from None
+
+    def _seize_all(self) -> None:
+        while True:
+            new = [t for t in procfs.tids(self.pid) if t not in self.threads]
+            if not new:
+                return
+            for tid in new:
+                try:
+                    native.seize(tid)
+                except OSError as exc:
+                    if exc.errno == errno.ESRCH and tid != self.pid:
+                        continue  # that thread exited meanwhile
+                    raise
+                self.threads[tid] = Thread(tid)
+                native.interrupt(tid)
+                self._wait_stopped(tid)
+
+    def _wait_stopped(self, tid: int) -> None:
+        while True:
+            status = native.wait(tid)
+            if _is_event_stop(status):
+                return
+            if os.WIFSTOPPED(status):
+                # A signal-delivery stop came first: deliver it as the kernel would have (the
+                # handler frame is then part of the saved state), and let the interrupt land.
+                native.interrupt(tid)
+                native.cont(tid, os.WSTOPSIG(status))
+                continue
+            raise OSError(errno.ESRCH, "thread exited")
+
+    def tids(self) -> list[int]:
+        return list(self.threads)
+
+    def thaw(self) -> None:
+        """Put back registers and masks and detach every thread; best effort on exit races."""
+        for thread in self.threads.values():
+            try:
+                if thread.regs is not None:
+                    if thread.regs_changed:
+                        native.set_regs(thread.tid, thread.regs)
+                    native.set_sigmask(thread.tid, thread.sigmask)
+                native.detach(thread.tid, 0)
+            except OSError:
+                pass
+        self.threads.clear()
+
+    def kill(self) -> None:
+        """SIGKILL the process and reap it as its tracer: other threads before the leader."""
+        os.kill(self.pid, signal.SIGKILL)
+        order = [t for t in self.threads if t != self.pid] + [self.pid]
+        for tid in order:
+            while True:
+                try:
+                    status = native.wait(tid)
+                except OSError:
+                    break
+                if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                    break
+                try:
+                    native.cont(tid, 0)
+                except OSError:
+                    pass
+        self.threads.clear()
+
+
+class Injector:
+    """Runs system calls inside a stopped process through a scratch area mapped into it.
+
+    The first call goes through a `syscall; int3` pair at `bootstrap_ip` (the stub's entry on
+    restore, or bytes poked over the leader's current instruction on dump and put back at once).
+    That call maps the scratch area: one code page with the pair, then data pages for arguments.
+    """
+
+    CODE_SIZE = native.PAGE_SIZE
+
+    def __init__(self, pid: int, leader: Thread, data_pages: int = 15, at: int | None = None,
+                 bootstrap_ip: int | None = None):
+        self.pid = pid
+        self.leader = leader
+        self.size = self.CODE_SIZE + data_pages * native.PAGE_SIZE
+        self.base = 0
+        self._cursor = 0
+        self._poked: tuple[int, bytes] | None = None
+        self.ip = bootstrap_ip if bootstrap_ip is not None else self._poke(leader.regs.rip)
+        prot = 0x7  # PROT_READ | PROT_WRITE | PROT_EXEC
+        flags = 0x22  # MAP_PRIVATE | MAP_ANONYMOUS
+        if at is not None:
+            flags |= 0x100000  # MAP_FIXED_NOREPLACE
+        try:
+            self.base = self.call("mmap", at or 0, self.size, prot, flags, -1, 0)
+        finally:
+            self._unpoke()
+        if at is not None and self.base != at:
+            raise OSError(errno.EEXIST, f"scratch area not placed at {at:#x}")
+        native.write_mem(pid, self.base, SYSCALL_INT3)
+        self.ip = self.base
+        self.reset()
+
+    def _poke(self, ip: int) -> int:
+        with open(procfs.path(self.pid, "mem"), "r+b", buffering=0) as mem:
+            mem.seek(ip)
+            self._poked = (ip, mem.read(len(SYSCALL_INT3)))
+            mem.seek(ip)
+            mem.write(SYSCALL_INT3)
+        return ip
+
+    def _unpoke(self) -> None:
+        if self._poked:
+            ip, original = self._poked
+            with open(procfs.path(self.pid, "mem"), "r+b", buffering=0) as mem:
+                mem.seek(ip)
+                mem.write(original)
+            self._poked = None
+
+    def call(self, name: str, *args: int, thread: Thread | None = None) -> int:
+        """Run system call `name` in `thread` (default: the leader); raise OSError on -errno."""
+        thread = thread or self.leader
+        thread.regs_changed = True
+        ret = native.inject(thread.tid, self.ip, thread.regs, name, *args)
+        if -4096 < ret < 0:
+            raise OSError(-ret, f"{name} in {thread.tid}: {os.strerror(-ret)}")
+        return ret
+
+    # Scratch data: a bump allocator over the data pages, reset between unrelated calls.
+    def reset(self) -> None:
+        self._cursor = self.base + self.CODE_SIZE
+
+    def put(self, data: bytes) -> int:
+        """Copy `data` into the scratch data area; returns its address in the target."""
+        addr = (self._cursor + 15) & ~15
+        if addr + max(len(data), 1) > self.base + self.size:
+            raise OSError(errno.ENOMEM, "scratch area full")
+        if data:
+            native.write_mem(self.pid, addr, data)
+        self._cursor = addr + max(len(data), 1)
+        return addr
+
+    def alloc(self, size: int) -> int:
+        return self.put(bytes(size))
+
+    def get(self, addr: int, size: int) -> bytes:
+        return native.read_mem(self.pid, addr, size)
+
+    def code_at(self, offset: int, code: bytes) -> int:
+        """Place extra instructions in the code page (after the syscall pair); returns address."""
+        native.write_mem(self.pid, self.base + offset, code)
+        return self.base + offset
+
+    def close(self, code_ip: int | None = None) -> None:
+        """Unmap the scratch area.  The munmap cannot run from the area it removes, so it goes
+        through a pair poked over `code_ip` (default: the leader's instruction pointer)."""
+        if not self.base:
+            return
+        self.ip = self._poke(code_ip if code_ip is not None else self.leader.regs.rip)
+        try:
+            self.call("munmap", self.base, self.size)
+        finally:
+            self._unpoke()
+            self.base = 0

@@ -1,0 +1,282 @@
+"""Thin Python face of the C layer: ptrace, raw system calls, bulk memory moves (x86_64 Linux).
+
+Every function raises OSError with the real errno; policy lives in the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from importlib import resources
+
+from hpccr.native._hpccr_native import ffi, lib
+
+PAGE_SIZE = 4096
+
+# ptrace requests and options (linux/ptrace.h)
+PTRACE_TRACEME = 0
+PTRACE_CONT = 7
+PTRACE_DETACH = 17
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETREGSET = 0x4204
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_O_TRACECLONE = 0x8
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_STOP = 128
+PTRACE_PEEKSIGINFO_SHARED = 1
+
+NT_PRSTATUS = 1
+NT_X86_XSTATE = 0x202
+SIGINFO_SIZE = 128
+WALL = 0x40000000
+
+# x86_64 system call numbers used by the engine (asm/unistd_64.h)
+SYS = {
+    "read": 0, "open": 2, "close": 3, "poll": 7, "mmap": 9, "mprotect": 10, "munmap": 11,
+    "brk": 12, "rt_sigaction": 13, "rt_sigprocmask": 14, "ioctl": 16, "select": 23,
+    "mremap": 25, "madvise": 28, "nanosleep": 35, "getitimer": 36, "setitimer": 38,
+    "getpid": 39, "exit": 60, "wait4": 61, "fcntl": 72, "chdir": 80, "umask": 95,
+    "setgroups": 116, "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
+    "capset": 126, "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135,
+    "prctl": 157, "arch_prctl": 158, "gettid": 186, "futex": 202, "set_tid_address": 218,
+    "restart_syscall": 219, "clock_nanosleep": 230, "epoll_wait": 232, "openat": 257,
+    "pselect6": 270, "ppoll": 271, "set_robust_list": 273, "get_robust_list": 274,
+    "epoll_pwait": 281, "rt_tgsigqueueinfo": 297, "prlimit64": 302, "kcmp": 312,
+    "userfaultfd": 323, "rseq": 334, "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438,
+    "epoll_pwait2": 441,
+}
+
+# KCMP types (linux/kcmp.h)
+KCMP_FILE, KCMP_VM, KCMP_FILES, KCMP_FS, KCMP_SIGHAND = 0, 1, 2, 3, 4
+
+REG_NAMES = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx", "rdx",
+    "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss", "fs_base", "gs_base", "ds",
+    "es", "fs", "gs",
+)
+XSTATE_MAX = 1 << 16
+
+
+def _check(ret: int) -> int:
+    """C helpers return -errno on failure."""
+    if ret < 0:
+        raise OSError(-ret, os.strerror(-ret))
+    return ret
+
+
+def _ptrace(request: int, tid: int, addr=ffi.NULL, data=ffi.NULL) -> int:
+    ffi.errno = 0
+    ret = lib.ptrace(request, tid, ffi.cast("void *", addr), ffi.cast("void *", data))
+    if ret == -1 and ffi.errno:
+        raise OSError(ffi.errno, f"ptrace({request:#x}, {tid}): {os.strerror(ffi.errno)}")
+    return ret
+
+
+def syscall(name: str, *args: int) -> int:
+    """Call a system call in this process; returns its value or raises OSError."""
+    padded = list(args) + [0] * (6 - len(args))
+    ffi.errno = 0
+    ret = lib.hpccr_syscall6(SYS[name], *padded)
+    if ret == -1 and ffi.errno:
+        raise OSError(ffi.errno, f"{name}: {os.strerror(ffi.errno)}")
+    return ret
+
+
+def stub_path() -> str:
+    """The static restore stub installed inside the package."""
+    return str(resources.files("hpccr.native") / "hpccr-stub")
+
+
+# --- ptrace basics -------------------------------------------------------------------------
+
+def seize(tid: int, options: int = 0) -> None:
+    _ptrace(PTRACE_SEIZE, tid, 0, options)
+
+
+def interrupt(tid: int) -> None:
+    _ptrace(PTRACE_INTERRUPT, tid)
+
+
+def cont(tid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_CONT, tid, 0, sig)
+
+
+def detach(tid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_DETACH, tid, 0, sig)
+
+
+def traceme() -> None:
+    _ptrace(PTRACE_TRACEME, 0)
+
+
+def set_options(tid: int, options: int) -> None:
+    _ptrace(PTRACE_SETOPTIONS, tid, 0, options)
+
+
+def event_msg(tid: int) -> int:
+    out = ffi.new("unsigned long *")
+    _ptrace(PTRACE_GETEVENTMSG, tid, 0, out)
+    return out[0]
+
+
+def wait(tid: int, nohang: bool = False) -> int:
+    """waitpid(tid, __WALL); returns the raw status (or -1 with nohang and nothing to report)."""
+    ret = lib.hpccr_wait(tid, os.WNOHANG if nohang else 0)
+    if nohang and ret == -11:  # -EAGAIN: nothing yet
+        return -1
+    return _check(ret)
+
+
+def new_regs():
+    return ffi.new("struct user_regs_struct *")
+
+
+def get_regs(tid: int):
+    regs = new_regs()
+    _ptrace(PTRACE_GETREGS, tid, 0, regs)
+    return regs
+
+
+def set_regs(tid: int, regs) -> None:
+    _ptrace(PTRACE_SETREGS, tid, 0, regs)
+
+
+def regs_to_dict(regs) -> dict[str, int]:
+    return {name: getattr(regs, name) for name in REG_NAMES}
+
+
+def regs_from_dict(values: dict[str, int]):
+    regs = new_regs()
+    for name in REG_NAMES:
+        setattr(regs, name, values[name] & 0xFFFFFFFFFFFFFFFF)
+    return regs
+
+
+def get_xstate(tid: int) -> bytes:
+    buf = ffi.new("char[]", XSTATE_MAX)
+    size = ffi.new("size_t *", XSTATE_MAX)
+    _check(lib.hpccr_getregset(tid, NT_X86_XSTATE, buf, size))
+    return ffi.buffer(buf, size[0])[:]
+
+
+def set_xstate(tid: int, data: bytes) -> None:
+    with ffi.from_buffer(data) as buf:
+        _check(lib.hpccr_setregset(tid, NT_X86_XSTATE, buf, len(data)))
+
+
+def get_sigmask(tid: int) -> int:
+    mask = ffi.new("unsigned long long *")
+    _ptrace(PTRACE_GETSIGMASK, tid, 8, mask)
+    return mask[0]
+
+
+def set_sigmask(tid: int, value: int) -> None:
+    mask = ffi.new("unsigned long long *", value)
+    _ptrace(PTRACE_SETSIGMASK, tid, 8, mask)
+
+
+def peek_siginfo(tid: int, shared: bool) -> list[bytes]:
+    """The queued (pending) signals of a thread or of its whole process, without dequeuing."""
+    out: list[bytes] = []
+    batch = 32
+    buf = ffi.new("char[]", SIGINFO_SIZE * batch)
+    while True:
+        args = ffi.new("unsigned long long[2]")  # u64 off; u32 flags; s32 nr
+        ffi.memmove(args, struct.pack("<QIi", len(out), 1 if shared else 0, batch), 16)
+        n = _ptrace(PTRACE_PEEKSIGINFO, tid, args, buf)
+        out += [ffi.buffer(buf + i * SIGINFO_SIZE, SIGINFO_SIZE)[:] for i in range(n)]
+        if n < batch:
+            return out
+
+
+def rseq_config(tid: int) -> dict[str, int] | None:
+    buf = ffi.new("char[32]")
+    _ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, 32, buf)
+    ptr, size, sig, _flags, _pad = struct.unpack("<QIIII", ffi.buffer(buf, 24)[:])
+    return {"ptr": ptr, "len": size, "sig": sig} if ptr else None
+
+
+def inject(tid: int, ip: int, base, name: str, *args: int) -> int:
+    """Run system call `name` inside stopped thread `tid` (see hpccr_inject); returns its value."""
+    padded = list(args) + [0] * (6 - len(args))
+    ret = ffi.new("long *")
+    _check(lib.hpccr_inject(tid, ip, base, SYS[name], *padded, ret))
+    return ret[0]
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+def read_ranges(pid: int, addrs, lens, count: int, buf) -> int:
+    """process_vm_readv of `count` ranges (uint64 arrays from ffi/numpy) into `buf`."""
+    with ffi.from_buffer(buf, require_writable=True) as ptr:
+        return _check(lib.hpccr_read_ranges(pid, addrs, lens, count, ptr))
+
+
+def write_ranges(pid: int, addrs, lens, count: int, buf) -> int:
+    with ffi.from_buffer(buf) as ptr:
+        return _check(lib.hpccr_write_ranges(pid, addrs, lens, count, ptr))
+
+
+def read_mem(pid: int, addr: int, size: int) -> bytes:
+    buf = bytearray(size)
+    a = ffi.new("unsigned long long[1]", [addr])
+    n = ffi.new("unsigned long long[1]", [size])
+    read_ranges(pid, a, n, 1, buf)
+    return bytes(buf)
+
+
+def write_mem(pid: int, addr: int, data: bytes) -> None:
+    a = ffi.new("unsigned long long[1]", [addr])
+    n = ffi.new("unsigned long long[1]", [len(data)])
+    write_ranges(pid, a, n, 1, data)
+
+
+def pagemap_runs(entries, any_bits: int, no_bits: int) -> list[tuple[int, int]]:
+    """Runs (first page index, page count) of pagemap entries with a bit of `any_bits` set and
+    none of `no_bits`."""
+    n = len(entries) // 8
+    if n == 0:
+        return []
+    starts = ffi.new("unsigned long long[]", n // 2 + 1)
+    counts = ffi.new("unsigned long long[]", n // 2 + 1)
+    with ffi.from_buffer("unsigned long long[]", entries) as src:
+        runs = lib.hpccr_pagemap_runs(src, n, any_bits, no_bits, starts, counts, n // 2 + 1)
+    return [(starts[i], counts[i]) for i in range(runs)]
+
+
+# --- processes -------------------------------------------------------------------------------
+
+def fork_with_pid(pid: int) -> int:
+    """fork() whose child gets exactly `pid` (clone3 set_tid); returns 0 in the child."""
+    ffi.errno = 0
+    ret = lib.hpccr_fork_with_pid(pid)
+    if ret < 0:
+        raise OSError(ffi.errno, f"clone3(set_tid={pid}): {os.strerror(ffi.errno)}")
+    return ret
+
+
+def tgkill(tgid: int, tid: int, sig: int) -> None:
+    ffi.errno = 0
+    if lib.hpccr_tgkill(tgid, tid, sig) < 0:
+        raise OSError(ffi.errno, os.strerror(ffi.errno))
+
+
+def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:
+    """0 if the two resources are the same kernel object (kcmp(2) ordering otherwise)."""
+    return syscall("kcmp", pid1, pid2, kind, idx1, idx2)
+
+
+def robust_list(tid: int) -> tuple[int, int]:
+    head = ffi.new("unsigned long *")
+    size = ffi.new("size_t *")
+    syscall("get_robust_list", tid, int(ffi.cast("long", head)), int(ffi.cast("long", size)))
+    return head[0], size[0]

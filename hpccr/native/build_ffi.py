@@ -1,0 +1,421 @@
+"""cffi build script for hpccr._native: the only place in hpccr with C declarations.
+
+The C side stays thin: raw system calls that glibc does not wrap, the ptrace injection loop (hot:
+hundreds of calls per restore), bulk memory copies over iovec batches and the pagemap scan (both
+per-page work, far too slow in Python).  Policy and parsing live in Python.
+"""
+
+from cffi import FFI
+
+CDEF = r"""
+struct user_regs_struct {
+    unsigned long long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi,
+        orig_rax, rip, cs, eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs;
+};
+
+long ptrace(int request, int pid, void *addr, void *data);
+int kill(int pid, int sig);
+int hpccr_tgkill(int tgid, int tid, int sig);
+long hpccr_syscall6(long nr, long a1, long a2, long a3, long a4, long a5, long a6);
+
+int hpccr_getregset(int tid, int type, void *buf, size_t *len);
+int hpccr_setregset(int tid, int type, void *buf, size_t len);
+
+/* Run one system call inside stopped thread `tid`: `ip` must point at a `syscall; int3` pair in
+ * its address space.  `base` holds the registers to start from (left unchanged).  Returns 0 and
+ * stores the kernel's return value in *ret, or -errno of the ptrace/wait failure. */
+int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *base, long nr,
+                 long a1, long a2, long a3, long a4, long a5, long a6, long *ret);
+
+/* Wait for a ptrace stop of `tid` (__WALL); returns the raw status or -errno. */
+int hpccr_wait(int tid, int options);
+
+/* Copy `n` remote ranges (addrs[i], lens[i]) of process `pid` to/from one contiguous local
+ * buffer, in batches of IOV_MAX iovecs.  Returns bytes moved or -errno. */
+long hpccr_read_ranges(int pid, const unsigned long long *addrs, const unsigned long long *lens,
+                       size_t n, void *buf);
+long hpccr_write_ranges(int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, size_t n, const void *buf);
+
+/* Collapse pagemap entries into runs of pages having a bit of `any` set and no bit of `none`.
+ * Writes at most `max` (first page index, page count) pairs; returns the number of runs. */
+size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned long long any,
+                          unsigned long long none, unsigned long long *starts,
+                          unsigned long long *counts, size_t max);
+
+/* fork() that gives the child exactly pid `pid` (clone3 with set_tid); returns like fork(). */
+int hpccr_fork_with_pid(int pid);
+"""
+
+SOURCE = r"""
+#include <errno.h>
+#include <limits.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef __WALL
+#define __WALL 0x40000000
+#endif
+
+int hpccr_tgkill(int tgid, int tid, int sig)
+{
+    return syscall(SYS_tgkill, tgid, tid, sig);
+}
+
+long hpccr_syscall6(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    return syscall(nr, a1, a2, a3, a4, a5, a6);
+}
+
+int hpccr_getregset(int tid, int type, void *buf, size_t *len)
+{
+    struct iovec iov = { buf, *len };
+    if (ptrace(PTRACE_GETREGSET, tid, (void *)(long)type, &iov) < 0)
+        return -errno;
+    *len = iov.iov_len;
+    return 0;
+}
+
+int hpccr_setregset(int tid, int type, void *buf, size_t len)
+{
+    struct iovec iov = { buf, len };
+    if (ptrace(PTRACE_SETREGSET, tid, (void *)(long)type, &iov) < 0)
+        return -errno;
+    return 0;
+}
+
+int hpccr_wait(int tid, int options)
+{
+    int status;
+    for (;;) {
+        int r = waitpid(tid, &status, options | __WALL);
+        if (r >= 0)
+            return r == 0 ? -EAGAIN : status;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *base, long nr,
+                 long a1, long a2, long a3, long a4, long a5, long a6, long *ret)
+{
+    struct user_regs_struct regs = *base;
+    regs.rax = nr;
+    regs.orig_rax = (unsigned long long)-1;
+    regs.rdi = a1;
+    regs.rsi = a2;
+    regs.rdx = a3;
+    regs.r10 = a4;
+    regs.r8 = a5;
+    regs.r9 = a6;
+    regs.rip = ip;
+    if (ptrace(PTRACE_SETREGS, tid, NULL, &regs) < 0)
+        return -errno;
+    if (ptrace(PTRACE_CONT, tid, NULL, NULL) < 0)
+        return -errno;
+    for (;;) {
+        int status = hpccr_wait(tid, 0);
+        if (status < 0)
+            return status;
+        if (!WIFSTOPPED(status))
+            return -ESRCH;
+        if (status >> 8 == SIGTRAP)
+            break;  /* the int3 after the syscall */
+        if (WSTOPSIG(status) == SIGTRAP && (status >> 16) != 0) {
+            /* a ptrace event (e.g. PTRACE_EVENT_CLONE of an injected clone3): go on */
+            if (ptrace(PTRACE_CONT, tid, NULL, NULL) < 0)
+                return -errno;
+            continue;
+        }
+        return -EINTR;  /* any other stop: the caller decides */
+    }
+    if (ptrace(PTRACE_GETREGS, tid, NULL, &regs) < 0)
+        return -errno;
+    *ret = (long)regs.rax;
+    return 0;
+}
+
+static long move_ranges(int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, size_t n, char *buf, int write)
+{
+    struct iovec local, remote[IOV_MAX];
+    long total = 0;
+    for (size_t i = 0; i < n;) {
+        size_t batch = 0, bytes = 0;
+        for (; i + batch < n && batch < IOV_MAX; batch++) {
+            remote[batch].iov_base = (void *)(uintptr_t)addrs[i + batch];
+            remote[batch].iov_len = lens[i + batch];
+            bytes += lens[i + batch];
+        }
+        struct iovec *rv = remote;
+        size_t rn = batch, done = 0;
+        while (done < bytes) {
+            local.iov_base = buf + total + done;
+            local.iov_len = bytes - done;
+            ssize_t r = write ? process_vm_writev(pid, &local, 1, rv, rn, 0)
+                              : process_vm_readv(pid, &local, 1, rv, rn, 0);
+            if (r < 0)
+                return -errno;
+            if (r == 0)
+                return -EFAULT;
+            done += r;
+            /* partial transfer: drop the remote iovecs already moved, then retry the rest */
+            while (r > 0 && (size_t)r >= rv->iov_len) {
+                r -= rv->iov_len;
+                rv++;
+                rn--;
+            }
+            if (r > 0) {
+                rv->iov_base = (char *)rv->iov_base + r;
+                rv->iov_len -= r;
+            }
+        }
+        total += bytes;
+        i += batch;
+    }
+    return total;
+}
+
+long hpccr_read_ranges(int pid, const unsigned long long *addrs, const unsigned long long *lens,
+                       size_t n, void *buf);
+long hpccr_write_ranges(int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, size_t n, const void *buf);
+
+/* Collapse pagemap entries into runs of pages having a bit of `any` set and no bit of `none`.
+ * Writes at most `max` (first page index, page count) pairs; returns the number of runs. */
+size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned long long any,
+                          unsigned long long none, unsigned long long *starts,
+                          unsigned long long *counts, size_t max);
+
+/* fork() that gives the child exactly pid `pid` (clone3 with set_tid); returns like fork(). */
+int hpccr_fork_with_pid(int pid);
+"""
+
+SOURCE = r"""
+#include <errno.h>
+#include <limits.h>
+#include <linux/sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef __WALL
+#define __WALL 0x40000000
+#endif
+
+int hpccr_tgkill(int tgid, int tid, int sig)
+{
+    return syscall(SYS_tgkill, tgid, tid, sig);
+}
+
+long hpccr_syscall6(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
+{
+    return syscall(nr, a1, a2, a3, a4, a5, a6);
+}
+
+int hpccr_getregset(int tid, int type, void *buf, size_t *len)
+{
+    struct iovec iov = { buf, *len };
+    if (ptrace(PTRACE_GETREGSET, tid, (void *)(long)type, &iov) < 0)
+        return -errno;
+    *len = iov.iov_len;
+    return 0;
+}
+
+int hpccr_setregset(int tid, int type, void *buf, size_t len)
+{
+    struct iovec iov = { buf, len };
+    if (ptrace(PTRACE_SETREGSET, tid, (void *)(long)type, &iov) < 0)
+        return -errno;
+    return 0;
+}
+
+int hpccr_wait(int tid, int options)
+{
+    int status;
+    for (;;) {
+        int r = waitpid(tid, &status, options | __WALL);
+        if (r >= 0)
+            return r == 0 ? -EAGAIN : status;
+        if (errno != EINTR)
+            return -errno;
+    }
+}
+
+int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *base, long nr,
+                 long a1, long a2, long a3, long a4, long a5, long a6, long *ret)
+{
+    struct user_regs_struct regs = *base;
+    regs.rax = nr;
+    regs.orig_rax = (unsigned long long)-1;
+    regs.rdi = a1;
+    regs.rsi = a2;
+    regs.rdx = a3;
+    regs.r10 = a4;
+    regs.r8 = a5;
+    regs.r9 = a6;
+    regs.rip = ip;
+    if (ptrace(PTRACE_SETREGS, tid, NULL, &regs) < 0)
+        return -errno;
+    if (ptrace(PTRACE_CONT, tid, NULL, NULL) < 0)
+        return -errno;
+    for (;;) {
+        int status = hpccr_wait(tid, 0);
+        if (status < 0)
+            return status;
+        if (!WIFSTOPPED(status))
+            return -ESRCH;
+        if (status >> 8 == SIGTRAP)
+            break;  /* the int3 after the syscall */
+        if (WSTOPSIG(status) == SIGTRAP && (status >> 16) != 0) {
+            /* a ptrace event (e.g. PTRACE_EVENT_CLONE of an injected clone3): go on */
+            if (ptrace(PTRACE_CONT, tid, NULL, NULL) < 0)
+                return -errno;
+            continue;
+        }
+        return -EINTR;  /* any other stop: the caller decides */
+    }
+    if (ptrace(PTRACE_GETREGS, tid, NULL, &regs) < 0)
+        return -errno;
+    *ret = (long)regs.rax;
+    return 0;
+}
+
+static long move_ranges(int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, size_t n, char *buf, int write)
+{
+    struct iovec local[1], remote[IOV_MAX];
+    long total = 0;
+    size_t i = 0;
+    while (i < n) {
+        size_t k = 0, bytes = 0;
+        while (i + k < n && k < IOV_MAX) {
+            remote[k].iov_base = (void *)(uintptr_t)addrs[i + k];
+            remote[k].iov_len = lens[i + k];
+            bytes += lens[i + k];
+            k++;
+        }
+        local[0].iov_base = buf + total;
+        local[0].iov_len = bytes;
+        size_t done = 0;
+        while (done < bytes) {
+            ssize_t r = write ? process_vm_writev(pid, local, 1, remote, k, 0)
+                              : process_vm_readv(pid, local, 1, remote, k, 0);
+            if (r < 0)
+                return -errno;
+            if (r == 0)
+                return -EFAULT;
+            done += r;
+            if (done < bytes) {
+                /* partial transfer: skip the remote iovecs already done and retry the rest */
+                size_t skip = r;
+                size_t j = 0;
+                while (skip >= remote[j].iov_len) {
+                    skip -= remote[j].iov_len;
+                    j++;
+                }
+                memmove(remote, remote + j, (k - j) * sizeof(remote[0]));
+                k -= j;
+                remote[0].iov_base = (char *)remote[0].iov_base + skip;
+                remote[0].iov_len -= skip;
+                local[0].iov_base = buf + total + done;
+                local[0].iov_len = bytes - done;
+            }
+        }
+        total += bytes;
+        i += k ? 0 : 0;
+        i = i;  /* advanced below */
+        {
+            size_t consumed = 0, cnt = 0;
+            while (i + cnt < n && cnt < IOV_MAX && consumed < bytes) {
+                consumed += lens[i + cnt];
+                cnt++;
+            }
+            i += cnt;
+        }
+    }
+    return total;
+}
+
+long hpccr_read_ranges(int pid, const unsigned long long *addrs, const unsigned long long *lens,
+                       size_t n, void *buf)
+{
+    return move_ranges(pid, addrs, lens, n, buf, 0);
+}
+
+long hpccr_write_ranges(int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, size_t n, const void *buf)
+{
+    return move_ranges(pid, addrs, lens, n, (char *)buf, 1);
+}
+
+#define SELECTED(e) (((e) & any) && !((e) & none))
+
+size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned long long any,
+                          unsigned long long none, unsigned long long *starts,
+                          unsigned long long *counts, size_t max)
+{
+    size_t runs = 0, i = 0;
+    while (i < n && runs < max) {
+        while (i < n && !SELECTED(entries[i]))
+            i++;
+        if (i == n)
+            break;
+        size_t start = i;
+        while (i < n && SELECTED(entries[i]))
+            i++;
+        starts[runs] = start;
+        counts[runs] = i - start;
+        runs++;
+    }
+    return runs;
+}
+
+/* From Python.h; declared here since cffi may build against the limited API.  cffi calls C
+ * with the GIL released, and these fork hooks (what os.fork runs) need it held. */
+void PyOS_BeforeFork(void);
+void PyOS_AfterFork_Parent(void);
+void PyOS_AfterFork_Child(void);
+
+int hpccr_fork_with_pid(int pid)
+{
+    pid_t tid = pid;
+    struct clone_args args;
+    memset(&args, 0, sizeof(args));
+    args.exit_signal = SIGCHLD;
+    args.set_tid = (uintptr_t)&tid;
+    args.set_tid_size = 1;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyOS_BeforeFork();
+    long r = syscall(SYS_clone3, &args, sizeof(args));
+    int saved = errno;
+    if (r == 0)
+        PyOS_AfterFork_Child();
+    else
+        PyOS_AfterFork_Parent();
+    PyGILState_Release(gil);
+    errno = saved;
+    return (int)r;
+}
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source("hpccr.native._hpccr_native", SOURCE)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
