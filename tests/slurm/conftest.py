@@ -1,0 +1,36 @@
+"""Fixtures for tests that need a real Slurm cluster (testbed/cluster.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # plain `pytest` does not put the repo root on sys.path
+    sys.path.insert(0, str(REPO))
+
+from testbed.cluster import Cluster, missing_binaries  # noqa: E402
+
+SLURM_PROGRAMS = ("slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "munged")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A 2-node cluster (node1, node2) in $HPCCR_TESTBED_DIR or /tmp/hpccr-testbed.
+
+    Brought up once per session, from a clean slate, and torn down at the end.
+    """
+    absent = [p for p in missing_binaries() if p in SLURM_PROGRAMS]
+    if absent:
+        reason = f"Slurm/munge not installed ({' '.join(absent)}); run testbed/install-deps.sh"
+        if os.environ.get("CI"):
+            pytest.fail(reason)  # CI installs them: never skip there
+        pytest.skip(reason)
+    cluster = Cluster()
+    cluster.down()  # leftovers of an aborted run
+    cluster.up()
+    yield cluster
+    cluster.down()
