@@ -73,3 +73,15 @@ def show(directory: str, as_json: bool) -> None:
     from hpccr.image.show import render
 
     click.echo(render(directory, as_json=as_json))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check(as_json: bool) -> None:
+    """Probe the kernel features hpccr needs (and those it can use) on throwaway children, and
+    say whether dump and restore will work here. Exits 21 if a required one does not work."""
+    from hpccr.engine.check import run_checks
+
+    report = run_checks()
+    click.echo(report.render(as_json=as_json))
+    report.raise_if_failed()
