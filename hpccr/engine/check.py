@@ -42,9 +42,9 @@ PM_PFN_MASK = (1 << 55) - 1
 
 # PAGEMAP_SCAN (linux/fs.h, newer than Debian 12's headers): _IOWR('f', 16, struct pm_scan_arg)
 PAGEMAP_SCAN = 0xC0606610
-PM_SCAN_ARG = struct.Struct("<12Q")  # size flags start end walk_end vec vec_len max_pages
-#                                       category_inverted category_mask category_anyof_mask
-#                                       return_mask
+# struct pm_scan_arg {u64 size, flags, start, end, walk_end, vec, vec_len, max_pages,
+#                     category_inverted, category_mask, category_anyof_mask, return_mask}
+PM_SCAN_ARG = struct.Struct("<12Q")
 PAGE_REGION = struct.Struct("<3Q")  # start end categories
 PAGE_IS_PRESENT = 1 << 3
 
@@ -120,12 +120,8 @@ def _denied(exc: OSError) -> bool:
     return exc.errno in (errno.EPERM, errno.EACCES)
 
 
-def _caps() -> int:
-    return int(procfs.status(os.getpid())["CapEff"], 16)
-
-
 def _has_cap(cap: int) -> bool:
-    return bool(_caps() & (1 << cap))
+    return bool(int(procfs.status(os.getpid())["CapEff"], 16) & (1 << cap))
 
 
 def _can_checkpoint_restore() -> bool:
@@ -145,10 +141,14 @@ def _cdata_address(cdata) -> int:
     return int(native.ffi.cast("uintptr_t", cdata))
 
 
-def _read_sysctl(name: str) -> str | None:
+def _sysctl(name: str) -> str:
+    with open(f"/proc/sys/{name.replace('.', '/')}") as f:
+        return f.read().strip()
+
+
+def _sysctl_or_none(name: str) -> str | None:
     try:
-        with open(f"/proc/sys/{name.replace('.', '/')}") as f:
-            return f.read().strip()
+        return _sysctl(name)
     except OSError:
         return None
 
@@ -311,8 +311,7 @@ def _seized(scratch: Scratch) -> int:
 
 def _free_pids(count: int = 20):
     """Pids well ahead of the allocator's last one that no task uses now."""
-    last = int(_read_sysctl("kernel.ns_last_pid") or 300)
-    pid_max = int(_read_sysctl("kernel.pid_max") or 32768)
+    last, pid_max = int(_sysctl("kernel.ns_last_pid")), int(_sysctl("kernel.pid_max"))
     candidate, found = last + 100, 0
     while found < count:
         if candidate >= pid_max:
@@ -537,7 +536,7 @@ def _uffd_api(fd: int, features: int) -> int:
 
 @probe("userfaultfd", False, "incremental checkpoints", "snapshots")
 def _userfaultfd_probe(scratch: Scratch):
-    sysctl = _read_sysctl("vm.unprivileged_userfaultfd")
+    sysctl = _sysctl_or_none("vm.unprivileged_userfaultfd")
     flags = os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = scratch.keep(native.syscall("userfaultfd", flags))
@@ -642,16 +641,16 @@ def _cgroup_mounts() -> dict[str, str]:
             fstype, _, options = tail.split()[:3]
             mount = fields.split()[4]
             if fstype == "cgroup" and "freezer" in options.split(",") and "freezer" in ours:
-                found["v1"] = mount + ours["freezer"]
+                found["v1"] = os.path.normpath(mount + ours["freezer"])
             elif fstype == "cgroup2" and "v2" in ours:
-                found["v2"] = mount + ours["v2"]
+                found["v2"] = os.path.normpath(mount + ours["v2"])
     return found
 
 
 def _freeze_child(scratch: Scratch, base: str, control: str, on: str, off: str, state: str,
                   frozen: str) -> None:
     """Put a child in a new cgroup under `base`, freeze it, wait until frozen, thaw it."""
-    cg = os.path.join(base.rstrip("/"), f"hpccr-check-{os.getpid()}")
+    cg = os.path.join(base, f"hpccr-check-{os.getpid()}")
     os.mkdir(cg)
 
     def write(name: str, value: str) -> None:
@@ -708,7 +707,7 @@ def _cgroup_freezer(scratch: Scratch):
 def _userns(scratch: Scratch):
     knobs = ", ".join(f"{k}={v}" for k in ("kernel.unprivileged_userns_clone",
                                              "user.max_user_namespaces")
-                      if (v := _read_sysctl(k)) is not None)
+                      if (v := _sysctl_or_none(k)) is not None)
     as_nobody = {"user": 65534, "group": 65534, "extra_groups": []} if os.geteuid() == 0 else {}
     who = "uid 65534" if as_nobody else f"uid {os.geteuid()}"
     try:
@@ -725,7 +724,7 @@ def _userns(scratch: Scratch):
 
 @probe("yama", False, DUMP)
 def _yama(scratch: Scratch):
-    scope = _read_sysctl("kernel.yama.ptrace_scope")
+    scope = _sysctl_or_none("kernel.yama.ptrace_scope")
     meaning = {
         None: (OK, "Yama not active: classic ptrace rules (same uid, or CAP_SYS_PTRACE)"),
         "0": (OK, "ptrace_scope=0: classic ptrace rules (same uid, or CAP_SYS_PTRACE)"),
