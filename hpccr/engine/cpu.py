@@ -7,7 +7,7 @@ import struct
 
 from hpccr import native
 
-XSTATE_SW_XFEATURES = 464 + 8  # fx_sw_bytes.xfeatures inside the FXSAVE sw-reserved area
+XSTATE_SW_XFEATURES = 464  # XCR0, in the sw-reserved bytes of the FXSAVE area (asm/user.h)
 XSTATE_HEADER = 512  # xstate_bv is the first u64 of the XSAVE header
 XFEATURE_XTILECFG, XFEATURE_XTILEDATA = 17, 18
 

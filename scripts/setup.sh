@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything hpccr needs on a fresh Debian 12 machine; safe to run again (fast when done).
+# Installs Debian packages (compiler, Python venv/headers, Slurm and munge for the test cluster),
+# then hpccr itself into ./.venv with its native parts built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "setup: run as root (or install sudo)" >&2; exit 1; }
+    SUDO="sudo"
+fi
+
+packages=(gcc libc6-dev make python3 python3-venv python3-dev procps util-linux iproute2)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+if [ -f testbed/install-deps.sh ]; then
+    $SUDO bash testbed/install-deps.sh
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "setup: hpccr installed in $(pwd)/.venv (run .venv/bin/hpccr)"
