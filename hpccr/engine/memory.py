@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from hpccr import native
 from hpccr.engine import procfs
@@ -117,32 +118,55 @@ def _batches(ranges: list[tuple[int, int]], limit: int):
 
 def copy_pages(pid: int, ranges: list[tuple[int, int]], unreadable: list[tuple[int, int]],
                pages) -> None:
-    """Stream the selected pages of `pid` into `pages` (an image PageWriter)."""
-    buf = mmap.mmap(-1, COPY_BATCH)
-    mem = None
+    """Stream the selected pages of `pid` into `pages` (an image PageWriter).
+
+    Two buffers in turn: while one batch is written out (and hashed) by a helper thread, the next
+    one is read from the target; both steps run without the GIL."""
+    buffers = [mmap.mmap(-1, COPY_BATCH) for _ in range(2)]
+    mem = -1
     try:
-        for batch in _batches(ranges, COPY_BATCH):
-            size = sum(length for _, length in batch)
-            view = memoryview(buf)[:size]
-            if any(_inside(addr, unreadable) for addr, _ in batch):
-                mem = mem if mem is not None else os.open(procfs.path(pid, "mem"), os.O_RDONLY)
-                offset = 0
-                for addr, length in batch:
-                    _read_exact(mem, view[offset:offset + length], addr)
-                    offset += length
-            else:
-                addrs = native.ffi.new("unsigned long long[]", [a for a, _ in batch])
-                lens = native.ffi.new("unsigned long long[]", [n for _, n in batch])
-                native.read_ranges(pid, addrs, lens, len(batch), view)
-            offset = 0
-            for addr, length in batch:
-                pages.write_run(addr, view[offset:offset + length])
-                offset += length
-            view.release()
+        with ThreadPoolExecutor(1) as writer:
+            in_flight: list = []
+            for i, batch in enumerate(_batches(ranges, COPY_BATCH)):
+                if len(in_flight) == len(buffers):
+                    in_flight.pop(0).result()
+                view = memoryview(buffers[i % len(buffers)])[:sum(n for _, n in batch)]
+                try:
+                    if any(_inside(addr, unreadable) for addr, _ in batch):
+                        if mem < 0:
+                            mem = os.open(procfs.path(pid, "mem"), os.O_RDONLY)
+                        _read_via_mem(mem, batch, view)
+                    else:
+                        addrs = native.ffi.new("unsigned long long[]", [a for a, _ in batch])
+                        lens = native.ffi.new("unsigned long long[]", [n for _, n in batch])
+                        native.read_ranges(pid, addrs, lens, len(batch), view)
+                except BaseException:
+                    view.release()
+                    raise
+                in_flight.append(writer.submit(_write_batch, pages, batch, view))
+            for future in in_flight:
+                future.result()
     finally:
-        if mem is not None:
+        if mem >= 0:
             os.close(mem)
-        buf.close()
+        for buf in buffers:
+            buf.close()
+
+
+def _write_batch(pages, batch: list[tuple[int, int]], view: memoryview) -> None:
+    with view:
+        offset = 0
+        for addr, length in batch:
+            pages.write_run(addr, view[offset:offset + length])
+            offset += length
+
+
+def _read_via_mem(fd: int, batch: list[tuple[int, int]], view: memoryview) -> None:
+    """/proc/PID/mem reads what process_vm_readv refuses (PROT_NONE and write-only VMAs)."""
+    offset = 0
+    for addr, length in batch:
+        _read_exact(fd, view[offset:offset + length], addr)
+        offset += length
 
 
 def _inside(addr: int, spans: list[tuple[int, int]]) -> bool:
@@ -260,28 +284,36 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
 
 
 def write_pages(pid: int, reader) -> None:
-    """Copy the saved pages from the image's page file (mmapped) into the target."""
-    view = reader.mmap()
-    if view is None:
+    """Copy the saved pages from the image's page file (mmapped, so straight out of the page
+    cache) into the target, in batches spread over two threads."""
+    mapped = reader.mmap()
+    if mapped is None:
         return
+    batches, runs, i = [], reader.runs, 0
+    while i < len(runs):
+        first_offset, addrs, lens, size = runs[i][2], [], [], 0
+        while i < len(runs) and (size == 0 or size + runs[i][1] * PAGE <= COPY_BATCH):
+            addrs.append(runs[i][0])
+            lens.append(runs[i][1] * PAGE)
+            size += runs[i][1] * PAGE
+            i += 1
+        batches.append((first_offset, size, addrs, lens))
+    view = memoryview(mapped)
     try:
-        runs = reader.runs
-        i = 0
-        while i < len(runs):
-            first_offset = runs[i][2]
-            addrs, lens, size = [], [], 0
-            while i < len(runs) and (size == 0 or size + runs[i][1] * PAGE <= COPY_BATCH):
-                vaddr, npages, _ = runs[i]
-                addrs.append(vaddr)
-                lens.append(npages * PAGE)
-                size += npages * PAGE
-                i += 1
-            a = native.ffi.new("unsigned long long[]", addrs)
-            n = native.ffi.new("unsigned long long[]", lens)
-            native.write_ranges(pid, a, n, len(addrs),
-                                memoryview(view)[first_offset:first_offset + size])
+        with ThreadPoolExecutor(2) as pool:
+            for done in [pool.submit(_write_batch_to, pid, view, *b) for b in batches]:
+                done.result()
     finally:
+        view.release()
         reader.close()
+
+
+def _write_batch_to(pid: int, view: memoryview, offset: int, size: int, addrs: list[int],
+                    lens: list[int]) -> None:
+    a = native.ffi.new("unsigned long long[]", addrs)
+    n = native.ffi.new("unsigned long long[]", lens)
+    with view[offset:offset + size] as chunk:
+        native.write_ranges(pid, a, n, len(addrs), chunk)
 
 
 def protect_vmas(inj, vmas: list[dict]) -> None:

@@ -151,6 +151,10 @@ def _child(ctx: Context, errpipe: int) -> None:
                     signal.signal(sig, signal.SIG_DFL)
                 except (OSError, ValueError):
                     pass
+        if proc["sid"] == proc["pid"]:
+            os.setsid()  # it led its session (and group): it leads a new one
+        elif proc["pgid"] == proc["pid"]:
+            os.setpgid(0, 0)
         uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
         # Open files with the process's own rights, not root's.
         os.setgroups(proc["creds"]["groups"])
