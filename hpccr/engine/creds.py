@@ -15,6 +15,7 @@ PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 8, 24, 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 CAPABILITY_V3 = 0x20080522
 CAP_LAST = 63
+RLIM64_INFINITY = (1 << 64) - 1
 RLIMITS = {name: getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
 
 
@@ -76,12 +77,19 @@ def restore_creds(inj, thread, creds: dict) -> None:
 
 
 def _limit(value: int) -> int:
-    return -1 if value == resource.RLIM_INFINITY else value
+    return -1 if value in (resource.RLIM_INFINITY, RLIM64_INFINITY) else value
 
 
-def dump_rlimits(pid: int) -> dict[str, list[int]]:
-    return {name: [_limit(v) for v in resource.prlimit(pid, res)] for name, res in
-            sorted(RLIMITS.items())}
+def dump_rlimits(inj) -> dict[str, list[int]]:
+    """Read by the process itself: prlimit() on another user's process needs CAP_SYS_RESOURCE,
+    which hpccr must not depend on."""
+    area = inj.alloc(16)
+    limits = {}
+    for name, res in sorted(RLIMITS.items()):
+        inj.call("prlimit64", 0, res, 0, area)
+        limits[name] = [_limit(v) for v in struct.unpack("<QQ", inj.get(area, 16))]
+    inj.reset()
+    return limits
 
 
 def restore_rlimits(pid: int, limits: dict[str, list[int]]) -> None:

@@ -110,6 +110,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer) -> tuple[dict, int]:
         inj = Injector(pid, leader)
         try:
             proc_creds = creds.dump_creds(pid, inj)
+            rlimits = creds.dump_rlimits(inj)
             sigactions = signals.dump_sigactions(inj)
             itimers = signals.dump_itimers(inj)
             brk = inj.call("brk", 0)
@@ -153,7 +154,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer) -> tuple[dict, int]:
         "comm": procfs.comm(pid), "exe": os.readlink(procfs.path(pid, "exe")),
         "cmdline": procfs.cmdline(pid), "creds": proc_creds,
         "cwd": os.readlink(procfs.path(pid, "cwd")), "umask": creds.umask(pid),
-        "personality": procfs.personality(pid), "rlimits": creds.dump_rlimits(pid),
+        "personality": procfs.personality(pid), "rlimits": rlimits,
         "mm": mm, "vmas": vmas, "pages": f"pages-{pid}.img", "pagemap": f"pagemap-{pid}.bin",
         "nr_pages": pages.nr_pages, "sigactions": sigactions, "itimers": itimers,
         "shared_pending": signals.dump_pending(pid, shared=True), "fds": fd_entries,

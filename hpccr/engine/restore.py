@@ -228,7 +228,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     signals.restore_itimers(inj, proc["itimers"])
     signals.queue_pending(inj, pid, None, proc["shared_pending"])
     for thread, saved in tasks:
-        signals.queue_pending(inj, pid, thread.tid, saved["pending"])
+        signals.queue_pending(inj, pid, thread, saved["pending"])
     creds.restore_rlimits(pid, proc["rlimits"])
     # The injection page must go before credentials drop: munmap needs no privilege, but the
     # page must not outlive the restore.  Credentials come last, thread by thread.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import functools
+import signal
 import struct
 
 from hpccr import native
@@ -51,9 +53,21 @@ def dump_itimers(inj) -> dict[str, list[int]]:
     return out
 
 
+@functools.cache
+def cpu_timer_tick_us() -> int:
+    """setitimer() adds one scheduler tick to a CPU-time timer (kernel set_cpu_itimer) that
+    getitimer() does not take off again; measured once on this kernel."""
+    old = signal.setitimer(signal.ITIMER_PROF, 1.0)
+    got = signal.getitimer(signal.ITIMER_PROF)[0]
+    signal.setitimer(signal.ITIMER_PROF, *old)
+    return max(0, round((got - 1.0) * 10**6))
+
+
 def restore_itimers(inj, itimers: dict[str, list[int]]) -> None:
     for which, name in enumerate(ITIMERS):
         interval, value = itimers[name]
+        if value and name != "real":
+            value = max(1, value - cpu_timer_tick_us())
         if value:
             ptr = inj.put(ITIMERVAL.pack(*divmod(interval, 10**6), *divmod(value, 10**6)))
             inj.call("setitimer", which, ptr, 0)
@@ -80,15 +94,16 @@ def dump_pending(tid: int, shared: bool) -> list[str]:
     return [base64.b64encode(info).decode() for info in native.peek_siginfo(tid, shared)]
 
 
-def queue_pending(inj, pid: int, tid: int | None, infos: list[str]) -> None:
-    """Queue saved signals again, from the leader: only a process may queue signals with any
-    si_code to itself (and to its threads when it is the thread-group leader)."""
+def queue_pending(inj, pid: int, thread, infos: list[str]) -> None:
+    """Queue saved signals again.  Only the receiver itself may queue a signal with any si_code
+    (SI_USER, SI_TKILL, kernel codes), so a thread's own signals are queued from that thread and
+    the process-wide ones (thread None) from the leader, whose tid is the pid."""
     for encoded in infos:
         info = base64.b64decode(encoded)
         signo = struct.unpack_from("<i", info)[0]
         ptr = inj.put(info)
-        if tid is None:
+        if thread is None:
             inj.call("rt_sigqueueinfo", pid, signo, ptr)
         else:
-            inj.call("rt_tgsigqueueinfo", pid, tid, signo, ptr)
+            inj.call("rt_tgsigqueueinfo", pid, thread.tid, signo, ptr, thread=thread)
         inj.reset()
