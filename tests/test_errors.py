@@ -1,0 +1,168 @@
+"""Bad inputs and refused dumps: one clear `hpccr: error:` line with the documented exit code,
+never a traceback; the image and the process are left as they were.
+
+Workloads: workloads/idle.c [SECONDS], workloads/holdfd.c KIND [SECONDS].
+"""
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import xxhash
+
+# Candidate xstate components to claim in a doctored image: APX, then bits no CPU defines yet.
+XFEATURE_CANDIDATES = [19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
+
+
+def free_pid() -> int:
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    return next(pid for pid in range(pid_max - 1, 1, -1) if not Path(f"/proc/{pid}").exists())
+
+
+def only_file(img: Path, pattern: str) -> Path:
+    (path,) = img.glob(pattern)
+    return path
+
+
+def rewrite_image_json(img: Path, change) -> None:
+    """Apply ``change`` to image.json and fix its line in ``checksums`` (docs/image-format.md),
+    so that the image stays consistent and only the change matters."""
+    meta = json.loads((img / "image.json").read_text())
+    change(meta)
+    data = json.dumps(meta, indent=2).encode()
+    (img / "image.json").write_bytes(data)
+    lines = []
+    for line in (img / "checksums").read_text().splitlines():
+        if line.split()[-1] == "image.json":
+            line = f"xxh3-128 {xxhash.xxh3_128_hexdigest(data)}  {len(data)}  image.json"
+        lines.append(line)
+    (img / "checksums").write_text("\n".join(lines) + "\n")
+
+
+def snapshot(img: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(img.iterdir())}
+
+
+def test_dump_of_missing_pid(cr, tmp_path):
+    cr.assert_error(cr.run("dump", free_pid(), "-D", tmp_path / "img"), 10)
+    assert not (tmp_path / "img").exists()
+
+
+def test_restore_of_missing_image(cr, tmp_path):
+    cr.assert_error(cr.restore(tmp_path / "nothing-here"), 12)
+
+
+def test_corrupt_and_truncated_pages(cr, tmp_path):
+    """A flipped byte or a truncated pages file: 13, the image untouched; repaired, it works."""
+    workload = cr.start("idle")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    pages = only_file(img, "pages-*.img")
+    good = pages.read_bytes()
+    assert good, "no pages saved"
+
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    pages.write_bytes(flipped)
+    corrupt = snapshot(img)
+    cr.assert_error(cr.restore(img), 13)
+    assert snapshot(img) == corrupt
+    assert not workload.alive()
+
+    pages.write_bytes(good[: len(good) - 4096])
+    truncated = snapshot(img)
+    cr.assert_error(cr.restore(img), 13)
+    assert snapshot(img) == truncated
+    assert not workload.alive()
+
+    pages.write_bytes(good)
+    cr.restore_and_pass(workload, img)
+
+
+def test_restore_while_the_original_runs(cr, tmp_path):
+    """The pid is taken by the running original: 15, and the original is left alone."""
+    workload = cr.start("idle", 6, append=True)
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    message = cr.assert_error(cr.restore(img), 15)
+    assert str(workload.pid) in message
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    cr.restore_and_pass(workload, img, passes=2)
+
+
+def test_image_needs_cpu_features_missing_here(cr, tmp_path):
+    """An image claiming an xstate component this CPU lacks: 16; the real value restores."""
+    workload = cr.start("idle")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    xfeatures = json.loads((img / "image.json").read_text())["cpu"]["xfeatures"]
+    missing = next(bit for bit in XFEATURE_CANDIDATES if not xfeatures >> bit & 1)
+
+    def claim(meta):
+        meta["cpu"]["xfeatures"] = xfeatures | 1 << missing
+
+    def restore_real(meta):
+        meta["cpu"]["xfeatures"] = xfeatures
+
+    rewrite_image_json(img, claim)
+    cr.assert_error(cr.restore(img), 16)
+    assert not workload.alive()
+    rewrite_image_json(img, restore_real)
+    cr.restore_and_pass(workload, img)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket", "eventfd"])
+def test_unsupported_descriptor(cr, tmp_path, kind):
+    """The dump refuses (14) naming the descriptor and its kind; the process runs on untouched
+    and its data is still there."""
+    workload = cr.start("holdfd", kind, 6)
+    fd, _ = workload.values("FD")[0].split()
+    message = cr.assert_error(cr.dump(workload, tmp_path / "img"), 14)
+    assert re.search(rf"\b{fd}\b", message) and kind in message.lower(), message
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+def test_restore_exits_with_the_restored_status(cr, tmp_path):
+    """Without --detach, hpccr restore ends as the restored process does: 128+N if killed."""
+    workload = cr.start("idle", 30)
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    restore = cr.restore_in_background(img)
+    cr.wait_until(lambda: workload.alive() and workload.status()["TracerPid"] == "0", "restore")
+    os.kill(workload.pid, signal.SIGTERM)
+    restore.communicate(timeout=60)
+    assert restore.returncode == 128 + signal.SIGTERM
+
+
+def test_two_images_of_a_running_process(cr, tmp_path):
+    """Two --leave-running dumps into two directories; each restores on its own."""
+    workload = cr.start("idle", append=True)
+    first, second = tmp_path / "first", tmp_path / "second"
+    for img in (first, second):
+        res = cr.dump(workload, img, "--leave-running")
+        assert res.returncode == 0, res.stderr
+    workload.proc.kill()
+    workload.wait_exit()
+    cr.restore_and_pass(workload, first)
+    cr.restore_and_pass(workload, second, passes=2)
+
+
+def test_dump_into_unwritable_place(cr, tmp_path):
+    """The image's parent is a regular file: 20, nothing written, the process runs on."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    workload = cr.start("idle", 6)
+    cr.assert_error(cr.dump(workload, blocker / "img"), 20)
+    assert blocker.read_text() == "not a directory\n"
+    assert sorted(os.listdir(tmp_path)) == sorted(["a-file", workload.log.name])
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()

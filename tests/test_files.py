@@ -1,0 +1,41 @@
+"""Files: descriptors come back with their file, access mode, offset, O_APPEND, close-on-exec
+and sharing; a deleted-but-open file comes back with its content; cwd, umask and RLIMIT_NOFILE
+are kept.
+
+Workload: workloads/files.c DIR (works in DIR, checks everything itself after the window).
+"""
+
+
+def test_files_without_checkpoint(cr, tmp_path):
+    workload = cr.start("files", tmp_path)
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+def test_files(cr, tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    workload = cr.start("files", workdir)
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    assert not (workdir / "ghost.dat").exists()
+    cr.restore_and_pass(workload, img)
+    assert not (workdir / "ghost.dat").exists()
+
+
+def test_missing_file_at_restore(cr, tmp_path):
+    """A file the process had open is gone: the restore refuses (17) and names it; put back,
+    the same image restores."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    workload = cr.start("files", workdir)
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    ro = workdir / "ro.dat"
+    content = ro.read_bytes()
+    ro.unlink()
+    message = cr.assert_error(cr.restore(img), 17)
+    assert "ro.dat" in message
+    assert not workload.alive()
+    ro.write_bytes(content)
+    cr.restore_and_pass(workload, img)

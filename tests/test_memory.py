@@ -1,0 +1,47 @@
+"""Memory: every kind of mapping comes back with its content and protection.
+
+Workload: workloads/memory.c (64 MiB of PRNG data, anonymous, private and shared file mappings,
+a PROT_NONE region, the brk heap; it checks everything itself and prints its checksums).
+"""
+
+
+def test_memory_without_checkpoint(cr, tmp_path):
+    workload = cr.start("memory", tmp_path)
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+def test_memory_workload_detects_a_changed_word(cr, tmp_path):
+    """Control: one word changed behind the workload's back (through /proc/PID/mem) fails it."""
+    workload = cr.start("memory", tmp_path)
+    word = int(workload.values("ADDR")[0], 16) + 8 * 12345
+    with open(f"/proc/{workload.pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(word)
+        value = mem.read(8)
+        mem.seek(word)
+        mem.write(bytes(b ^ 0xFF for b in value))
+    assert workload.wait_exit() == 1
+    assert workload.lines()[-1] == "FAIL malloc'd buffer differs at offset 98760"
+
+
+def test_memory(cr, tmp_path):
+    workload = cr.start("memory", tmp_path)
+    cr.checkpoint_restart(workload, tmp_path / "img")
+    before, after = workload.values("CSUM")
+    assert before == after
+
+
+def test_memory_leave_running(cr, tmp_path):
+    """The original keeps running untouched after the dump; killed, it is restored from the
+    image.  (It is killed inside its window: afterwards it writes to its shared file mapping,
+    which would change the file the image maps.)"""
+    workload = cr.start("memory", tmp_path, append=True)
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert workload.proc.poll() is None, "the original stopped: " + workload.output()
+    workload.assert_untouched()
+    workload.proc.kill()
+    workload.proc.wait(timeout=10)
+    assert "PASS" not in workload.lines()
+    cr.restore_and_pass(workload, img)

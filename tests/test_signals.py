@@ -1,0 +1,28 @@
+"""Signals: handlers, masks, the alternate stack and pending signals (process-wide and
+thread-directed, with their siginfo) survive a checkpoint.
+
+Workload: workloads/signals.c (checks everything itself after the window, then unblocks and
+checks what its handler was given).
+"""
+
+
+def test_signals_without_checkpoint(cr):
+    workload = cr.start("signals")
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+def test_signals(cr, tmp_path):
+    workload = cr.start("signals")
+    cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_signals_leave_running(cr, tmp_path):
+    """The dump must neither consume nor add pending signals of the process it leaves running."""
+    workload = cr.start("signals", append=True)
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    cr.restore_and_pass(workload, img, passes=2)
