@@ -47,6 +47,27 @@ class Context:
         self.proc = proc
         uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
         self.ghosts = GhostFiles(reader, uid[1], gid[1])
+        # An image only root could have written may hold what the process opened before it
+        # dropped privileges (files, a cwd it can no longer reach): those are reopened as root.
+        # A user's own image gets nothing its user could not open.
+        self.trusted = os.stat(reader.path).st_uid == 0
+        self.fsuid, self.fsgid = uid[1], gid[1]
+
+    def as_owner(self, call, *args):
+        """call(*args) with the file-system rights of the process's user (set by the caller),
+        retried with root's only for a trusted image."""
+        try:
+            return call(*args)
+        except PermissionError:
+            if not self.trusted:
+                raise
+            native.syscall("setfsuid", 0)
+            native.syscall("setfsgid", 0)
+            try:
+                return call(*args)
+            finally:
+                native.syscall("setfsgid", self.fsgid)
+                native.syscall("setfsuid", self.fsuid)
 
 
 def load(directory: str) -> tuple[ImageReader, dict]:
@@ -65,6 +86,9 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None) ->
     proc = meta["processes"][0]
     preflight(reader, meta, proc)
     ctx = Context(reader, proc)
+    for e in proc["fds"]:  # made here: the new task only opens them, the parent deletes them
+        if e["ghost"]:
+            ctx.ghosts.path(e["ghost"], e["mode"])
     pid = spawn(ctx)
     try:
         rebuild(ctx, pid, meta)
@@ -136,13 +160,14 @@ def spawn(ctx: Context) -> int:
         raise RestoreFailed(f"preparing the new task failed: {error}")
     status = native.wait(pid)
     if not os.WIFSTOPPED(status):
-        raise RestoreFailed("the restore stub did not start")
+        raise RestoreFailed(f"the restore stub did not start (wait status {status:#x})")
     native.set_options(pid, native.PTRACE_O_EXITKILL | native.PTRACE_O_TRACECLONE)
     return pid
 
 
 def _child(ctx: Context, errpipe: int) -> None:
     """Runs in the new task: never returns."""
+    errpipe = fcntl_dup_high(errpipe, ctx.proc)
     try:
         proc = ctx.proc
         for sig in signal.valid_signals():
@@ -160,9 +185,8 @@ def _child(ctx: Context, errpipe: int) -> None:
         os.setgroups(proc["creds"]["groups"])
         native.syscall("setfsgid", gid[1])
         native.syscall("setfsuid", uid[1])
-        os.chdir(proc["cwd"])
-        keep = fcntl_dup_high(errpipe, proc)
-        fds.install_fds(proc["fds"], ctx, keep)
+        ctx.as_owner(os.chdir, proc["cwd"])
+        fds.install_fds(proc["fds"], ctx, errpipe)
         native.syscall("setfsuid", 0)
         native.syscall("setfsgid", 0)
         os.umask(proc["umask"])
@@ -244,6 +268,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
         _load_cpu(thread, saved, xstate)
     for thread, saved in tasks:
         native.set_sigmask(thread.tid, saved["sigmask"])
+    ctx.ghosts.unlink_all()  # deleted files are deleted again before the process runs
     for thread, _ in reversed(tasks):
         native.detach(thread.tid, 0)
 
@@ -265,6 +290,15 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
         if (path, flags) not in opened:
             try:
                 opened[(path, flags)] = _open_in_target(inj, path, flags)
+            except PermissionError:
+                if not ctx.trusted:
+                    raise FileMismatch(f"cannot open mapped file {vma['path']}: "
+                                       "permission denied") from None
+                inj.call("setfsuid", 0)
+                inj.call("setfsgid", 0)
+                opened[(path, flags)] = _open_in_target(inj, path, flags)
+                inj.call("setfsgid", cr["gid"][1])
+                inj.call("setfsuid", cr["uid"][1])
             except OSError as exc:
                 raise FileMismatch(f"cannot open mapped file {vma['path']}: "
                                    f"{os.strerror(exc.errno)}") from None

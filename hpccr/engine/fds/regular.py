@@ -35,7 +35,7 @@ def check(entry: dict, ctx) -> None:
 
 def open(entry: dict, ctx) -> int:  # noqa: A001 - the kind interface
     path = ctx.ghosts.path(entry["ghost"], entry["mode"]) if entry["ghost"] else entry["path"]
-    fd = os.open(path, entry["flags"] & ~NOT_REOPENED)
+    fd = ctx.as_owner(os.open, path, entry["flags"] & ~NOT_REOPENED)
     if not stat.S_ISCHR(entry["mode"]):
         os.lseek(fd, entry["pos"], os.SEEK_SET)
     return fd
