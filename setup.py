@@ -10,12 +10,16 @@ NATIVE = Path("hpccr/native")
 
 
 class BuildWithStub(build_py):
-    """Compile hpccr-stub (no libc, static) next to the package sources before copying them."""
+    """Compile the two helper programs next to the package sources before copying them:
+    hpccr-stub (static, no libc) and hpccr-init (pid 1 of jobs started by `hpccr run`)."""
 
     def run(self):
         subprocess.check_call(
             ["gcc", "-nostdlib", "-static", "-no-pie", "-Wl,--build-id=none",
              "-o", str(NATIVE / "hpccr-stub"), str(NATIVE / "stub.S")]
+        )
+        subprocess.check_call(
+            ["gcc", "-O2", "-Wall", "-o", str(NATIVE / "hpccr-init"), str(NATIVE / "init.c")]
         )
         super().run()
 

@@ -85,3 +85,45 @@ def check(as_json: bool) -> None:
     report = run_checks()
     click.echo(report.render(as_json=as_json))
     report.raise_if_failed()
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        from hpccr.duration import parse_duration
+
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("-D", "--images-dir", "directory", type=click.Path(),
+              help="Directory for the job's checkpoints (one sub-directory each, and 'latest').")
+@click.option("--interval", type=Duration(),
+              help="Checkpoint the whole job this often: 90s, 30m, 2h, or Slurm's MM:SS, "
+                   "HH:MM:SS, D-HH (a bare number counts minutes, as in Slurm).")
+@click.option("--keep", default=2, show_default=True, type=click.IntRange(min=1),
+              help="How many of the newest checkpoints to keep.")
+@click.option("--pidfile", type=click.Path(), help="Write the job's pid (its hpccr-init) here.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def run(directory: str | None, interval: int | None, keep: int, pidfile: str | None,
+        command: tuple[str, ...]) -> None:
+    """Run COMMAND as a job in its own pid namespace, so that its checkpoints can always be
+    restored with the same pids; exit with its status.  Put `--` before COMMAND."""
+    from hpccr.engine.dump import dump as do_dump
+    from hpccr.image.series import Series
+    from hpccr.run import start_job, supervise
+
+    if interval and not directory:
+        raise click.UsageError("--interval needs -D/--images-dir")
+    pid = start_job(list(command))
+    click.echo(f"hpccr run: job pid {pid}", err=True)
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(f"{pid}\n")
+    series = Series(directory) if directory else None
+    sys.exit(supervise(pid, series, interval, keep,
+                       lambda target, path: do_dump(target, str(path), "running")))

@@ -48,11 +48,13 @@ SYS = {
     "setgroups": 116, "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
     "capset": 126, "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135,
     "prctl": 157, "arch_prctl": 158, "gettid": 186, "futex": 202, "set_tid_address": 218,
-    "restart_syscall": 219, "clock_nanosleep": 230, "epoll_wait": 232, "openat": 257,
-    "pselect6": 270, "ppoll": 271, "set_robust_list": 273, "get_robust_list": 274,
-    "epoll_pwait": 281, "rt_tgsigqueueinfo": 297, "prlimit64": 302, "kcmp": 312,
-    "userfaultfd": 323, "rseq": 334, "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438,
-    "epoll_pwait2": 441,
+    "restart_syscall": 219, "clock_nanosleep": 230, "epoll_wait": 232, "epoll_ctl": 233,
+    "openat": 257, "pselect6": 270, "ppoll": 271, "set_robust_list": 273, "get_robust_list": 274,
+    "tee": 276, "epoll_pwait": 281, "timerfd_create": 283, "timerfd_settime": 286,
+    "timerfd_gettime": 287, "signalfd4": 289, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
+    "kcmp": 312, "userfaultfd": 323, "rseq": 334, "pidfd_open": 434, "clone3": 435,
+    "pidfd_getfd": 438, "epoll_pwait2": 441, "mount": 165, "unshare": 272, "setpgid": 109,
+    "setsid": 112,
 }
 
 # KCMP types (linux/kcmp.h)

@@ -1,0 +1,78 @@
+"""A series of checkpoints of one job in one directory, as `hpccr run --interval` writes it:
+
+    DIR/ckpt-0001/  DIR/ckpt-0002/ ...  one complete image each
+    DIR/latest -> ckpt-0002             moved last, atomically, once an image is committed
+
+Older images beyond the newest `keep` are removed after `latest` has moved, so at every moment
+`latest` names a complete image.  `hpccr restore -D DIR` accepts the series directory and
+restores its latest image.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from hpccr.errors import ImageNotFound, ImageWriteError
+
+LATEST = "latest"
+_NAME = re.compile(r"^ckpt-(\d+)$")
+
+
+class Series:
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+
+    def images(self) -> list[Path]:
+        """Committed images, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir()
+                 if (m := _NAME.match(p.name)) and p.is_dir()]
+        return [p for _, p in sorted(found)]
+
+    def next_path(self) -> Path:
+        images = self.images()
+        number = int(_NAME.match(images[-1].name).group(1)) + 1 if images else 1
+        return self.dir / f"ckpt-{number:04d}"
+
+    def latest(self) -> Path | None:
+        link = self.dir / LATEST
+        if not link.is_symlink():
+            return None
+        target = self.dir / os.readlink(link)
+        return target if target.is_dir() else None
+
+    def publish(self, image: Path, keep: int) -> None:
+        """Point `latest` at `image` (atomically), then keep only the newest `keep` images."""
+        tmp = self.dir / f".{LATEST}.{os.getpid()}"
+        try:
+            if tmp.is_symlink():
+                tmp.unlink()
+            os.symlink(image.name, tmp)
+            os.replace(tmp, self.dir / LATEST)
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ImageWriteError(f"cannot update {self.dir / LATEST}: {exc.strerror}") from exc
+        for old in self.images()[:-keep] if keep > 0 else []:
+            if old != image:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(directory: str | os.PathLike) -> Path:
+    """The image to restore for `directory`: itself, or the latest image of a series."""
+    path = Path(directory)
+    if (path / "checksums").exists() or (path / "image.json").exists():
+        return path
+    latest = Series(path).latest()
+    if latest is not None:
+        return latest
+    if path.is_dir() and Series(path).images():
+        raise ImageNotFound(f"{path} holds checkpoints but no '{LATEST}' link to a complete one")
+    return path  # let the image reader say what is wrong with it
