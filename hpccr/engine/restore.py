@@ -20,7 +20,7 @@ import struct
 from hpccr import native
 from hpccr.engine import cpu, creds, fds, memory, procfs, signals, threads
 from hpccr.engine.ghosts import GhostFiles
-from hpccr.engine.tracer import ALL_SIGNALS, Injector, Thread
+from hpccr.engine.tracer import ALL_SIGNALS, SYSCALL_INT3, Injector, Thread
 from hpccr.errors import (
     AccessDenied,
     FileMismatch,
@@ -31,8 +31,11 @@ from hpccr.errors import (
     UnsupportedResource,
 )
 from hpccr.image import ImageReader, PageReader
+from hpccr.image.series import resolve
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
+AT_ENTRY = 9
+STUB_INJECT_OFFSET = 9
 MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map
 AT_FDCWD = -100
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
@@ -71,7 +74,7 @@ class Context:
 
 
 def load(directory: str) -> tuple[ImageReader, dict]:
-    reader = ImageReader(directory)
+    reader = ImageReader(resolve(directory))
     reader.verify()
     meta = reader.meta()
     if len(meta["processes"]) != 1:
@@ -158,11 +161,30 @@ def spawn(ctx: Context) -> int:
     if error:
         os.waitpid(pid, 0)
         raise RestoreFailed(f"preparing the new task failed: {error}")
-    status = native.wait(pid)
+    take_over(pid)
+    return pid
+
+
+def take_over(pid: int) -> None:
+    """Seize a task that exec'd the stub (it waits in pause()) and stop it for injection."""
+    try:
+        native.seize(pid, native.PTRACE_O_EXITKILL | native.PTRACE_O_TRACECLONE)
+        native.interrupt(pid)
+        status = native.wait(pid)
+    except OSError as exc:
+        raise RestoreFailed(f"cannot take over the new task {pid}: {exc.strerror}") from None
     if not os.WIFSTOPPED(status):
         raise RestoreFailed(f"the restore stub did not start (wait status {status:#x})")
-    native.set_options(pid, native.PTRACE_O_EXITKILL | native.PTRACE_O_TRACECLONE)
-    return pid
+
+
+def stub_inject_ip(pid: int) -> int:
+    """The stub's `syscall; int3` pair: 9 bytes after its entry point (see stub.S)."""
+    auxv = procfs.auxv(pid)
+    entry = dict(struct.iter_unpack("<QQ", auxv)).get(AT_ENTRY)
+    ip = entry + STUB_INJECT_OFFSET if entry else 0
+    if not entry or native.read_mem(pid, ip, 3) != SYSCALL_INT3:
+        raise RestoreFailed("the restore stub is not the one this hpccr was built with")
+    return ip
 
 
 def _child(ctx: Context, errpipe: int) -> None:
@@ -191,7 +213,6 @@ def _child(ctx: Context, errpipe: int) -> None:
         native.syscall("setfsgid", 0)
         os.umask(proc["umask"])
         native.syscall("personality", proc["personality"])
-        native.traceme()
         os.execve(native.stub_path(), ["hpccr-stub"], {})
     except BaseException as exc:  # report, whatever it was, then die
         msg = exc.strerror if isinstance(exc, OSError) and exc.filename is None else str(exc)
@@ -228,7 +249,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     occupied = [(v["start"], v["end"]) for v in proc["vmas"]]
     occupied += [(e.start, e.end) for e in procfs.maps(pid)]
     scratch_at = memory.find_free(occupied, Injector.CODE_SIZE + 15 * native.PAGE_SIZE)
-    inj = Injector(pid, stub, at=scratch_at, bootstrap_ip=stub.regs.rip)
+    inj = Injector(pid, stub, at=scratch_at, bootstrap_ip=stub_inject_ip(pid))
     occupied.append((inj.base, inj.base + inj.size))
 
     specials = memory.clear_stub(inj, pid)

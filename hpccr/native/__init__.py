@@ -14,7 +14,6 @@ from hpccr.native._hpccr_native import ffi, lib
 PAGE_SIZE = 4096
 
 # ptrace requests and options (linux/ptrace.h)
-PTRACE_TRACEME = 0
 PTRACE_CONT = 7
 PTRACE_DETACH = 17
 PTRACE_GETREGS = 12
@@ -114,10 +113,6 @@ def cont(tid: int, sig: int = 0) -> None:
 
 def detach(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_DETACH, tid, 0, sig)
-
-
-def traceme() -> None:
-    _ptrace(PTRACE_TRACEME, 0)
 
 
 def set_options(tid: int, options: int) -> None:

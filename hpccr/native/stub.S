@@ -1,14 +1,15 @@
-/* The restore stub: a static, libc-free program that hpccr execs in a new task with the exact pid
- * of the process being restored.  It never runs on its own: the tracer stops it at the exec, uses
- * the `syscall; int3` pair at its entry point to inject the first system calls, then replaces its
- * whole address space with the saved one. */
+/* The restore stub: a static, libc-free program that hpccr execs in every task it recreates,
+ * with the task's saved pid.  It only waits in pause() until hpccr seizes it with ptrace; hpccr
+ * then injects system calls through the `syscall; int3` pair at `inject` (9 bytes after the
+ * entry point) and replaces the whole address space with the saved one.  Run by hand, it just
+ * waits for a signal. */
 	.text
 	.globl _start
 _start:
+	mov	$34, %eax	/* pause */
+	syscall
+	jmp	_start
+inject:
 	syscall
 	int3
-	/* Not reached while traced; exit(127) if somebody runs the stub by hand. */
-	mov	$60, %eax
-	mov	$127, %edi
-	syscall
 	.section .note.GNU-stack,"",@progbits
