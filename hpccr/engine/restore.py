@@ -16,6 +16,7 @@ import fcntl
 import os
 import signal
 import struct
+from dataclasses import dataclass, field
 
 from hpccr import native
 from hpccr.engine import cpu, creds, fds, memory, procfs, signals, threads
@@ -25,6 +26,7 @@ from hpccr.errors import (
     AccessDenied,
     FileMismatch,
     HpccrError,
+    ImageCorrupt,
     IncompatibleMachine,
     PidInUse,
     RestoreFailed,
@@ -32,6 +34,7 @@ from hpccr.errors import (
 )
 from hpccr.image import ImageReader, PageReader
 from hpccr.image.series import resolve
+from hpccr.run import CLONE_NEWPID, enter_job_namespaces
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 AT_ENTRY = 9
@@ -55,6 +58,7 @@ class Context:
         # A user's own image gets nothing its user could not open.
         self.trusted = os.stat(reader.path).st_uid == 0
         self.fsuid, self.fsgid = uid[1], gid[1]
+        self.threads: list[int] = []  # as hpccr sees them, once rebuilt
 
     def as_owner(self, call, *args):
         """call(*args) with the file-system rights of the process's user (set by the caller),
@@ -76,93 +80,198 @@ class Context:
 def load(directory: str) -> tuple[ImageReader, dict]:
     reader = ImageReader(resolve(directory))
     reader.verify()
-    meta = reader.meta()
-    if len(meta["processes"]) != 1:
-        raise UnsupportedResource("images of several processes need the process-tree restore "
-                                  "(not supported yet)")
-    return reader, meta
+    return reader, reader.meta()
+
+
+@dataclass
+class Task:
+    """One process of the image on its way back."""
+
+    ctx: Context
+    children: list[Task] = field(default_factory=list)
+    outer: int = 0  # its pid as hpccr sees it, once it exists
+
+    @property
+    def proc(self) -> dict:
+        return self.ctx.proc
+
+    @property
+    def zombie(self) -> bool:
+        return self.proc.get("exit_status") is not None
+
+
+def plan(reader: ImageReader, meta: dict) -> list[Task]:
+    """The tasks in creation order (every parent before its children), the root first."""
+    tasks = {p["pid"]: Task(Context(reader, p)) for p in meta["processes"]}
+    root = tasks.get(meta["root_pid"])
+    if root is None:
+        raise ImageCorrupt(f"image.json: root process {meta['root_pid']} is not in the image")
+    for pid, task in tasks.items():
+        if task is not root:
+            parent = tasks.get(task.proc["ppid"])
+            if parent is None:
+                raise ImageCorrupt(f"image.json: the parent {task.proc['ppid']} of process "
+                                   f"{pid} is not in the image")
+            parent.children.append(task)
+    order, stack = [], [root]
+    while stack:
+        task = stack.pop()
+        order.append(task)
+        stack.extend(reversed(sorted(task.children, key=lambda t: t.proc["pid"])))
+    if len(order) != len(tasks):
+        raise ImageCorrupt("image.json: the processes do not form one tree")
+    _check_sessions(tasks, root)
+    return order
+
+
+def _check_sessions(tasks: dict[int, Task], root: Task) -> None:
+    """Sessions and groups are rebuilt as they are inherited: a session leader calls setsid()
+    before it creates its children, and a group must have its leader in the image (or be the
+    group the whole tree was started in)."""
+    outside_sid, outside_pgid = root.proc["sid"], root.proc["pgid"]
+    for pid, task in tasks.items():
+        sid, pgid = task.proc["sid"], task.proc["pgid"]
+        if sid != outside_sid or pid == sid:
+            ancestor = task
+            while ancestor is not None and ancestor.proc["pid"] != sid:
+                ancestor = tasks.get(ancestor.proc["ppid"])
+            if ancestor is None:
+                raise UnsupportedResource(
+                    f"process {pid} is in session {sid}, whose leader is not one of its "
+                    "ancestors in the image (a session leader that exited: not supported yet)")
+        if pgid != outside_pgid and pgid not in tasks:
+            raise UnsupportedResource(f"process {pid} is in process group {pgid}, whose leader "
+                                      "exited (not supported yet)")
 
 
 def restore(directory: str, detach: bool = False, pidfile: str | None = None) -> int:
-    """Restore the image; returns the restored process's exit status (0 with `detach`)."""
+    """Restore the image; returns the restored root process's exit status (0 with `detach`)."""
     reader, meta = load(directory)
-    proc = meta["processes"][0]
-    preflight(reader, meta, proc)
-    ctx = Context(reader, proc)
-    for e in proc["fds"]:  # made here: the new task only opens them, the parent deletes them
-        if e["ghost"]:
-            ctx.ghosts.path(e["ghost"], e["mode"])
-    pid = spawn(ctx)
+    order = plan(reader, meta)
+    pidns = meta.get("pidns", False)
+    preflight(reader, meta, order, pidns)
+    for task in order:  # made here: the new tasks only open them, the restorer deletes them
+        for e in task.proc["fds"]:
+            if e["ghost"]:
+                task.ctx.ghosts.path(e["ghost"], e["mode"])
     try:
-        rebuild(ctx, pid, meta)
-    except BaseException as exc:
-        _kill_half_restored(pid)
-        if isinstance(exc, HpccrError):
+        spawn(order, pidns)
+        try:
+            for task in order:
+                take_over(task.outer)
+            for task in order:
+                if task.zombie:
+                    _become_zombie(task)
+            for task in order:
+                if not task.zombie:
+                    rebuild(task.ctx, task.outer, meta)
+            for task in order:
+                task.ctx.ghosts.unlink_all()  # deleted files are deleted before anything runs
+            for task in reversed(order):
+                if not task.zombie:
+                    release(task)
+        except BaseException as exc:
+            _kill_half_restored(order)
+            if isinstance(exc, HpccrError):
+                raise
+            if isinstance(exc, OSError):
+                raise RestoreFailed(f"restore failed: {exc}") from exc
             raise
-        if isinstance(exc, OSError):
-            raise RestoreFailed(f"restore of process {proc['pid']} failed: {exc}") from exc
-        raise
     finally:
-        ctx.ghosts.unlink_all()
+        for task in order:
+            task.ctx.ghosts.unlink_all()
+    root = order[0].outer
     if pidfile:
         with open(pidfile, "w") as f:
-            f.write(f"{pid}\n")
+            f.write(f"{root}\n")
     if detach:
         return 0
-    return wait_for(pid)
+    return wait_for(root)
 
 
-def preflight(reader: ImageReader, meta: dict, proc: dict) -> None:
+def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool) -> None:
     """Everything that can be checked before a task exists."""
     if os.geteuid() != 0:
         raise AccessDenied("restoring exact pids needs root (CAP_CHECKPOINT_RESTORE)")
     owner = os.stat(reader.path).st_uid
-    uids = proc["creds"]["uid"]
-    if owner != 0 and any(u != owner for u in uids):
-        raise AccessDenied(f"image owned by uid {owner} asks for uids {uids}: refused")
-    for t in proc["threads"]:
-        if os.path.exists(procfs.path(t["tid"])) or os.path.exists(
-                procfs.path(proc["pid"], "task", str(t["tid"]))):
-            who = procfs.comm(t["tid"]) if os.path.exists(procfs.path(t["tid"])) else "?"
-            raise PidInUse(f"pid {t['tid']} is in use (by '{who}'); the image needs it free")
-    for v in proc["vmas"]:
-        f = v["file"]
-        if v["kind"] != "file" or f is None:
-            continue
-        try:
-            st = os.stat(v["path"])
-        except OSError:
-            raise FileMismatch(f"mapped file {v['path']} is missing") from None
-        if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
-            raise FileMismatch(f"mapped file {v['path']} changed since the checkpoint")
-    fds.check_fds(proc["fds"], None)
+    for task in order:
+        proc = task.proc
+        uids = proc["creds"]["uid"]
+        if owner != 0 and any(u != owner for u in uids):
+            raise AccessDenied(f"image owned by uid {owner} asks for uids {uids}: refused")
+        ids = [proc["pid"]] + [t["tid"] for t in proc["threads"]]
+        for tid in ids if not pidns else []:
+            if os.path.exists(procfs.path(tid)):
+                try:
+                    who = procfs.comm(tid)
+                except OSError:
+                    who = "?"
+                raise PidInUse(f"pid {tid} is in use (by '{who}'); the image needs it free")
+        for v in proc["vmas"]:
+            f = v["file"]
+            if v["kind"] != "file" or f is None:
+                continue
+            try:
+                st = os.stat(v["path"])
+            except OSError:
+                raise FileMismatch(f"mapped file {v['path']} is missing") from None
+            if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
+                raise FileMismatch(f"mapped file {v['path']} changed since the checkpoint")
+        fds.check_fds(proc["fds"], None)
 
 
-def spawn(ctx: Context) -> int:
-    """Create the task with the saved pid, descriptors, cwd and umask; stop it at the stub."""
-    proc = ctx.proc
+def spawn(order: list[Task], pidns: bool) -> None:
+    """Create every task with its saved pid, parents first, each with its descriptors, cwd,
+    session and group; every task ends waiting in the stub.  With `pidns` the tree gets a new
+    pid namespace (and mount and IPC namespaces) with its root as pid 1."""
+    root = order[0]
     rd, wr = os.pipe2(os.O_CLOEXEC)
+    if pidns:
+        native.syscall("unshare", CLONE_NEWPID)
     try:
-        pid = native.fork_with_pid(proc["pid"])
+        pid = native.fork_with_pid(root.proc["pid"])
     except OSError as exc:
         os.close(rd)
         os.close(wr)
-        if exc.errno == errno.EEXIST:
-            raise PidInUse(f"pid {proc['pid']} is in use") from None
-        if exc.errno == errno.EPERM:
-            raise AccessDenied("clone3 with set_tid was refused (CAP_CHECKPOINT_RESTORE?)") \
-                from None
-        raise RestoreFailed(f"cannot create a task with pid {proc['pid']}: {exc}") from None
+        raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
-        _child(ctx, wr)
+        _child(root, wr, enter_namespaces=pidns)
+    root.outer = pid
     os.close(wr)
-    with os.fdopen(rd, "rb") as pipe:
+    with os.fdopen(rd, "rb") as pipe:  # EOF once every task has exec'd the stub (or died)
         error = pipe.read().decode(errors="replace")
     if error:
-        os.waitpid(pid, 0)
-        raise RestoreFailed(f"preparing the new task failed: {error}")
-    take_over(pid)
-    return pid
+        _kill_half_restored(order)
+        raise RestoreFailed(f"preparing the new tasks failed: {error}")
+    _find_outer_pids(order)
+
+
+def _fork_error(exc: OSError, pid: int) -> HpccrError:
+    if exc.errno == errno.EEXIST:
+        return PidInUse(f"pid {pid} is in use")
+    if exc.errno == errno.EPERM:
+        return AccessDenied("clone3 with set_tid was refused (CAP_CHECKPOINT_RESTORE?)")
+    return RestoreFailed(f"cannot create a task with pid {pid}: {exc.strerror}")
+
+
+def _find_outer_pids(order: list[Task]) -> None:
+    """Pids as hpccr sees them: the same as saved, unless the tree has its own namespace."""
+    for task in order:
+        if not task.outer:
+            raise RestoreFailed(f"process {task.proc['pid']} was not created")
+        by_inner = {}
+        for child in _children(task.outer):
+            by_inner[int(procfs.status(child)["NSpid"].split()[-1])] = child
+        for child in task.children:
+            child.outer = by_inner.get(child.proc["pid"], 0)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for tid in procfs.tids(pid):
+        with open(procfs.path(pid, "task", str(tid), "children")) as f:
+            out += [int(c) for c in f.read().split()]
+    return out
 
 
 def take_over(pid: int) -> None:
@@ -187,11 +296,31 @@ def stub_inject_ip(pid: int) -> int:
     return ip
 
 
-def _child(ctx: Context, errpipe: int) -> None:
-    """Runs in the new task: never returns."""
-    errpipe = fcntl_dup_high(errpipe, ctx.proc)
+def _become_zombie(task: Task) -> None:
+    """End the task with its saved wait status while its parent still ignores SIGCHLD (the
+    stub's default), so that nothing is delivered twice; its parent reaps it later."""
+    status = task.proc["exit_status"]
+    regs = native.get_regs(task.outer)
+    if os.WIFSIGNALED(status):
+        native.detach(task.outer, 0)
+        os.kill(task.outer, os.WTERMSIG(status))
+        return
     try:
-        proc = ctx.proc
+        native.inject(task.outer, stub_inject_ip(task.outer), regs, "exit_group",
+                      os.WEXITSTATUS(status))
+    except OSError:
+        pass  # it is gone, as wanted: reap the tracer's notification below
+    native.wait(task.outer)
+
+
+def _child(task: Task, errpipe: int, enter_namespaces: bool = False) -> None:
+    """Runs in the new task with its saved pid: creates its children, then becomes the stub.
+    Never returns."""
+    proc, ctx = task.proc, task.ctx
+    errpipe = fcntl_dup_high(errpipe, proc)
+    try:
+        if enter_namespaces:
+            enter_job_namespaces()
         for sig in signal.valid_signals():
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
                 try:
@@ -202,24 +331,33 @@ def _child(ctx: Context, errpipe: int) -> None:
             os.setsid()  # it led its session (and group): it leads a new one
         elif proc["pgid"] == proc["pid"]:
             os.setpgid(0, 0)
-        uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
-        # Open files with the process's own rights, not root's.
-        os.setgroups(proc["creds"]["groups"])
-        native.syscall("setfsgid", gid[1])
-        native.syscall("setfsuid", uid[1])
-        ctx.as_owner(os.chdir, proc["cwd"])
-        fds.install_fds(proc["fds"], ctx, errpipe)
-        native.syscall("setfsuid", 0)
-        native.syscall("setfsgid", 0)
-        os.umask(proc["umask"])
-        native.syscall("personality", proc["personality"])
+        for child in task.children:
+            try:
+                if native.fork_with_pid(child.proc["pid"]) == 0:
+                    _child(child, errpipe)
+            except OSError as exc:
+                raise _fork_error(exc, child.proc["pid"]) from None
+        if not task.zombie:
+            uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
+            # Open files with the process's own rights, not root's.
+            os.setgroups(proc["creds"]["groups"])
+            native.syscall("setfsgid", gid[1])
+            native.syscall("setfsuid", uid[1])
+            ctx.as_owner(os.chdir, proc["cwd"])
+            fds.install_fds(proc["fds"], ctx, errpipe)
+            native.syscall("setfsuid", 0)
+            native.syscall("setfsgid", 0)
+            os.umask(proc["umask"])
+            native.syscall("personality", proc["personality"])
+        else:
+            fds.install_fds([], ctx, errpipe)
         os.execve(native.stub_path(), ["hpccr-stub"], {})
     except BaseException as exc:  # report, whatever it was, then die
         msg = exc.strerror if isinstance(exc, OSError) and exc.filename is None else str(exc)
         if isinstance(exc, OSError) and exc.filename:
             msg = f"{exc.filename}: {exc.strerror}"
         try:
-            os.write(errpipe, msg.encode() or repr(exc).encode())
+            os.write(errpipe, f"process {proc['pid']}: {msg or repr(exc)}".encode())
         except OSError:
             pass
     finally:
@@ -235,6 +373,8 @@ def fcntl_dup_high(fd: int, proc: dict) -> int:
 
 
 def rebuild(ctx: Context, pid: int, meta: dict) -> None:
+    """Turn the stub task `pid` (as hpccr sees it) into the saved process, leaving all its
+    threads stopped: release() lets them go once every process of the tree is ready."""
     proc = ctx.proc
     stub = Thread(pid)
     stub.capture()
@@ -261,19 +401,16 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
 
     tasks = [(stub, proc["threads"][0])]
     for saved in proc["threads"][1:]:
-        tid = threads.create_thread(inj, saved["tid"])
-        if tid != saved["tid"]:
-            raise RestoreFailed(f"thread got tid {tid} instead of {saved['tid']}")
-        t = Thread(tid)
+        t = Thread(threads.create_thread(inj, saved["tid"]))
         t.capture()
         tasks.append((t, saved))
     for thread, saved in tasks:
         threads.restore_thread(inj, thread, saved)
         signals.restore_altstack(inj, thread, saved["sigaltstack"])
     signals.restore_itimers(inj, proc["itimers"])
-    signals.queue_pending(inj, pid, None, proc["shared_pending"])
+    signals.queue_pending(inj, proc["pid"], proc["shared_pending"])
     for thread, saved in tasks:
-        signals.queue_pending(inj, pid, thread, saved["pending"])
+        signals.queue_pending(inj, proc["pid"], saved["pending"], thread, saved["tid"])
     creds.restore_rlimits(pid, proc["rlimits"])
     # The injection page must go before credentials drop: munmap needs no privilege, but the
     # page must not outlive the restore.  Credentials come last, thread by thread.
@@ -289,9 +426,13 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
         _load_cpu(thread, saved, xstate)
     for thread, saved in tasks:
         native.set_sigmask(thread.tid, saved["sigmask"])
-    ctx.ghosts.unlink_all()  # deleted files are deleted again before the process runs
-    for thread, _ in reversed(tasks):
-        native.detach(thread.tid, 0)
+    ctx.threads = [thread.tid for thread, _ in tasks]
+
+
+def release(task: Task) -> None:
+    """Detach every thread of a rebuilt process: it runs on from where it was saved."""
+    for tid in reversed(task.ctx.threads):
+        native.detach(tid, 0)
 
 
 def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
@@ -366,18 +507,22 @@ def _load_cpu(thread: Thread, saved: dict, xstate: bytes) -> None:
     native.set_regs(thread.tid, native.regs_from_dict(cpu.resume_regs(saved["regs"])))
 
 
-def _kill_half_restored(pid: int) -> None:
-    """Kill the task being built and reap it and its traced threads."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except OSError:
-        return
-    while True:
+def _kill_half_restored(order: list[Task]) -> None:
+    """Kill every task created so far and reap the root (the others are its descendants, or
+    hpccr's tracees: their notifications are consumed too)."""
+    for task in order:
+        if task.outer:
+            try:
+                os.kill(task.outer, signal.SIGKILL)
+            except OSError:
+                pass
+    root = order[0].outer
+    while root:
         try:
             reaped, _ = os.waitpid(-1, native.WALL)
         except ChildProcessError:
             return
-        if reaped == pid:
+        if reaped == root:
             return
 
 

@@ -94,10 +94,11 @@ def dump_pending(tid: int, shared: bool) -> list[str]:
     return [base64.b64encode(info).decode() for info in native.peek_siginfo(tid, shared)]
 
 
-def queue_pending(inj, pid: int, thread, infos: list[str]) -> None:
+def queue_pending(inj, pid: int, infos: list[str], thread=None, tid: int = 0) -> None:
     """Queue saved signals again.  Only the receiver itself may queue a signal with any si_code
-    (SI_USER, SI_TKILL, kernel codes), so a thread's own signals are queued from that thread and
-    the process-wide ones (thread None) from the leader, whose tid is the pid."""
+    (SI_USER, SI_TKILL, kernel codes), so a thread's own signals are queued from that thread
+    (`thread`, whose id inside its pid namespace is `tid`) and the process-wide ones from the
+    leader, whose tid is the pid.  `pid` is the id inside the process's pid namespace."""
     for encoded in infos:
         info = base64.b64decode(encoded)
         signo = struct.unpack_from("<i", info)[0]
@@ -105,5 +106,5 @@ def queue_pending(inj, pid: int, thread, infos: list[str]) -> None:
         if thread is None:
             inj.call("rt_sigqueueinfo", pid, signo, ptr)
         else:
-            inj.call("rt_tgsigqueueinfo", pid, thread.tid, signo, ptr, thread=thread)
+            inj.call("rt_tgsigqueueinfo", pid, tid, signo, ptr, thread=thread)
         inj.reset()

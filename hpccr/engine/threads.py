@@ -44,16 +44,21 @@ def restore_xcomp_perm(inj, perm: int) -> None:
 
 
 def create_thread(inj, tid: int) -> int:
-    """clone3 a thread with exactly `tid` inside the leader; the new thread starts traced and
-    stopped (PTRACE_O_TRACECLONE) on the instruction after the injected syscall."""
+    """clone3 a thread with exactly `tid` (in the process's own pid namespace) inside the
+    leader; returns its tid as seen here.  The new thread starts traced and stopped
+    (PTRACE_O_TRACECLONE) on the instruction after the injected syscall."""
+    before = set(procfs.tids(inj.pid))
     tid_ptr = inj.put(struct.pack("<i", tid))
     args = inj.put(CLONE_ARGS.pack(THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, tid_ptr, 1, 0))
-    new = inj.call("clone3", args, CLONE_ARGS.size)
+    inner = inj.call("clone3", args, CLONE_ARGS.size)
     inj.reset()
+    if inner != tid:
+        raise OSError(17, f"thread got tid {inner} instead of {tid}")
+    (outer,) = set(procfs.tids(inj.pid)) - before
     while True:
-        status = native.wait(new)
+        status = native.wait(outer)
         if (status >> 8) & 0xFF:  # stopped: the initial SIGSTOP of an auto-attached thread
-            return new
+            return outer
 
 
 def restore_thread(inj, thread, saved: dict) -> None:
