@@ -1,0 +1,120 @@
+"""Process trees on the dump side: find every process of a job, freeze them all before anything
+is read, and tell which kernel objects (open file descriptions) they share."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from hpccr import native
+from hpccr.engine import procfs
+from hpccr.engine.tracer import FrozenProcess
+
+
+def children(pid: int) -> list[int]:
+    """Children of every thread of `pid`."""
+    out = []
+    for tid in procfs.tids(pid):
+        try:
+            with open(procfs.path(pid, "task", str(tid), "children")) as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            continue  # that thread exited
+    return sorted(out)
+
+
+def is_zombie(pid: int) -> bool:
+    return procfs.stat(pid)[3] in ("Z", "X")
+
+
+def exit_status(pid: int) -> int:
+    """The wait status a zombie's parent will get (proc(5) stat field 52)."""
+    return int(procfs.stat(pid)[52])
+
+
+class FrozenTree:
+    """Every process below (and including) `root`, seized and stopped.
+
+    The walk repeats until it finds nothing new: a process is only listed once its parent is
+    stopped, so nothing can fork behind the walk's back.  Zombies cannot be traced and need not
+    be: they are recorded as they are."""
+
+    def __init__(self, root: int):
+        self.root = root
+        self.frozen: dict[int, FrozenProcess] = {}
+        self.zombies: list[int] = []
+
+    @property
+    def pids(self) -> list[int]:
+        """All processes, parents before children, the root first."""
+        order, stack = [], [self.root]
+        known = set(self.frozen) | set(self.zombies)
+        while stack:
+            pid = stack.pop()
+            order.append(pid)
+            if pid in self.frozen:
+                stack.extend(reversed([c for c in children(pid) if c in known]))
+        return order
+
+    def freeze(self) -> None:
+        try:
+            pending = [self.root]
+            while pending:
+                pid = pending.pop()
+                if pid in self.frozen or pid in self.zombies:
+                    continue
+                if is_zombie(pid):
+                    if pid == self.root:
+                        raise OSError(errno.ESRCH, f"process {pid} is a zombie")
+                    self.zombies.append(pid)
+                    continue
+                process = FrozenProcess(pid)
+                process.freeze()
+                self.frozen[pid] = process
+                pending += children(pid)
+        except BaseException:
+            self.thaw()
+            raise
+
+    def thaw(self) -> None:
+        for process in self.frozen.values():
+            process.thaw()
+        self.frozen.clear()
+
+    def kill(self) -> None:
+        """SIGKILL every process (children first), each reaped by hpccr as its tracer."""
+        for pid in reversed(self.pids):
+            if pid in self.frozen:
+                self.frozen[pid].kill()
+        self.frozen.clear()
+
+
+def share_descriptions(fd_tables: dict[int, list[dict]]) -> None:
+    """Give every fd entry a `desc` number: equal numbers mean one open file description,
+    shared across descriptors and processes (dup, fork, SCM_RIGHTS).  kcmp(KCMP_FILE) decides,
+    among descriptors on the same inode."""
+    by_inode: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    next_desc = 0
+    for pid, entries in fd_tables.items():
+        for entry in entries:
+            st = os.stat(procfs.path(pid, "fd", str(entry["fd"])))
+            holders = by_inode.setdefault((st.st_dev, st.st_ino), [])
+            for other_pid, other in holders:
+                if native.kcmp(pid, other_pid, native.KCMP_FILE, entry["fd"], other["fd"]) == 0:
+                    entry["desc"] = other["desc"]
+                    break
+            else:
+                entry["desc"] = next_desc
+                next_desc += 1
+            holders.append((pid, entry))
+
+
+def ns_pid(pid: int) -> int:
+    """The pid of `pid` inside its own (innermost) pid namespace."""
+    return int(procfs.status(pid)["NSpid"].split()[-1])
+
+
+def own_pid_namespace(pid: int) -> bool:
+    """Is `pid` the init (pid 1) of a pid namespace of its own, as `hpccr run` makes?"""
+    return ns_pid(pid) == 1 and os.readlink(procfs.path(pid, "ns", "pid")) != os.readlink(
+        procfs.path(os.getpid(), "ns", "pid"))
