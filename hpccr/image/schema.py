@@ -3,7 +3,8 @@
 A spec is a type (``int`` excludes bool, ``float`` accepts ints), ``None``, ``U64`` (an int in
 [0, 2**64)), a dict of required keys (extra keys are allowed), a one-element list (every item
 matches it), ``MapOf(spec)`` (a dict with str keys and values matching spec), or a tuple of
-alternatives.
+alternatives.  ``check_meta`` checks a whole image.json; ``check_part`` checks one part against
+a spec kept elsewhere.
 """
 
 from __future__ import annotations
@@ -162,6 +163,12 @@ def _check(value, spec, where: str) -> None:
             raise _fail(where, "expected an integer")
     elif not isinstance(value, spec):
         raise _fail(where, f"expected {spec.__name__}")
+
+
+def check_part(value, spec, where: str) -> None:
+    """Raise ImageCorrupt unless ``value`` matches ``spec``: for the parts of image.json whose
+    spec lives with the code that writes them (the fields of each descriptor kind)."""
+    _check(value, spec, where)
 
 
 def check_meta(meta, version: int) -> None:

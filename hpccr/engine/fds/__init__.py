@@ -1,9 +1,17 @@
 """File descriptors: a registry of descriptor kinds, each in its own module.
 
-A kind module has ``NAME``, ``recognise(link, st) -> bool``, ``dump(pid, fd, link, st, ghosts)
--> dict`` (kind-specific fields) and ``open(entry, ctx) -> int`` (runs in the restored task
-before the stub is exec'd and returns a descriptor of this process for the entry).  Adding a kind
-means adding a module to KINDS; the dump and restore loops below never change.
+A kind module has
+- ``NAME``, and ``FIELDS``: the schema (hpccr.image.schema) of the fields it adds to an fd entry;
+- ``recognise(link, st) -> bool``: is this descriptor of that kind (mutually exclusive);
+- ``dump(pid, fd, link, st, ghosts) -> dict``: its fields, read while the process is frozen;
+  ``ghosts.writer`` stores any bulk data as an image file;
+- ``check(entry, ctx)``: before any task exists, refuse an entry that cannot be reopened;
+- ``open(entry, ctx, opened) -> int``: in the restored task before the stub is exec'd, a
+  descriptor of this process for the entry.  Entries are opened in fd order; ``opened`` maps the
+  saved number of each entry opened so far to its descriptor here;
+- optionally ``finish(entry, ctx)``: runs once every descriptor is at its saved number, for kinds
+  that refer to other descriptors by number.
+Adding a kind means adding a module to KINDS; the dump and restore loops below never change.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from hpccr import native
 from hpccr.engine import procfs
 from hpccr.engine.fds import regular, tty
 from hpccr.errors import UnsupportedResource
+from hpccr.image.schema import check_part
 
 KINDS = {k.NAME: k for k in (regular, tty)}
 O_CLOEXEC = 0o2000000
@@ -69,6 +78,7 @@ def check_fds(entries: list[dict], ctx) -> None:
         kind = KINDS.get(e["kind"])
         if kind is None:
             raise UnsupportedResource(f"fd {e['fd']}: unknown descriptor kind '{e['kind']}'")
+        check_part(e, kind.FIELDS, f"fd {e['fd']}")
         kind.check(e, ctx)
 
 
@@ -82,7 +92,7 @@ def install_fds(entries: list[dict], ctx, keep: int) -> None:
         if e["same_as"] is not None and e["same_as"] in staged:
             tmp = os.dup(staged[e["same_as"]])
         else:
-            tmp = KINDS[e["kind"]].open(e, ctx)
+            tmp = KINDS[e["kind"]].open(e, ctx, staged)
         staged[e["fd"]] = fcntl.fcntl(tmp, fcntl.F_DUPFD_CLOEXEC, base)
         os.close(tmp)
     for fd in os.listdir("/proc/self/fd"):
@@ -95,6 +105,10 @@ def install_fds(entries: list[dict], ctx, keep: int) -> None:
     for target, tmp in staged.items():
         os.dup2(tmp, target, inheritable=True)
         os.close(tmp)
+    for e in entries:
+        finish = getattr(KINDS[e["kind"]], "finish", None)
+        if finish is not None and e["same_as"] is None:
+            finish(e, ctx)
 
 
 def set_cloexec(inj, entries: list[dict]) -> None:

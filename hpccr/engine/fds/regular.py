@@ -9,12 +9,15 @@ import stat
 from hpccr.errors import FileMismatch
 
 NAME = "file"
+FIELDS: dict = {}  # path and ghost are common fields
 SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 DELETED = " (deleted)"
 NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
 
 def recognise(link: str, st: os.stat_result) -> bool:
+    if link.startswith("anon_inode:"):
+        return False  # eventfd & co., whatever mode the kernel gives their inode
     return (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
             or (stat.S_ISCHR(st.st_mode) and link in SAFE_DEVICES))
 
@@ -33,7 +36,7 @@ def check(entry: dict, ctx) -> None:
         raise FileMismatch(f"fd {entry['fd']}: {entry['path']} no longer exists")
 
 
-def open(entry: dict, ctx) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
     path = ctx.ghosts.path(entry["ghost"], entry["mode"]) if entry["ghost"] else entry["path"]
     fd = ctx.as_owner(os.open, path, entry["flags"] & ~NOT_REOPENED)
     if not stat.S_ISCHR(entry["mode"]):

@@ -9,6 +9,7 @@ import stat
 from hpccr.errors import UnsupportedResource
 
 NAME = "tty"
+FIELDS: dict = {}
 TTY_MAJORS = (4, 136)  # /dev/ttyN and /dev/pts/N
 TTY_DEVICES = ("/dev/tty", "/dev/console")
 
@@ -32,5 +33,5 @@ def check(entry: dict, ctx) -> None:
                                   "run hpccr restore from a terminal")
 
 
-def open(entry: dict, ctx) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
     return os.dup(restorer_terminal())
