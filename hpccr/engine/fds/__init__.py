@@ -22,11 +22,11 @@ import re
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.engine.fds import regular, tty
+from hpccr.engine.fds import eventfd, regular, signalfd, timerfd, tty
 from hpccr.errors import UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, tty)}
+KINDS = {k.NAME: k for k in (regular, tty, eventfd, timerfd, signalfd)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 

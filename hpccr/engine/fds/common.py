@@ -1,0 +1,32 @@
+"""Helpers shared by descriptor kinds: a dumper-side copy of a target's descriptor and C memory
+for the arguments of raw system calls."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from hpccr import native
+
+
+@contextlib.contextmanager
+def borrowed(pid: int, fd: int) -> Iterator[int]:
+    """A descriptor of this process for the open file behind `fd` of `pid` (pidfd_getfd).
+    It shares the target's open file description, so only non-destructive calls are allowed."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        copy = native.syscall("pidfd_getfd", pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    try:
+        yield copy
+    finally:
+        os.close(copy)
+
+
+def cbuf(data: bytes | int):
+    """C memory holding `data` (or that many zero bytes) and its address, for a syscall argument.
+    Keep the first value alive while the address is in use."""
+    buf = native.ffi.new("char[]", data)
+    return buf, int(native.ffi.cast("uintptr_t", buf))
