@@ -10,7 +10,7 @@ A kind module has
   descriptor of this process for the entry.  Entries are opened in fd order; ``opened`` maps the
   saved number of each entry opened so far to its descriptor here;
 - optionally ``finish(entry, ctx)``: runs once every descriptor is at its saved number, for kinds
-  that refer to other descriptors by number.
+  that refer to other descriptors by number (an epoll set adds its watches).
 Adding a kind means adding a module to KINDS; the dump and restore loops below never change.
 """
 
@@ -22,11 +22,11 @@ import re
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.engine.fds import eventfd, regular, signalfd, timerfd, tty
+from hpccr.engine.fds import epoll, eventfd, regular, signalfd, timerfd, tty
 from hpccr.errors import UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, tty, eventfd, timerfd, signalfd)}
+KINDS = {k.NAME: k for k in (regular, tty, eventfd, timerfd, signalfd, epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
