@@ -8,7 +8,7 @@ A kind module has
 - ``check(entry, ctx)``: before any task exists, refuse an entry that cannot be reopened;
 - ``open(entry, ctx, opened) -> int``: in the restored task before the stub is exec'd, a
   descriptor of this process for the entry.  Entries are opened in fd order; ``opened`` maps the
-  saved number of each entry opened so far to its descriptor here;
+  saved number of each entry opened so far to its descriptor here (a pipe end reopens its pipe);
 - optionally ``finish(entry, ctx)``: runs once every descriptor is at its saved number, for kinds
   that refer to other descriptors by number (an epoll set adds its watches).
 Adding a kind means adding a module to KINDS; the dump and restore loops below never change.
@@ -22,11 +22,11 @@ import re
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.engine.fds import epoll, eventfd, regular, signalfd, timerfd, tty
+from hpccr.engine.fds import epoll, eventfd, pipe, regular, signalfd, timerfd, tty
 from hpccr.errors import UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, tty, eventfd, timerfd, signalfd, epoll)}
+KINDS = {k.NAME: k for k in (regular, tty, pipe, eventfd, timerfd, signalfd, epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 

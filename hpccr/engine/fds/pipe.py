@@ -1,0 +1,210 @@
+"""Pipes and FIFOs whose every end is inside the dumped process: unread data, capacity, and each
+end with its access mode and O_NONBLOCK.
+
+The unread data is saved without consuming it, since the process may run on after the dump: a
+read end is copied into hpccr (pidfd_getfd) and tee(2) duplicates its content into a fresh pipe,
+which hpccr reads.  Only the lowest-numbered end of a pipe (its "first" end) carries the data and
+capacity; at restore it creates the pipe (a FIFO is opened by its path), sets the capacity, writes
+the data back, and every other end reopens that pipe through /proc/self/fd with its own mode.
+With no read end in the process the data can never be read and is not saved; ends whose peers
+have all been closed stay that way (a read end sees the data and then end-of-file, a write end
+gets EPIPE).
+
+Refused: a pipe or FIFO that another process also holds, whatever the end — a pipeline, the job's
+stdin, stdout or stderr connected to its parent or to a logger, the dumper's own pipe.  Saving one
+side would cut the connection at restore, so this waits for process trees.  Only processes visible
+in hpccr's /proc are searched; a pipe end in flight in a unix socket message is not seen.
+Also refused: packet-mode pipes (O_DIRECT) and deleted FIFOs.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+import termios
+
+from hpccr import native
+from hpccr.engine import procfs
+from hpccr.engine.fds.common import borrowed
+from hpccr.errors import DumpFailed, FileMismatch, ImageCorrupt, UnsupportedResource
+
+NAME = "pipe"
+FIELDS = {"pipe": int, "first": int, "data": (str, None), "capacity": (int, None)}
+ANONYMOUS = "pipe:"
+DELETED = " (deleted)"
+STDIO = {0: " (stdin)", 1: " (stdout)", 2: " (stderr)"}
+SPLICE_F_NONBLOCK = 2
+
+
+def recognise(link: str, st: os.stat_result) -> bool:
+    return stat.S_ISFIFO(st.st_mode)
+
+
+def _same(path: str, st: os.stat_result) -> bool:
+    try:
+        other = os.stat(path)
+    except OSError:
+        return False
+    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _ends(pid: int, st: os.stat_result) -> list[int]:
+    """The descriptors of `pid` on this pipe, in increasing order."""
+    return [fd for fd in procfs.fds(pid) if _same(procfs.path(pid, "fd", str(fd)), st)]
+
+
+def _other_holder(pid: int, link: str, st: os.stat_result) -> tuple[int, int] | None:
+    """(process, descriptor) of another process holding this pipe, if any."""
+    named = not link.startswith(ANONYMOUS)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        try:
+            fds = os.listdir(os.path.join(entry.path, "fd"))
+        except OSError:
+            continue  # gone, or not ours to look at
+        for fd in fds:
+            path = os.path.join(entry.path, "fd", fd)
+            try:
+                other = os.readlink(path)
+            except OSError:
+                continue
+            if named:
+                found = other.startswith("/") and _same(path, st)
+            else:
+                found = other == link  # pipefs inode numbers are unique
+            if found:
+                return int(entry.name), int(fd)
+    return None
+
+
+def _refuse_if_shared(pid: int, fd: int, link: str, st: os.stat_result) -> None:
+    holder = _other_holder(pid, link, st)
+    if holder is None:
+        return
+    other, other_fd = holder
+    try:
+        who = f"process {other} ({procfs.comm(other)})"
+    except OSError:
+        who = f"process {other}"
+    what = "a pipe" if link.startswith(ANONYMOUS) else f"the FIFO {link}"
+    raise UnsupportedResource(
+        f"process {pid} fd {fd}{STDIO.get(fd, '')} is {what} that {who} also holds (its fd "
+        f"{other_fd}): pipes to another process are not supported yet (process trees come later)")
+
+
+def _unread(copy: int, capacity: int) -> bytes:
+    """The content of the pipe behind read end `copy`, left in place (tee)."""
+    avail = struct.unpack("i", fcntl.ioctl(copy, termios.FIONREAD, b"\0" * 4))[0]
+    if not avail:
+        return b""
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, capacity)
+        copied = native.syscall("tee", copy, w, avail, SPLICE_F_NONBLOCK)
+        if copied != avail:
+            raise DumpFailed(f"tee copied {copied} of the {avail} bytes in a pipe")
+        chunks = []
+        while avail:
+            chunks.append(os.read(r, avail))
+            avail -= len(chunks[-1])
+        return b"".join(chunks)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+    flags = int(procfs.fdinfo(pid, fd)["flags"], 8)
+    if flags & os.O_DIRECT:
+        raise UnsupportedResource(f"process {pid} fd {fd} is a packet-mode pipe (O_DIRECT): "
+                                  "not supported yet")
+    if link.endswith(DELETED):
+        raise UnsupportedResource(f"process {pid} fd {fd} is a deleted FIFO ({link}): "
+                                  "not supported yet")
+    ends = _ends(pid, st)
+    entry = {"pipe": st.st_ino, "first": ends[0], "data": None, "capacity": None}
+    if fd != ends[0]:
+        return entry  # the first end saved the pipe
+    _refuse_if_shared(pid, fd, link, st)
+    readers = [n for n in ends
+               if int(procfs.fdinfo(pid, n)["flags"], 8) & os.O_ACCMODE != os.O_WRONLY]
+    with borrowed(pid, readers[0] if readers else fd) as copy:
+        entry["capacity"] = fcntl.fcntl(copy, fcntl.F_GETPIPE_SZ)
+        data = _unread(copy, entry["capacity"]) if readers else b""
+    if data:
+        entry["data"] = f"pipe-{st.st_ino}.img"
+        ghosts.writer.write_bytes(entry["data"], data)
+    return entry
+
+
+def _named(entry: dict) -> bool:
+    return not entry["path"].startswith(ANONYMOUS)
+
+
+def check(entry: dict, ctx) -> None:
+    fd = entry["fd"]
+    if entry["first"] > fd or (entry["first"] == fd) != (entry["capacity"] is not None):
+        raise ImageCorrupt(f"fd {fd}: inconsistent pipe entry (image corrupted)")
+    if _named(entry) and entry["first"] == fd:
+        try:
+            is_fifo = stat.S_ISFIFO(os.stat(entry["path"]).st_mode)
+        except OSError:
+            raise FileMismatch(f"fd {fd}: FIFO {entry['path']} no longer exists") from None
+        if not is_fifo:
+            raise FileMismatch(f"fd {fd}: {entry['path']} is no longer a FIFO")
+
+
+def _reopen(local: int, flags: int) -> int:
+    """A new open file description of the pipe behind `local`, with an end's mode and flags.
+    A read-write helper is open meanwhile: with a reader and a writer present, opening an end
+    neither blocks nor fails (ENXIO), whatever ends the pipe has."""
+    helper = os.open(f"/proc/self/fd/{local}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fd = os.open(f"/proc/self/fd/{helper}", flags & os.O_ACCMODE | os.O_CLOEXEC)
+    finally:
+        os.close(helper)
+    os.set_blocking(fd, not flags & os.O_NONBLOCK)
+    return fd
+
+
+def _fill(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _saved_data(ctx, name: str) -> bytes:
+    """Image file `name`, read with the rights of the process's owner (root's for an image only
+    root could have written), like the files it reopens."""
+    fd = ctx.as_owner(os.open, ctx.reader.path_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
+    first = entry["first"]
+    if first != entry["fd"]:
+        if first not in opened:
+            raise ImageCorrupt(f"fd {entry['fd']}: its pipe's first end, fd {first}, is not "
+                               "in the image (image corrupted)")
+        return _reopen(opened[first], entry["flags"])
+    if _named(entry):
+        r = w = ctx.as_owner(os.open, entry["path"], os.O_RDWR | os.O_CLOEXEC)  # never blocks
+    else:
+        r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, entry["capacity"])
+        if entry["data"]:
+            data = _saved_data(ctx, entry["data"])
+            if len(data) > entry["capacity"]:
+                raise ImageCorrupt(f"fd {first}: more pipe data than the pipe holds "
+                                   "(image corrupted)")
+            _fill(w, data)
+        return _reopen(r, entry["flags"])
+    finally:
+        os.close(r)
+        if w != r:
+            os.close(w)
