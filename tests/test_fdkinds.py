@@ -1,0 +1,94 @@
+"""Descriptor kinds beyond files and terminals: eventfd, timerfd, signalfd, epoll, pipes and FIFOs
+held by one process come back with their state; pipes shared with another process and epoll
+watches on closed descriptors are refused, and the process runs on untouched.
+
+Workloads: workloads/fd_eventfd.c, fd_timerfd.c, fd_signalfd.c, fd_epoll.c [stale],
+fd_pipe.c [peer], fd_fifo.c DIR.  Each checks its own state after the window.
+"""
+
+import re
+import subprocess
+import time
+
+import pytest
+
+KINDS = ["fd_eventfd", "fd_timerfd", "fd_signalfd", "fd_epoll", "fd_pipe", "fd_fifo"]
+# Between the kill and the restore: long enough for the timerfd workload to notice a
+# CLOCK_REALTIME absolute timer restored as a relative one (it allows 0.5 s).
+DOWNTIME_S = 1.0
+
+
+def start(cr, tmp_path, name, **kwargs):
+    args = [tmp_path] if name == "fd_fifo" else []
+    return cr.start(name, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_without_checkpoint(cr, tmp_path, name):
+    workload = start(cr, tmp_path, name)
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_checkpoint_restart(cr, tmp_path, name):
+    workload = start(cr, tmp_path, name)
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    time.sleep(DOWNTIME_S)
+    cr.restore_and_pass(workload, img)
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_leave_running(cr, tmp_path, name):
+    """The original runs on and passes (nothing was consumed: pipe data, eventfd counters,
+    pending signals and expirations); then the image restores and passes too."""
+    workload = start(cr, tmp_path, name, append=True)
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    cr.restore_and_pass(workload, img, passes=2)
+
+
+def test_pipe_image_holds_the_data(cr, tmp_path):
+    """The unread 100 KiB is in the image once, as a file of its own; the capacity is saved."""
+    workload = cr.start("fd_pipe")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    sizes = sorted(p.stat().st_size for p in img.glob("pipe-*.img"))
+    assert sizes == [4, 100 * 1024], sizes
+    cr.restore_and_pass(workload, img)
+
+
+def assert_refused(cr, tmp_path, workload, fd: str, *words: str) -> None:
+    """The dump refuses (14) naming the descriptor; the process runs on and passes."""
+    message = cr.assert_error(cr.dump(workload, tmp_path / "img"), 14)
+    assert re.search(rf"\bfd {fd}\b", message), message
+    for word in words:
+        assert word in message, message
+    assert not (tmp_path / "img").exists()
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+def test_pipe_to_another_process_is_refused(cr, tmp_path):
+    workload = cr.start("fd_pipe", "peer")
+    fd, _ = workload.values("FD")[0].split()
+    assert_refused(cr, tmp_path, workload, fd, "pipe", "another process")
+
+
+def test_stdin_pipe_from_the_parent_is_refused(cr, tmp_path):
+    """A job's stdin, stdout or stderr piped to its parent is a pipe to another process too:
+    refused for now, naming the stream."""
+    workload = start(cr, tmp_path, "fd_eventfd", stdin=subprocess.PIPE)
+    assert_refused(cr, tmp_path, workload, "0", "(stdin)", "another process")
+    workload.proc.stdin.close()
+
+
+def test_epoll_watch_on_a_closed_descriptor_is_refused(cr, tmp_path):
+    workload = cr.start("fd_epoll", "stale")
+    fd, _ = workload.values("FD")[0].split()
+    assert_refused(cr, tmp_path, workload, fd, "epoll", "closed")
