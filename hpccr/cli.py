@@ -127,3 +127,63 @@ def run(directory: str | None, interval: int | None, keep: int, pidfile: str | N
     series = Series(directory) if directory else None
     sys.exit(supervise(pid, series, interval, keep,
                        lambda target, path: do_dump(target, str(path), "running")))
+
+
+# --- Slurm ---------------------------------------------------------------------------------
+
+
+@main.group()
+def slurm() -> None:
+    """Slurm integration: prolog, epilog and the job wrapper (see docs/slurm.md)."""
+
+
+@slurm.command()
+def prolog() -> None:
+    """Prolog (run as root by slurmd): check the node, create the job's checkpoint directory.
+    Always exits 0, so that jobs run even where they cannot be checkpointed."""
+    from hpccr.slurm.node import prolog as do_prolog
+
+    do_prolog()
+
+
+@slurm.command()
+def epilog() -> None:
+    """Epilog (run as root by slurmd): record the job's checkpoints, remove them once the job
+    completed for good.  Always exits 0."""
+    from hpccr.slurm.node import epilog as do_epilog
+
+    do_epilog()
+
+
+@slurm.command(context_settings={"ignore_unknown_options": True})
+@click.option("--checkpoint", "interval", type=Duration(), envvar="HPCCR_CHECKPOINT_INTERVAL",
+              help="Checkpoint this often (as `hpccr run --interval`); default: only when "
+                   "Slurm warns the job.  [env: HPCCR_CHECKPOINT_INTERVAL]")
+@click.option("--checkpoint-dir", "directory", type=click.Path(), envvar="HPCCR_CHECKPOINT_DIR",
+              help="The job's checkpoint series; default <checkpoint_base>/<user>/<jobid>.  "
+                   "[env: HPCCR_CHECKPOINT_DIR]")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def job(interval: int | None, directory: str | None, command: tuple[str, ...]) -> None:
+    """Run a batch script as a checkpointed job (started by the SPANK plugin's job.sh or by
+    `hpccr sbatch`'s wrapper); exit with its status.  Put `--` before COMMAND."""
+    from hpccr.slurm.job import run_job
+
+    sys.exit(run_job(list(command), interval, directory))
+
+
+@main.command(context_settings={"ignore_unknown_options": True,
+                                "allow_interspersed_args": False})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sbatch(args: tuple[str, ...]) -> None:
+    """Submit a job that runs under hpccr, for sites without the SPANK plugin:
+    hpccr sbatch [--checkpoint=INTERVAL] [--checkpoint-dir=DIR] [sbatch options] SCRIPT [ARGS]
+    (or --wrap=CMD).  Adds --requeue, --open-mode=append and --signal=B:USR1@<grace> unless
+    given; the script's #SBATCH lines keep working.  sbatch prints the job id."""
+    from hpccr import config
+    from hpccr.slurm.sbatch import SbatchUsage, submit
+
+    grace = config.load().grace
+    try:
+        sys.exit(submit(list(args), grace))
+    except SbatchUsage as exc:
+        raise click.UsageError(str(exc)) from None
