@@ -135,7 +135,11 @@ def _collect(pid: int, frozen: FrozenProcess, writer) -> tuple[dict, int]:
         unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
         ranges = memory.select_pages(pid, vmas)
         pages = PageWriter(writer, pid)
-        memory.copy_pages(pid, ranges, unreadable, pages)
+        reader = memory.MemoryReader(pid, unreadable)
+        try:
+            memory.copy_pages(memory.split_batches(ranges), reader, pages)
+        finally:
+            reader.close()
         pages.close()
     except HpccrError:
         raise

@@ -99,7 +99,7 @@ def select_pages(pid: int, vmas: list[dict]) -> list[tuple[int, int]]:
     return ranges
 
 
-def _batches(ranges: list[tuple[int, int]], limit: int):
+def split_batches(ranges: list[tuple[int, int]], limit: int = COPY_BATCH):
     """Split ranges into batches of at most `limit` bytes (long ranges are cut)."""
     batch, size = [], 0
     for addr, length in ranges:
@@ -116,30 +116,51 @@ def _batches(ranges: list[tuple[int, int]], limit: int):
         yield batch
 
 
-def copy_pages(pid: int, ranges: list[tuple[int, int]], unreadable: list[tuple[int, int]],
-               pages) -> None:
-    """Stream the selected pages of `pid` into `pages` (an image PageWriter).
+class MemoryReader:
+    """Reads page runs of a process: one process_vm_readv per batch, or /proc/PID/mem for a batch
+    that touches an unreadable VMA (PROT_NONE, write-only), which process_vm_readv refuses."""
+
+    def __init__(self, pid: int, unreadable: list[tuple[int, int]]):
+        self.pid = pid
+        self.unreadable = unreadable
+        self._mem = -1
+
+    def read(self, batch: list[tuple[int, int]], view: memoryview) -> None:
+        if any(_inside(addr, self.unreadable) for addr, _ in batch):
+            if self._mem < 0:
+                self._mem = os.open(procfs.path(self.pid, "mem"), os.O_RDONLY)
+            offset = 0
+            for addr, length in batch:
+                _read_exact(self._mem, view[offset:offset + length], addr)
+                offset += length
+        else:
+            addrs = native.ffi.new("unsigned long long[]", [a for a, _ in batch])
+            lens = native.ffi.new("unsigned long long[]", [n for _, n in batch])
+            native.read_ranges(self.pid, addrs, lens, len(batch), view)
+
+    def close(self) -> None:
+        if self._mem >= 0:
+            os.close(self._mem)
+            self._mem = -1
+
+
+def copy_pages(batches, reader, pages) -> None:
+    """Stream `batches` of page runs, read by `reader` (see MemoryReader), into `pages` (an image
+    PageWriter).
 
     Two buffers in turn: while one batch is written out (and hashed) by a helper thread, the next
-    one is read from the target; both steps run without the GIL."""
+    one is read from the target; both steps run without the GIL. The buffers are allocated here,
+    after a snapshot dump has released the target: faulting fresh memory is slow."""
     buffers = [mmap.mmap(-1, COPY_BATCH) for _ in range(2)]
-    mem = -1
     try:
         with ThreadPoolExecutor(1) as writer:
             in_flight: list = []
-            for i, batch in enumerate(_batches(ranges, COPY_BATCH)):
+            for i, batch in enumerate(batches):
                 if len(in_flight) == len(buffers):
                     in_flight.pop(0).result()
                 view = memoryview(buffers[i % len(buffers)])[:sum(n for _, n in batch)]
                 try:
-                    if any(_inside(addr, unreadable) for addr, _ in batch):
-                        if mem < 0:
-                            mem = os.open(procfs.path(pid, "mem"), os.O_RDONLY)
-                        _read_via_mem(mem, batch, view)
-                    else:
-                        addrs = native.ffi.new("unsigned long long[]", [a for a, _ in batch])
-                        lens = native.ffi.new("unsigned long long[]", [n for _, n in batch])
-                        native.read_ranges(pid, addrs, lens, len(batch), view)
+                    reader.read(batch, view)
                 except BaseException:
                     view.release()
                     raise
@@ -147,8 +168,6 @@ def copy_pages(pid: int, ranges: list[tuple[int, int]], unreadable: list[tuple[i
             for future in in_flight:
                 future.result()
     finally:
-        if mem >= 0:
-            os.close(mem)
         for buf in buffers:
             buf.close()
 
@@ -159,14 +178,6 @@ def _write_batch(pages, batch: list[tuple[int, int]], view: memoryview) -> None:
         for addr, length in batch:
             pages.write_run(addr, view[offset:offset + length])
             offset += length
-
-
-def _read_via_mem(fd: int, batch: list[tuple[int, int]], view: memoryview) -> None:
-    """/proc/PID/mem reads what process_vm_readv refuses (PROT_NONE and write-only VMAs)."""
-    offset = 0
-    for addr, length in batch:
-        _read_exact(fd, view[offset:offset + length], addr)
-        offset += length
 
 
 def _inside(addr: int, spans: list[tuple[int, int]]) -> bool:
