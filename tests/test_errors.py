@@ -136,7 +136,8 @@ def test_restore_exits_with_the_restored_status(cr, tmp_path):
     img = tmp_path / "img"
     cr.dump_and_kill(workload, img)
     restore = cr.restore_in_background(img)
-    cr.wait_until(lambda: workload.alive() and workload.status()["TracerPid"] == "0", "restore")
+    cr.wait_until(lambda: workload.alive() and workload.status()["Name"] == "idle"
+                  and workload.status()["TracerPid"] == "0", "restore")
     os.kill(workload.pid, signal.SIGTERM)
     restore.communicate(timeout=60)
     assert restore.returncode == 128 + signal.SIGTERM

@@ -64,9 +64,9 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
     ]
     fds = [
         {"fd": 1, "kind": "tty", "path": "/dev/pts/3", "flags": os.O_RDWR, "pos": 0,
-         "cloexec": False, "same_as": None, "ghost": None, "mode": 0o20620},
+         "cloexec": False, "desc": 0, "ghost": None, "mode": 0o20620},
         {"fd": 3, "kind": "file", "path": "/scratch/run/out.log",
-         "flags": os.O_WRONLY | os.O_APPEND, "pos": 123, "cloexec": True, "same_as": None,
+         "flags": os.O_WRONLY | os.O_APPEND, "pos": 123, "cloexec": True, "desc": 1,
          "ghost": None, "mode": 0o100644},
     ]
     proc = {

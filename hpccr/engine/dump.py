@@ -177,7 +177,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool):
             entries = procfs.maps(pid)  # before the injector maps its scratch area
             ghosts = GhostWriter(writer)
             vmas = memory.describe_vmas(pid, entries, ghosts)
-            fd_entries = fds.dump_fds(pid, ghosts)
+            fd_entries = fds.dump_fds(pid, fds.DumpState(writer, ghosts, [pid]))
+            fds.share_descriptions({pid: fd_entries})
             stat = procfs.stat(pid)
             inj = Injector(pid, leader)
             try:

@@ -11,6 +11,7 @@ image is only ever read.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import os
@@ -59,6 +60,20 @@ class Context:
         self.trusted = os.stat(reader.path).st_uid == 0
         self.fsuid, self.fsgid = uid[1], gid[1]
         self.threads: list[int] = []  # as hpccr sees them, once rebuilt
+
+    @contextlib.contextmanager
+    def owner_rights(self):
+        """File-system rights of the process's user in this (root) process, for a while."""
+        saved_groups = os.getgroups()
+        os.setgroups(self.proc["creds"]["groups"])
+        native.syscall("setfsgid", self.fsgid)
+        native.syscall("setfsuid", self.fsuid)
+        try:
+            yield
+        finally:
+            native.syscall("setfsuid", 0)
+            native.syscall("setfsgid", 0)
+            os.setgroups(saved_groups)
 
     def as_owner(self, call, *args):
         """call(*args) with the file-system rights of the process's user (set by the caller),
@@ -150,12 +165,11 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None) ->
     order = plan(reader, meta)
     pidns = meta.get("pidns", False)
     preflight(reader, meta, order, pidns)
-    for task in order:  # made here: the new tasks only open them, the restorer deletes them
-        for e in task.proc["fds"]:
-            if e["ghost"]:
-                task.ctx.ghosts.path(e["ghost"], e["mode"])
+    pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order])
     try:
-        spawn(order, pidns)
+        pool.open_all()
+        spawn(order, pidns, pool)
+        pool.close()
         try:
             for task in order:
                 take_over(task.outer)
@@ -178,6 +192,7 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None) ->
                 raise RestoreFailed(f"restore failed: {exc}") from exc
             raise
     finally:
+        pool.close()
         for task in order:
             task.ctx.ghosts.unlink_all()
     root = order[0].outer
@@ -220,7 +235,7 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool) -
         fds.check_fds(proc["fds"], None)
 
 
-def spawn(order: list[Task], pidns: bool) -> None:
+def spawn(order: list[Task], pidns: bool, pool: fds.Pool) -> None:
     """Create every task with its saved pid, parents first, each with its descriptors, cwd,
     session and group; every task ends waiting in the stub.  With `pidns` the tree gets a new
     pid namespace (and mount and IPC namespaces) with its root as pid 1."""
@@ -235,7 +250,7 @@ def spawn(order: list[Task], pidns: bool) -> None:
         os.close(wr)
         raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
-        _child(root, wr, enter_namespaces=pidns)
+        _child(root, pool, wr, enter_namespaces=pidns)
     root.outer = pid
     os.close(wr)
     with os.fdopen(rd, "rb") as pipe:  # EOF once every task has exec'd the stub (or died)
@@ -313,11 +328,11 @@ def _become_zombie(task: Task) -> None:
     native.wait(task.outer)
 
 
-def _child(task: Task, errpipe: int, enter_namespaces: bool = False) -> None:
+def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
     Never returns."""
     proc, ctx = task.proc, task.ctx
-    errpipe = fcntl_dup_high(errpipe, proc)
+    errpipe = fcntl.fcntl(errpipe, fcntl.F_DUPFD_CLOEXEC, pool.base)
     try:
         if enter_namespaces:
             enter_job_namespaces()
@@ -334,7 +349,7 @@ def _child(task: Task, errpipe: int, enter_namespaces: bool = False) -> None:
         for child in task.children:
             try:
                 if native.fork_with_pid(child.proc["pid"]) == 0:
-                    _child(child, errpipe)
+                    _child(child, pool, errpipe)
             except OSError as exc:
                 raise _fork_error(exc, child.proc["pid"]) from None
         if not task.zombie:
@@ -344,13 +359,13 @@ def _child(task: Task, errpipe: int, enter_namespaces: bool = False) -> None:
             native.syscall("setfsgid", gid[1])
             native.syscall("setfsuid", uid[1])
             ctx.as_owner(os.chdir, proc["cwd"])
-            fds.install_fds(proc["fds"], ctx, errpipe)
+            fds.install_fds(proc["fds"], ctx, pool, errpipe)
             native.syscall("setfsuid", 0)
             native.syscall("setfsgid", 0)
             os.umask(proc["umask"])
             native.syscall("personality", proc["personality"])
         else:
-            fds.install_fds([], ctx, errpipe)
+            fds.install_fds([], ctx, pool, errpipe)
         os.execve(native.stub_path(), ["hpccr-stub"], {})
     except BaseException as exc:  # report, whatever it was, then die
         msg = exc.strerror if isinstance(exc, OSError) and exc.filename is None else str(exc)
@@ -362,14 +377,6 @@ def _child(task: Task, errpipe: int, enter_namespaces: bool = False) -> None:
             pass
     finally:
         os._exit(127)
-
-
-def fcntl_dup_high(fd: int, proc: dict) -> int:
-    """Move the error pipe above every descriptor the image wants."""
-    top = max([e["fd"] for e in proc["fds"]] + [2]) + 64
-    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, top)
-    os.close(fd)
-    return high
 
 
 def rebuild(ctx: Context, pid: int, meta: dict) -> None:

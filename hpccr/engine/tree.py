@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import os
 
-from hpccr import native
 from hpccr.engine import procfs
 from hpccr.engine.tracer import FrozenProcess
 
@@ -87,26 +86,6 @@ class FrozenTree:
             if pid in self.frozen:
                 self.frozen[pid].kill()
         self.frozen.clear()
-
-
-def share_descriptions(fd_tables: dict[int, list[dict]]) -> None:
-    """Give every fd entry a `desc` number: equal numbers mean one open file description,
-    shared across descriptors and processes (dup, fork, SCM_RIGHTS).  kcmp(KCMP_FILE) decides,
-    among descriptors on the same inode."""
-    by_inode: dict[tuple[int, int], list[tuple[int, dict]]] = {}
-    next_desc = 0
-    for pid, entries in fd_tables.items():
-        for entry in entries:
-            st = os.stat(procfs.path(pid, "fd", str(entry["fd"])))
-            holders = by_inode.setdefault((st.st_dev, st.st_ino), [])
-            for other_pid, other in holders:
-                if native.kcmp(pid, other_pid, native.KCMP_FILE, entry["fd"], other["fd"]) == 0:
-                    entry["desc"] = other["desc"]
-                    break
-            else:
-                entry["desc"] = next_desc
-                next_desc += 1
-            holders.append((pid, entry))
 
 
 def ns_pid(pid: int) -> int:

@@ -59,7 +59,7 @@ FD = {
     "flags": int,
     "pos": int,
     "cloexec": bool,
-    "same_as": (int, None),
+    "desc": int,
     "ghost": (str, None),
     "mode": int,
 }

@@ -101,8 +101,6 @@ def _fd_path(fd: dict) -> str:
     path = fd["path"] or ""
     if fd["ghost"]:
         path += f" (deleted, saved as {fd['ghost']})"
-    if fd["same_as"] is not None:
-        path += f" (same open file as fd {fd['same_as']})"
     return path
 
 
@@ -148,10 +146,10 @@ def _render_process(proc: dict) -> list[str]:
 
     lines.append(f"  fds       {len(proc['fds'])}")
     lines += _table(
-        ["FD", "KIND", "POS", "FLAGS", "CLOEXEC", "PATH"],
+        ["FD", "DESC", "KIND", "POS", "FLAGS", "CLOEXEC", "PATH"],
         [
             [
-                str(f["fd"]), f["kind"], str(f["pos"]), open_flags(f["flags"]),
+                str(f["fd"]), str(f["desc"]), f["kind"], str(f["pos"]), open_flags(f["flags"]),
                 "yes" if f["cloexec"] else "no", _fd_path(f),
             ]
             for f in proc["fds"]

@@ -3,14 +3,16 @@
 A kind module has
 - ``NAME``, and ``FIELDS``: the schema (hpccr.image.schema) of the fields it adds to an fd entry;
 - ``recognise(link, st) -> bool``: is this descriptor of that kind (mutually exclusive);
-- ``dump(pid, fd, link, st, ghosts) -> dict``: its fields, read while the process is frozen;
-  ``ghosts.writer`` stores any bulk data as an image file;
+- ``dump(pid, fd, link, st, state) -> dict``: its fields, read while the processes are frozen;
+  ``state`` (DumpState) is shared by the whole dump: the image writer, ghost files, the pids
+  being dumped;
 - ``check(entry, ctx)``: before any task exists, refuse an entry that cannot be reopened;
-- ``open(entry, ctx, opened) -> int``: in the restored task before the stub is exec'd, a
-  descriptor of this process for the entry.  Entries are opened in fd order; ``opened`` maps the
-  saved number of each entry opened so far to its descriptor here (a pipe end reopens its pipe);
-- optionally ``finish(entry, ctx)``: runs once every descriptor is at its saved number, for kinds
-  that refer to other descriptors by number (an epoll set adds its watches).
+- ``open(entry, ctx, pool) -> int``: in the restorer, before the tasks are created, a descriptor
+  for the entry's open file description.  Each description is opened once, whichever processes
+  share it; the tasks inherit the pool and put each description at its saved numbers;
+- optionally ``finish(entry, ctx)``: runs in the task once every descriptor is at its saved
+  number, for kinds that refer to other descriptors by number (an epoll set adds its watches);
+  once per description, in the first process that holds it.
 Adding a kind means adding a module to KINDS; the dump and restore loops below never change.
 """
 
@@ -43,9 +45,20 @@ def describe(link: str) -> str:
     return f"'{link}'"
 
 
-def dump_fds(pid: int, ghosts) -> list[dict]:
+class DumpState:
+    """What the descriptor kinds share while one image is dumped."""
+
+    def __init__(self, writer, ghosts, pids):
+        self.writer = writer
+        self.ghosts = ghosts
+        self.pids = set(pids)
+        self.pipes: set[int] = set()  # pipes whose data an entry already carries
+
+
+def dump_fds(pid: int, state: DumpState) -> list[dict]:
+    """The descriptors of `pid`; `desc` numbers are given by share_descriptions() once every
+    process of the dump is done."""
     entries: list[dict] = []
-    seen: dict[tuple[int, int], list[int]] = {}  # inode -> fds, to find shared descriptions
     for fd in procfs.fds(pid):
         fd_path = procfs.path(pid, "fd", str(fd))
         try:
@@ -61,15 +74,30 @@ def dump_fds(pid: int, ghosts) -> list[dict]:
         flags = int(info["flags"], 8)
         entry = {"fd": fd, "kind": kind.NAME, "flags": flags & ~O_CLOEXEC,
                  "pos": int(info["pos"]), "cloexec": bool(flags & O_CLOEXEC),
-                 "same_as": None, "ghost": None, "mode": st.st_mode, "path": link}
-        entry.update(kind.dump(pid, fd, link, st, ghosts))
-        for other in seen.get((st.st_dev, st.st_ino), []):
-            if native.kcmp(pid, pid, native.KCMP_FILE, fd, other) == 0:
-                entry["same_as"] = other
-                break
-        seen.setdefault((st.st_dev, st.st_ino), []).append(fd)
+                 "desc": -1, "ghost": None, "mode": st.st_mode, "path": link}
+        entry.update(kind.dump(pid, fd, link, st, state))
         entries.append(entry)
     return entries
+
+
+def share_descriptions(fd_tables: dict[int, list[dict]]) -> None:
+    """Number every open file description: equal `desc` numbers mean one description shared by
+    several descriptors or processes (dup, fork, SCM_RIGHTS).  kcmp(KCMP_FILE) decides, among
+    descriptors on the same inode."""
+    holders: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    count = 0
+    for pid, entries in fd_tables.items():
+        for entry in entries:
+            st = os.stat(procfs.path(pid, "fd", str(entry["fd"])))
+            same_inode = holders.setdefault((st.st_dev, st.st_ino), [])
+            for other_pid, other in same_inode:
+                if native.kcmp(pid, other_pid, native.KCMP_FILE, entry["fd"], other["fd"]) == 0:
+                    entry["desc"] = other["desc"]
+                    break
+            else:
+                entry["desc"] = count
+                count += 1
+            same_inode.append((pid, entry))
 
 
 def check_fds(entries: list[dict], ctx) -> None:
@@ -82,32 +110,55 @@ def check_fds(entries: list[dict], ctx) -> None:
         kind.check(e, ctx)
 
 
-def install_fds(entries: list[dict], ctx, keep: int) -> None:
-    """In the new task: open every saved descriptor at its number, close all others but `keep`.
-    Descriptors stay inheritable here; close-on-exec is set after the stub's exec."""
+class Pool:
+    """Every open file description of the image, opened once by the restorer (close-on-exec,
+    above every saved descriptor number) and inherited by the tasks it forks."""
+
+    def __init__(self, tables: list[tuple[object, list[dict]]]):
+        """`tables`: (restore context, fd entries) of every process, in creation order."""
+        self.tables = tables
+        self.fds: dict[int, int] = {}
+        self.pipes: dict[int, int] = {}  # pipe inode -> a read-write descriptor on it
+        self.finisher: dict[int, tuple[int, int]] = {}  # desc -> (pid, fd) that finishes it
+        self.base = max([e["fd"] for _, entries in tables for e in entries] + [2]) + 64
+
+    def entry_with(self, match) -> dict | None:
+        return next((e for _, entries in self.tables for e in entries if match(e)), None)
+
+    def open_all(self) -> None:
+        for ctx, entries in self.tables:
+            for e in entries:
+                if e["desc"] in self.fds:
+                    continue
+                with ctx.owner_rights():
+                    local = KINDS[e["kind"]].open(e, ctx, self)
+                self.fds[e["desc"]] = fcntl.fcntl(local, fcntl.F_DUPFD_CLOEXEC, self.base)
+                os.close(local)
+                self.finisher[e["desc"]] = (ctx.proc["pid"], e["fd"])
+
+    def close(self) -> None:
+        for fd in [*self.fds.values(), *self.pipes.values()]:
+            os.close(fd)
+        self.fds.clear()
+        self.pipes.clear()
+
+
+def install_fds(entries: list[dict], ctx, pool: Pool, keep: int) -> None:
+    """In the new task: every saved descriptor at its number (from the pool), all others closed
+    but `keep`.  Descriptors stay inheritable here; close-on-exec is set after the stub's exec."""
     wanted = {e["fd"] for e in entries}
-    base = max(wanted | {keep, 2}) + 1
-    staged: dict[int, int] = {}
     for e in entries:
-        if e["same_as"] is not None and e["same_as"] in staged:
-            tmp = os.dup(staged[e["same_as"]])
-        else:
-            tmp = KINDS[e["kind"]].open(e, ctx, staged)
-        staged[e["fd"]] = fcntl.fcntl(tmp, fcntl.F_DUPFD_CLOEXEC, base)
-        os.close(tmp)
+        os.dup2(pool.fds[e["desc"]], e["fd"], inheritable=True)
     for fd in os.listdir("/proc/self/fd"):
         n = int(fd)
-        if n not in staged.values() and n != keep and n not in wanted:
+        if n != keep and n not in wanted:
             try:
                 os.close(n)
             except OSError:
                 pass
-    for target, tmp in staged.items():
-        os.dup2(tmp, target, inheritable=True)
-        os.close(tmp)
     for e in entries:
         finish = getattr(KINDS[e["kind"]], "finish", None)
-        if finish is not None and e["same_as"] is None:
+        if finish is not None and pool.finisher[e["desc"]] == (ctx.proc["pid"], e["fd"]):
             finish(e, ctx)
 
 

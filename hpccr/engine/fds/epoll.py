@@ -52,7 +52,7 @@ def _still_registered(pid: int, epfd: int, tfd: int) -> bool:
         raise
 
 
-def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     lines = Path(procfs.path(pid, "fdinfo", str(fd))).read_text().splitlines()
     found = [_TARGET.match(line) for line in lines]
     targets = [{"fd": int(m[1]), "events": int(m[2], 16), "data": int(m[3], 16)}
@@ -76,7 +76,7 @@ def check(entry: dict, ctx) -> None:
                                f"{t['fd']} are out of range (image corrupted)")
 
 
-def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     with select.epoll() as ep:
         fd = os.dup(ep.fileno())
     os.set_blocking(fd, not entry["flags"] & os.O_NONBLOCK)

@@ -19,7 +19,7 @@ def recognise(link: str, st: os.stat_result) -> bool:
     return link == LINK
 
 
-def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     info = procfs.fdinfo(pid, fd)
     if "eventfd-semaphore" not in info:
         raise UnsupportedResource(f"process {pid} fd {fd} is an eventfd, and this kernel's fdinfo "
@@ -33,7 +33,7 @@ def check(entry: dict, ctx) -> None:
                            "(image corrupted)")
 
 
-def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     flags = (os.EFD_SEMAPHORE if entry["semaphore"] else 0) | os.EFD_CLOEXEC
     fd = os.eventfd(0, flags)
     if entry["count"]:

@@ -1,20 +1,20 @@
-"""Pipes and FIFOs whose every end is inside the dumped process: unread data, capacity, and each
-end with its access mode and O_NONBLOCK.
+"""Pipes and FIFOs whose every end is inside the dumped processes: unread data, capacity, and
+each end with its access mode and O_NONBLOCK.
 
-The unread data is saved without consuming it, since the process may run on after the dump: a
-read end is copied into hpccr (pidfd_getfd) and tee(2) duplicates its content into a fresh pipe,
-which hpccr reads.  Only the lowest-numbered end of a pipe (its "first" end) carries the data and
-capacity; at restore it creates the pipe (a FIFO is opened by its path), sets the capacity, writes
-the data back, and every other end reopens that pipe through /proc/self/fd with its own mode.
-With no read end in the process the data can never be read and is not saved; ends whose peers
-have all been closed stay that way (a read end sees the data and then end-of-file, a write end
-gets EPIPE).
+The unread data is saved without consuming it, since the job may run on after the dump: a read
+end is copied into hpccr (pidfd_getfd) and tee(2) duplicates its content into a fresh pipe, which
+hpccr reads.  The first entry of a pipe in the image carries the data and capacity; at restore the
+first end opened creates the pipe (a FIFO is opened by its path), sets the capacity and writes the
+data back, and every other end, in whichever process, reopens that pipe through /proc/self/fd
+with its own mode.  With no read end left the data can never be read and is not saved; ends whose
+peers have all been closed stay that way (a read end sees the data and then end-of-file, a write
+end gets EPIPE).
 
-Refused: a pipe or FIFO that another process also holds, whatever the end — a pipeline, the job's
-stdin, stdout or stderr connected to its parent or to a logger, the dumper's own pipe.  Saving one
-side would cut the connection at restore, so this waits for process trees.  Only processes visible
-in hpccr's /proc are searched; a pipe end in flight in a unix socket message is not seen.
-Also refused: packet-mode pipes (O_DIRECT) and deleted FIFOs.
+Refused: a pipe or FIFO that a process outside the dump also holds — the job's stdin, stdout or
+stderr connected to its parent or to a logger, the dumper's own pipe.  Saving one side would cut
+the connection at restore.  Only processes visible in hpccr's /proc are searched; a pipe end in
+flight in a unix socket message is not seen.  Also refused: packet-mode pipes (O_DIRECT) and
+deleted FIFOs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hpccr.engine.fds.common import borrowed
 from hpccr.errors import DumpFailed, FileMismatch, ImageCorrupt, UnsupportedResource
 
 NAME = "pipe"
-FIELDS = {"pipe": int, "first": int, "data": (str, None), "capacity": (int, None)}
+FIELDS = {"pipe": int, "data": (str, None), "capacity": (int, None)}
 ANONYMOUS = "pipe:"
 DELETED = " (deleted)"
 STDIO = {0: " (stdin)", 1: " (stdout)", 2: " (stderr)"}
@@ -50,16 +50,17 @@ def _same(path: str, st: os.stat_result) -> bool:
     return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
 
 
-def _ends(pid: int, st: os.stat_result) -> list[int]:
-    """The descriptors of `pid` on this pipe, in increasing order."""
-    return [fd for fd in procfs.fds(pid) if _same(procfs.path(pid, "fd", str(fd)), st)]
+def _ends(pids, st: os.stat_result) -> list[tuple[int, int]]:
+    """(process, descriptor) of every end of this pipe among `pids`."""
+    return [(pid, fd) for pid in pids for fd in procfs.fds(pid)
+            if _same(procfs.path(pid, "fd", str(fd)), st)]
 
 
-def _other_holder(pid: int, link: str, st: os.stat_result) -> tuple[int, int] | None:
-    """(process, descriptor) of another process holding this pipe, if any."""
+def _other_holder(pids, link: str, st: os.stat_result) -> tuple[int, int] | None:
+    """(process, descriptor) of a process outside `pids` holding this pipe, if any."""
     named = not link.startswith(ANONYMOUS)
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == pid:
+        if not entry.name.isdigit() or int(entry.name) in pids:
             continue
         try:
             fds = os.listdir(os.path.join(entry.path, "fd"))
@@ -80,8 +81,8 @@ def _other_holder(pid: int, link: str, st: os.stat_result) -> tuple[int, int] | 
     return None
 
 
-def _refuse_if_shared(pid: int, fd: int, link: str, st: os.stat_result) -> None:
-    holder = _other_holder(pid, link, st)
+def _refuse_if_shared(pid: int, fd: int, link: str, st: os.stat_result, pids) -> None:
+    holder = _other_holder(pids, link, st)
     if holder is None:
         return
     other, other_fd = holder
@@ -91,8 +92,8 @@ def _refuse_if_shared(pid: int, fd: int, link: str, st: os.stat_result) -> None:
         who = f"process {other}"
     what = "a pipe" if link.startswith(ANONYMOUS) else f"the FIFO {link}"
     raise UnsupportedResource(
-        f"process {pid} fd {fd}{STDIO.get(fd, '')} is {what} that {who} also holds (its fd "
-        f"{other_fd}): pipes to another process are not supported yet (process trees come later)")
+        f"process {pid} fd {fd}{STDIO.get(fd, '')} is {what} that another process, {who}, also "
+        f"holds (its fd {other_fd}) outside what is dumped: dump the whole job (hpccr run)")
 
 
 def _unread(copy: int, capacity: int) -> bytes:
@@ -116,7 +117,7 @@ def _unread(copy: int, capacity: int) -> bytes:
         os.close(w)
 
 
-def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     flags = int(procfs.fdinfo(pid, fd)["flags"], 8)
     if flags & os.O_DIRECT:
         raise UnsupportedResource(f"process {pid} fd {fd} is a packet-mode pipe (O_DIRECT): "
@@ -124,19 +125,19 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
     if link.endswith(DELETED):
         raise UnsupportedResource(f"process {pid} fd {fd} is a deleted FIFO ({link}): "
                                   "not supported yet")
-    ends = _ends(pid, st)
-    entry = {"pipe": st.st_ino, "first": ends[0], "data": None, "capacity": None}
-    if fd != ends[0]:
-        return entry  # the first end saved the pipe
-    _refuse_if_shared(pid, fd, link, st)
-    readers = [n for n in ends
-               if int(procfs.fdinfo(pid, n)["flags"], 8) & os.O_ACCMODE != os.O_WRONLY]
-    with borrowed(pid, readers[0] if readers else fd) as copy:
+    entry = {"pipe": st.st_ino, "data": None, "capacity": None}
+    if st.st_ino in state.pipes:
+        return entry  # its first end saved the pipe
+    state.pipes.add(st.st_ino)
+    _refuse_if_shared(pid, fd, link, st, state.pids)
+    readers = [(p, n) for p, n in _ends(state.pids, st)
+               if int(procfs.fdinfo(p, n)["flags"], 8) & os.O_ACCMODE != os.O_WRONLY]
+    with borrowed(*(readers[0] if readers else (pid, fd))) as copy:
         entry["capacity"] = fcntl.fcntl(copy, fcntl.F_GETPIPE_SZ)
         data = _unread(copy, entry["capacity"]) if readers else b""
     if data:
         entry["data"] = f"pipe-{st.st_ino}.img"
-        ghosts.writer.write_bytes(entry["data"], data)
+        state.writer.write_bytes(entry["data"], data)
     return entry
 
 
@@ -146,9 +147,9 @@ def _named(entry: dict) -> bool:
 
 def check(entry: dict, ctx) -> None:
     fd = entry["fd"]
-    if entry["first"] > fd or (entry["first"] == fd) != (entry["capacity"] is not None):
+    if (entry["capacity"] is None) != (entry["data"] is None) and entry["data"] is not None:
         raise ImageCorrupt(f"fd {fd}: inconsistent pipe entry (image corrupted)")
-    if _named(entry) and entry["first"] == fd:
+    if _named(entry) and entry["capacity"] is not None:
         try:
             is_fifo = stat.S_ISFIFO(os.stat(entry["path"]).st_mode)
         except OSError:
@@ -184,25 +185,30 @@ def _saved_data(ctx, name: str) -> bytes:
         return f.read()
 
 
-def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
-    first = entry["first"]
-    if first != entry["fd"]:
-        if first not in opened:
-            raise ImageCorrupt(f"fd {entry['fd']}: its pipe's first end, fd {first}, is not "
-                               "in the image (image corrupted)")
-        return _reopen(opened[first], entry["flags"])
-    if _named(entry):
-        r = w = ctx.as_owner(os.open, entry["path"], os.O_RDWR | os.O_CLOEXEC)  # never blocks
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
+    """Runs in the restorer: the first end of a pipe creates it (from the entry that carries its
+    data), later ends, of any process, reopen it."""
+    ino = entry["pipe"]
+    if ino in pool.pipes:
+        return _reopen(pool.pipes[ino], entry["flags"])
+    saved = pool.entry_with(lambda e: e["kind"] == NAME and e["pipe"] == ino
+                            and e["capacity"] is not None)
+    if saved is None:
+        raise ImageCorrupt(f"fd {entry['fd']}: no entry carries its pipe (image corrupted)")
+    if _named(saved):
+        r = w = ctx.as_owner(os.open, saved["path"], os.O_RDWR | os.O_CLOEXEC)  # never blocks
     else:
         r, w = os.pipe2(os.O_CLOEXEC)
     try:
-        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, entry["capacity"])
-        if entry["data"]:
-            data = _saved_data(ctx, entry["data"])
-            if len(data) > entry["capacity"]:
-                raise ImageCorrupt(f"fd {first}: more pipe data than the pipe holds "
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, saved["capacity"])
+        if saved["data"]:
+            data = _saved_data(ctx, saved["data"])
+            if len(data) > saved["capacity"]:
+                raise ImageCorrupt(f"pipe {ino}: more data than the pipe holds "
                                    "(image corrupted)")
             _fill(w, data)
+        pool.pipes[ino] = (fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 0) if r == w
+                           else os.open(f"/proc/self/fd/{r}", os.O_RDWR | os.O_CLOEXEC))
         return _reopen(r, entry["flags"])
     finally:
         os.close(r)

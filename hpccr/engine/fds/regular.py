@@ -22,12 +22,12 @@ def recognise(link: str, st: os.stat_result) -> bool:
             or (stat.S_ISCHR(st.st_mode) and link in SAFE_DEVICES))
 
 
-def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     deleted = link.endswith(DELETED) and st.st_nlink == 0
     path = link[: -len(DELETED)] if deleted else link
     ghost = None
     if deleted and stat.S_ISREG(st.st_mode):
-        ghost = ghosts.save(f"/proc/{pid}/fd/{fd}", st)
+        ghost = state.ghosts.save(f"/proc/{pid}/fd/{fd}", st)
     return {"path": path, "ghost": ghost}
 
 
@@ -36,7 +36,7 @@ def check(entry: dict, ctx) -> None:
         raise FileMismatch(f"fd {entry['fd']}: {entry['path']} no longer exists")
 
 
-def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     path = ctx.ghosts.path(entry["ghost"], entry["mode"]) if entry["ghost"] else entry["path"]
     fd = ctx.as_owner(os.open, path, entry["flags"] & ~NOT_REOPENED)
     if not stat.S_ISCHR(entry["mode"]):

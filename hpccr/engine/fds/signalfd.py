@@ -22,7 +22,7 @@ def recognise(link: str, st: os.stat_result) -> bool:
     return link == LINK
 
 
-def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     return {"sigmask": int(procfs.fdinfo(pid, fd)["sigmask"], 16)}
 
 
@@ -30,6 +30,6 @@ def check(entry: dict, ctx) -> None:
     """Nothing can be wrong with a valid mask (the kernel ignores SIGKILL and SIGSTOP)."""
 
 
-def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     _mask, addr = cbuf(struct.pack("<Q", entry["sigmask"]))
     return native.syscall("signalfd4", -1, addr, 8, os.O_CLOEXEC | entry["flags"] & os.O_NONBLOCK)

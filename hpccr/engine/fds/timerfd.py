@@ -58,7 +58,7 @@ def _ns(text: str) -> int:
     return int(m[1]) * NS + int(m[2])
 
 
-def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     with borrowed(pid, fd) as copy:
         _out, addr = cbuf(ITIMERSPEC.size)
         native.syscall("timerfd_gettime", copy, addr)
@@ -84,7 +84,7 @@ def check(entry: dict, ctx) -> None:
         raise ImageCorrupt(f"fd {entry['fd']}: timerfd with {bad} (image corrupted)")
 
 
-def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     clockid, flags = entry["clockid"], entry["settime_flags"]
     fd = native.syscall("timerfd_create", clockid, os.O_CLOEXEC | entry["flags"] & os.O_NONBLOCK)
     value = entry["value_ns"]

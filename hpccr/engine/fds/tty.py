@@ -19,7 +19,7 @@ def recognise(link: str, st: os.stat_result) -> bool:
                                          or link in TTY_DEVICES)
 
 
-def dump(pid: int, fd: int, link: str, st: os.stat_result, ghosts) -> dict:
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     return {}
 
 
@@ -33,5 +33,5 @@ def check(entry: dict, ctx) -> None:
                                   "run hpccr restore from a terminal")
 
 
-def open(entry: dict, ctx, opened) -> int:  # noqa: A001 - the kind interface
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     return os.dup(restorer_terminal())
