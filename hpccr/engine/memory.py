@@ -14,6 +14,7 @@ protections.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -169,7 +170,10 @@ def copy_pages(batches, reader, pages) -> None:
                 future.result()
     finally:
         for buf in buffers:
-            buf.close()
+            # After a failed write, the traceback may still hold a view of a buffer: the garbage
+            # collector unmaps that one instead.
+            with contextlib.suppress(BufferError):
+                buf.close()
 
 
 def _write_batch(pages, batch: list[tuple[int, int]], view: memoryview) -> None:
