@@ -268,6 +268,32 @@ def test_dumper_killed_during_the_copy(cr, writer_binary, control, tmp_path):
     workload.assert_passed()
 
 
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 64 MiB tmpfs: an image of the 256 MiB writer runs out of space while it is copied."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)],
+                      check=False, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_during_the_copy(cr, writer_binary, control, small_fs):
+    """The image cannot be written while the process runs on: the dump fails, and the process
+    is left running with no trace of the snapshot."""
+    workload = cr.start(writer_binary, control, 256, "none")
+    res = cr.dump(workload, small_fs / "img", "--leave-running")
+    assert "No space left" in cr.assert_error(res, 20)
+    workload.assert_untouched()
+    assert_no_snapshot_left(workload.pid)
+    assert not (small_fs / "img").exists()
+    (control / "stop").touch()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
 def test_unprivileged_writer(cr, writer_binary, control, tmp_path):
     """A process without CAP_SYS_PTRACE cannot have a userfaultfd that waits on kernel writes
     (vm.unprivileged_userfaultfd=0): its running dump copies inside the freeze instead."""
