@@ -155,8 +155,11 @@ class Snapshot:
     def open(cls, pid: int, inj) -> Snapshot | None:
         """A userfaultfd of the frozen target's mm held by the dumper alone, or None where a
         snapshot cannot be taken (the classic copy is used then)."""
-        if procfs.status(pid).get("VmPin", "0 kB").split()[0] != "0":
+        status = procfs.status(pid)
+        if status.get("VmPin", "0 kB").split()[0] != "0":
             return None  # devices write pinned pages behind the page tables (RDMA, io_uring)
+        if status.get("Seccomp", "0") != "0":
+            return None  # a filter may kill the process for calling userfaultfd()
         try:
             # Without UFFD_USER_MODE_ONLY: with it, a kernel write into a protected page (a
             # read() into a buffer) would fail with EFAULT instead of waiting. So an
