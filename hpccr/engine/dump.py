@@ -1,8 +1,12 @@
-"""Dump one process (all its threads) into an image directory.
+"""Dump a process tree (every process below the given one, all their threads) into an image
+directory.
 
-Order matters for the "never lose the job" rule: the process is frozen, everything is read and
-streamed into a temporary image, and only a committed image allows the process to be killed.
-Any failure before that thaws the process exactly as it was and removes the partial image.
+Order matters for the "never lose the job" rule: the whole tree is frozen, everything is read
+and streamed into a temporary image, and only a committed image allows the processes to be
+killed.  Any failure before that thaws them exactly as they were and removes the partial image.
+
+A job started by `hpccr run` is the tree of its pid 1 in a pid namespace of its own: the image
+then records the pids as the job sees them, and a restore recreates such a namespace.
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ from dataclasses import dataclass
 
 import hpccr
 from hpccr import native
-from hpccr.engine import cpu, creds, fds, memory, procfs, signals, snapshot, threads
+from hpccr.engine import cpu, creds, fds, memory, procfs, signals, snapshot, threads, tree
 from hpccr.engine.ghosts import GhostWriter
 from hpccr.engine.tracer import FrozenProcess, Injector
+from hpccr.engine.tree import FrozenTree
 from hpccr.errors import DumpFailed, NoSuchProcess, UnsupportedResource, from_oserror
 from hpccr.image import ImageWriter, PageWriter
 
 MODES = ("kill", "running", "stopped")
+# proc(5) stat fields of the memory layout PR_SET_MM_MAP restores
+MM_FIELDS = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45,
+             "end_data": 46, "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50,
+             "env_end": 51}
 
 
 @dataclass
@@ -48,9 +57,10 @@ def check_target(pid: int) -> None:
         raise NoSuchProcess(f"process {pid} is a zombie")
     if pid == os.getpid():
         raise DumpFailed("hpccr cannot dump itself")
-    if procfs.ns_pid_depth(pid) != procfs.ns_pid_depth(os.getpid()):
-        raise UnsupportedResource(f"process {pid} lives in another pid namespace "
-                                  "(not supported yet)")
+    if procfs.ns_pid_depth(pid) != procfs.ns_pid_depth(os.getpid()) and not (
+            tree.own_pid_namespace(pid) and procfs.ns_pid_depth(pid) == 1):
+        raise UnsupportedResource(f"process {pid} lives in another pid namespace and is not "
+                                  "its init (dump the job's pid 1, as hpccr run prints it)")
 
 
 def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
@@ -98,48 +108,111 @@ class _Clock:
         return time.monotonic() - self.started
 
 
-def _dump(pid: int, directory: str, mode: str, clock: _Clock, cow: bool) -> DumpResult:
-    frozen = FrozenProcess(pid)
+def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> DumpResult:
+    frozen = FrozenTree(root)
     clock.freeze()
-    frozen.freeze()
-    writer = reader = None
+    with _reading(root):
+        frozen.freeze()
+    ids = _Ids(root)
+    writer = None
+    readers: list = []
     try:
         writer = ImageWriter(directory)
-        proc, batches, reader = _collect(pid, frozen, writer, cow)
-        cow = isinstance(reader, snapshot.Snapshot)
+        ghosts = GhostWriter(writer)
+        fd_state = fds.DumpState(writer, ghosts, frozen.pids)
+        procs, copies = [], []
+        for pid in frozen.pids:
+            if pid in frozen.zombies:
+                procs.append(_zombie(pid, ids))
+                continue
+            proc, batches, reader = _collect(pid, frozen.frozen[pid], writer, cow, ghosts,
+                                             fd_state, ids)
+            readers.append(reader)
+            procs.append(proc)
+            copies.append((pid, proc, batches, reader))
+        with _reading(root):
+            fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})
+        cow = bool(copies) and all(isinstance(r, snapshot.Snapshot) for r in readers)
         if cow:
-            reader.start()
+            for reader in readers:
+                reader.start()
             frozen.thaw()
             clock.thaw()
-        with _reading(pid), PageWriter(writer, pid) as pages:
-            memory.copy_pages(batches, reader, pages)
-            if cow:
-                reader.finish()
-        reader.close()
-        reader = None
-        proc["nr_pages"] = pages.nr_pages
+        for pid, proc, batches, reader in copies:
+            with _reading(pid), PageWriter(writer, proc["pid"]) as pages:
+                memory.copy_pages(batches, reader, pages)
+                if cow:
+                    reader.finish()
+            reader.close()
+            readers.remove(reader)
+            proc["nr_pages"] = pages.nr_pages
         if mode == "running":
             frozen.thaw()
             clock.thaw()
-        writer.write_json("image.json", _header(pid, proc, clock.frozen(), clock.total()))
+        writer.write_json("image.json", _header(ids, procs, clock.frozen(), clock.total()))
         path = writer.commit()
     except BaseException as exc:
-        if reader is not None:
+        for reader in readers:
             reader.close()  # before the thaw: no write protection left behind
         if writer is not None:
             writer.abort()
         frozen.thaw()
         clock.thaw()
         if isinstance(exc, OSError):
-            raise DumpFailed(f"dump of process {pid} failed: {exc}") from exc
+            raise DumpFailed(f"dump of process {root} failed: {exc}") from exc
         raise
     if mode == "kill":
         frozen.kill()
     elif mode == "stopped":
-        os.kill(pid, 19)  # SIGSTOP: the group stops as soon as it is detached
+        for pid in frozen.frozen:
+            os.kill(pid, 19)  # SIGSTOP: each group stops as soon as it is detached
         frozen.thaw()
     clock.thaw()
-    return DumpResult(str(path), clock.frozen(), clock.total(), proc["nr_pages"])
+    return DumpResult(str(path), clock.frozen(), clock.total(),
+                      sum(p["nr_pages"] for p in procs))
+
+
+class _Ids:
+    """Pids as the image records them: as the job sees them when it has a pid namespace of its
+    own (hpccr run), else as hpccr sees them.  Ids outside the job's namespace become 0."""
+
+    def __init__(self, root: int):
+        self.pidns = tree.own_pid_namespace(root)
+        self.root = root
+
+    def of(self, pid: int, field: str = "NSpid") -> int:
+        """`pid`'s own id (NSpid), or its group (NSpgid) or session (NSsid), as recorded."""
+        values = procfs.status(pid)[field].split()
+        if not self.pidns:
+            return int(values[0])
+        return int(values[-1]) if len(values) > 1 else 0
+
+    def parent(self, pid: int) -> int:
+        if pid == self.root:
+            return 0 if self.pidns else int(procfs.status(pid)["PPid"])
+        return self.of(int(procfs.status(pid)["PPid"]))
+
+    def thread(self, pid: int, tid: int) -> int:
+        values = procfs.status(pid, tid)["NSpid"].split()
+        return int(values[-1] if self.pidns else values[0])
+
+
+def _zombie(pid: int, ids: _Ids) -> dict:
+    """A process that exited and waits for its parent: only what its parent will see."""
+    st = procfs.status(pid)
+    uid, gid = [int(x) for x in st["Uid"].split()], [int(x) for x in st["Gid"].split()]
+    return {
+        "pid": ids.of(pid), "ppid": ids.parent(pid), "pgid": ids.of(pid, "NSpgid"),
+        "sid": ids.of(pid, "NSsid"), "comm": procfs.comm(pid), "exe": "", "cmdline": [],
+        "creds": {"uid": uid, "gid": gid, "groups": [], "cap_inh": "0", "cap_prm": "0",
+                  "cap_eff": "0", "cap_bnd": "0", "cap_amb": "0", "no_new_privs": 0,
+                  "dumpable": 0},
+        "cwd": "/", "umask": 0, "personality": 0, "rlimits": {},
+        "mm": {**dict.fromkeys([*MM_FIELDS, "brk"], 0), "auxv": ""}, "vmas": [], "pages": "",
+        "pagemap": "", "nr_pages": 0, "sigactions": [],
+        "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]}, "shared_pending": [],
+        "fds": [], "threads": [], "exit_status": tree.exit_status(pid),
+    }
 
 
 @contextlib.contextmanager
@@ -153,20 +226,20 @@ def _reading(pid: int):
         raise from_oserror(exc, f"dump of process {pid}") from exc
 
 
-def _header(pid: int, proc: dict, frozen_s: float, dump_s: float) -> dict:
-    xstate_features = proc.pop("_xfeatures")
+def _header(ids: _Ids, procs: list[dict], frozen_s: float, dump_s: float) -> dict:
+    features = [p.pop("_xfeatures") for p in procs if "_xfeatures" in p]
     return {
         "format": "hpccr-image", "format_version": 1, "hpccr_version": hpccr.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(), "kernel": os.uname().release,
-        "cpu": {"xfeatures": xstate_features[0], "xstate_size": xstate_features[1]},
-        "root_pid": pid,
+        "cpu": {"xfeatures": features[0][0], "xstate_size": features[0][1]},
+        "root_pid": procs[0]["pid"], "pidns": ids.pidns,
         "timing": {"frozen_s": round(frozen_s, 6), "dump_s": round(dump_s, 6)},
-        "processes": [proc],
+        "processes": procs,
     }
 
 
-def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool):
+def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_state, ids: _Ids):
     """Read every piece of state of the frozen process, streaming blobs into `writer`; returns
     its record, the batches of pages to save, and their reader: a Snapshot that has already
     write-protected them if `cow` and possible, else a MemoryReader for a copy in the freeze."""
@@ -175,10 +248,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool):
     try:
         with _reading(pid):
             entries = procfs.maps(pid)  # before the injector maps its scratch area
-            ghosts = GhostWriter(writer)
             vmas = memory.describe_vmas(pid, entries, ghosts)
-            fd_entries = fds.dump_fds(pid, fds.DumpState(writer, ghosts, [pid]))
-            fds.share_descriptions({pid: fd_entries})
+            fd_entries = fds.dump_fds(pid, fd_state)
             stat = procfs.stat(pid)
             inj = Injector(pid, leader)
             try:
@@ -201,9 +272,11 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool):
             for tid, thread, record in thread_records:
                 xstate = native.get_xstate(tid)
                 xfeatures = xfeatures or (cpu.xfeatures(xstate), len(xstate))
-                writer.write_bytes(f"xstate-{tid}.bin", xstate)
+                record["tid"] = ids.thread(pid, tid)
+                name = f"xstate-{record['tid']}.bin"
+                writer.write_bytes(name, xstate)
                 record.update({
-                    "regs": native.regs_to_dict(thread.regs), "xstate": f"xstate-{tid}.bin",
+                    "regs": native.regs_to_dict(thread.regs), "xstate": name,
                     "xcomp_perm": xcomp_perm, "sigmask": thread.sigmask,
                     "pending": signals.dump_pending(tid, shared=False),
                 })
@@ -212,23 +285,22 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool):
             if snap is not None and not snap.protect(vmas, ranges, unreadable):
                 snap.close()
                 snap = None
-            mm_fields = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45,
-                         "end_data": 46, "start_brk": 47, "arg_start": 48, "arg_end": 49,
-                         "env_start": 50, "env_end": 51}
-            mm = {name: int(stat[i]) for name, i in mm_fields.items()}
+            mm = {name: int(stat[i]) for name, i in MM_FIELDS.items()}
             mm["brk"] = brk
             mm["auxv"] = base64.b64encode(procfs.auxv(pid)).decode()
+            inner = ids.of(pid)
             proc = {
-                "pid": pid, "ppid": int(stat[4]), "pgid": int(stat[5]), "sid": int(stat[6]),
+                "pid": inner, "ppid": ids.parent(pid), "pgid": ids.of(pid, "NSpgid"),
+                "sid": ids.of(pid, "NSsid"),
                 "comm": procfs.comm(pid), "exe": os.readlink(procfs.path(pid, "exe")),
                 "cmdline": procfs.cmdline(pid), "creds": proc_creds,
                 "cwd": os.readlink(procfs.path(pid, "cwd")), "umask": creds.umask(pid),
                 "personality": procfs.personality(pid), "rlimits": rlimits,
-                "mm": mm, "vmas": vmas, "pages": f"pages-{pid}.img",
-                "pagemap": f"pagemap-{pid}.bin", "nr_pages": 0, "sigactions": sigactions,
+                "mm": mm, "vmas": vmas, "pages": f"pages-{inner}.img",
+                "pagemap": f"pagemap-{inner}.bin", "nr_pages": 0, "sigactions": sigactions,
                 "itimers": itimers, "shared_pending": signals.dump_pending(pid, shared=True),
                 "fds": fd_entries, "threads": [record for _, _, record in thread_records],
-                "_xfeatures": xfeatures,
+                "exit_status": None, "_xfeatures": xfeatures,
             }
     except BaseException:
         if snap is not None:

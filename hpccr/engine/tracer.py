@@ -14,6 +14,7 @@ from hpccr.engine import procfs
 from hpccr.errors import AccessDenied, DumpFailed, NoSuchProcess
 
 ALL_SIGNALS = (1 << 64) - 1
+WALL = 0x40000000
 SYSCALL_INT3 = b"\x0f\x05\xcc"  # syscall; int3
 
 
@@ -103,6 +104,14 @@ class FrozenProcess:
                 pass
         self.threads.clear()
 
+    def reap(self, child: int) -> None:
+        """Make the process reap its (dead) child, as it would have: when a whole tree is
+        killed, children go first and nothing is left for an init that may not reap."""
+        try:
+            call_once(self.pid, self.threads[self.pid], "wait4", child, 0, WALL, 0)
+        except OSError:
+            pass  # not its child after all: its reaper will see to it
+
     def kill(self) -> None:
         """SIGKILL the process and reap it as its tracer: other threads before the leader."""
         os.kill(self.pid, signal.SIGKILL)
@@ -120,6 +129,29 @@ class FrozenProcess:
                 except OSError:
                     pass
         self.threads.clear()
+
+
+def poke(pid: int, addr: int, code: bytes) -> bytes:
+    """Write `code` over the target's memory at `addr` (even read-only text, as a debugger
+    does); returns the bytes it replaced."""
+    with open(procfs.path(pid, "mem"), "r+b", buffering=0) as mem:
+        mem.seek(addr)
+        original = mem.read(len(code))
+        mem.seek(addr)
+        mem.write(code)
+    return original
+
+
+def call_once(pid: int, thread: Thread, name: str, *args: int) -> int:
+    """One system call in a stopped thread, without a scratch area: through a `syscall; int3`
+    pair poked over its current instruction and put back at once."""
+    ip = thread.regs.rip
+    original = poke(pid, ip, SYSCALL_INT3)
+    try:
+        thread.regs_changed = True
+        return native.inject(thread.tid, ip, thread.regs, name, *args)
+    finally:
+        poke(pid, ip, original)
 
 
 class Injector:
@@ -156,19 +188,12 @@ class Injector:
         self.reset()
 
     def _poke(self, ip: int) -> int:
-        with open(procfs.path(self.pid, "mem"), "r+b", buffering=0) as mem:
-            mem.seek(ip)
-            self._poked = (ip, mem.read(len(SYSCALL_INT3)))
-            mem.seek(ip)
-            mem.write(SYSCALL_INT3)
+        self._poked = (ip, poke(self.pid, ip, SYSCALL_INT3))
         return ip
 
     def _unpoke(self) -> None:
         if self._poked:
-            ip, original = self._poked
-            with open(procfs.path(self.pid, "mem"), "r+b", buffering=0) as mem:
-                mem.seek(ip)
-                mem.write(original)
+            poke(self.pid, *self._poked)
             self._poked = None
 
     def call(self, name: str, *args: int, thread: Thread | None = None) -> int:

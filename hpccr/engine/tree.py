@@ -81,10 +81,15 @@ class FrozenTree:
         self.frozen.clear()
 
     def kill(self) -> None:
-        """SIGKILL every process (children first), each reaped by hpccr as its tracer."""
+        """SIGKILL every process, children first: each is reaped by hpccr as its tracer, then
+        by its parent (zombies of the tree too), so that none is left over."""
+        parents = {pid: int(procfs.status(pid)["PPid"]) for pid in self.pids}
         for pid in reversed(self.pids):
             if pid in self.frozen:
                 self.frozen[pid].kill()
+            parent = self.frozen.get(parents[pid])
+            if parent is not None and pid != self.root:
+                parent.reap(pid)
         self.frozen.clear()
 
 

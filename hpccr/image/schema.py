@@ -103,6 +103,7 @@ PROCESS = {
     "shared_pending": [str],
     "fds": [FD],
     "threads": [THREAD],
+    "exit_status": (int, None),
 }
 
 IMAGE = {
@@ -114,6 +115,7 @@ IMAGE = {
     "kernel": str,
     "cpu": {"xfeatures": int, "xstate_size": int},
     "root_pid": int,
+    "pidns": bool,
     "timing": {"frozen_s": float, "dump_s": float},
     "processes": [PROCESS],
 }
@@ -187,5 +189,6 @@ def check_meta(meta, version: int) -> None:
     if len(set(tids)) != len(tids):
         raise _fail("processes", "duplicate thread id")
     for proc in meta["processes"]:
-        if not proc["threads"] or proc["threads"][0]["tid"] != proc["pid"]:
+        if proc["exit_status"] is None and (
+                not proc["threads"] or proc["threads"][0]["tid"] != proc["pid"]):
             raise _fail(f"process {proc['pid']}", "the thread group leader must come first")
