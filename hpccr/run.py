@@ -42,16 +42,30 @@ def enter_job_namespaces() -> None:
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
 
+def fork_into_new_pid_namespace(fork=os.fork) -> int:
+    """fork() whose child is pid 1 of a new pid namespace; returns like fork().
+
+    unshare(CLONE_NEWPID) moves only the caller's future children, and while they would go to
+    another namespace the caller may not create threads (EINVAL): so the caller goes back to
+    its own namespace for children right after the fork."""
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        native.syscall("unshare", CLONE_NEWPID)
+        pid = fork()
+        if pid:
+            native.syscall("setns", own, CLONE_NEWPID)
+        return pid
+    finally:
+        os.close(own)
+
+
 def start_job(argv: list[str]) -> int:
     """Start hpccr-init running `argv` as pid 1 of new namespaces; returns its pid here.
-
-    Only the children of this process enter the new pid namespace: hpccr itself stays where it
-    is and can trace the job from outside."""
+    hpccr itself stays outside and traces the job from there."""
     if os.geteuid() != 0:
         raise HpccrError("hpccr run needs root for now (pid namespaces with exact pids)")
-    native.syscall("unshare", CLONE_NEWPID)
     rd, wr = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    pid = fork_into_new_pid_namespace()
     if pid == 0:
         try:
             os.close(rd)

@@ -35,7 +35,7 @@ from hpccr.errors import (
 )
 from hpccr.image import ImageReader, PageReader
 from hpccr.image.series import resolve
-from hpccr.run import CLONE_NEWPID, enter_job_namespaces
+from hpccr.run import enter_job_namespaces, fork_into_new_pid_namespace
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 AT_ENTRY = 9
@@ -241,10 +241,11 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool) -> None:
     pid namespace (and mount and IPC namespaces) with its root as pid 1."""
     root = order[0]
     rd, wr = os.pipe2(os.O_CLOEXEC)
-    if pidns:
-        native.syscall("unshare", CLONE_NEWPID)
     try:
-        pid = native.fork_with_pid(root.proc["pid"])
+        if pidns:
+            pid = fork_into_new_pid_namespace(lambda: native.fork_with_pid(1))
+        else:
+            pid = native.fork_with_pid(root.proc["pid"])
     except OSError as exc:
         os.close(rd)
         os.close(wr)

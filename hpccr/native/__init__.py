@@ -53,7 +53,7 @@ SYS = {
     "timerfd_gettime": 287, "signalfd4": 289, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
     "kcmp": 312, "userfaultfd": 323, "rseq": 334, "pidfd_open": 434, "clone3": 435,
     "pidfd_getfd": 438, "epoll_pwait2": 441, "mount": 165, "unshare": 272, "setpgid": 109,
-    "setsid": 112, "exit_group": 231,
+    "setsid": 112, "exit_group": 231, "setns": 308,
 }
 
 # KCMP types (linux/kcmp.h)
