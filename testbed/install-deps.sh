@@ -1,9 +1,10 @@
 #!/bin/sh
-# Install the Debian packages the Slurm test cluster needs (testbed/cluster.py).
+# Install the Debian packages the Slurm test cluster needs (testbed/cluster.py), and Slurm's
+# headers (libslurm-dev) for hpccr's SPANK plugin.
 # Idempotent: exits at once when everything is already present.
 set -eu
 
-PKGS="slurm-wlm munge iproute2 util-linux passwd procps"
+PKGS="slurm-wlm libslurm-dev munge iproute2 util-linux passwd procps"
 
 missing=""
 for p in $PKGS; do

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import pwd
 import re
@@ -28,7 +27,6 @@ from hpccr.image.series import Series
 
 RECORD = "RECORD"
 _STARTED = re.compile(r" run (\d+) started")
-_ENDED = re.compile(r" run (\d+) ended")
 PARTIAL = re.compile(r"^\.(ckpt-\d+\.partial-.*|latest\..*)$")  # left by a cut-off checkpoint
 
 
@@ -140,7 +138,7 @@ def remove_checkpoints(job_dir: Path) -> None:
 
 
 class Record:
-    """RECORD in a job directory: appended under an exclusive lock (nodes may share it)."""
+    """RECORD in a job directory: one line per run start (prolog) and end (epilog)."""
 
     def __init__(self, job_dir: Path):
         self.path = job_dir / RECORD
@@ -151,25 +149,15 @@ class Record:
         except FileNotFoundError:
             return []
 
-    @contextlib.contextmanager
-    def locked(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+    def append(self, node: str, text: str) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield fd
+            os.write(fd, f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {node} {text}\n".encode())
         finally:
             os.close(fd)
-
-    @staticmethod
-    def append(fd: int, node: str, text: str) -> None:
-        os.write(fd, f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {node} {text}\n".encode())
 
     def started_run(self) -> int | None:
         """The restart count the newest run started with, per its prolog's line."""
         runs = [int(m.group(1)) for line in self.lines() if (m := _STARTED.search(line))]
         return runs[-1] if runs else None
-
-    def ended(self, run: int) -> bool:
-        return any((m := _ENDED.search(line)) and int(m.group(1)) == run
-                   for line in self.lines())

@@ -3,8 +3,13 @@
 Both must never fail a job: a failing prolog or epilog drains the node.  They therefore always
 return normally and say what went wrong in the site log, <log_dir>/slurm.log (stderr when that
 cannot be written).  They read the variables slurmd gives them: SLURM_JOB_ID, SLURM_JOB_UID,
-SLURM_JOB_GID, SLURM_JOB_USER, SLURM_JOB_RESTART_COUNT, SLURMD_NODENAME and, in the epilog,
-SLURM_JOB_EXIT_CODE2.
+SLURM_JOB_GID, SLURM_JOB_USER, SLURM_JOB_RESTART_COUNT, SLURM_JOB_NUM_NODES, SLURMD_NODENAME
+and, in the epilog, SLURM_JOB_EXIT_CODE2.
+
+Every node checks itself, but only the job's batch host — where the batch script, hence
+`hpccr slurm job`, runs — makes, records and removes the job's directory (asking
+`scontrol show job` for BatchHost when the job has more than one node), so that nodes sharing
+the directory over the shared file system never race for it.
 
 Keep or remove (epilog): a requeue (scontrol requeue, preemption, the lifecycle's own requeue
 after its final checkpoint) raises the restart count before the epilog runs, so the epilog
@@ -44,6 +49,7 @@ class SlurmJob:
     gid: int
     user: str
     restart_count: int
+    nodes: int
     node: str
     exit_code: str  # "status:signal", as SLURM_JOB_EXIT_CODE2 (epilog only)
 
@@ -55,6 +61,7 @@ class SlurmJob:
         return cls(env["SLURM_JOB_ID"], int(env["SLURM_JOB_UID"]),
                    int(env.get("SLURM_JOB_GID") or env["SLURM_JOB_UID"]), env["SLURM_JOB_USER"],
                    int(env.get("SLURM_JOB_RESTART_COUNT") or 0),
+                   int(env.get("SLURM_JOB_NUM_NODES") or 1),
                    env.get("SLURMD_NODENAME") or os.uname().nodename,
                    env.get("SLURM_JOB_EXIT_CODE2", "?"))
 
@@ -101,8 +108,29 @@ def node_verdict() -> str:
             else f"checkpointing impossible on this node: {report.summary()}")
 
 
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """ExitCode, Restarts and BatchHost of a job from `scontrol show job` ({} if it cannot be
+    asked)."""
+    scontrol = shutil.which("scontrol", path=os.environ.get("PATH") or SAFE_PATH)
+    if scontrol is None:
+        return {}
+    try:
+        out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True,
+                             text=True, timeout=SCONTROL_TIMEOUT).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(re.findall(r"\b(ExitCode|Restarts|BatchHost)=(\S+)", out))
+
+
+def other_batch_host(job: SlurmJob, state: dict[str, str]) -> str | None:
+    """The job's batch host if it is not this node (None when it is, or is unknown)."""
+    host = state.get("BatchHost")
+    return host if host and host != job.node else None
+
+
 def prolog(environ=os.environ) -> None:
-    """Check the node, create (or, on a restart, reuse) the job's checkpoint directory."""
+    """Check the node; on the batch host, create (or, on a restart, reuse) the job's
+    checkpoint directory."""
     setup = _setup("prolog", environ)
     if setup is None:
         return
@@ -111,6 +139,10 @@ def prolog(environ=os.environ) -> None:
         verdict = node_verdict()
     except Exception as exc:  # a probe that breaks must not fail the job
         verdict = f"checkpointing impossible on this node: check failed: {exc}"
+    batch_host = other_batch_host(job, scontrol_job(job.job_id) if job.nodes > 1 else {})
+    if batch_host:
+        log(f"run {job.restart_count}: {verdict} (the job's directory is {batch_host}'s)")
+        return
     try:
         user_dir = jobdir.ensure_user_dir(cfg.checkpoint_base, job.uid, job.gid)
         job_dir = user_dir / job.job_id
@@ -122,8 +154,7 @@ def prolog(environ=os.environ) -> None:
                 log(f"removed {len(found)} checkpoints of an earlier job with this id")
                 found = []
             job_dir.mkdir(mode=0o700, exist_ok=True)
-            with Record(job_dir).locked() as fd:
-                Record.append(fd, job.node, f"run {job.restart_count} started; {verdict}")
+            Record(job_dir).append(job.node, f"run {job.restart_count} started; {verdict}")
     except OSError as exc:
         log(f"no checkpoint directory: {exc}; {verdict}")
         return
@@ -131,27 +162,17 @@ def prolog(environ=os.environ) -> None:
     log(f"run {job.restart_count} of {job.user}: {job_dir} ready{reuse}; {verdict}")
 
 
-def scontrol_job(job_id: str) -> dict[str, str]:
-    """ExitCode and Restarts of a job from `scontrol show job` ({} if it cannot be asked)."""
-    scontrol = shutil.which("scontrol", path=os.environ.get("PATH") or SAFE_PATH)
-    if scontrol is None:
-        return {}
-    try:
-        out = subprocess.run([scontrol, "show", "job", "-o", job_id], capture_output=True,
-                             text=True, timeout=SCONTROL_TIMEOUT).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    return dict(re.findall(r"\b(ExitCode|Restarts)=(\S+)", out))
-
-
 def epilog(environ=os.environ) -> None:
-    """Clean up after a run, record its checkpoints, and remove them once the job is done."""
+    """On the batch host: clean up after a run, record its checkpoints, and remove them once
+    the job is done."""
     setup = _setup("epilog", environ)
     if setup is None:
         return
     job, cfg, log = setup
-    job_dir = cfg.job_dir(job.user, job.job_id)
     state = scontrol_job(job.job_id)
+    if other_batch_host(job, state):
+        return
+    job_dir = cfg.job_dir(job.user, job.job_id)
     try:
         with as_user(job.uid, job.gid):
             if not job_dir.is_dir():
@@ -160,40 +181,33 @@ def epilog(environ=os.environ) -> None:
     except OSError as exc:
         log(f"cannot clean up {job_dir}: {exc}")
         return
-    if message:
-        log(f"{message} ({job_dir})")
+    log(f"{message} ({job_dir})")
 
 
-def _end_run(job: SlurmJob, job_dir: Path, state: dict[str, str]) -> str | None:
+def _end_run(job: SlurmJob, job_dir: Path, state: dict[str, str]) -> str:
     """As the job's user: the epilog's work on the job directory; returns the record line."""
     jobdir.remove_partials(job_dir)
     record = Record(job_dir)
-    with record.locked() as fd:
-        if not job_dir.is_dir():  # another node's epilog removed it while we waited
-            return None
-        started = record.started_run()
-        run = job.restart_count if started is None else started
-        if record.ended(run):  # the job's other nodes share this directory
-            return None
-        restarts = max(job.restart_count, int(state.get("Restarts", 0)))
-        requeued = restarts > run
-        exit_code = state.get("ExitCode", job.exit_code)
-        done = not requeued and started is not None and state.get("ExitCode") == "0:0"
-        found = jobdir.checkpoints(job_dir)
-        latest = jobdir.latest(job_dir)
-        listing = ", ".join(c.describe() for c in found) or "none"
-        if latest is not None:
-            listing += f", latest -> {latest.name}"
-        text = (f"run {run} ended: exit {exit_code}"
-                + (f", requeued (restart count {restarts})" if requeued else "")
-                + f"; checkpoints: {listing}; ")
-        if requeued:
-            text += "kept for the restart"
-        elif done or not found:
-            text += "removed (job finished)" if found else "nothing to keep"
-            shutil.rmtree(job_dir)
-            return text
-        else:
-            text += "kept (the job did not complete successfully)"
-        Record.append(fd, job.node, text)
-        return text
+    started = record.started_run()
+    run = job.restart_count if started is None else started
+    restarts = max(job.restart_count, int(state.get("Restarts", 0)))
+    requeued = restarts > run
+    exit_code = state.get("ExitCode", job.exit_code)
+    done = not requeued and started is not None and state.get("ExitCode") == "0:0"
+    found = jobdir.checkpoints(job_dir)
+    latest = jobdir.latest(job_dir)
+    listing = ", ".join(c.describe() for c in found) or "none"
+    if latest is not None:
+        listing += f", latest -> {latest.name}"
+    text = (f"run {run} ended: exit {exit_code}"
+            + (f", requeued (restart count {restarts})" if requeued else "")
+            + f"; checkpoints: {listing}; ")
+    if requeued:
+        text += "kept for the restart"
+    elif done or not found:
+        shutil.rmtree(job_dir)
+        return text + ("removed (job finished)" if found else "nothing to keep")
+    else:
+        text += "kept (the job did not complete successfully)"
+    record.append(job.node, text)
+    return text
