@@ -146,11 +146,21 @@ def control():
     shutil.rmtree(directory)
 
 
-def field(pid: int, name: str) -> str:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def field(pid: int, name: str, tid: int | None = None) -> str:
+    path = f"/proc/{pid}/task/{tid}/status" if tid else f"/proc/{pid}/status"
+    for line in Path(path).read_text().splitlines():
         if line.startswith(name + ":"):
             return line.split(":", 1)[1].strip()
     raise KeyError(name)
+
+
+def all_traced(pid: int) -> bool:
+    """Whether every thread of `pid` is seized by a tracer (the dump froze them all)."""
+    try:
+        return all(field(pid, "TracerPid", int(tid)) != "0"
+                   for tid in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:  # a thread's status, as the dump ended
+        return False
 
 
 def registered(pid: int) -> bool:
@@ -213,7 +223,7 @@ def test_memory_released_during_the_copy(cr, writer_binary, control, tmp_path, h
     for _ in range(5):  # the release must come after the freeze and before the copy ends
         shutil.rmtree(img, ignore_errors=True)
         dumper = start_dump(workload.pid, img)
-        while dumper.poll() is None and field(workload.pid, "TracerPid") == "0":
+        while dumper.poll() is None and not all_traced(workload.pid):
             time.sleep(0.0005)
         frozen = dumper.poll() is None
         if frozen:
