@@ -126,17 +126,6 @@ def remove_partials(job_dir: Path) -> list[str]:
     return removed
 
 
-def remove_checkpoints(job_dir: Path) -> None:
-    """Remove the series (images, latest, partials), keeping RECORD."""
-    for entry in os.scandir(job_dir):
-        if entry.name == RECORD:
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
-
-
 class Record:
     """RECORD in a job directory: one line per run start (prolog) and end (epilog)."""
 

@@ -186,7 +186,7 @@ def epilog(environ=os.environ) -> None:
 
 def _end_run(job: SlurmJob, job_dir: Path, state: dict[str, str]) -> str:
     """As the job's user: the epilog's work on the job directory; returns the record line."""
-    jobdir.remove_partials(job_dir)
+    partials = jobdir.remove_partials(job_dir)
     record = Record(job_dir)
     started = record.started_run()
     run = job.restart_count if started is None else started
@@ -201,7 +201,8 @@ def _end_run(job: SlurmJob, job_dir: Path, state: dict[str, str]) -> str:
         listing += f", latest -> {latest.name}"
     text = (f"run {run} ended: exit {exit_code}"
             + (f", requeued (restart count {restarts})" if requeued else "")
-            + f"; checkpoints: {listing}; ")
+            + f"; checkpoints: {listing}; "
+            + (f"cleaned up {', '.join(sorted(partials))}; " if partials else ""))
     if requeued:
         text += "kept for the restart"
     elif done or not found:

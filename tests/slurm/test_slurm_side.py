@@ -257,7 +257,8 @@ def test_epilog_removes_checkpoints_of_a_finished_job(site):
     line = ended(site, job)
     assert re.search(rf" {batch_host} hpccr-epilog\[\d+\]: job {job}: run 0 ended: exit 0:0; "
                      r"checkpoints: ckpt-0001 \(293\.0 KiB, \S+\), latest -> ckpt-0001; "
-                     r"removed \(job finished\)", line), line
+                     r"cleaned up \.ckpt-0002\.partial-1a2b; removed \(job finished\)",
+                     line), line
     assert not site.job_dir("hpcuser", job).exists()
     other = ({"node1", "node2"} - {batch_host}).pop()
     prologs = [line for line in log_lines(site, job) if "hpccr-prolog" in line]
@@ -278,8 +279,8 @@ def test_epilog_keeps_checkpoints_of_a_failed_job(site):
     record = (job_dir / "RECORD").read_text().splitlines()
     assert re.fullmatch(r"\S+ node\d run 0 started; checkpointing possible", record[0])
     assert re.fullmatch(r"\S+ node\d run 0 ended: exit 3:0; checkpoints: ckpt-0001 .*, "
-                        r"latest -> ckpt-0001; kept \(the job did not complete successfully\)",
-                        record[1])
+                        r"latest -> ckpt-0001; cleaned up \.ckpt-0002\.partial-1a2b; "
+                        r"kept \(the job did not complete successfully\)", record[1])
     st = job_dir.stat()
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (pwd.getpwnam("hpcuser").pw_uid, 0o700)
     assert (job_dir / "RECORD").stat().st_uid == st.st_uid
