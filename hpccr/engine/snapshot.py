@@ -8,9 +8,10 @@ VMAs. The target is then thawed; memory.copy_pages() reads the pages in address 
 read() while the target runs, and a handler thread serves its write faults.
 
 Why the image holds every page as it was at the freeze:
-- On a write fault on page P not yet copied, the handler first reads P into a side buffer, and
-  only then un-protects P, which lets the write proceed. Nothing writes a write-protected page
-  without such a fault, so the saved copy is P at the freeze.
+- On a write fault on page P, the handler first reads into a side buffer P and the rest of its
+  64 KiB block, as far as the copier still needs them, and only then un-protects the block,
+  which lets the write proceed. Nothing writes a write-protected page without such a fault, so
+  the saved copies are the pages as they were at the freeze.
 - The copier reads a batch of pages, then, under the lock the handler saves under, takes the
   pages saved for that batch and marks the batch done; the handler saves nothing in a done
   batch. It puts the saved copies over what it read, and only then un-protects the batch.
