@@ -155,7 +155,7 @@ def prolog(environ=os.environ) -> None:
                 found = []
             job_dir.mkdir(mode=0o700, exist_ok=True)
             Record(job_dir).append(job.node, f"run {job.restart_count} started; {verdict}")
-    except OSError as exc:
+    except Exception as exc:  # whatever it is, the job runs (a failing prolog drains the node)
         log(f"no checkpoint directory: {exc}; {verdict}")
         return
     reuse = f" (restart, {len(found)} checkpoints)" if job.restart_count else ""
@@ -178,7 +178,7 @@ def epilog(environ=os.environ) -> None:
             if not job_dir.is_dir():
                 return
             message = _end_run(job, job_dir, state)
-    except OSError as exc:
+    except Exception as exc:  # whatever it is, never drain the node
         log(f"cannot clean up {job_dir}: {exc}")
         return
     log(f"{message} ({job_dir})")
