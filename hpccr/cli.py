@@ -1,7 +1,8 @@
 """The hpccr command line: one click group, one function per command.
 
-Every hpccr error becomes one line on stderr and the exit code of its class (hpccr.errors);
-a traceback is only ever shown for a bug, never for bad input.
+Every hpccr error becomes one line on stderr and the exit code of its class (hpccr.errors), a
+bad command line one line and exit code 2; a traceback is only ever shown for a bug, never for
+bad input.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from hpccr.errors import HpccrError
 
 
 class HpccrGroup(click.Group):
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:  # a bad command line (exit code 2) among them
+            click.echo(f"hpccr: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("hpccr: interrupted", err=True)
+            sys.exit(130)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
