@@ -12,8 +12,9 @@
  *   file description): writing to either fails with EPIPE (SIGPIPE ignored)
  * After the window each pipe is still connected to its own ends.
  *
- * "peer": only a pipe whose write end a child process holds; hpccr must refuse it; prints
- * "FD <read end> pipe".  The child writes "ping" and exits after the window; we read "ping".
+ * "peer": only a pipe whose write end a child process holds (dumped with us, as our tree);
+ * prints "FD <read end> pipe".  The child writes "ping" and exits after the window; we read
+ * "ping".
  */
 #include "wl.h"
 
