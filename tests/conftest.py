@@ -274,3 +274,189 @@ def cr(workload_binaries: dict[str, Path], tmp_path: Path):
     harness = Hpccr(workload_binaries, tmp_path)
     yield harness
     harness.cleanup()
+
+
+# Process trees and `hpccr run` jobs (test_trees.py, test_run.py).
+
+JOB_PID = "hpccr run: job pid"  # hpccr run's line on stderr, followed by the pid
+
+
+def boot_ticks() -> int:
+    """Now, in the clock ticks since boot that ``/proc/PID/stat`` gives start times in."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def started_since(pid: int, ticks: int) -> bool:
+    """True if ``pid`` runs and was created at ``ticks`` or later: ours, not a reused pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] not in ("Z", "X") and int(fields[19]) >= ticks
+
+
+def tree_of(pid: int) -> list[int]:
+    """``pid`` and every descendant (zombies included), parents first."""
+    found, pending = [], [pid]
+    while pending:
+        parent = pending.pop(0)
+        found.append(parent)
+        for task in sorted(Path(f"/proc/{parent}/task").glob("*")):
+            try:
+                pending += [int(child) for child in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue  # that thread or process ended meanwhile
+    return found
+
+
+def ns_pids(pid: int) -> list[int]:
+    """``pid`` as every pid namespace it is in sees it, outermost first (the NSpid line)."""
+    return [int(p) for p in proc_status(pid)["NSpid"].split()]
+
+
+@dataclass
+class Job(Workload):
+    """A command that ``hpccr run`` runs as a job.  ``proc`` is hpccr run, ``pid`` the job's pid 1
+    (hpccr-init) as seen here, and the command inside is pid 2 of the job's namespace: the pid its
+    PID lines show, before and after a restore."""
+
+    errors: Path | None = None  # hpccr run's stderr, where the job pid line is
+    job_pid: int = 0
+    since: int = 0  # boot_ticks() before hpccr run started
+
+    @property
+    def pid(self) -> int:
+        return self.job_pid
+
+    def assert_passed(self, passes: int = 1) -> None:
+        lines = self.lines()
+        assert lines and lines[-1] == "PASS", self.output()
+        assert lines.count("PASS") == passes, self.output()
+        assert set(self.values("PID")) == {"2"}, self.output()
+
+    def runs_here(self) -> bool:
+        """True while our job (not some later user of its pid) runs as a pid namespace's init."""
+        try:
+            return started_since(self.pid, self.since) and ns_pids(self.pid)[-1] == 1
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
+
+class TreeHarness(Hpccr):
+    """``cr`` for process trees and jobs.  It also remembers the pids of every tree it started
+    (at READY) and the pid file of every restore, and at the end kills whichever of them still
+    run, original or restored; killing a job's pid 1 ends its whole pid namespace."""
+
+    def __init__(self, binaries: dict[str, Path], tmp_path: Path) -> None:
+        super().__init__(binaries, tmp_path)
+        self.since = boot_ticks()
+        self.trees: dict[int, list[int]] = {}  # root pid -> every pid of its tree at READY
+        self.pidfiles: list[Path] = []
+
+    def start(self, program: str | Path, *args: object, **kwargs) -> Workload:
+        workload = super().start(program, *args, **kwargs)
+        self.trees[workload.pid] = tree_of(workload.pid)
+        return workload
+
+    def start_job(
+        self,
+        command: list[object],
+        *options: object,
+        stdin: int = subprocess.DEVNULL,
+        stderr: Path | None = None,
+        ready: bool = True,
+    ) -> Job:
+        """``hpccr run OPTIONS -- COMMAND``.  Its stdout goes to a log opened with O_APPEND (so
+        that restored copies of the job add to it), its stderr there too or to ``stderr``.  Waits
+        until hpccr run names the job's pid and, if ``ready``, until the job prints READY."""
+        argv = cli_argv("run", *options, "--", *command)
+        log = self.tmp_path / f"job{len(self.workloads)}.log"
+        since = boot_ticks()
+        with open(log, "ab") as out, open(stderr or log, "ab") as err:
+            proc = subprocess.Popen(
+                argv, stdin=stdin, stdout=out, stderr=err, start_new_session=True, env=cli_env()
+            )
+        job = Job(argv, log, proc, errors=stderr or log, since=since)
+        self.workloads.append(job)
+
+        def named() -> list[str]:
+            lines = job.errors.read_text(errors="replace").splitlines()
+            return [line.split()[-1] for line in lines if line.startswith(JOB_PID + " ")]
+
+        wait_until(lambda: named() or proc.poll() is not None, "hpccr run to start the job")
+        if named():
+            job.job_pid = int(named()[0])
+        elif ready:
+            pytest.fail(
+                f"hpccr run ended with {proc.returncode} before starting the job:\n"
+                + job.errors.read_text(errors="replace")
+            )
+        if ready:
+            job.wait_for("READY")
+        return job
+
+    def restore(self, img: Path, *options: str) -> subprocess.CompletedProcess:
+        """``hpccr restore``, with a pid file (unless given) so that the end of the test finds
+        what it restored even if it outlived a failed or timed-out restore."""
+        if "--pidfile" not in options:
+            pidfile = self.tmp_path / f"restore{len(self.pidfiles)}.pid"
+            self.pidfiles.append(pidfile)
+            options = (*options, "--pidfile", str(pidfile))
+        return super().restore(img, *options)
+
+    def start_restore(self, img: Path) -> tuple[subprocess.Popen, Path]:
+        """A foreground ``hpccr restore`` left running in the background, and its pid file."""
+        pidfile = self.tmp_path / f"restore{len(self.pidfiles)}.pid"
+        self.pidfiles.append(pidfile)
+        proc = subprocess.Popen(
+            cli_argv("restore", "-D", img, "--pidfile", pidfile),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+        self.background.append(proc)
+        return proc, pidfile
+
+    def dump_and_kill(self, workload: Workload, img: Path) -> subprocess.CompletedProcess:
+        """A default dump of a whole tree or job: it succeeds and every process of it is gone."""
+        if not isinstance(workload, Job):
+            res = super().dump_and_kill(workload, img)
+            tree = self.trees[workload.pid]
+            wait_until(lambda: not any(map(pid_alive, tree)), f"the dumped tree {tree} killed", 10)
+            # Orphans are reaped by pid 1, in its own time; a restore needs their pids free.
+            wait_until(
+                lambda: not any(Path(f"/proc/{pid}").exists() for pid in tree),
+                f"the dumped tree {tree} reaped",
+            )
+            return res
+        res = self.dump(workload, img)
+        assert res.returncode == 0, describe(res)
+        assert workload.proc.wait(timeout=10) == 128 + signal.SIGKILL, "the job was not killed"
+        assert not pid_alive(workload.pid)
+        assert "PASS" not in workload.lines()
+        return res
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        pids = {pid for tree in self.trees.values() for pid in tree}
+        for pidfile in self.pidfiles:
+            text = pidfile.read_text() if pidfile.exists() else ""
+            if text.strip().isdigit():
+                pids.add(int(text))
+        ours = [pid for pid in sorted(pids) if started_since(pid, self.since)]
+        for pid in ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not any(map(pid_alive, ours)), f"the end of {ours}", timeout=10)
+
+
+@pytest.fixture
+def tree_cr(workload_binaries: dict[str, Path], tmp_path: Path):
+    """The harness of one tree or job test; every process it started is killed at the end."""
+    harness = TreeHarness(workload_binaries, tmp_path)
+    yield harness
+    harness.cleanup()

@@ -1,0 +1,138 @@
+"""Process trees: a workload that forks, dumped by its root pid (restored with its own pids) or
+run as a job by `hpccr run` (dumped by the job's pid, restored in a fresh pid namespace).  Every
+process of a tree checks its own pid, parent, session and group after the restore, and its own
+piece of state; the root PASSes only if all its descendants did.
+
+Workloads: workloads/tree_pipes.c (pipes with data in flight), tree_pipeline.c (the stages of
+`sh -c 'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a
+process-shared mutex), tree_offset.c FILE (one open file description shared across fork),
+tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet).
+"""
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import TIMEOUT, pid_alive, tree_of
+
+PIPELINE_BYTES = 1 << 20
+
+
+@pytest.fixture(params=["pid", "job"])
+def mode(request) -> str:
+    """`pid`: the tree is dumped by its root pid; `job`: it runs under `hpccr run`."""
+    return request.param
+
+
+def start(cr, mode: str, command: list):
+    """Start `command` (the root of a tree) in `mode` and wait for READY."""
+    if mode == "job":
+        return cr.start_job(command)
+    return cr.start(Path(command[0]), *command[1:])
+
+
+def pipeline(binary: Path, window: float) -> str:
+    return (
+        f"{binary} produce {PIPELINE_BYTES} {window} | {binary} filter | {binary} consume {window}"
+    )
+
+
+def test_pipes_with_data_in_flight(tree_cr, tmp_path, mode):
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_pipes"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_shell_pipeline(tree_cr, tmp_path, mode):
+    """The consumer's checksum after a checkpoint mid-stream is the one of a run without."""
+    binary = tree_cr.binaries["tree_pipeline"]
+    reference = subprocess.Popen(
+        ["sh", "-c", pipeline(binary, 0)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = reference.communicate(timeout=TIMEOUT)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(reference.pid, signal.SIGKILL)  # the stages too, if it hung
+    assert reference.returncode == 0, err
+    expected = out.split()
+    assert expected[0] == "SUM" and int(expected[2]) == PIPELINE_BYTES * 2 + PIPELINE_BYTES // 32
+
+    workload = start(tree_cr, mode, ["/bin/sh", "-c", pipeline(binary, 3)])
+    tree_cr.dump_and_kill(workload, tmp_path / "img")
+    res = tree_cr.restore(tmp_path / "img")
+    assert res.returncode == 0, f"{res.stderr}\nlog:\n{workload.output()}"
+    lines = workload.lines()
+    assert [line.split() for line in lines if line.startswith("SUM ")] == [expected], lines
+    assert not [line for line in lines if line.startswith("FAIL")], lines
+
+
+def test_shared_memory_counter(tree_cr, tmp_path, mode):
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_shmem"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_shared_file_offset(tree_cr, tmp_path, mode):
+    records = tmp_path / "records"
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_offset"], records])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+    expected = ["root 0", "child 0", "root 1", "child 1", "root 2"]
+    assert records.read_text() == "".join(f"{r:<63}\n" for r in expected)
+
+
+def test_sessions_and_groups(tree_cr, tmp_path, mode):
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_session"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_zombies(tree_cr, tmp_path, mode):
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_zombie"]])
+    states = [
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        for pid in tree_of(workload.pid)
+    ]
+    assert states.count("Z") == 2, states
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def occupy(cr, pid: int) -> subprocess.Popen:
+    """A `sleep` with pid `pid`: ns_last_pid set just before its fork (retried if raced), then
+    set back so that the next processes (hpccr restore itself) get pids after the tree's."""
+    last_pid = Path("/proc/sys/kernel/ns_last_pid")
+    before = last_pid.read_text()
+    try:
+        for _ in range(100):
+            last_pid.write_text(str(pid - 1))
+            proc = subprocess.Popen(["sleep", str(TIMEOUT)])
+            cr.background.append(proc)
+            if proc.pid == pid:
+                return proc
+            proc.kill()
+            proc.wait(timeout=10)
+    finally:
+        last_pid.write_text(before)
+    pytest.fail(f"could not start a process with pid {pid}")
+
+
+def test_pid_taken(tree_cr, tmp_path):
+    """A grandchild's pid in use at restore: exit 15 naming it, nothing of the tree left
+    running; once the pid is free again the same image restores and PASSes."""
+    workload = start(tree_cr, "pid", [tree_cr.binaries["tree_pipes"]])
+    tree = tree_cr.trees[workload.pid]
+    tree_cr.dump_and_kill(workload, tmp_path / "img")
+    taken = tree[-1]
+    squatter = occupy(tree_cr, taken)
+    message = tree_cr.assert_error(tree_cr.restore(tmp_path / "img"), 15)
+    assert re.search(rf"\b{taken}\b", message), message
+    assert not [pid for pid in tree if pid != taken and pid_alive(pid)], tree
+    assert "PASS" not in workload.lines()
+    squatter.kill()
+    squatter.wait(timeout=10)
+    tree_cr.restore_and_pass(workload, tmp_path / "img")
