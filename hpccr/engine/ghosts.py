@@ -56,3 +56,39 @@ class GhostFiles:
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+
+class SharedObjects:
+    """Restore side, for all the processes at once: shared memory objects recreated on tmpfs,
+    one per saved object, which every process that mapped it maps again (so they share it); and
+    files of memory-backed file systems (POSIX shared memory) written back at their path with
+    the content they had at the checkpoint."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.dir: str | None = None
+        self.paths: dict[str, str] = {}
+        self.put: set[str] = set()
+
+    def shmem(self, name: str) -> str:
+        if name not in self.paths:
+            if self.dir is None:
+                self.dir = tempfile.mkdtemp(prefix="hpccr-shmem-", dir="/dev/shm")
+            dest = os.path.join(self.dir, name)
+            self._copy(name, dest)
+            self.paths[name] = dest
+        return self.paths[name]
+
+    def put_back(self, name: str, path: str) -> None:
+        if path not in self.put:
+            self._copy(name, path)
+            self.put.add(path)
+
+    def _copy(self, name: str, dest: str) -> None:
+        with open(self.reader.open_file(name), "rb") as src, open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, COPY_CHUNK)
+
+    def unlink_all(self) -> None:
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

@@ -50,8 +50,9 @@ def kind_of(entry: procfs.MapsEntry) -> str:
         return "stack"
     if entry.inode == 0 and (entry.name == "" or entry.name.startswith("[anon")):
         return "anon"
-    if entry.shared and entry.name.startswith("/dev/zero"):
-        return "anon"  # MAP_SHARED|MAP_ANONYMOUS shows as a deleted /dev/zero
+    if entry.shared and (entry.deleted or entry.name.startswith("/SYSV")):
+        # MAP_SHARED|MAP_ANONYMOUS (a deleted /dev/zero), memfds, unlinked shm files
+        return "shmem"
     if entry.name.startswith("/"):
         return "ghost" if entry.deleted else "file"
     raise UnsupportedResource(f"memory mapping {entry.start:#x}-{entry.end:#x} "
@@ -64,8 +65,8 @@ def prot_bits(perms: str) -> int:
 
 
 def saves_pages(vma: dict) -> bool:
-    return vma["kind"] not in (*RELOCATED, "vsyscall") and not (
-        vma["shared"] and vma["kind"] in ("file", "ghost"))
+    """Shared mappings keep their data in their file or object, saved apart if at all."""
+    return vma["kind"] not in (*RELOCATED, "vsyscall") and not vma["shared"]
 
 
 # --- dump ----------------------------------------------------------------------------------
@@ -198,21 +199,32 @@ def _read_exact(fd: int, view: memoryview, addr: int) -> None:
 
 
 def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dict]:
-    """The image records of the VMAs; deleted mapped files have their content saved."""
+    """The image records of the VMAs.  Saved apart, once per file however many processes map
+    it: deleted mapped files, shared memory objects, and files in memory-backed file systems
+    (POSIX shared memory in /dev/shm: another node's will not have them)."""
     vmas = []
     for e in entries:
         kind = kind_of(e)
         vma = {"start": e.start, "end": e.end, "prot": e.perms, "shared": e.shared,
                "kind": kind, "path": None, "offset": e.offset, "file": None, "saved_pages": 0}
-        if kind in ("file", "ghost"):
+        if kind in ("file", "ghost", "shmem"):
             name = e.name[: -len(" (deleted)")] if e.deleted else e.name
             link = procfs.path(pid, "map_files", f"{e.start:x}-{e.end:x}")
             st = os.stat(link)
+            keep = kind != "file" or (e.shared and _in_memory(link))
             vma["path"] = name
             vma["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                           "ghost": ghosts.save(link, st) if kind == "ghost" else None}
+                           "ghost": ghosts.save(link, st) if keep else None}
         vmas.append(vma)
     return vmas
+
+
+TMPFS_MAGIC = 0x01021994
+
+
+def _in_memory(path: str) -> bool:
+    """Is `path` on tmpfs?"""
+    return native.statfs_type(path) == TMPFS_MAGIC
 
 
 # --- restore -------------------------------------------------------------------------------
@@ -287,7 +299,7 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
             prot |= PROT_READ | PROT_WRITE
         flags = MAP_FIXED | (MAP_SHARED if v["shared"] else MAP_PRIVATE)
         fd, offset = -1, 0
-        if v["kind"] in ("file", "ghost"):
+        if v["kind"] in ("file", "ghost", "shmem"):
             fd, offset = open_file(v), v["offset"]
         else:
             flags |= MAP_ANONYMOUS | MAP_NORESERVE

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from hpccr import native
 from hpccr.engine import cpu, creds, fds, memory, procfs, signals, threads
-from hpccr.engine.ghosts import GhostFiles
+from hpccr.engine.ghosts import GhostFiles, SharedObjects
 from hpccr.engine.tracer import ALL_SIGNALS, SYSCALL_INT3, Injector, Thread
 from hpccr.errors import (
     AccessDenied,
@@ -49,9 +49,10 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
 class Context:
     """What the restore of one process needs along the way."""
 
-    def __init__(self, reader: ImageReader, proc: dict):
+    def __init__(self, reader: ImageReader, proc: dict, shared: SharedObjects):
         self.reader = reader
         self.proc = proc
+        self.shared = shared
         uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
         self.ghosts = GhostFiles(reader, uid[1], gid[1])
         # An image only root could have written may hold what the process opened before it
@@ -117,7 +118,8 @@ class Task:
 
 def plan(reader: ImageReader, meta: dict) -> list[Task]:
     """The tasks in creation order (every parent before its children), the root first."""
-    tasks = {p["pid"]: Task(Context(reader, p)) for p in meta["processes"]}
+    shared = SharedObjects(reader)
+    tasks = {p["pid"]: Task(Context(reader, p, shared)) for p in meta["processes"]}
     root = tasks.get(meta["root_pid"])
     if root is None:
         raise ImageCorrupt(f"image.json: root process {meta['root_pid']} is not in the image")
@@ -179,8 +181,9 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None) ->
             for task in order:
                 if not task.zombie:
                     rebuild(task.ctx, task.outer, meta)
+            order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
             for task in order:
-                task.ctx.ghosts.unlink_all()  # deleted files are deleted before anything runs
+                task.ctx.ghosts.unlink_all()
             for task in reversed(order):
                 if not task.zombie:
                     release(task)
@@ -193,6 +196,7 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None) ->
             raise
     finally:
         pool.close()
+        order[0].ctx.shared.unlink_all()
         for task in order:
             task.ctx.ghosts.unlink_all()
     root = order[0].outer
@@ -224,8 +228,8 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool) -
                 raise PidInUse(f"pid {tid} is in use (by '{who}'); the image needs it free")
         for v in proc["vmas"]:
             f = v["file"]
-            if v["kind"] != "file" or f is None:
-                continue
+            if v["kind"] != "file" or f is None or f["ghost"]:
+                continue  # no file, or one whose checkpointed content is put back
             try:
                 st = os.stat(v["path"])
             except OSError:
@@ -324,9 +328,9 @@ def _become_zombie(task: Task) -> None:
     try:
         native.inject(task.outer, stub_inject_ip(task.outer), regs, "exit_group",
                       os.WEXITSTATUS(status))
-    except OSError:
-        pass  # it is gone, as wanted: reap the tracer's notification below
-    native.wait(task.outer)
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:  # ESRCH: it is gone, as wanted (its exit was waited for)
+            raise
 
 
 def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False) -> None:
@@ -452,11 +456,27 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     inj.call("setfsuid", cr["uid"][1])
     opened: dict[tuple[str, int], int] = {}
 
+    def as_root(path: str, flags: int) -> int:
+        inj.call("setfsuid", 0)
+        inj.call("setfsgid", 0)
+        try:
+            return _open_in_target(inj, path, flags)
+        finally:
+            inj.call("setfsgid", cr["gid"][1])
+            inj.call("setfsuid", cr["uid"][1])
+
     def open_file(vma: dict) -> int:
-        path = vma["path"]
-        if vma["kind"] == "ghost":
-            path = ctx.ghosts.path(vma["file"]["ghost"], 0o600)
+        path, saved = vma["path"], vma["file"]["ghost"]
         flags = os.O_RDWR if vma["shared"] and vma["prot"][1] == "w" else os.O_RDONLY
+        if vma["kind"] == "shmem":  # the restorer's own object, shared by the whole tree
+            key = (ctx.shared.shmem(saved), os.O_RDWR)
+            if key not in opened:
+                opened[key] = as_root(*key)
+            return opened[key]
+        if vma["kind"] == "ghost":
+            path = ctx.ghosts.path(saved, 0o600)
+        elif saved:
+            ctx.shared.put_back(saved, path)
         if (path, flags) not in opened:
             try:
                 opened[(path, flags)] = _open_in_target(inj, path, flags)
@@ -464,11 +484,7 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
                 if not ctx.trusted:
                     raise FileMismatch(f"cannot open mapped file {vma['path']}: "
                                        "permission denied") from None
-                inj.call("setfsuid", 0)
-                inj.call("setfsgid", 0)
-                opened[(path, flags)] = _open_in_target(inj, path, flags)
-                inj.call("setfsgid", cr["gid"][1])
-                inj.call("setfsuid", cr["uid"][1])
+                opened[(path, flags)] = as_root(path, flags)
             except OSError as exc:
                 raise FileMismatch(f"cannot open mapped file {vma['path']}: "
                                    f"{os.strerror(exc.errno)}") from None

@@ -261,6 +261,10 @@ def fork_with_pid(pid: int) -> int:
     return ret
 
 
+def statfs_type(path: str) -> int:
+    return _check(lib.hpccr_statfs_type(path.encode()))
+
+
 def tgkill(tgid: int, tid: int, sig: int) -> None:
     ffi.errno = 0
     if lib.hpccr_tgkill(tgid, tid, sig) < 0:

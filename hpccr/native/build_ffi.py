@@ -43,6 +43,9 @@ size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned 
                           unsigned long long none, unsigned long long *starts,
                           unsigned long long *counts, size_t max);
 
+/* statfs(2) f_type of the file system holding `path`, or -errno. */
+long hpccr_statfs_type(const char *path);
+
 /* fork() that gives the child exactly pid `pid` (clone3 with set_tid); returns like fork(). */
 int hpccr_fork_with_pid(int pid);
 """
@@ -57,6 +60,7 @@ SOURCE = r"""
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <sys/vfs.h>
 #include <sys/user.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -231,6 +235,14 @@ size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned 
         runs++;
     }
     return runs;
+}
+
+long hpccr_statfs_type(const char *path)
+{
+    struct statfs st;
+    if (statfs(path, &st) < 0)
+        return -errno;
+    return st.f_type;
 }
 
 /* From Python.h; declared here since cffi may build against the limited API.  cffi calls C
