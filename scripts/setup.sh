@@ -26,8 +26,12 @@ if [ -f testbed/install-deps.sh ]; then
     $SUDO bash testbed/install-deps.sh
 fi
 
+# Debian's own Python when there is one: an interpreter under /root (pyenv and the like) cannot
+# be run by the ordinary users whose Slurm jobs call hpccr.
+python=/usr/bin/python3
+[ -x "$python" ] || python=python3
 if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
+    "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
 echo "setup: hpccr installed in $(pwd)/.venv (run .venv/bin/hpccr)"
