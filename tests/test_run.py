@@ -11,7 +11,7 @@ import re
 import signal
 
 import pytest
-from conftest import TIMEOUT, describe, ns_pids, proc_status, tree_of
+from harness import TIMEOUT, describe, ns_pids, proc_status, tree_of
 
 from hpccr.duration import parse_duration
 

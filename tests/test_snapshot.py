@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, cli_argv, cli_env, describe, wait_until
+from harness import TIMEOUT, cli_argv, cli_env, describe, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="dumps need root")
 

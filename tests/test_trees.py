@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TIMEOUT, pid_alive, tree_of
+from harness import TIMEOUT, pid_alive, tree_of
 
 PIPELINE_BYTES = 1 << 20
 
