@@ -22,6 +22,12 @@ from dataclasses import dataclass, field
 from hpccr import native
 from hpccr.engine import cpu, creds, fds, memory, procfs, signals, threads
 from hpccr.engine.ghosts import GhostFiles, SharedObjects
+from hpccr.engine.job import (
+    enter_job_namespaces,
+    exit_code,
+    fork_into_new_pid_namespace,
+    forward_signals,
+)
 from hpccr.engine.tracer import ALL_SIGNALS, SYSCALL_INT3, Injector, Thread
 from hpccr.errors import (
     AccessDenied,
@@ -35,15 +41,12 @@ from hpccr.errors import (
 )
 from hpccr.image import ImageReader, PageReader
 from hpccr.image.series import resolve
-from hpccr.run import enter_job_namespaces, fork_into_new_pid_namespace
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 AT_ENTRY = 9
 STUB_INJECT_OFFSET = 9
 MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map
 AT_FDCWD = -100
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
-                     signal.SIGUSR2, signal.SIGCONT)
 
 
 class Context:
@@ -551,21 +554,9 @@ def _kill_half_restored(order: list[Task]) -> None:
 
 
 def wait_for(pid: int) -> int:
-    """Wait for the restored process like a parent would; forward the usual signals to it."""
-    def forward(signo, _frame):
-        try:
-            os.kill(pid, signo)
-        except ProcessLookupError:
-            pass
-
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-        except ChildProcessError:
-            return 0
-        if os.WIFEXITED(status):
-            return os.WEXITSTATUS(status)
-        if os.WIFSIGNALED(status):
-            return 128 + os.WTERMSIG(status)
+    """Wait for the restored root like its parent would, passing signals on to it."""
+    forward_signals(pid)
+    try:
+        return exit_code(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        return 0

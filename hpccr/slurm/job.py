@@ -28,7 +28,7 @@ from pathlib import Path
 
 from hpccr import config
 from hpccr.config import ConfigError
-from hpccr.run import FORWARDED
+from hpccr.engine.job import FORWARDED
 from hpccr.slurm.hooks import run_hooks
 
 
