@@ -1,10 +1,13 @@
 """A Python interpreter in the middle of a loop: after restore it counts on from where it was
-(never from 0 again) and ends with the right hash.
+(never from 0 again) and ends with the right hash.  And a multiprocessing.Pool job.
 
-Workload: workloads/counter.py EXPECTED_HASH.
+Workloads: workloads/counter.py EXPECTED_HASH, workloads/pool.py.
 """
 
 import hashlib
+import sys
+
+from harness import WORKLOADS
 
 STEPS, EVERY = 3000, 100  # as in workloads/counter.py
 
@@ -33,3 +36,21 @@ def test_python_counter(cr, tmp_path):
     # Each count exactly once: the restored interpreter went on from at_dump[-1].
     assert workload.values("COUNT") == [str(i) for i in range(0, STEPS, EVERY)]
     assert workload.values("HASH") == [expected]
+
+
+def test_multiprocessing_pool_without_checkpoint(cr):
+    workload = cr.start("pool.py")
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+def test_multiprocessing_pool(tree_cr, tmp_path):
+    """The pool's parent, its three workers, their pipes and semaphores come back as one job:
+    every remaining result arrives, right and in order, from the same worker processes."""
+    workload = tree_cr.start("pool.py")
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_multiprocessing_pool_as_a_job(tree_cr, tmp_path):
+    workload = tree_cr.start_job([sys.executable, WORKLOADS / "pool.py"])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
