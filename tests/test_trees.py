@@ -136,3 +136,16 @@ def test_pid_taken(tree_cr, tmp_path):
     squatter.kill()
     squatter.wait(timeout=10)
     tree_cr.restore_and_pass(workload, tmp_path / "img")
+
+
+@pytest.mark.parametrize("table", ["files", "fs", "sighand"])
+def test_shared_tables_are_refused(tree_cr, tmp_path, table):
+    """Processes sharing a descriptor table, cwd/umask or signal handlers without being threads:
+    the dump refuses (14) naming both, and the tree runs on untouched."""
+    workload = tree_cr.start("tree_clone", table)
+    message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
+    assert f"processes {workload.pid} and" in message and "share" in message, message
+    assert not (tmp_path / "img").exists()
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()

@@ -6,8 +6,17 @@ from __future__ import annotations
 import errno
 import os
 
+from hpccr import native
 from hpccr.engine import procfs
 from hpccr.engine.tracer import FrozenProcess
+from hpccr.errors import UnsupportedResource
+
+SHARED_TABLES = (
+    (native.KCMP_VM, "one address space (CLONE_VM or vfork)"),
+    (native.KCMP_FILES, "one descriptor table (CLONE_FILES)"),
+    (native.KCMP_FS, "one cwd, root and umask (CLONE_FS)"),
+    (native.KCMP_SIGHAND, "their signal handlers (CLONE_SIGHAND)"),
+)
 
 
 def children(pid: int) -> list[int]:
@@ -71,9 +80,22 @@ class FrozenTree:
                 process.freeze()
                 self.frozen[pid] = process
                 pending += children(pid)
+            self._refuse_shared_tables()
         except BaseException:
             self.thaw()
             raise
+
+    def _refuse_shared_tables(self) -> None:
+        """Processes that share an address space, descriptor table, cwd/umask or signal
+        handlers (clone without CLONE_THREAD, vfork) would come back each with its own: refused,
+        and the tree is thawed."""
+        pids = list(self.frozen)
+        for i, first in enumerate(pids):
+            for second in pids[i + 1:]:
+                for kind, what in SHARED_TABLES:
+                    if native.kcmp(first, second, kind) == 0:
+                        raise UnsupportedResource(
+                            f"processes {first} and {second} share {what}: not supported yet")
 
     def thaw(self) -> None:
         for process in self.frozen.values():
