@@ -84,6 +84,7 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
         "nr_pages": nr_pages,
         "sigactions": [{"signo": 10, "handler": 0x401000, "flags": 0, "restorer": 0, "mask": 0}],
         "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]},
+        "posix_timers": [],
         "shared_pending": [_siginfo(signal.SIGUSR1)],
         "fds": fds,
         "threads": [
@@ -95,7 +96,7 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
     return {
         "format": "hpccr-image", "format_version": 1, "hpccr_version": "0.1.0",
         "created": "2026-11-28T05:30:00+00:00", "hostname": "node1", "kernel": "6.18.44",
-        "cpu": {"xfeatures": 0x2E7, "xstate_size": 2696}, "root_pid": pid,
+        "cpu": {"xfeatures": 0x2E7, "xstate_size": 2696}, "root_pid": pid, "sysv": None,
         "pidns": False, "timing": {"frozen_s": 0.25, "dump_s": 0.125}, "processes": [proc],
     }
 

@@ -22,7 +22,19 @@ from dataclasses import dataclass
 
 import hpccr
 from hpccr import native
-from hpccr.engine import cpu, creds, fds, memory, procfs, signals, snapshot, threads, tree
+from hpccr.engine import (
+    cpu,
+    creds,
+    fds,
+    memory,
+    posix_timers,
+    procfs,
+    signals,
+    snapshot,
+    sysv,
+    threads,
+    tree,
+)
 from hpccr.engine.ghosts import GhostWriter
 from hpccr.engine.tracer import FrozenProcess, Injector
 from hpccr.engine.tree import FrozenTree
@@ -131,6 +143,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
             procs.append(proc)
             copies.append((pid, proc, batches, reader))
         with _reading(root):
+            sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
             fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})
         cow = bool(copies) and all(isinstance(r, snapshot.Snapshot) for r in readers)
         if cow:
@@ -149,7 +162,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
         if mode == "running":
             frozen.thaw()
             clock.thaw()
-        writer.write_json("image.json", _header(ids, procs, clock.frozen(), clock.total()))
+        writer.write_json("image.json", _header(ids, procs, sysv_state, clock.frozen(),
+                                                  clock.total()))
         path = writer.commit()
     except BaseException as exc:
         for reader in readers:
@@ -211,7 +225,7 @@ def _zombie(pid: int, ids: _Ids) -> dict:
         "mm": {**dict.fromkeys([*MM_FIELDS, "brk"], 0), "auxv": ""}, "vmas": [], "pages": "",
         "pagemap": "", "nr_pages": 0, "sigactions": [],
         "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]}, "shared_pending": [],
-        "fds": [], "threads": [], "exit_status": tree.exit_status(pid),
+        "fds": [], "threads": [], "exit_status": tree.exit_status(pid), "posix_timers": [],
     }
 
 
@@ -226,14 +240,15 @@ def _reading(pid: int):
         raise from_oserror(exc, f"dump of process {pid}") from exc
 
 
-def _header(ids: _Ids, procs: list[dict], frozen_s: float, dump_s: float) -> dict:
+def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None, frozen_s: float,
+            dump_s: float) -> dict:
     features = [p.pop("_xfeatures") for p in procs if "_xfeatures" in p]
     return {
         "format": "hpccr-image", "format_version": 1, "hpccr_version": hpccr.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "hostname": socket.gethostname(), "kernel": os.uname().release,
         "cpu": {"xfeatures": features[0][0], "xstate_size": features[0][1]},
-        "root_pid": procs[0]["pid"], "pidns": ids.pidns,
+        "root_pid": procs[0]["pid"], "pidns": ids.pidns, "sysv": sysv_state,
         "timing": {"frozen_s": round(frozen_s, 6), "dump_s": round(dump_s, 6)},
         "processes": procs,
     }
@@ -257,6 +272,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                 rlimits = creds.dump_rlimits(inj)
                 sigactions = signals.dump_sigactions(inj)
                 itimers = signals.dump_itimers(inj)
+                timers = posix_timers.dump_timers(inj, pid, lambda tid: ids.thread(pid, tid))
                 brk = inj.call("brk", 0)
                 xcomp_perm = threads.dump_xcomp_perm(inj)
                 thread_records = []
@@ -298,7 +314,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                 "personality": procfs.personality(pid), "rlimits": rlimits,
                 "mm": mm, "vmas": vmas, "pages": f"pages-{inner}.img",
                 "pagemap": f"pagemap-{inner}.bin", "nr_pages": 0, "sigactions": sigactions,
-                "itimers": itimers, "shared_pending": signals.dump_pending(pid, shared=True),
+                "itimers": itimers, "posix_timers": timers,
+                "shared_pending": signals.dump_pending(pid, shared=True),
                 "fds": fd_entries, "threads": [record for _, _, record in thread_records],
                 "exit_status": None, "_xfeatures": xfeatures,
             }

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from hpccr import native
 from hpccr.engine import procfs
 from hpccr.errors import IncompatibleMachine, RestoreFailed, UnsupportedResource
+from hpccr.image.schema import check_part
 
 PAGE = native.PAGE_SIZE
 PM_PRESENT = 1 << 63
@@ -39,6 +40,7 @@ PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x1, 0x2, 0x10, 0x20
 MAP_GROWSDOWN, MAP_NORESERVE, MAP_POPULATE = 0x100, 0x4000, 0x8000
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 
 
 def kind_of(entry: procfs.MapsEntry) -> str:
@@ -50,7 +52,9 @@ def kind_of(entry: procfs.MapsEntry) -> str:
         return "stack"
     if entry.inode == 0 and (entry.name == "" or entry.name.startswith("[anon")):
         return "anon"
-    if entry.shared and (entry.deleted or entry.name.startswith("/SYSV")):
+    if entry.shared and entry.name.startswith("/SYSV"):
+        return "sysvshm"  # a SysV segment attached with shmat: its inode number is its id
+    if entry.shared and entry.deleted:
         # MAP_SHARED|MAP_ANONYMOUS (a deleted /dev/zero), memfds, unlinked shm files
         return "shmem"
     if entry.name.startswith("/"):
@@ -207,7 +211,9 @@ def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dic
         kind = kind_of(e)
         vma = {"start": e.start, "end": e.end, "prot": e.perms, "shared": e.shared,
                "kind": kind, "path": None, "offset": e.offset, "file": None, "saved_pages": 0}
-        if kind in ("file", "ghost", "shmem"):
+        if kind == "sysvshm":
+            _describe_sysv(pid, e, vma)
+        elif kind in ("file", "ghost", "shmem"):
             name = e.name[: -len(" (deleted)")] if e.deleted else e.name
             link = procfs.path(pid, "map_files", f"{e.start:x}-{e.end:x}")
             st = os.stat(link)
@@ -217,6 +223,17 @@ def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dic
                            "ghost": ghosts.save(link, st) if keep else None}
         vmas.append(vma)
     return vmas
+
+
+def _describe_sysv(pid: int, e: procfs.MapsEntry, vma: dict) -> None:
+    """A SysV segment is saved with its IPC namespace (sysv.py): the VMA only names it."""
+    size = os.stat(procfs.path(pid, "map_files", f"{e.start:x}-{e.end:x}")).st_size
+    if e.offset or e.end - e.start != -(-size // PAGE) * PAGE:
+        raise UnsupportedResource(f"process {pid} maps part of SysV shared memory segment "
+                                  f"{e.inode} at {e.start:#x} (partly unmapped or protected "
+                                  "apart): not supported yet")
+    vma["path"] = e.name[: -len(" (deleted)")] if e.deleted else e.name
+    vma["shmid"] = e.inode
 
 
 TMPFS_MAGIC = 0x01021994
@@ -298,6 +315,9 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
         if v["saved_pages"]:
             prot |= PROT_READ | PROT_WRITE
         flags = MAP_FIXED | (MAP_SHARED if v["shared"] else MAP_PRIVATE)
+        if v["kind"] == "sysvshm":
+            _attach_sysv(inj, v)
+            continue
         fd, offset = -1, 0
         if v["kind"] in ("file", "ghost", "shmem"):
             fd, offset = open_file(v), v["offset"]
@@ -308,6 +328,20 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
             if v["saved_pages"] * 2 * PAGE >= length:
                 flags |= MAP_POPULATE  # pre-faulting in the kernel beats faults on write
         inj.call("mmap", v["start"], length, prot, flags, fd, offset)
+
+
+def _attach_sysv(inj, vma: dict) -> None:
+    """shmat the VMA's segment (made again by sysv.py) at its place, with its protection."""
+    check_part(vma, {"shmid": int}, "vma")
+    prot = prot_bits(vma["prot"])
+    flags = (0 if prot & PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & PROT_EXEC else 0)
+    try:
+        inj.call("shmat", vma["shmid"], vma["start"], flags)
+    except OSError as exc:
+        raise RestoreFailed(f"cannot attach SysV shared memory segment {vma['shmid']} at "
+                            f"{vma['start']:#x}: {os.strerror(exc.errno)}") from None
+    if not prot & PROT_READ:
+        inj.call("mprotect", vma["start"], vma["end"] - vma["start"], prot)
 
 
 def write_pages(pid: int, reader) -> None:

@@ -20,7 +20,17 @@ import struct
 from dataclasses import dataclass, field
 
 from hpccr import native
-from hpccr.engine import cpu, creds, fds, memory, procfs, signals, threads
+from hpccr.engine import (
+    cpu,
+    creds,
+    fds,
+    memory,
+    posix_timers,
+    procfs,
+    signals,
+    sysv,
+    threads,
+)
 from hpccr.engine.ghosts import GhostFiles, SharedObjects
 from hpccr.engine.job import (
     enter_job_namespaces,
@@ -173,7 +183,7 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None) ->
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order])
     try:
         pool.open_all()
-        spawn(order, pidns, pool)
+        spawn(order, pidns, pool, meta["sysv"])
         pool.close()
         try:
             for task in order:
@@ -242,10 +252,11 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool) -
         fds.check_fds(proc["fds"], None)
 
 
-def spawn(order: list[Task], pidns: bool, pool: fds.Pool) -> None:
+def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | None) -> None:
     """Create every task with its saved pid, parents first, each with its descriptors, cwd,
     session and group; every task ends waiting in the stub.  With `pidns` the tree gets a new
-    pid namespace (and mount and IPC namespaces) with its root as pid 1."""
+    pid namespace (and mount and IPC namespaces, the latter with the saved SysV objects) with
+    its root as pid 1."""
     root = order[0]
     rd, wr = os.pipe2(os.O_CLOEXEC)
     try:
@@ -258,7 +269,7 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool) -> None:
         os.close(wr)
         raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
-        _child(root, pool, wr, enter_namespaces=pidns)
+        _child(root, pool, wr, enter_namespaces=pidns, sysv_state=sysv_state)
     root.outer = pid
     os.close(wr)
     with os.fdopen(rd, "rb") as pipe:  # EOF once every task has exec'd the stub (or died)
@@ -336,7 +347,8 @@ def _become_zombie(task: Task) -> None:
             raise
 
 
-def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False) -> None:
+def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False,
+           sysv_state: dict | None = None) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
     Never returns."""
     proc, ctx = task.proc, task.ctx
@@ -344,6 +356,8 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
     try:
         if enter_namespaces:
             enter_job_namespaces()
+            if sysv_state:
+                sysv.restore_namespace(sysv_state, task.ctx.reader)
         for sig in signal.valid_signals():
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
                 try:
@@ -410,6 +424,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     specials = memory.clear_stub(inj, pid)
     memory.move_specials(inj, specials, proc["vmas"], occupied)
     _restore_address_space(ctx, inj, pid)
+    sysv.remove_attached(inj, proc["vmas"], meta["sysv"])
     threads.restore_xcomp_perm(inj, proc["threads"][0]["xcomp_perm"])
     signals.restore_sigactions(inj, proc["sigactions"])
     fds.set_cloexec(inj, proc["fds"])
@@ -423,6 +438,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
         threads.restore_thread(inj, thread, saved)
         signals.restore_altstack(inj, thread, saved["sigaltstack"])
     signals.restore_itimers(inj, proc["itimers"])
+    posix_timers.restore_timers(inj, proc["posix_timers"])
     signals.queue_pending(inj, proc["pid"], proc["shared_pending"])
     for thread, saved in tasks:
         signals.queue_pending(inj, proc["pid"], saved["pending"], thread, saved["tid"])

@@ -68,7 +68,9 @@ def restore_itimers(inj, itimers: dict[str, list[int]]) -> None:
         interval, value = itimers[name]
         if value and name != "real":
             value = max(1, value - cpu_timer_tick_us())
-        if value:
+        # A real timer with nothing left has its SIGALRM pending (queued again with the other
+        # signals): taking that signal re-arms it, so its interval must be set all the same.
+        if value or (name == "real" and interval):
             ptr = inj.put(ITIMERVAL.pack(*divmod(interval, 10**6), *divmod(value, 10**6)))
             inj.call("setitimer", which, ptr, 0)
     inj.reset()

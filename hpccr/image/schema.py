@@ -64,6 +64,10 @@ FD = {
     "mode": int,
 }
 
+POSIX_TIMER = dict.fromkeys(
+    "id clockid notify signo tid interval_ns value_ns overrun".split(), int
+) | {"value": U64}
+
 _MM_FIELDS = (
     "start_code end_code start_data end_data start_brk brk start_stack arg_start arg_end "
     "env_start env_end"
@@ -100,10 +104,19 @@ PROCESS = {
     "nr_pages": int,
     "sigactions": [{"signo": int, "handler": int, "flags": int, "restorer": int, "mask": int}],
     "itimers": {"real": [int], "virtual": [int], "prof": [int]},
+    "posix_timers": [POSIX_TIMER],
     "shared_pending": [str],
     "fds": [FD],
     "threads": [THREAD],
     "exit_status": (int, None),
+}
+
+_SYSV_OBJECT = {"key": int, "id": int, "mode": int, "uid": int, "gid": int}
+
+SYSV = {
+    "shm": [_SYSV_OBJECT | {"size": int, "data": str}],
+    "sem": [_SYSV_OBJECT | {"values": [int]}],
+    "msg": [_SYSV_OBJECT | {"qbytes": int, "messages": [{"type": U64, "data": str}]}],
 }
 
 IMAGE = {
@@ -116,6 +129,7 @@ IMAGE = {
     "cpu": {"xfeatures": int, "xstate_size": int},
     "root_pid": int,
     "pidns": bool,
+    "sysv": (SYSV, None),
     "timing": {"frozen_s": float, "dump_s": float},
     "processes": [PROCESS],
 }

@@ -53,7 +53,10 @@ SYS = {
     "timerfd_gettime": 287, "signalfd4": 289, "rt_tgsigqueueinfo": 297, "prlimit64": 302,
     "kcmp": 312, "userfaultfd": 323, "rseq": 334, "pidfd_open": 434, "clone3": 435,
     "pidfd_getfd": 438, "epoll_pwait2": 441, "mount": 165, "unshare": 272, "setpgid": 109,
-    "setsid": 112, "exit_group": 231, "setns": 308,
+    "setsid": 112, "exit_group": 231, "setns": 308, "timer_create": 222, "timer_settime": 223,
+    "timer_gettime": 224, "timer_getoverrun": 225, "shmget": 29, "shmat": 30, "shmctl": 31,
+    "semget": 64, "semctl": 66, "shmdt": 67, "msgget": 68, "msgsnd": 69, "msgrcv": 70,
+    "msgctl": 71,
 }
 
 # KCMP types (linux/kcmp.h)
