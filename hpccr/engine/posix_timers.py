@@ -70,6 +70,9 @@ def dump_timers(inj, pid: int, inner_tid) -> list[dict]:
     area = inj.alloc(ITIMERSPEC.size)
     for timer in read_timers(pid):
         _check_clock(pid, timer["clockid"])
+        if timer["notify"] & SIGEV_THREAD_ID and not timer["tid"]:
+            raise UnsupportedResource(f"process {pid} has POSIX timer {timer['id']} signalling "
+                                      "a thread that exited: not supported")
         inj.call("timer_gettime", timer["id"], area)
         isec, insec, vsec, vnsec = ITIMERSPEC.unpack(inj.get(area, ITIMERSPEC.size))
         out.append({
