@@ -120,7 +120,7 @@ def test_image_needs_cpu_features_missing_here(cr, tmp_path):
 @pytest.mark.parametrize("kind", ["socket", "inotify"])
 def test_unsupported_descriptor(cr, tmp_path, kind):
     """The dump refuses (14) naming the descriptor and its kind; the process runs on untouched
-    and its data is still there."""
+    and its data is still there.  The socket is an AF_INET one (unix sockets are supported)."""
     workload = cr.start("holdfd", kind, 6)
     fd, _ = workload.values("FD")[0].split()
     message = cr.assert_error(cr.dump(workload, tmp_path / "img"), 14)

@@ -10,20 +10,29 @@
 
 #include <fcntl.h>
 #include <sys/inotify.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 
 int main(int argc, char **argv)
 {
 	double window = argc > 2 ? atof(argv[2]) : WL_WINDOW_S;
 	char dir[] = "/tmp/holdfd.XXXXXX", path[64], buf[512] = "";
-	int fds[2], held;
+	int held;
 
 	if (argc < 2)
 		goto usage;
 	if (!strcmp(argv[1], "socket")) {
-		if (socketpair(AF_UNIX, SOCK_STREAM, 0, fds) || write(fds[1], "ping", 4) != 4)
-			wl_die("socketpair");
-		held = fds[0];
+		/* an AF_INET UDP socket with a datagram it sent itself (unix sockets are supported) */
+		struct sockaddr_in sin = { .sin_family = AF_INET,
+					   .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+		socklen_t len = sizeof(sin);
+
+		held = socket(AF_INET, SOCK_DGRAM, 0);
+		if (held < 0 || bind(held, (struct sockaddr *)&sin, sizeof(sin))
+		    || getsockname(held, (struct sockaddr *)&sin, &len)
+		    || sendto(held, "ping", 4, 0, (struct sockaddr *)&sin, len) != 4)
+			wl_die("socket");
 	} else if (!strcmp(argv[1], "inotify")) {
 		held = inotify_init1(IN_NONBLOCK);
 		if (held < 0 || !mkdtemp(dir) || inotify_add_watch(held, dir, IN_CREATE) < 0)

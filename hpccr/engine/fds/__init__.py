@@ -24,11 +24,11 @@ import re
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.engine.fds import epoll, eventfd, pipe, regular, signalfd, timerfd, tty
+from hpccr.engine.fds import epoll, eventfd, pipe, regular, signalfd, timerfd, tty, unix
 from hpccr.errors import UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, tty, pipe, eventfd, timerfd, signalfd, epoll)}
+KINDS = {k.NAME: k for k in (regular, tty, pipe, unix, eventfd, timerfd, signalfd, epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
@@ -53,6 +53,7 @@ class DumpState:
         self.ghosts = ghosts
         self.pids = set(pids)
         self.pipes: set[int] = set()  # pipes whose data an entry already carries
+        self.unix = None  # unix.View of the dump's sockets, made on first use
 
 
 def dump_fds(pid: int, state: DumpState) -> list[dict]:
@@ -119,6 +120,7 @@ class Pool:
         self.tables = tables
         self.fds: dict[int, int] = {}
         self.pipes: dict[int, int] = {}  # pipe inode -> a read-write descriptor on it
+        self.sockets: dict[int, int] | None = None  # unix socket inode -> descriptor, once made
         self.finisher: dict[int, tuple[int, int]] = {}  # desc -> (pid, fd) that finishes it
         self.base = max([e["fd"] for _, entries in tables for e in entries] + [2]) + 64
 
@@ -137,10 +139,11 @@ class Pool:
                 self.finisher[e["desc"]] = (ctx.proc["pid"], e["fd"])
 
     def close(self) -> None:
-        for fd in [*self.fds.values(), *self.pipes.values()]:
+        for fd in [*self.fds.values(), *self.pipes.values(), *(self.sockets or {}).values()]:
             os.close(fd)
         self.fds.clear()
         self.pipes.clear()
+        self.sockets = {}
 
 
 def install_fds(entries: list[dict], ctx, pool: Pool, keep: int) -> None:

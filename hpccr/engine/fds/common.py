@@ -1,5 +1,5 @@
-"""Helpers shared by descriptor kinds: a dumper-side copy of a target's descriptor and C memory
-for the arguments of raw system calls."""
+"""Helpers shared by descriptor kinds: a dumper-side copy of a target's descriptor, C memory
+for the arguments of raw system calls, and the image files that hold saved data."""
 
 from __future__ import annotations
 
@@ -30,3 +30,11 @@ def cbuf(data: bytes | int):
     Keep the first value alive while the address is in use."""
     buf = native.ffi.new("char[]", data)
     return buf, int(native.ffi.cast("uintptr_t", buf))
+
+
+def saved_data(ctx, name: str) -> bytes:
+    """Image file `name`, read with the rights of the process's owner (root's for an image only
+    root could have written), like the files it reopens."""
+    fd = ctx.as_owner(os.open, ctx.reader.path_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()

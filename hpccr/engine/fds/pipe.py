@@ -27,7 +27,7 @@ import termios
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.engine.fds.common import borrowed
+from hpccr.engine.fds.common import borrowed, saved_data
 from hpccr.errors import DumpFailed, FileMismatch, ImageCorrupt, UnsupportedResource
 
 NAME = "pipe"
@@ -177,14 +177,6 @@ def _fill(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def _saved_data(ctx, name: str) -> bytes:
-    """Image file `name`, read with the rights of the process's owner (root's for an image only
-    root could have written), like the files it reopens."""
-    fd = ctx.as_owner(os.open, ctx.reader.path_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        return f.read()
-
-
 def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     """Runs in the restorer: the first end of a pipe creates it (from the entry that carries its
     data), later ends, of any process, reopen it."""
@@ -202,7 +194,7 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     try:
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, saved["capacity"])
         if saved["data"]:
-            data = _saved_data(ctx, saved["data"])
+            data = saved_data(ctx, saved["data"])
             if len(data) > saved["capacity"]:
                 raise ImageCorrupt(f"pipe {ino}: more data than the pipe holds "
                                    "(image corrupted)")

@@ -1,0 +1,418 @@
+"""Unix domain sockets whose every peer is inside the dumped processes: socketpairs, bound and
+listening sockets and the connections made through them (stream, datagram, seqpacket), with the
+data queued in each direction, the shutdown state and the options that matter.
+
+The kernel tells what each socket is through netlink sock_diag (pyroute2): its type and state,
+bound name, peer, queue lengths, the clients waiting in a listener's accept queue and the inode
+of its socket file.  The queued data is read without consuming it, since the job may run on
+after the dump: a copy of the receiving socket (pidfd_getfd) is peeked with MSG_PEEK, stepping
+through the queue with SO_PEEK_OFF (put back as it was afterwards), message by message for
+datagram and seqpacket sockets so that their boundaries are kept.
+
+At restore the first socket opened creates every socket of the image at once, in the restorer:
+bound sockets bind their name again (a stale socket file left at that path is removed; a path
+some running socket answers on is refused), listeners listen; the connections made through a
+listener of the image are made again through it (connect, then accept), so that names and the
+accept queue come back; other connected pairs are socketpairs.  The saved data is written into
+each receiving socket's peer, so that it lands in the right queue, then shutdowns are applied
+and the ends whose peers had been closed lose them again.
+
+Refused: a socket connected to, or listened on by, a process outside the dump; a connection
+waiting in an accept queue that already carries data (it can only be read by accepting it);
+queued ancillary data (SCM_RIGHTS descriptors, SCM_CREDENTIALS); queued datagrams with no
+connected sender in the dump; sockets bound to a relative path.  SO_PEERCRED after a restore
+names the restorer (uid, gid, and a pid that no longer exists), as with CRIU.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+
+from pyroute2 import DiagSocket
+from pyroute2.netlink.diag import (
+    SS_ALL,
+    UDIAG_SHOW_ICONS,
+    UDIAG_SHOW_NAME,
+    UDIAG_SHOW_PEER,
+    UDIAG_SHOW_RQLEN,
+    UDIAG_SHOW_VFS,
+)
+
+from hpccr.engine import procfs
+from hpccr.engine.fds.common import borrowed, saved_data
+from hpccr.errors import FileMismatch, ImageCorrupt, RestoreFailed, UnsupportedResource
+
+NAME = "unix"
+FIELDS = {
+    "socket": int,
+    "type": str,
+    "state": str,
+    "name": (str, None),
+    "file_mode": (int, None),
+    "peer": (int, None),
+    "listener": (int, None),
+    "backlog": (int, None),
+    "pending": [int],
+    "shutdown": int,
+    "data": (str, None),
+    "sender": (int, None),
+    "options": {"passcred": bool, "rcvbuf": int, "sndbuf": int, "peek_off": int},
+}
+TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
+         socket.SOCK_SEQPACKET: "seqpacket"}
+SOCK_TYPES = {name: number for number, name in TYPES.items()}
+STATES = {1: "connected", 7: "unconnected", 10: "listening"}
+SHOW = (UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_ICONS
+        | UDIAG_SHOW_VFS)
+SO_PEEK_OFF = 42
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
+SHUT = {RCV_SHUTDOWN: socket.SHUT_RD, SEND_SHUTDOWN: socket.SHUT_WR,
+        RCV_SHUTDOWN | SEND_SHUTDOWN: socket.SHUT_RDWR}
+MESSAGE = struct.Struct("<I")  # length of each message in a datagram/seqpacket data file
+ANCILLARY = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
+FILL_SNDBUF = 64 << 20  # the writer's send buffer while it puts the saved data back
+
+
+def _diag() -> dict[int, dict]:
+    """Every unix socket of this network namespace, by inode."""
+    with DiagSocket() as ds:
+        ds.bind()
+        msgs = ds.get_sock_stats(family=socket.AF_UNIX, states=SS_ALL, show=SHOW)
+    table = {}
+    for m in msgs:
+        icons = m.get_attr("UNIX_DIAG_ICONS")
+        raw = bytes.fromhex(icons.replace(":", "")) if icons else b""
+        vfs = m.get_attr("UNIX_DIAG_VFS")
+        rqlen = m.get_attr("UNIX_DIAG_RQLEN") or {}
+        table[m["udiag_ino"]] = {
+            "type": m["udiag_type"], "state": m["udiag_state"],
+            "name": m.get_attr("UNIX_DIAG_NAME") or None, "peer": m.get_attr("UNIX_DIAG_PEER"),
+            "rqueue": rqlen.get("udiag_rqueue", 0), "wqueue": rqlen.get("udiag_wqueue", 0),
+            "icons": [i for (i,) in struct.iter_unpack("<I", raw)],
+            "vfs": vfs["udiag_vfs_ino"] if vfs else None,
+            "shutdown": m.get_attr("UNIX_DIAG_SHUTDOWN") or 0}
+    return table
+
+
+def recognise(link: str, st: os.stat_result) -> bool:
+    return stat.S_ISSOCK(st.st_mode) and st.st_ino in _diag()
+
+
+class View:
+    """The dump's view of unix sockets: the kernel's table and which dumped descriptors hold
+    each socket, made once per dump."""
+
+    def __init__(self, pids):
+        self.table = _diag()
+        self.held: dict[int, tuple[int, int]] = {}
+        for pid in sorted(pids):
+            for fd in procfs.fds(pid):
+                try:
+                    st = os.stat(procfs.path(pid, "fd", str(fd)))
+                except OSError:
+                    continue
+                if stat.S_ISSOCK(st.st_mode):
+                    self.held.setdefault(st.st_ino, (pid, fd))
+        self.saved: set[int] = set()  # sockets whose data file is written
+
+    def listener_of(self, s: dict) -> int | None:
+        """The listening socket a connected socket was accepted from (it shares its name but
+        not its file), or None; 0 for one outside the dump or closed since."""
+        if s["state"] != 1 or not s["name"] or s["vfs"] is not None or s["type"] == 2:
+            return None
+        found = [i for i, o in self.table.items() if o["state"] == 10 and o["name"] == s["name"]]
+        if not found and not s["name"].startswith("/"):
+            return None  # bound to an abstract name itself
+        return next((i for i in found if i in self.held), 0)
+
+    def queued_on(self, ino: int) -> int | None:
+        """The listener whose accept queue holds this client's connection."""
+        return next((i for i, o in self.table.items() if o["state"] == 10
+                     and ino in o["icons"]), None)
+
+
+def _holder(ino: int, pids) -> str:
+    """Who outside the dump holds socket `ino`, for a message."""
+    link = f"socket:[{ino}]"
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in pids:
+            continue
+        try:
+            fds = os.listdir(os.path.join(entry.path, "fd"))
+            for fd in fds:
+                if os.readlink(os.path.join(entry.path, "fd", fd)) == link:
+                    return f"process {entry.name} ({procfs.comm(int(entry.name))}) fd {fd}"
+        except OSError:
+            continue
+    return "no process visible here"
+
+
+def _refuse(pid: int, fd: int, what: str) -> None:
+    raise UnsupportedResource(f"process {pid} fd {fd} is a unix socket {what}: not supported yet")
+
+
+def _peek(copy: int, pid: int, fd: int) -> list[bytes]:
+    """The queued messages (stream: chunks) of the socket behind `copy`, left in place."""
+    sock = socket.socket(fileno=os.dup(copy))
+    saved_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+    size = max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), 1 << 16)
+    out = []
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        while True:
+            try:
+                data, anc, flags, _ = sock.recvmsg(size, ANCILLARY,
+                                                   socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            for level, typ, payload in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    for (n,) in struct.iter_unpack("i", payload[:len(payload) // 4 * 4]):
+                        os.close(n)
+            if anc or flags & socket.MSG_CTRUNC:
+                _refuse(pid, fd, "with ancillary data queued (SCM_RIGHTS descriptors or "
+                        "SCM_CREDENTIALS)")
+            if not data:
+                break  # end of file (after a shutdown); empty messages are not kept
+            out.append(data)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, saved_off)
+        sock.close()
+    return out
+
+
+def _file_mode(pid: int, name: str, vfs: int | None) -> int | None:
+    """The mode of the socket file at `name` if it is still this socket's, else None."""
+    try:
+        st = os.stat(procfs.path(pid, "root") + name)
+    except OSError:
+        return None
+    return stat.S_IMODE(st.st_mode) if st.st_ino == vfs and stat.S_ISSOCK(st.st_mode) else None
+
+
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
+    if state.unix is None:
+        state.unix = View(state.pids)
+    view = state.unix
+    ino = st.st_ino
+    s = view.table[ino]
+    kind, where = TYPES.get(s["type"]), STATES.get(s["state"])
+    if kind is None or where is None:
+        _refuse(pid, fd, f"of type {s['type']} in state {s['state']}")
+    name = s["name"]
+    if s["vfs"] is not None and not name.startswith("/"):
+        _refuse(pid, fd, f"bound to the relative path {name}")
+    listener = view.listener_of(s)
+    entry = {"socket": ino, "type": kind, "state": where, "name": None, "file_mode": None,
+             "peer": s["peer"], "listener": listener or None, "backlog": None, "pending": [],
+             "shutdown": s["shutdown"], "data": None, "sender": None}
+    if s["vfs"] is not None:
+        entry["name"] = name
+        entry["file_mode"] = _file_mode(pid, name, s["vfs"])
+    elif name and listener is None:
+        entry["name"] = "\0" + name  # abstract (sock_diag gives it without its leading NUL)
+    if s["peer"] and s["peer"] not in view.held:
+        _refuse(pid, fd, f"connected to a socket held by {_holder(s['peer'], state.pids)}, "
+                "outside what is dumped: dump the whole job (hpccr run)")
+    if where == "listening":
+        entry["backlog"] = s["wqueue"]
+        for client in s["icons"]:
+            if client not in view.held:
+                _refuse(pid, fd, f"listening, with a connection from {_holder(client, state.pids)}"
+                        " waiting to be accepted, outside what is dumped")
+        entry["pending"] = s["icons"]
+    if s["peer"] == 0 and where == "connected":
+        queued = view.queued_on(ino)
+        if queued is not None:
+            entry["listener"], entry["peer"] = queued, None
+            if s["wqueue"]:
+                _refuse(pid, fd, "whose connection waits in an accept queue with data sent on "
+                        "it (it can only be read by accepting it)")
+    for other, o in view.table.items():
+        if o["peer"] == ino and other and other not in view.held:
+            _refuse(pid, fd, f"that a socket held by {_holder(other, state.pids)} is connected "
+                    "to, outside what is dumped")
+    with borrowed(pid, fd) as copy:
+        sock = socket.socket(fileno=os.dup(copy))
+        try:
+            entry["options"] = {
+                "passcred": bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED)),
+                "rcvbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
+                "sndbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
+                "peek_off": sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)}
+        finally:
+            sock.close()
+        messages = _peek(copy, pid, fd) if where != "listening" else []
+    if messages:
+        entry["sender"] = _sender(view, ino, s, kind, pid, fd)
+        entry["data"] = f"unix-{ino}.img"
+        if ino not in view.saved:
+            view.saved.add(ino)
+            if kind == "stream":
+                state.writer.write_bytes(entry["data"], b"".join(messages))
+            else:
+                state.writer.write_bytes(entry["data"], b"".join(
+                    MESSAGE.pack(len(m)) + m for m in messages))
+    return entry
+
+
+def _sender(view: View, ino: int, s: dict, kind: str, pid: int, fd: int) -> int:
+    """The socket whose writes land in this one's queue: its peer (0: closed), or for a datagram
+    socket the one socket of the dump connected to it."""
+    if kind != "dgram":
+        return s["peer"] or 0
+    senders = [o for o, other in view.table.items() if other["peer"] == ino and o in view.held]
+    if len(senders) != 1:
+        _refuse(pid, fd, "with queued datagrams whose sender is not the one socket of the dump "
+                "connected to it")
+    return senders[0]
+
+
+def check(entry: dict, ctx) -> None:
+    fd = entry["fd"]
+    if entry["type"] not in SOCK_TYPES or entry["state"] not in STATES.values():
+        raise ImageCorrupt(f"fd {fd}: unknown unix socket type or state (image corrupted)")
+    if (entry["data"] is None) != (entry["sender"] is None):
+        raise ImageCorrupt(f"fd {fd}: inconsistent unix socket entry (image corrupted)")
+
+
+def _address(name: str) -> str | bytes:
+    return os.fsencode(name) if name.startswith("\0") else name
+
+
+def _bind(sock: socket.socket, e: dict, ctx, unlink_later: list[str]) -> None:
+    """Bind `sock` to the entry's name; a stale socket file at that path is removed first."""
+    name = e["name"]
+    if not name.startswith("\0") and os.path.lexists(name):
+        if not stat.S_ISSOCK(os.lstat(name).st_mode):
+            raise FileMismatch(f"{name}, where a unix socket was bound, is not a socket now")
+        with socket.socket(socket.AF_UNIX, sock.type) as probe:
+            try:
+                probe.connect(name)
+            except ConnectionRefusedError:
+                os.unlink(name)  # nobody listens: left by the checkpointed socket
+            except OSError as exc:
+                if exc.errno != errno.EPROTOTYPE:
+                    raise
+        if os.path.lexists(name):
+            raise FileMismatch(f"{name}, where a unix socket was bound, is in use by another "
+                               "running socket")
+    with ctx.owner_rights():
+        sock.bind(_address(name))
+        if e["file_mode"] is not None:
+            os.chmod(name, e["file_mode"])
+    if e["file_mode"] is None and not name.startswith("\0"):
+        unlink_later.append(name)  # its file had been removed: so is the new one
+
+
+def _fill(sock: socket.socket, e: dict, data: bytes) -> None:
+    """Write the saved queue of entry `e` from `sock`, its sender."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, FILL_SNDBUF)
+    sock.setblocking(False)
+    try:
+        if e["type"] == "stream":
+            view = memoryview(data)
+            while view:
+                view = view[sock.send(view):]
+            return
+        offset = 0
+        while offset < len(data):
+            (size,) = MESSAGE.unpack_from(data, offset)
+            offset += MESSAGE.size
+            if offset + size > len(data):
+                raise ImageCorrupt(f"{e['data']}: truncated message (image corrupted)")
+            sock.send(data[offset:offset + size])
+            offset += size
+    except BlockingIOError:
+        raise RestoreFailed(f"unix socket {e['socket']}: its saved queue does not fit "
+                            "back") from None
+
+
+def _create_all(pool) -> dict[int, int]:
+    """Every unix socket of the image, connected, filled and shut down as saved."""
+    entries: dict[int, tuple[dict, object]] = {}
+    for ctx, table in pool.tables:
+        for e in table:
+            if e["kind"] == NAME:
+                entries.setdefault(e["socket"], (e, ctx))
+    socks: dict[int, socket.socket] = {}
+    temporary: dict[int, socket.socket] = {}  # ino -> the other end of a closed peer
+    unlink_later: list[str] = []
+
+    def new(ino: int) -> socket.socket:
+        if ino not in socks:
+            socks[ino] = socket.socket(socket.AF_UNIX, SOCK_TYPES[entries[ino][0]["type"]])
+        return socks[ino]
+
+    try:
+        for ino, (e, _) in entries.items():
+            peer = e["peer"]
+            if peer and peer in entries and entries[peer][0]["peer"] == ino and ino not in socks \
+                    and e["listener"] is None and entries[peer][0]["listener"] is None:
+                socks[ino], socks[peer] = socket.socketpair(socket.AF_UNIX,
+                                                            SOCK_TYPES[e["type"]])
+            elif peer == 0 and e["listener"] is None:
+                socks[ino], temporary[ino] = socket.socketpair(socket.AF_UNIX,
+                                                               SOCK_TYPES[e["type"]])
+        for ino, (e, ctx) in entries.items():
+            if e["name"] is not None:
+                _bind(new(ino), e, ctx, unlink_later)
+            if e["state"] == "listening":
+                socks[ino].listen(e["backlog"])
+        for ino, (e, _) in entries.items():
+            if e["state"] != "listening":
+                continue
+            address = _address(e["name"])
+            for accepted, (a, _) in entries.items():
+                if a["listener"] == ino and a["peer"]:
+                    new(a["peer"]).connect(address)
+                    socks[accepted], _ = socks[ino].accept()
+            for client in e["pending"]:
+                new(client).setblocking(False)
+                socks[client].connect(address)
+        for ino, (e, _) in entries.items():
+            peer = e["peer"]
+            if peer and peer in entries and entries[peer][0]["peer"] != ino:
+                if entries[peer][0]["name"] is None:
+                    raise RestoreFailed(f"unix socket {ino}: connected to an unnamed socket")
+                new(ino).connect(_address(entries[peer][0]["name"]))
+            new(ino)
+        for ino, (e, ctx) in entries.items():
+            if e["data"]:
+                writer = temporary[ino] if e["sender"] == 0 else socks[e["sender"]]
+                with ctx.owner_rights():
+                    data = saved_data(ctx, e["data"])
+                _fill(writer, e, data)
+        for ino, (e, _) in entries.items():
+            if e["shutdown"] and e["state"] == "connected" and ino not in temporary:
+                socks[ino].shutdown(SHUT[e["shutdown"]])
+        for name in unlink_later:
+            os.unlink(name)
+        return {ino: sock.detach() for ino, sock in socks.items()}
+    finally:
+        for sock in [*socks.values(), *temporary.values()]:
+            sock.close()
+
+
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
+    """Runs in the restorer: the first socket creates them all; each takes its options."""
+    if pool.sockets is None:
+        pool.sockets = _create_all(pool)
+    try:
+        fd = pool.sockets.pop(entry["socket"])
+    except KeyError:
+        raise ImageCorrupt(f"fd {entry['fd']}: unix socket {entry['socket']} opened twice "
+                           "(image corrupted)") from None
+    sock = socket.socket(fileno=fd)
+    options = entry["options"]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, options["passcred"])
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, options["rcvbuf"] // 2)
+    sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, options["sndbuf"] // 2)
+    sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, options["peek_off"])
+    sock.setblocking(not entry["flags"] & os.O_NONBLOCK)
+    return sock.detach()

