@@ -6,7 +6,8 @@ piece of state; the root PASSes only if all its descendants did.
 Workloads: workloads/tree_pipes.c (pipes with data in flight), tree_pipeline.c (the stages of
 `sh -c 'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a
 process-shared mutex), tree_offset.c FILE (one open file description shared across fork),
-tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet).
+tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c
+(an orphan in the session of a leader that exited), tree_clone.c (tables shared without threads).
 """
 
 import contextlib
@@ -149,3 +150,10 @@ def test_shared_tables_are_refused(tree_cr, tmp_path, table):
     workload.assert_untouched()
     assert workload.wait_exit() == 0, workload.output()
     workload.assert_passed()
+
+
+def test_session_whose_leader_exited(tree_cr, tmp_path, mode):
+    """An orphan (re-parented to a child subreaper, the root) in the session and group of a
+    leader that exited: both come back, and the root is still a subreaper."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_orphan"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")

@@ -28,6 +28,7 @@ from hpccr.engine import (
     fds,
     memory,
     posix_timers,
+    prctls,
     procfs,
     signals,
     snapshot,
@@ -225,7 +226,8 @@ def _zombie(pid: int, ids: _Ids) -> dict:
         "mm": {**dict.fromkeys([*MM_FIELDS, "brk"], 0), "auxv": ""}, "vmas": [], "pages": "",
         "pagemap": "", "nr_pages": 0, "sigactions": [],
         "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]}, "shared_pending": [],
-        "fds": [], "threads": [], "exit_status": tree.exit_status(pid), "posix_timers": [],
+        "fds": [], "threads": [], "child_subreaper": 0, "pdeathsig": 0,
+        "exit_status": tree.exit_status(pid), "posix_timers": [],
     }
 
 
@@ -270,6 +272,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             try:
                 proc_creds = creds.dump_creds(pid, inj)
                 rlimits = creds.dump_rlimits(inj)
+                attributes = prctls.dump(inj)
                 sigactions = signals.dump_sigactions(inj)
                 itimers = signals.dump_itimers(inj)
                 timers = posix_timers.dump_timers(inj, pid, lambda tid: ids.thread(pid, tid))
@@ -317,7 +320,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                 "itimers": itimers, "posix_timers": timers,
                 "shared_pending": signals.dump_pending(pid, shared=True),
                 "fds": fd_entries, "threads": [record for _, _, record in thread_records],
-                "exit_status": None, "_xfeatures": xfeatures,
+                **attributes, "exit_status": None, "_xfeatures": xfeatures,
             }
     except BaseException:
         if snap is not None:

@@ -26,6 +26,7 @@ from hpccr.engine import (
     fds,
     memory,
     posix_timers,
+    prctls,
     procfs,
     signals,
     sysv,
@@ -118,7 +119,13 @@ class Task:
 
     ctx: Context
     children: list[Task] = field(default_factory=list)
+    # Sessions whose leader exited: sid -> the processes a helper task creates in it
+    helpers: dict[int, list[Task]] = field(default_factory=dict)
     outer: int = 0  # its pid as hpccr sees it, once it exists
+
+    @property
+    def all_children(self) -> list[Task]:
+        return self.children + [m for members in self.helpers.values() for m in members]
 
     @property
     def proc(self) -> dict:
@@ -143,35 +150,55 @@ def plan(reader: ImageReader, meta: dict) -> list[Task]:
                 raise ImageCorrupt(f"image.json: the parent {task.proc['ppid']} of process "
                                    f"{pid} is not in the image")
             parent.children.append(task)
+    _plan_sessions(tasks, root, meta["pidns"])
     order, stack = [], [root]
     while stack:
         task = stack.pop()
         order.append(task)
-        stack.extend(reversed(sorted(task.children, key=lambda t: t.proc["pid"])))
+        stack.extend(reversed(sorted(task.all_children, key=lambda t: t.proc["pid"])))
     if len(order) != len(tasks):
         raise ImageCorrupt("image.json: the processes do not form one tree")
-    _check_sessions(tasks, root)
     return order
 
 
-def _check_sessions(tasks: dict[int, Task], root: Task) -> None:
+def _plan_sessions(tasks: dict[int, Task], root: Task, pidns: bool) -> None:
     """Sessions and groups are rebuilt as they are inherited: a session leader calls setsid()
-    before it creates its children, and a group must have its leader in the image (or be the
-    group the whole tree was started in)."""
+    before it creates its children.  A session whose leader exited is made by a helper task with
+    the leader's pid, which calls setsid(), creates the session's topmost processes and exits:
+    they are then re-parented to their real parent, which must be the job's init or a child
+    subreaper, as it was when they were orphaned.  A group must have its leader in the image (or
+    be the group the whole tree was started in)."""
     outside_sid, outside_pgid = root.proc["sid"], root.proc["pgid"]
+    orphaned: dict[int, list[Task]] = {}
     for pid, task in tasks.items():
         sid, pgid = task.proc["sid"], task.proc["pgid"]
-        if sid != outside_sid or pid == sid:
+        if (sid != outside_sid or pid == sid) and sid not in tasks:
+            parent = tasks.get(task.proc["ppid"])
+            if parent is None or parent.proc["sid"] != sid:  # topmost in its session
+                orphaned.setdefault(sid, []).append(task)
+        elif sid != outside_sid or pid == sid:
             ancestor = task
             while ancestor is not None and ancestor.proc["pid"] != sid:
                 ancestor = tasks.get(ancestor.proc["ppid"])
             if ancestor is None:
                 raise UnsupportedResource(
                     f"process {pid} is in session {sid}, whose leader is not one of its "
-                    "ancestors in the image (a session leader that exited: not supported yet)")
-        if pgid != outside_pgid and pgid not in tasks:
+                    "ancestors in the image: not supported yet")
+        if pgid != outside_pgid and pgid not in tasks and pgid != sid:
             raise UnsupportedResource(f"process {pid} is in process group {pgid}, whose leader "
                                       "exited (not supported yet)")
+    for sid, members in orphaned.items():
+        parents = {m.proc["ppid"] for m in members}
+        parent = tasks.get(parents.pop()) if len(parents) == 1 else None
+        if parent is None or not (parent.proc["child_subreaper"]
+                                  or (pidns and parent is root)):
+            raise UnsupportedResource(
+                f"session {sid}, whose leader exited, has processes "
+                f"{sorted(m.proc['pid'] for m in members)} that are not all children of one "
+                "child subreaper or of the job's init: not supported yet")
+        for member in members:
+            parent.children.remove(member)
+        parent.helpers[sid] = sorted(members, key=lambda t: t.proc["pid"])
 
 
 def restore(directory: str, detach: bool = False, pidfile: str | None = None) -> int:
@@ -231,7 +258,7 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool) -
         uids = proc["creds"]["uid"]
         if owner != 0 and any(u != owner for u in uids):
             raise AccessDenied(f"image owned by uid {owner} asks for uids {uids}: refused")
-        ids = [proc["pid"]] + [t["tid"] for t in proc["threads"]]
+        ids = [proc["pid"], *task.helpers] + [t["tid"] for t in proc["threads"]]
         for tid in ids if not pidns else []:
             if os.path.exists(procfs.path(tid)):
                 try:
@@ -280,6 +307,19 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
     _find_outer_pids(order)
 
 
+def _fork(pid: int) -> int:
+    try:
+        return native.fork_with_pid(pid)
+    except OSError as exc:
+        raise _fork_error(exc, pid) from None
+
+
+def _fork_task(task: Task, pool: fds.Pool, errpipe: int) -> None:
+    """Create `task` as a child of this one (it never returns in the child)."""
+    if _fork(task.proc["pid"]) == 0:
+        _child(task, pool, errpipe)
+
+
 def _fork_error(exc: OSError, pid: int) -> HpccrError:
     if exc.errno == errno.EEXIST:
         return PidInUse(f"pid {pid} is in use")
@@ -296,7 +336,7 @@ def _find_outer_pids(order: list[Task]) -> None:
         by_inner = {}
         for child in _children(task.outer):
             by_inner[int(procfs.status(child)["NSpid"].split()[-1])] = child
-        for child in task.children:
+        for child in task.all_children:
             child.outer = by_inner.get(child.proc["pid"], 0)
 
 
@@ -366,14 +406,20 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
                     pass
         if proc["sid"] == proc["pid"]:
             os.setsid()  # it led its session (and group): it leads a new one
-        elif proc["pgid"] == proc["pid"]:
-            os.setpgid(0, 0)
+        elif proc["pgid"] != os.getpgid(0):
+            os.setpgid(0, proc["pgid"])  # its own group, or one its leader already made
+        if not task.zombie:
+            prctls.restore(proc)
         for child in task.children:
-            try:
-                if native.fork_with_pid(child.proc["pid"]) == 0:
-                    _child(child, pool, errpipe)
-            except OSError as exc:
-                raise _fork_error(exc, child.proc["pid"]) from None
+            _fork_task(child, pool, errpipe)
+        for sid, members in task.helpers.items():
+            helper = _fork(sid)
+            if helper == 0:  # the exited session leader, for as long as its session is made
+                os.setsid()
+                for member in members:
+                    _fork_task(member, pool, errpipe)
+                os._exit(0)
+            os.waitpid(helper, 0)  # its members are ours now
         if not task.zombie:
             uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
             # Open files with the process's own rights, not root's.

@@ -108,6 +108,8 @@ PROCESS = {
     "shared_pending": [str],
     "fds": [FD],
     "threads": [THREAD],
+    "child_subreaper": int,
+    "pdeathsig": int,
     "exit_status": (int, None),
 }
 
