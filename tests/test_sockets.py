@@ -30,10 +30,11 @@ def start(cr, mode: str, name: str, *args):
 
 
 def workloads(tmp_path: Path) -> list[tuple[str, list]]:
-    return [("sock_pair", [kind]) for kind in PAIRS]
+    return [*(("sock_pair", [kind]) for kind in PAIRS), ("sock_listen", [tmp_path]),
+            ("sock_epoll", [])]
 
 
-IDS = PAIRS
+IDS = [*PAIRS, "listen", "epoll"]
 
 
 @pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)

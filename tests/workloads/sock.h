@@ -76,12 +76,19 @@ static inline void sock_expect_empty(int fd, const char *who)
 	WL_CHECK(n < 0 && errno == EAGAIN, "%s: more than what was sent is queued (%zd)", who, n);
 }
 
+/* The address of `path` (abstract: in the abstract namespace) and its length. */
 static inline socklen_t sock_addr(struct sockaddr_un *sun, const char *path, int abstract)
 {
+	size_t len = strlen(path);
+
+	if (len > sizeof(sun->sun_path) - 2) {
+		errno = ENAMETOOLONG;
+		wl_die(path);
+	}
 	memset(sun, 0, sizeof(*sun));
 	sun->sun_family = AF_UNIX;
-	strncpy(sun->sun_path + !!abstract, path, sizeof(sun->sun_path) - 2);
-	return offsetof(struct sockaddr_un, sun_path) + !!abstract + strlen(path);
+	memcpy(sun->sun_path + !!abstract, path, len);
+	return offsetof(struct sockaddr_un, sun_path) + !!abstract + len;
 }
 
 #endif

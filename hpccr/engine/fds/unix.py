@@ -121,13 +121,14 @@ class View:
         self.saved: set[int] = set()  # sockets whose data file is written
 
     def listener_of(self, s: dict) -> int | None:
-        """The listening socket a connected socket was accepted from (it shares its name but
-        not its file), or None; 0 for one outside the dump or closed since."""
-        if s["state"] != 1 or not s["name"] or s["vfs"] is not None or s["type"] == 2:
+        """The listening socket a connected socket was accepted from (it has the listener's
+        name and socket file), or None; 0 for one outside the dump."""
+        if s["state"] != 1 or not s["name"] or s["type"] == socket.SOCK_DGRAM:
             return None
-        found = [i for i, o in self.table.items() if o["state"] == 10 and o["name"] == s["name"]]
-        if not found and not s["name"].startswith("/"):
-            return None  # bound to an abstract name itself
+        found = [i for i, o in self.table.items() if o["state"] == 10
+                 and (o["name"], o["vfs"]) == (s["name"], s["vfs"])]
+        if not found:
+            return None  # bound itself (or accepted from a listener closed since)
         return next((i for i in found if i in self.held), 0)
 
     def queued_on(self, ino: int) -> int | None:
@@ -211,7 +212,7 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     entry = {"socket": ino, "type": kind, "state": where, "name": None, "file_mode": None,
              "peer": s["peer"], "listener": listener or None, "backlog": None, "pending": [],
              "shutdown": s["shutdown"], "data": None, "sender": None}
-    if s["vfs"] is not None:
+    if s["vfs"] is not None and listener is None:
         entry["name"] = name
         entry["file_mode"] = _file_mode(pid, name, s["vfs"])
     elif name and listener is None:
