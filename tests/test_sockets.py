@@ -87,3 +87,17 @@ def test_image_holds_the_queues(tree_cr, tmp_path):
     tree_cr.dump_and_kill(workload, img)
     assert len(list(img.glob("unix-*.img"))) == 2
     tree_cr.restore_and_pass(workload, img)
+
+
+def test_data_on_a_waiting_connection_is_refused(tree_cr, tmp_path):
+    """A client sent data on a connection still in the accept queue: only accepting it could
+    read that data, so the dump refuses (14) naming it; the tree runs on and passes."""
+    workload = start(tree_cr, "pid", "sock_listen", tmp_path, "early")
+    message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
+    assert "unix socket" in message and "accept queue" in message, message
+    clients = tree_cr.trees[workload.pid][1:]
+    assert any(f"process {pid} fd " in message for pid in clients), message
+    assert not (tmp_path / "img").exists()
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()

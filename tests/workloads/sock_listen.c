@@ -2,7 +2,7 @@
  * A listening unix socket bound to a path, one connection accepted and one still waiting in
  * the accept queue, with data in flight on the accepted one.
  *
- * usage: sock_listen DIR
+ * usage: sock_listen DIR [early]
  *
  * The root binds DIR/listen.sock (mode 0640) and listens; child "c1" connects and sends 8
  * messages; the root accepts it and sends 8 messages back; child "c2" connects and waits in the
@@ -10,6 +10,8 @@
  * accepted socket is named DIR/listen.sock, its peer credentials are the client's uid), accepts
  * c2 at once (without blocking) and sends it "hi"; c1 reads the root's messages, c2 reads "hi";
  * the path is still a socket file of mode 0640 on which a new connection is accepted.
+ * "early": c2 also sends "early" on its connection before it is accepted (a dump must refuse:
+ * that data can only be read by accepting the connection).
  */
 #include "sock.h"
 
@@ -37,7 +39,7 @@ int main(int argc, char **argv)
 	struct ucred cred;
 	socklen_t credlen = sizeof(cred);
 	struct stat st;
-	int lsn, c1, c2, s1, s2, extra;
+	int lsn, c1, c2, s1, s2, extra, early = argc > 2 && !strcmp(argv[2], "early");
 	pid_t p1, p2;
 
 	if (argc < 2) {
@@ -74,6 +76,8 @@ int main(int argc, char **argv)
 		close(lsn);
 		close(s1);
 		c2 = client();
+		if (early && send(c2, "early", 5, 0) != 5)
+			wl_die("send");
 		tree_ready();
 		wl_sleep(WL_WINDOW_S);
 		tree_check_place();

@@ -76,6 +76,7 @@ SHUT = {RCV_SHUTDOWN: socket.SHUT_RD, SEND_SHUTDOWN: socket.SHUT_WR,
 MESSAGE = struct.Struct("<I")  # length of each message in a datagram/seqpacket data file
 ANCILLARY = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
 FILL_SNDBUF = 64 << 20  # the writer's send buffer while it puts the saved data back
+PEEK_SIZE = 1 << 20  # at least, the buffer a message is peeked into
 
 
 def _diag() -> dict[int, dict]:
@@ -157,11 +158,12 @@ def _refuse(pid: int, fd: int, what: str) -> None:
     raise UnsupportedResource(f"process {pid} fd {fd} is a unix socket {what}: not supported yet")
 
 
-def _peek(copy: int, pid: int, fd: int) -> list[bytes]:
-    """The queued messages (stream: chunks) of the socket behind `copy`, left in place."""
+def _peek(copy: int, pid: int, fd: int, limit: int | None) -> list[bytes]:
+    """The queued messages (stream: chunks) of the socket behind `copy`, left in place; a
+    stream or seqpacket socket holds `limit` bytes."""
     sock = socket.socket(fileno=os.dup(copy))
     saved_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
-    size = max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), 1 << 16)
+    size = max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), PEEK_SIZE)
     out = []
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -178,9 +180,13 @@ def _peek(copy: int, pid: int, fd: int) -> list[bytes]:
             if anc or flags & socket.MSG_CTRUNC:
                 _refuse(pid, fd, "with ancillary data queued (SCM_RIGHTS descriptors or "
                         "SCM_CREDENTIALS)")
+            if flags & socket.MSG_TRUNC:
+                _refuse(pid, fd, f"with a queued message of more than {size} bytes")
             if not data:
                 break  # end of file (after a shutdown); empty messages are not kept
             out.append(data)
+            if limit is not None and sum(map(len, out)) >= limit:
+                break
     finally:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, saved_off)
         sock.close()
@@ -248,7 +254,8 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
                 "peek_off": sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)}
         finally:
             sock.close()
-        messages = _peek(copy, pid, fd) if where != "listening" else []
+        limit = s["rqueue"] if kind != "dgram" else None  # sock_diag: all bytes queued
+        messages = _peek(copy, pid, fd, limit) if where != "listening" else []
     if messages:
         entry["sender"] = _sender(view, ino, s, kind, pid, fd)
         entry["data"] = f"unix-{ino}.img"
