@@ -20,8 +20,12 @@ and the ends whose peers had been closed lose them again.
 Refused: a socket connected to, or listened on by, a process outside the dump; a connection
 waiting in an accept queue that already carries data (it can only be read by accepting it);
 queued ancillary data (SCM_RIGHTS descriptors, SCM_CREDENTIALS); queued datagrams with no
-connected sender in the dump; sockets bound to a relative path.  SO_PEERCRED after a restore
-names the restorer (uid, gid, and a pid that no longer exists), as with CRIU.
+connected sender in the dump; sockets bound to a relative path.
+
+Peer credentials (SO_PEERCRED) are recorded by the kernel from the task that makes a socketpair,
+listens or connects: the restorer does each of these in a short-lived child with the
+credentials of the process that holds the socket, so uid and gid are right again; the pid is
+that child's, which has exited (CRIU has the same limitation).
 """
 
 from __future__ import annotations
@@ -341,6 +345,43 @@ def _fill(sock: socket.socket, e: dict, data: bytes) -> None:
                             "back") from None
 
 
+def _as_owner_task(ctx, call, *args) -> None:
+    """call(*args) in a short-lived child with the credentials of the process `ctx` restores:
+    the kernel records them as the peer credentials (SO_PEERCRED) of what it creates, connects
+    or listens on.  The descriptors are the restorer's, inherited."""
+    creds = ctx.proc["creds"]
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.setgroups(creds["groups"])
+            os.setresgid(*creds["gid"][:3])
+            os.setresuid(*creds["uid"][:3])
+            call(*args)
+            status = 0
+        except BaseException as exc:  # reported by the exit status, then by the message below
+            os.write(2, f"hpccr: {call.__name__}: {exc}\n".encode())
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    if status:
+        raise RestoreFailed(f"unix socket: {call.__name__} as uid {creds['uid'][1]} failed")
+
+
+def _pair(e: dict, ctx) -> tuple[socket.socket, socket.socket]:
+    """A socketpair of the entry's type, made with the credentials of its process."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        def make() -> None:
+            a, b = socket.socketpair(socket.AF_UNIX, SOCK_TYPES[e["type"]])
+            socket.send_fds(theirs, [b"p"], [a.fileno(), b.fileno()])
+
+        make.__name__ = "socketpair"
+        _as_owner_task(ctx, make)
+        _, fds, _, _ = socket.recv_fds(ours, 1, 2)
+    return socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+
+
 def _create_all(pool) -> dict[int, int]:
     """Every unix socket of the image, connected, filled and shut down as saved."""
     entries: dict[int, tuple[dict, object]] = {}
@@ -358,37 +399,35 @@ def _create_all(pool) -> dict[int, int]:
         return socks[ino]
 
     try:
-        for ino, (e, _) in entries.items():
+        for ino, (e, ctx) in entries.items():
             peer = e["peer"]
             if peer and peer in entries and entries[peer][0]["peer"] == ino and ino not in socks \
                     and e["listener"] is None and entries[peer][0]["listener"] is None:
-                socks[ino], socks[peer] = socket.socketpair(socket.AF_UNIX,
-                                                            SOCK_TYPES[e["type"]])
+                socks[ino], socks[peer] = _pair(e, ctx)
             elif peer == 0 and e["listener"] is None:
-                socks[ino], temporary[ino] = socket.socketpair(socket.AF_UNIX,
-                                                               SOCK_TYPES[e["type"]])
+                socks[ino], temporary[ino] = _pair(e, ctx)
         for ino, (e, ctx) in entries.items():
             if e["name"] is not None:
                 _bind(new(ino), e, ctx, unlink_later)
             if e["state"] == "listening":
-                socks[ino].listen(e["backlog"])
+                _as_owner_task(ctx, socks[ino].listen, e["backlog"])
         for ino, (e, _) in entries.items():
             if e["state"] != "listening":
                 continue
             address = _address(e["name"])
             for accepted, (a, _) in entries.items():
                 if a["listener"] == ino and a["peer"]:
-                    new(a["peer"]).connect(address)
+                    _as_owner_task(entries[a["peer"]][1], new(a["peer"]).connect, address)
                     socks[accepted], _ = socks[ino].accept()
             for client in e["pending"]:
                 new(client).setblocking(False)
-                socks[client].connect(address)
-        for ino, (e, _) in entries.items():
+                _as_owner_task(entries[client][1], socks[client].connect, address)
+        for ino, (e, ctx) in entries.items():
             peer = e["peer"]
             if peer and peer in entries and entries[peer][0]["peer"] != ino:
                 if entries[peer][0]["name"] is None:
                     raise RestoreFailed(f"unix socket {ino}: connected to an unnamed socket")
-                new(ino).connect(_address(entries[peer][0]["name"]))
+                _as_owner_task(ctx, new(ino).connect, _address(entries[peer][0]["name"]))
             new(ino)
         for ino, (e, ctx) in entries.items():
             if e["data"]:
