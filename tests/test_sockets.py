@@ -1,8 +1,9 @@
 """Unix domain sockets between processes of the dumped tree: socketpairs (stream, seqpacket,
 dgram) with messages queued both ways, a listening socket with accepted and waiting
 connections, an epoll server with three clients; each dumped by its root pid and run as a job,
-and dumped with --leave-running (the original still passes: nothing was consumed).  A socket
-connected to a process outside the dump is refused.
+and dumped with --leave-running (the original still passes: nothing was consumed).  A pair of a
+process run as another user keeps its peer credentials.  A socket connected to a process
+outside the dump, and data on a connection not accepted yet, are refused.
 
 Workloads: workloads/sock_pair.c stream|seqpacket|dgram, sock_listen.c DIR, sock_epoll.c.
 Each checks the exact queued messages, names, options and connections after the window.
@@ -101,3 +102,13 @@ def test_data_on_a_waiting_connection_is_refused(tree_cr, tmp_path):
     workload.assert_untouched()
     assert workload.wait_exit() == 0, workload.output()
     workload.assert_passed()
+
+
+def test_peer_credentials_of_a_user(tree_cr, tmp_path):
+    """The pair of a process run as nobody: after the restore its peer credentials (checked by
+    the workload) are nobody's again, not those of the restorer (root)."""
+    setpriv = ["--reuid=65534", "--regid=65534", "--clear-groups"]
+    workload = tree_cr.start(Path("/usr/bin/setpriv"), *setpriv, tree_cr.binaries["sock_pair"],
+                             "stream", append=True)
+    assert workload.status()["Uid"].split()[1] == "65534"
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
