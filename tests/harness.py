@@ -244,6 +244,16 @@ class Hpccr:
         self.dump_and_kill(workload, img)
         self.restore_and_pass(workload, img)
 
+    def leave_running_then_restore(self, workload: Workload, img: Path) -> None:
+        """A --leave-running dump: the original runs on and passes (the dump consumed and
+        disturbed nothing), then the image restores and passes too.  Start the workload with
+        append=True, so that both runs' lines stay in its log."""
+        res = self.dump(workload, img, "--leave-running")
+        assert res.returncode == 0, res.stderr
+        assert workload.wait_exit() == 0, workload.output()
+        workload.assert_passed()
+        self.restore_and_pass(workload, img, passes=2)
+
     wait_until = staticmethod(wait_until)
 
     @staticmethod

@@ -44,12 +44,7 @@ def test_leave_running(cr, tmp_path, name):
     """The original runs on and passes (nothing was consumed: pipe data, eventfd counters,
     pending signals and expirations); then the image restores and passes too."""
     workload = start(cr, tmp_path, name, append=True)
-    img = tmp_path / "img"
-    res = cr.dump(workload, img, "--leave-running")
-    assert res.returncode == 0, res.stderr
-    assert workload.wait_exit() == 0, workload.output()
-    workload.assert_passed()
-    cr.restore_and_pass(workload, img, passes=2)
+    cr.leave_running_then_restore(workload, tmp_path / "img")
 
 
 def test_pipe_image_holds_the_data(cr, tmp_path):

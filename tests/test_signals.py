@@ -20,9 +20,4 @@ def test_signals(cr, tmp_path):
 def test_signals_leave_running(cr, tmp_path):
     """The dump must neither consume nor add pending signals of the process it leaves running."""
     workload = cr.start("signals", append=True)
-    img = tmp_path / "img"
-    res = cr.dump(workload, img, "--leave-running")
-    assert res.returncode == 0, res.stderr
-    assert workload.wait_exit() == 0, workload.output()
-    workload.assert_passed()
-    cr.restore_and_pass(workload, img, passes=2)
+    cr.leave_running_then_restore(workload, tmp_path / "img")

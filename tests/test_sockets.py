@@ -58,12 +58,7 @@ def test_leave_running(tree_cr, tmp_path, which):
     """The original runs on and passes; then the image restores and passes too."""
     name, args = workloads(tmp_path)[which]
     workload = start(tree_cr, "pid", name, *args)
-    img = tmp_path / "img"
-    res = tree_cr.dump(workload, img, "--leave-running")
-    assert res.returncode == 0, res.stderr
-    assert workload.wait_exit() == 0, workload.output()
-    workload.assert_passed()
-    tree_cr.restore_and_pass(workload, img, passes=2)
+    tree_cr.leave_running_then_restore(workload, tmp_path / "img")
 
 
 def test_peer_outside_the_dump_is_refused(cr, tmp_path):

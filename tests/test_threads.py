@@ -39,12 +39,7 @@ def test_threads_registers(cr, tmp_path):
 def test_threads_leave_running(cr, tmp_path):
     """A dump that leaves the process running must not disturb any thread's registers."""
     workload = cr.start("regs", append=True)
-    img = tmp_path / "img"
-    res = cr.dump(workload, img, "--leave-running")
-    assert res.returncode == 0, res.stderr
-    assert workload.wait_exit() == 0, workload.output()
-    workload.assert_passed()
-    cr.restore_and_pass(workload, img, passes=2)
+    cr.leave_running_then_restore(workload, tmp_path / "img")
 
 
 def test_threads_leave_stopped(cr, tmp_path):
