@@ -105,6 +105,12 @@ def _fd_path(fd: dict) -> str:
 
 
 def _render_process(proc: dict) -> list[str]:
+    if proc["exit_status"] is not None:
+        status = proc["exit_status"]
+        how = (f"exit code {os.WEXITSTATUS(status)}" if os.WIFEXITED(status)
+               else f"killed by signal {os.WTERMSIG(status)}")
+        return [f"process {proc['pid']} ({proc['comm']})",
+                f"  zombie    {how}, not yet reaped by its parent {proc['ppid']}"]
     creds = proc["creds"]
     lines = [
         f"process {proc['pid']} ({proc['comm']})",
@@ -195,7 +201,8 @@ def render(path: str | Path, as_json: bool = False) -> str:
         f"created     {meta['created']} on {meta['hostname']} (kernel {meta['kernel']})",
         f"cpu         xfeatures {cpu['xfeatures']:#x}, xstate size {cpu['xstate_size']} bytes",
         f"timing      frozen {timing['frozen_s']:.3f} s, dump {timing['dump_s']:.3f} s",
-        f"root pid    {meta['root_pid']}, {len(meta['processes'])} process(es)",
+        f"root pid    {meta['root_pid']}, {len(meta['processes'])} process(es)"
+        + (", in a pid namespace of its own (hpccr run)" if meta["pidns"] else ""),
         f"checksums   {verdict}",
     ]
     lines += [f"  {message}" for message in problems.values()]
