@@ -18,8 +18,6 @@ PTRACE_CONT = 7
 PTRACE_DETACH = 17
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
-PTRACE_SETOPTIONS = 0x4200
-PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
@@ -118,14 +116,8 @@ def detach(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_DETACH, tid, 0, sig)
 
 
-def set_options(tid: int, options: int) -> None:
-    _ptrace(PTRACE_SETOPTIONS, tid, 0, options)
 
 
-def event_msg(tid: int) -> int:
-    out = ffi.new("unsigned long *")
-    _ptrace(PTRACE_GETEVENTMSG, tid, 0, out)
-    return out[0]
 
 
 def wait(tid: int, nohang: bool = False) -> int:
@@ -268,10 +260,6 @@ def statfs_type(path: str) -> int:
     return _check(lib.hpccr_statfs_type(path.encode()))
 
 
-def tgkill(tgid: int, tid: int, sig: int) -> None:
-    ffi.errno = 0
-    if lib.hpccr_tgkill(tgid, tid, sig) < 0:
-        raise OSError(ffi.errno, os.strerror(ffi.errno))
 
 
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:

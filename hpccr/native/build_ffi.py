@@ -15,7 +15,6 @@ struct user_regs_struct {
 
 long ptrace(int request, int pid, void *addr, void *data);
 int kill(int pid, int sig);
-int hpccr_tgkill(int tgid, int tid, int sig);
 long hpccr_syscall6(long nr, long a1, long a2, long a3, long a4, long a5, long a6);
 
 int hpccr_getregset(int tid, int type, void *buf, size_t *len);
@@ -68,11 +67,6 @@ SOURCE = r"""
 #ifndef __WALL
 #define __WALL 0x40000000
 #endif
-
-int hpccr_tgkill(int tgid, int tid, int sig)
-{
-    return syscall(SYS_tgkill, tgid, tid, sig);
-}
 
 long hpccr_syscall6(long nr, long a1, long a2, long a3, long a4, long a5, long a6)
 {
