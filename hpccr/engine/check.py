@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hpccr import native
-from hpccr.engine import cpu, procfs
+from hpccr.engine import cpu, posix_timers, procfs
 from hpccr.engine.restore import MM_MAP, PR_SET_MM, PR_SET_MM_MAP
 from hpccr.errors import CheckFailed
 
@@ -615,6 +615,18 @@ def _soft_dirty(scratch: Scratch):
         raise Missing("not compiled into this kernel: clear_refs=4 is accepted, pagemap bit 55 "
                       "is never set (PAGEMAP_SCAN + userfaultfd write-protect replace it)")
     raise Missing(f"bit 55 after write, clear, write: {seen} (expected 1 0 1)")
+
+
+def _timer_ids_in_child() -> str:
+    native.syscall("prctl", posix_timers.PR_TIMER_CREATE_RESTORE_IDS,
+                   posix_timers.PR_TIMER_CREATE_RESTORE_IDS_ON, 0, 0, 0)
+    return "ok"
+
+
+@probe("timer_restore_ids", False, "restore of POSIX timers (timer_create)")
+def _timer_restore_ids(scratch: Scratch):
+    scratch.answer(scratch.child(_timer_ids_in_child))
+    return "prctl(PR_TIMER_CREATE_RESTORE_IDS) accepted: timers come back with their ids", {}
 
 
 @probe("cap_sys_resource", False)
