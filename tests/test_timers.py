@@ -14,3 +14,9 @@ def test_itimers_without_checkpoint(cr):
 def test_itimers(cr, tmp_path):
     workload = cr.start("itimers")
     cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_fired_real_timer(cr, tmp_path):
+    """Dumped between firing and its SIGALRM being taken, the real timer still re-arms."""
+    workload = cr.start("itimers", "fired")
+    cr.checkpoint_restart(workload, tmp_path / "img")

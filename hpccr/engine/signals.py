@@ -68,9 +68,13 @@ def restore_itimers(inj, itimers: dict[str, list[int]]) -> None:
         interval, value = itimers[name]
         if value and name != "real":
             value = max(1, value - cpu_timer_tick_us())
-        # A real timer with nothing left has its SIGALRM pending (queued again with the other
-        # signals): taking that signal re-arms it, so its interval must be set all the same.
-        if value or (name == "real" and interval):
+        # A real timer with nothing left has fired and its SIGALRM is pending: taking that
+        # signal is what re-arms it.  setitimer() with a zero value would disarm it (interval
+        # and all), so it is armed to fire at once instead: its SIGALRM merges with the pending
+        # one, and taking it re-arms the timer with its interval, as before the dump.
+        if name == "real" and interval and not value:
+            value = 1
+        if value:
             ptr = inj.put(ITIMERVAL.pack(*divmod(interval, 10**6), *divmod(value, 10**6)))
             inj.call("setitimer", which, ptr, 0)
     inj.reset()

@@ -3,6 +3,9 @@
  * keep firing across the checkpoint.  After the window getitimer shows both armed with their
  * intervals, and the counts of SIGALRM and SIGVTALRM keep growing (the virtual one while the
  * workload spins in user space).
+ *
+ * With the argument "fired", SIGALRM is blocked until it is pending before the checkpoint: the
+ * real timer has then fired and shows nothing left, and only taking its signal re-arms it.
  */
 #include "wl.h"
 
@@ -55,8 +58,11 @@ static void check_armed(int which, const char *name, long us)
 		 (long)it.it_value.tv_usec);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+	int fired = argc > 1 && !strcmp(argv[1], "fired");
+	sigset_t alrm, pending;
+
 	struct sigaction sa = {.sa_handler = on_alarm, .sa_flags = SA_RESTART};
 
 	sigemptyset(&sa.sa_mask);
@@ -66,9 +72,22 @@ int main(void)
 	arm(ITIMER_VIRTUAL, VIRTUAL_US);
 	if (!grows(&alarms, 2, 5) || !grows(&vtalarms, 2, 5))
 		wl_die("the timers do not fire");
+	sigemptyset(&alrm);
+	sigaddset(&alrm, SIGALRM);
+	if (fired) {
+		sigprocmask(SIG_BLOCK, &alrm, NULL);
+		do
+			sigpending(&pending);
+		while (!sigismember(&pending, SIGALRM));
+	}
 	wl_ready();
 
 	wl_sleep(WL_WINDOW_S);
+	if (fired) {
+		sigpending(&pending);
+		WL_CHECK(sigismember(&pending, SIGALRM), "the fired SIGALRM is no longer pending");
+		sigprocmask(SIG_UNBLOCK, &alrm, NULL);
+	}
 
 	check_armed(ITIMER_REAL, "ITIMER_REAL", REAL_US);
 	check_armed(ITIMER_VIRTUAL, "ITIMER_VIRTUAL", VIRTUAL_US);
