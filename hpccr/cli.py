@@ -62,18 +62,99 @@ def dump(pid: int, directory: str, mode: str | None) -> None:
                err=True)
 
 
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        from hpccr.duration import parse_duration
+
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class SignalName(click.ParamType):
+    name = "signal"
+
+    def convert(self, value, param, ctx):
+        import signal
+
+        name = str(value).upper()
+        try:
+            return signal.Signals(int(name)) if name.isdigit() else signal.Signals[
+                name if name.startswith("SIG") else "SIG" + name]
+        except (KeyError, ValueError):
+            self.fail(f"not a signal: {value}", param, ctx)
+
+
+def supervision_options(f):
+    """The options `run` and `restore` share: periodic and final checkpoints, and the user."""
+    for decorator in reversed([
+        click.option("--interval", type=Duration(),
+                     help="Checkpoint the whole job this often: 90s, 30m, 2h, or Slurm's MM:SS, "
+                          "HH:MM:SS, D-HH (a bare number counts minutes, as in Slurm)."),
+        click.option("--keep", default=2, show_default=True, type=click.IntRange(min=1),
+                     help="How many of the newest checkpoints to keep."),
+        click.option("--checkpoint-on", "stop_signals", type=SignalName(), multiple=True,
+                     help="On this signal (repeatable), checkpoint the job one last time and "
+                          "stop it; exit 75 (the job is not finished)."),
+        click.option("--user", "user_spec", metavar="USER",
+                     help="As root, for USER: the job runs as USER, images are read and written "
+                          "with USER's file rights, and restored processes may have no more "
+                          "than USER's credentials."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def _act_for(user_spec: str | None):
+    from hpccr.user import User
+
+    if user_spec is None:
+        return None
+    user = User.lookup(user_spec)
+    user.take_fs_rights()
+    return user
+
+
 @main.command()
 @click.option("-D", "--images-dir", "directory", required=True, type=click.Path(),
-              help="Checkpoint image directory to restore.")
+              help="Checkpoint image directory to restore (or a series: its latest image).")
 @click.option("--detach", is_flag=True,
               help="Return once the process runs instead of waiting for it to exit.")
 @click.option("--pidfile", type=click.Path(), help="Write the restored process's pid here.")
-def restore(directory: str, detach: bool, pidfile: str | None) -> None:
+@supervision_options
+def restore(directory: str, detach: bool, pidfile: str | None, interval: int | None, keep: int,
+            stop_signals: tuple[int, ...], user_spec: str | None) -> None:
     """Restore a checkpoint image. Without --detach, wait for the restored process and exit
-    with its exit status (128+N if killed by signal N), like cr_restart."""
-    from hpccr.engine.restore import restore as do_restore
+    with its exit status (128+N if killed by signal N), like cr_restart.  With --interval or
+    --checkpoint-on, -D is a series (as `hpccr run -D` writes it) and the restored job goes on
+    being checkpointed into it."""
+    from pathlib import Path
 
-    sys.exit(do_restore(directory, detach=detach, pidfile=pidfile))
+    from hpccr.engine.restore import restore_tree
+    from hpccr.image.series import Series, resolve
+    from hpccr.run import Checkpoints, Supervision
+
+    supervised = bool(interval or stop_signals)
+    if supervised and detach:
+        raise click.UsageError("--detach cannot go with --interval or --checkpoint-on")
+    if supervised and resolve(directory) == Path(directory):
+        raise click.UsageError("--interval and --checkpoint-on need -D to be a series "
+                               "directory (as `hpccr run -D` writes it), not one image")
+    checkpoints = Checkpoints(Series(directory), interval, keep, stop_signals)
+    user = _act_for(user_spec)
+    supervision = None if detach else Supervision(checkpoints)
+    root = restore_tree(directory, user)
+    _write_pidfile(pidfile, root)
+    sys.exit(supervision.run(root) if supervision else 0)
+
+
+def _write_pidfile(pidfile: str | None, pid: int) -> None:
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(f"{pid}\n")
 
 
 @main.command()
@@ -98,46 +179,29 @@ def check(as_json: bool) -> None:
     report.raise_if_failed()
 
 
-class Duration(click.ParamType):
-    name = "duration"
-
-    def convert(self, value, param, ctx):
-        from hpccr.duration import parse_duration
-
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-
-
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("-D", "--images-dir", "directory", type=click.Path(),
               help="Directory for the job's checkpoints (one sub-directory each, and 'latest').")
-@click.option("--interval", type=Duration(),
-              help="Checkpoint the whole job this often: 90s, 30m, 2h, or Slurm's MM:SS, "
-                   "HH:MM:SS, D-HH (a bare number counts minutes, as in Slurm).")
-@click.option("--keep", default=2, show_default=True, type=click.IntRange(min=1),
-              help="How many of the newest checkpoints to keep.")
 @click.option("--pidfile", type=click.Path(), help="Write the job's pid (its hpccr-init) here.")
+@supervision_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(directory: str | None, interval: int | None, keep: int, pidfile: str | None,
-        command: tuple[str, ...]) -> None:
+def run(directory: str | None, pidfile: str | None, interval: int | None, keep: int,
+        stop_signals: tuple[int, ...], user_spec: str | None, command: tuple[str, ...]) -> None:
     """Run COMMAND as a job in its own pid namespace, so that its checkpoints can always be
     restored with the same pids; exit with its status.  Put `--` before COMMAND."""
-    from hpccr.engine.dump import dump as do_dump
     from hpccr.image.series import Series
-    from hpccr.run import start_job, supervise
+    from hpccr.run import Checkpoints, Supervision, start_job
 
-    if interval and not directory:
-        raise click.UsageError("--interval needs -D/--images-dir")
-    pid = start_job(list(command))
+    if (interval or stop_signals) and not directory:
+        raise click.UsageError("--interval and --checkpoint-on need -D/--images-dir")
+    checkpoints = Checkpoints(Series(directory) if directory else None, interval, keep,
+                              stop_signals)
+    user = _act_for(user_spec)
+    supervision = Supervision(checkpoints)
+    pid = start_job(list(command), user)
     click.echo(f"hpccr run: job pid {pid}", err=True)
-    if pidfile:
-        with open(pidfile, "w") as f:
-            f.write(f"{pid}\n")
-    series = Series(directory) if directory else None
-    sys.exit(supervise(pid, series, interval, keep,
-                       lambda target, path: do_dump(target, str(path), "running")))
+    _write_pidfile(pidfile, pid)
+    sys.exit(supervision.run(pid))
 
 
 # --- Slurm ---------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """`hpccr run`: start a job in its own pid, mount and IPC namespaces, and checkpoint it
 periodically.
 
+With stop signals (--checkpoint-on, e.g. the batch system's warning before a time limit or a
+preemption) the job is checkpointed one last time and stopped instead of being signalled.
+
 The job's pid 1 is hpccr-init, which runs the command, forwards signals to it and reaps orphans.
 Because the job's pids live in a namespace of their own, a restore recreates a fresh namespace
 with the same pids and can never collide with pids in use on the machine.
@@ -8,40 +11,55 @@ with the same pids and can never collide with pids in use on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
+import signal
 import sys
 import time
 from importlib import resources
+from pathlib import Path
 
 from hpccr.engine.job import (
+    FORWARDED,
     enter_job_namespaces,
     exit_code,
     fork_into_new_pid_namespace,
-    forward_signals,
 )
 from hpccr.errors import HpccrError
 from hpccr.image.series import Series
+from hpccr.user import User
+
+# Exit status of `hpccr run` and `hpccr restore` when a stop signal ended the job after its final
+# checkpoint (EX_TEMPFAIL: the job is not finished; restore its latest checkpoint to go on).
+STOPPED = 75
 
 
 def init_path() -> str:
     return str(resources.files("hpccr.native") / "hpccr-init")
 
 
-def start_job(argv: list[str]) -> int:
-    """Start hpccr-init running `argv` as pid 1 of new namespaces; returns its pid here.
-    hpccr itself stays outside and traces the job from there."""
+def start_job(argv: list[str], user: User | None = None, env: dict[str, str] | None = None,
+              cwd: str | None = None) -> int:
+    """Start hpccr-init running `argv` as pid 1 of new namespaces (as `user`, in `cwd`, with
+    `env`, if given); returns its pid here.  hpccr itself stays outside and traces the job
+    from there."""
     if os.geteuid() != 0:
         raise HpccrError("hpccr run needs root for now (pid namespaces with exact pids)")
+    init = init_path()
     rd, wr = os.pipe2(os.O_CLOEXEC)
     pid = fork_into_new_pid_namespace()
     if pid == 0:
         try:
             os.close(rd)
             enter_job_namespaces()
+            if user is not None:
+                user.become()
+            if cwd is not None:
+                os.chdir(cwd)
             os.closerange(3, wr)
             os.closerange(wr + 1, 1 << 16)
-            os.execv(init_path(), ["hpccr-init", *argv])
+            os.execve(init, ["hpccr-init", *argv], os.environ if env is None else env)
         except BaseException as exc:  # report, then die
             os.write(wr, str(exc).encode() or b"exec failed")
         finally:
@@ -55,29 +73,106 @@ def start_job(argv: list[str]) -> int:
     return pid
 
 
-def supervise(pid: int, series: Series | None, interval: float | None, keep: int,
-              checkpoint) -> int:
-    """Wait for the job, checkpointing it every `interval` seconds with checkpoint(pid, path)
-    (a failed checkpoint is reported and the job runs on); returns its exit status."""
-    forward_signals(pid)
-    pidfd = os.pidfd_open(pid)
-    next_at = time.monotonic() + interval if interval else None
-    try:
-        while True:
-            timeout = None if next_at is None else max(0.0, next_at - time.monotonic())
-            try:
-                ready, _, _ = select.select([pidfd], [], [], timeout)
-            except InterruptedError:
-                continue
-            if ready:
-                return exit_code(os.waitpid(pid, 0)[1])
-            path = series.next_path()
-            try:
-                checkpoint(pid, path)
-                series.publish(path, keep)
-            except HpccrError as exc:
-                print(f"hpccr run: checkpoint {path} failed, the job runs on: {exc}",
-                      file=sys.stderr)
-            next_at = time.monotonic() + interval
-    finally:
-        os.close(pidfd)
+class Checkpoints:
+    """Where and how a supervised job is checkpointed: into `series` every `interval` seconds
+    (None: only on a stop signal), keeping the newest `keep`; on one of `stop_signals` once more,
+    after which the job is stopped."""
+
+    def __init__(self, series: Series | None, interval: float | None, keep: int,
+                 stop_signals: tuple[int, ...] = ()):
+        if (interval or stop_signals) and series is None:
+            raise HpccrError("checkpoints need a directory (-D)")
+        self.series, self.interval, self.keep = series, interval, keep
+        self.stop_signals = stop_signals
+
+    def take(self, pid: int, mode: str) -> Path | None:
+        """One checkpoint of the job (dump mode `mode`); its path, or None if it failed (said
+        on stderr: the job runs on)."""
+        from hpccr.engine.dump import dump
+
+        path = self.series.next_path()
+        try:
+            dump(pid, str(path), mode)
+            self.series.publish(path, self.keep)
+        except HpccrError as exc:
+            print(f"hpccr: checkpoint {path} failed, the job runs on: {exc}", file=sys.stderr,
+                  flush=True)
+            return None
+        return path
+
+
+class Supervision:
+    """A job's parent: created before the job exists (so that no signal sent meanwhile is
+    lost), then `run(pid)` waits for the job, checkpointing it as `checkpoints` says.
+
+    Signals are passed on to the job, except stop signals: on one of those the job is
+    checkpointed at once and killed (the checkpoint is complete before anything is killed).
+    If that checkpoint fails the job runs on, and gets the signal only if it is SIGTERM (the
+    batch system is ending the job anyway)."""
+
+    def __init__(self, checkpoints: Checkpoints):
+        self.checkpoints = checkpoints
+        self.pid: int | None = None
+        self.early: list[int] = []  # signals to pass on that came before the job existed
+        self.stop_requests: list[int] = []
+        self.wake_rd, self.wake_wr = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for sig in FORWARDED:
+            signal.signal(sig, self._on_signal)
+        for sig in checkpoints.stop_signals:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signo: int, _frame) -> None:
+        if signo in self.checkpoints.stop_signals:
+            self.stop_requests.append(signo)
+            with contextlib.suppress(BlockingIOError):
+                os.write(self.wake_wr, b"!")
+        elif self.pid is None:
+            self.early.append(signo)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signo)
+
+    def run(self, pid: int) -> int:
+        """The job's exit status, or STOPPED when a stop signal came and its final checkpoint
+        is complete."""
+        self.pid = pid
+        for signo in self.early:
+            os.kill(pid, signo)
+        pidfd = os.pidfd_open(pid)
+        interval = self.checkpoints.interval
+        next_at = time.monotonic() + interval if interval else None
+        try:
+            while True:
+                timeout = None if next_at is None else max(0.0, next_at - time.monotonic())
+                try:
+                    ready, _, _ = select.select([pidfd, self.wake_rd], [], [], timeout)
+                except InterruptedError:
+                    continue
+                if pidfd in ready:
+                    return exit_code(os.waitpid(pid, 0)[1])
+                if self.stop_requests:
+                    if self._stop():
+                        return STOPPED
+                    continue
+                self.checkpoints.take(pid, "running")
+                next_at = time.monotonic() + interval
+        finally:
+            os.close(pidfd)
+            os.close(self.wake_rd)
+            os.close(self.wake_wr)
+
+    def _stop(self) -> bool:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self.wake_rd, 64)
+        signo = self.stop_requests[-1]
+        self.stop_requests.clear()
+        path = self.checkpoints.take(self.pid, "kill")
+        if path is None:
+            if signo == signal.SIGTERM:
+                os.kill(self.pid, signo)
+            return False
+        with contextlib.suppress(ChildProcessError):  # the dump may have reaped it
+            os.waitpid(self.pid, 0)
+        print(f"hpccr: {signal.Signals(signo).name}: job checkpointed to {path} and stopped",
+              file=sys.stderr, flush=True)
+        return True

@@ -52,6 +52,7 @@ from hpccr.errors import (
 )
 from hpccr.image import ImageReader, PageReader
 from hpccr.image.series import resolve
+from hpccr.user import User
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 AT_ENTRY = 9
@@ -63,7 +64,7 @@ AT_FDCWD = -100
 class Context:
     """What the restore of one process needs along the way."""
 
-    def __init__(self, reader: ImageReader, proc: dict, shared: SharedObjects):
+    def __init__(self, reader: ImageReader, proc: dict, shared: SharedObjects, trusted: bool):
         self.reader = reader
         self.proc = proc
         self.shared = shared
@@ -72,7 +73,7 @@ class Context:
         # An image only root could have written may hold what the process opened before it
         # dropped privileges (files, a cwd it can no longer reach): those are reopened as root.
         # A user's own image gets nothing its user could not open.
-        self.trusted = os.stat(reader.path).st_uid == 0
+        self.trusted = trusted
         self.fsuid, self.fsgid = uid[1], gid[1]
         self.threads: list[int] = []  # as hpccr sees them, once rebuilt
 
@@ -81,13 +82,13 @@ class Context:
         """File-system rights of the process's user in this (root) process, for a while."""
         saved_groups = os.getgroups()
         os.setgroups(self.proc["creds"]["groups"])
-        native.syscall("setfsgid", self.fsgid)
-        native.syscall("setfsuid", self.fsuid)
+        saved_fsgid = native.syscall("setfsgid", self.fsgid)
+        saved_fsuid = native.syscall("setfsuid", self.fsuid)
         try:
             yield
         finally:
-            native.syscall("setfsuid", 0)
-            native.syscall("setfsgid", 0)
+            native.syscall("setfsuid", saved_fsuid)
+            native.syscall("setfsgid", saved_fsgid)
             os.setgroups(saved_groups)
 
     def as_owner(self, call, *args):
@@ -136,10 +137,10 @@ class Task:
         return self.proc.get("exit_status") is not None
 
 
-def plan(reader: ImageReader, meta: dict) -> list[Task]:
+def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
     """The tasks in creation order (every parent before its children), the root first."""
     shared = SharedObjects(reader)
-    tasks = {p["pid"]: Task(Context(reader, p, shared)) for p in meta["processes"]}
+    tasks = {p["pid"]: Task(Context(reader, p, shared, trusted)) for p in meta["processes"]}
     root = tasks.get(meta["root_pid"])
     if root is None:
         raise ImageCorrupt(f"image.json: root process {meta['root_pid']} is not in the image")
@@ -201,12 +202,30 @@ def _plan_sessions(tasks: dict[int, Task], root: Task, pidns: bool) -> None:
         parent.helpers[sid] = sorted(members, key=lambda t: t.proc["pid"])
 
 
-def restore(directory: str, detach: bool = False, pidfile: str | None = None) -> int:
+def restore(directory: str, detach: bool = False, pidfile: str | None = None,
+            user: User | None = None) -> int:
     """Restore the image; returns the restored root process's exit status (0 with `detach`)."""
+    root = restore_tree(directory, user)
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(f"{root}\n")
+    if detach:
+        return 0
+    return wait_for(root)
+
+
+def restore_tree(directory: str, user: User | None = None) -> int:
+    """Restore the image and let it run; returns the restored root's pid (our child).
+
+    The processes may have the credentials of the image's owner and no more — of `user`'s when
+    root restores for a user — and anything for an image only root could have written."""
     reader, meta = load(directory)
-    order = plan(reader, meta)
+    owner_uid = os.stat(reader.path).st_uid
+    if user is None and owner_uid != 0:
+        user = User.owner_of(os.stat(reader.path))
+    order = plan(reader, meta, trusted=user is None)
     pidns = meta.get("pidns", False)
-    preflight(reader, meta, order, pidns)
+    preflight(reader, meta, order, pidns, user)
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order])
     try:
         pool.open_all()
@@ -239,25 +258,20 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None) ->
         order[0].ctx.shared.unlink_all()
         for task in order:
             task.ctx.ghosts.unlink_all()
-    root = order[0].outer
-    if pidfile:
-        with open(pidfile, "w") as f:
-            f.write(f"{root}\n")
-    if detach:
-        return 0
-    return wait_for(root)
+    return order[0].outer
 
 
-def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool) -> None:
+def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
+              user: User | None) -> None:
     """Everything that can be checked before a task exists."""
     if os.geteuid() != 0:
         raise AccessDenied("restoring exact pids needs root (CAP_CHECKPOINT_RESTORE)")
-    owner = os.stat(reader.path).st_uid
     for task in order:
         proc = task.proc
-        uids = proc["creds"]["uid"]
-        if owner != 0 and any(u != owner for u in uids):
-            raise AccessDenied(f"image owned by uid {owner} asks for uids {uids}: refused")
+        excess = user.excess(proc["creds"]) if user is not None else None
+        if excess:
+            raise AccessDenied(f"process {proc['pid']} of the image has {excess}, which "
+                               f"user {user.name} does not: refused")
         ids = [proc["pid"], *task.helpers] + [t["tid"] for t in proc["threads"]]
         for tid in ids if not pidns else []:
             if os.path.exists(procfs.path(tid)):

@@ -43,7 +43,7 @@ SYS = {
     "mremap": 25, "madvise": 28, "nanosleep": 35, "getitimer": 36, "setitimer": 38,
     "getpid": 39, "exit": 60, "wait4": 61, "fcntl": 72, "chdir": 80, "umask": 95,
     "setgroups": 116, "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
-    "capset": 126, "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135,
+    "capget": 125, "capset": 126, "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135,
     "prctl": 157, "arch_prctl": 158, "gettid": 186, "futex": 202, "set_tid_address": 218,
     "restart_syscall": 219, "clock_nanosleep": 230, "epoll_wait": 232, "epoll_ctl": 233,
     "openat": 257, "pselect6": 270, "ppoll": 271, "set_robust_list": 273, "get_robust_list": 274,

@@ -24,11 +24,12 @@ import re
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.engine.fds import epoll, eventfd, pipe, regular, signalfd, timerfd, tty, unix
-from hpccr.errors import UnsupportedResource
+from hpccr.engine.fds import epoll, eventfd, memfd, pipe, regular, signalfd, timerfd, tty, unix
+from hpccr.errors import RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, tty, pipe, unix, eventfd, timerfd, signalfd, epoll)}
+KINDS = {k.NAME: k for k in (regular, memfd, tty, pipe, unix, eventfd, timerfd, signalfd,
+                              epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
@@ -121,6 +122,7 @@ class Pool:
         self.fds: dict[int, int] = {}
         self.pipes: dict[int, int] = {}  # pipe inode -> a read-write descriptor on it
         self.sockets: dict[int, int] | None = None  # unix socket inode -> descriptor, once made
+        self.memfds: dict[str, int] = {}  # memfd's ghost file -> the memfd
         self.finisher: dict[int, tuple[int, int]] = {}  # desc -> (pid, fd) that finishes it
         self.base = max([e["fd"] for _, entries in tables for e in entries] + [2]) + 64
 
@@ -133,16 +135,23 @@ class Pool:
                 if e["desc"] in self.fds:
                     continue
                 with ctx.owner_rights():
-                    local = KINDS[e["kind"]].open(e, ctx, self)
+                    try:
+                        local = KINDS[e["kind"]].open(e, ctx, self)
+                    except OSError as exc:
+                        raise RestoreFailed(
+                            f"process {ctx.proc['pid']}, fd {e['fd']} ({e['kind']}): cannot "
+                            f"open it again as uid {ctx.fsuid}: {exc.strerror or exc}") from exc
                 self.fds[e["desc"]] = fcntl.fcntl(local, fcntl.F_DUPFD_CLOEXEC, self.base)
                 os.close(local)
                 self.finisher[e["desc"]] = (ctx.proc["pid"], e["fd"])
 
     def close(self) -> None:
-        for fd in [*self.fds.values(), *self.pipes.values(), *(self.sockets or {}).values()]:
+        for fd in [*self.fds.values(), *self.pipes.values(), *(self.sockets or {}).values(),
+                   *self.memfds.values()]:
             os.close(fd)
         self.fds.clear()
         self.pipes.clear()
+        self.memfds.clear()
         self.sockets = {}
 
 

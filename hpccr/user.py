@@ -1,0 +1,96 @@
+"""The user whose processes and images hpccr handles, and what that user may have.
+
+Root may act for one user (`hpccr run/restore --user`, used by the privileged side of a Slurm
+job): the job then runs with that user's credentials, hpccr reads and writes images with that
+user's file-system rights only — so the images are the user's, and no path the user controls
+can make root read or write anywhere else — and a restore accepts only processes with that
+user's ids and no capabilities.  The same limits hold for any image not owned by root: a
+restored process never gets more than the owner of its image had.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+from hpccr import native
+from hpccr.errors import AccessDenied, HpccrError
+
+NO_CAPS = 0
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
+CAP_DAC_READ_SEARCH = 2
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # supplementary groups, as initgroups() would set them
+
+    @classmethod
+    def lookup(cls, spec: str) -> User:
+        """By name or uid."""
+        try:
+            pw = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+        except KeyError:
+            raise HpccrError(f"no such user: {spec}") from None
+        return cls(pw.pw_name, pw.pw_uid, pw.pw_gid,
+                   tuple(os.getgrouplist(pw.pw_name, pw.pw_gid)))
+
+    @classmethod
+    def owner_of(cls, st: os.stat_result) -> User:
+        """The owner of a file; one without a passwd entry has the file's group and no other."""
+        try:
+            return cls.lookup(str(st.st_uid))
+        except HpccrError:
+            return cls(str(st.st_uid), st.st_uid, st.st_gid, (st.st_gid,))
+
+    def take_fs_rights(self) -> None:
+        """From now on this (root) process writes and creates files as the user: call it
+        before any thread exists, threads inherit it.
+
+        The kernel drops the file-system capabilities with the fsuid; the right to read any
+        file (CAP_DAC_READ_SEARCH) is taken back, since hpccr must read the /proc files of
+        the tasks it restores (root's until their credentials come back, last).  The image
+        reader accepts regular files only, and the credentials of what it restores are the
+        user's, whatever the image says."""
+        if os.geteuid() != 0:
+            raise AccessDenied("--user needs root")
+        os.setgroups(list(self.groups))
+        native.syscall("setfsgid", self.gid)
+        native.syscall("setfsuid", self.uid)
+        header = native.ffi.new("uint32_t[2]", [LINUX_CAPABILITY_VERSION_3, 0])
+        data = native.ffi.new("uint32_t[6]")  # effective, permitted, inheritable; two words
+        args = (int(native.ffi.cast("long", header)), int(native.ffi.cast("long", data)))
+        native.syscall("capget", *args)
+        data[0] |= 1 << CAP_DAC_READ_SEARCH
+        native.syscall("capset", *args)
+
+    def become(self) -> None:
+        """Drop every privilege for good and become the user (in a child about to exec)."""
+        os.setgroups(list(self.groups))
+        os.setresgid(self.gid, self.gid, self.gid)
+        os.setresuid(self.uid, self.uid, self.uid)
+
+    def excess(self, creds: dict) -> str | None:
+        """What in `creds` (as an image records them) this user could not have, or None."""
+        if any(u != self.uid for u in creds["uid"]):
+            return f"uids {creds['uid']}"
+        allowed = {self.gid, *self.groups}
+        if not set(creds["gid"]) | set(creds["groups"]) <= allowed:
+            names = sorted(set(creds["gid"]) | set(creds["groups"]) - allowed)
+            return f"groups {', '.join(_group_name(g) for g in names)}"
+        for field in ("cap_prm", "cap_eff", "cap_inh", "cap_amb"):
+            if int(creds[field], 16) != NO_CAPS:
+                return f"capabilities ({field} {creds[field]})"
+        return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} ({gid})"
+    except KeyError:
+        return str(gid)
