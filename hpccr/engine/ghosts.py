@@ -69,8 +69,16 @@ class SharedObjects:
         self.dir: str | None = None
         self.paths: dict[str, str] = {}
         self.put: set[str] = set()
+        self.held: dict[str, str] = {}
+
+    def hold(self, name: str, path: str) -> None:
+        """Object `name` was remade as a descriptor that a restored process holds, reachable
+        through `path` (a memfd): its mappings map that object, not a copy."""
+        self.held[name] = path
 
     def shmem(self, name: str) -> str:
+        if name in self.held:
+            return self.held[name]
         if name not in self.paths:
             if self.dir is None:
                 self.dir = tempfile.mkdtemp(prefix="hpccr-shmem-", dir="/dev/shm")

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 
 from hpccr import native
 
+NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY  # flags that acted at open
+
 
 @contextlib.contextmanager
 def borrowed(pid: int, fd: int) -> Iterator[int]:
@@ -32,9 +34,14 @@ def cbuf(data: bytes | int):
     return buf, int(native.ffi.cast("uintptr_t", buf))
 
 
+def saved_file(ctx, name: str) -> int:
+    """Image file `name`, opened with the rights of the process's owner (root's for an image
+    only root could have written), like the files it reopens."""
+    return ctx.as_owner(os.open, ctx.reader.path_of(name),
+                        os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
 def saved_data(ctx, name: str) -> bytes:
-    """Image file `name`, read with the rights of the process's owner (root's for an image only
-    root could have written), like the files it reopens."""
-    fd = ctx.as_owner(os.open, ctx.reader.path_of(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
+    """The content of image file `name` (see saved_file)."""
+    with os.fdopen(saved_file(ctx, name), "rb") as f:
         return f.read()

@@ -6,18 +6,19 @@ from __future__ import annotations
 import os
 import stat
 
+from hpccr.engine.fds import memfd
+from hpccr.engine.fds.common import NOT_REOPENED
 from hpccr.errors import FileMismatch
 
 NAME = "file"
 FIELDS: dict = {}  # path and ghost are common fields
 SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 DELETED = " (deleted)"
-NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
 
 def recognise(link: str, st: os.stat_result) -> bool:
-    if link.startswith("anon_inode:"):
-        return False  # eventfd & co., whatever mode the kernel gives their inode
+    if link.startswith("anon_inode:") or memfd.recognise(link, st):
+        return False  # eventfd & co., whatever mode the kernel gives their inode; memfds
     return (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
             or (stat.S_ISCHR(st.st_mode) and link in SAFE_DEVICES))
 

@@ -1,0 +1,120 @@
+"""memfd (memfd_create): a named memory file with its content, size and seals.
+
+Dump: the content goes into the image as a ghost file (engine/ghosts.py), once per memfd; its
+shared mappings name that same ghost file.  The seals are read with F_GET_SEALS.
+F_SEAL_FUTURE_WRITE on a memfd that a process of the dump maps shared and writable is refused:
+the restore seals a memfd before anything maps it, and that seal forbids writable shared
+mappings made after it.
+
+Restore: the restorer makes each memfd once (pool.memfds, by ghost file) with the file-system
+rights of the process that holds it, so that the memfd (a tmpfs inode owned by its creator)
+belongs to that process's user.  It gets its name, mode and content, then its seals, before
+anything maps it (F_SEAL_WRITE needs no writable shared mapping).  Each open file description is
+the memfd reopened through /proc/self/fd with its own flags and offset.  The shared mappings of
+the memfd then map the memfd itself, not a copy: SharedObjects gives them a path to the
+descriptor of the first restored process that holds it, /proc/PID/fd/N with the pid as the tree
+sees it (so also in a job's pid namespace), so that writes through the descriptors and through
+the mappings meet.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import os
+import stat
+
+from hpccr.engine import procfs
+from hpccr.engine.fds.common import NOT_REOPENED, borrowed, saved_file
+from hpccr.errors import ImageCorrupt, UnsupportedResource
+
+NAME = "memfd"
+FIELDS = {"path": str, "ghost": str, "seals": int}  # path and ghost never null here
+PREFIX = "/memfd:"
+DELETED = " (deleted)"
+F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20  # Linux 5.1 and 6.3; not in Python 3.11's fcntl
+SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+         | F_SEAL_FUTURE_WRITE | F_SEAL_EXEC)
+MFD_EXEC = 0x10  # Linux 6.3: no exec seal, whatever vm.memfd_noexec says
+COPY_CHUNK = 8 << 20
+
+
+@functools.cache
+def _memfd_device() -> int:
+    """The device of every memfd (the kernel's internal tmpfs; hugetlbfs memfds differ)."""
+    fd = os.memfd_create("hpccr-probe", os.MFD_CLOEXEC)
+    try:
+        return os.fstat(fd).st_dev
+    finally:
+        os.close(fd)
+
+
+def recognise(link: str, st: os.stat_result) -> bool:
+    return (stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and link.startswith(PREFIX)
+            and link.endswith(DELETED) and st.st_dev == _memfd_device())
+
+
+def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
+    with borrowed(pid, fd) as copy:
+        seals = fcntl.fcntl(copy, fcntl.F_GET_SEALS)
+    if seals & F_SEAL_FUTURE_WRITE and _mapped_writable(st, state.pids):
+        raise UnsupportedResource(
+            f"process {pid} fd {fd} is memfd '{link[len(PREFIX):-len(DELETED)]}', sealed "
+            "with F_SEAL_FUTURE_WRITE and mapped shared and writable: not supported yet")
+    return {"path": link[:-len(DELETED)], "seals": seals,
+            "ghost": state.ghosts.save(procfs.path(pid, "fd", str(fd)), st)}
+
+
+def _mapped_writable(st: os.stat_result, pids) -> bool:
+    """Does a process of the dump map this memfd shared and writable?"""
+    return any(e.shared and e.perms[1] == "w" and e.inode == st.st_ino
+               and e.name.startswith(PREFIX)
+               for pid in pids for e in procfs.maps(pid))
+
+
+def check(entry: dict, ctx) -> None:
+    if not entry["path"].startswith(PREFIX) or entry["seals"] & ~SEALS:
+        raise ImageCorrupt(f"fd {entry['fd']}: memfd '{entry['path']}' with seals "
+                           f"{entry['seals']:#x} (image corrupted)")
+
+
+def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
+    memfd = pool.memfds.get(entry["ghost"])
+    if memfd is None:
+        memfd = pool.memfds[entry["ghost"]] = _create(entry, ctx)
+        ctx.shared.hold(entry["ghost"], f"/proc/{ctx.proc['pid']}/fd/{entry['fd']}")
+    flags = entry["flags"] & ~NOT_REOPENED | os.O_CLOEXEC
+    fd = ctx.as_owner(os.open, f"/proc/self/fd/{memfd}", flags)
+    os.lseek(fd, entry["pos"], os.SEEK_SET)
+    return fd
+
+
+def _create(entry: dict, ctx) -> int:
+    """The memfd with its name, mode, content, then its seals, which forbid changing those.
+
+    Made sealable unless its only seal is F_SEAL_SEAL: the seals of a memfd made without
+    MFD_ALLOW_SEALING."""
+    seals = entry["seals"]
+    flags = os.MFD_CLOEXEC | (0 if seals == fcntl.F_SEAL_SEAL else os.MFD_ALLOW_SEALING)
+    name = entry["path"][len(PREFIX):]
+    try:
+        fd = os.memfd_create(name, flags | MFD_EXEC)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        fd = os.memfd_create(name, flags)  # before Linux 6.3, which adds no exec seal
+    try:
+        os.fchmod(fd, stat.S_IMODE(entry["mode"]))
+        src = saved_file(ctx, entry["ghost"])
+        try:
+            while os.sendfile(fd, src, None, COPY_CHUNK):
+                pass
+        finally:
+            os.close(src)
+        if flags & os.MFD_ALLOW_SEALING and seals:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
