@@ -9,6 +9,7 @@
  * - plain: made without MFD_ALLOW_SEALING (the kernel seals it F_SEAL_SEAL), O_APPEND, a short
  *   text with the offset at its end
  * - future: sealed F_SEAL_FUTURE_WRITE, not mapped
+ * - noexec: MFD_NOEXEC_SEAL (Linux 6.3; skipped before): mode 0666, sealed F_SEAL_EXEC
  * - shared: SHARED_LEN bytes, sealed F_SEAL_SHRINK, mapped shared and writable by the root and by a child that closed
  *   its descriptor (it reaches the memfd only through its mapping).  After the window the root
  *   writes through its descriptor and the child must see that in its mapping; the child answers
@@ -24,6 +25,12 @@
 
 #ifndef F_SEAL_FUTURE_WRITE
 #define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+#ifndef F_SEAL_EXEC
+#define F_SEAL_EXEC 0x0020
+#endif
+#ifndef MFD_NOEXEC_SEAL
+#define MFD_NOEXEC_SEAL 0x0008U
 #endif
 
 #define SEALED_LEN 10000
@@ -60,9 +67,9 @@ static void *map(int fd, size_t len, int prot)
 	return p;
 }
 
-/* Name, seals, size, offset, flags, close-on-exec and owner of memfd `fd`. */
+/* Name, seals, size, offset, flags, close-on-exec, owner and mode of memfd `fd`. */
 static void check_memfd(int fd, const char *name, int seals, off_t size, off_t pos, int flags,
-			int cloexec)
+			int cloexec, mode_t mode)
 {
 	char path[64], link[256], want[256];
 	struct stat st;
@@ -79,6 +86,8 @@ static void check_memfd(int fd, const char *name, int seals, off_t size, off_t p
 		 (long long)st.st_size, (long long)size);
 	WL_CHECK(st.st_uid == geteuid() && st.st_gid == getegid(), "%s: owned by %d:%d", name,
 		 st.st_uid, st.st_gid);
+	WL_CHECK((st.st_mode & 07777) == mode, "%s: mode %#o, not %#o", name, st.st_mode & 07777,
+		 mode);
 	WL_CHECK(lseek(fd, 0, SEEK_CUR) == pos, "%s: offset %lld, not %lld", name,
 		 (long long)lseek(fd, 0, SEEK_CUR), (long long)pos);
 	WL_CHECK((fcntl(fd, F_GETFL) & (O_ACCMODE | O_APPEND | O_NONBLOCK)) == flags,
@@ -143,7 +152,7 @@ static int future_only(void)
 int main(int argc, char **argv)
 {
 	static char data[SEALED_LEN];
-	int sealed, plain, future, shared_fd;
+	int sealed, plain, future, noexec, shared_fd;
 	char *sealed_map, *shared;
 	pid_t pid;
 
@@ -167,6 +176,10 @@ int main(int argc, char **argv)
 	if (fcntl(future, F_ADD_SEALS, F_SEAL_FUTURE_WRITE))
 		wl_die("F_ADD_SEALS");
 
+	noexec = memfd_create("hpccr noexec", MFD_NOEXEC_SEAL);
+	if (noexec < 0 && errno != EINVAL)
+		wl_die("memfd_create MFD_NOEXEC_SEAL");
+
 	shared_fd = make("hpccr shared", MFD_ALLOW_SEALING | MFD_CLOEXEC);
 	if (ftruncate(shared_fd, SHARED_LEN) || lseek(shared_fd, SHARED_POS, SEEK_SET) < 0 ||
 	    fcntl(shared_fd, F_ADD_SEALS, F_SEAL_SHRINK))
@@ -185,7 +198,8 @@ int main(int argc, char **argv)
 	wl_sleep(WL_WINDOW_S);
 
 	tree_check_place();
-	check_memfd(sealed, "hpccr sealed", SEALED_SEALS, SEALED_LEN, SEALED_POS, O_RDWR, 1);
+	check_memfd(sealed, "hpccr sealed", SEALED_SEALS, SEALED_LEN, SEALED_POS, O_RDWR, 1,
+		    0777);
 	WL_CHECK(pread(sealed, data, SEALED_LEN, 0) == SEALED_LEN &&
 		 wl_verify(data, SEALED_LEN, SEALED_SEED) < 0, "sealed: content lost");
 	WL_CHECK(wl_verify(sealed_map, SEALED_LEN, SEALED_SEED) < 0, "sealed: mapping lost");
@@ -193,7 +207,7 @@ int main(int argc, char **argv)
 	WL_CHECK(ftruncate(sealed, 1) < 0 && errno == EPERM, "sealed: it can shrink");
 
 	check_memfd(plain, "hpccr plain", F_SEAL_SEAL, strlen(PLAIN_TEXT), strlen(PLAIN_TEXT),
-		    O_RDWR | O_APPEND, 0);
+		    O_RDWR | O_APPEND, 0, 0777);
 	WL_CHECK(has_text(plain, 0, PLAIN_TEXT), "plain: content lost");
 	WL_CHECK(fcntl(plain, F_ADD_SEALS, F_SEAL_WRITE) < 0 && errno == EPERM,
 		 "plain: it can be sealed");
@@ -202,11 +216,17 @@ int main(int argc, char **argv)
 		 "plain: no longer appends");
 
 	check_memfd(future, "hpccr future", F_SEAL_FUTURE_WRITE, strlen(FUTURE_TEXT),
-		    strlen(FUTURE_TEXT), O_RDWR, 1);
+		    strlen(FUTURE_TEXT), O_RDWR, 1, 0777);
 	WL_CHECK(has_text(future, 0, FUTURE_TEXT), "future: content lost");
 	WL_CHECK(write(future, "x", 1) < 0 && errno == EPERM, "future: it can be written");
 
-	check_memfd(shared_fd, "hpccr shared", F_SEAL_SHRINK, SHARED_LEN, SHARED_POS, O_RDWR, 1);
+	if (noexec >= 0) {
+		check_memfd(noexec, "hpccr noexec", F_SEAL_EXEC, 0, 0, O_RDWR, 0, 0666);
+		WL_CHECK(fchmod(noexec, 0777) < 0 && errno == EPERM, "noexec: it can become executable");
+	}
+
+	check_memfd(shared_fd, "hpccr shared", F_SEAL_SHRINK, SHARED_LEN, SHARED_POS, O_RDWR, 1,
+		    0777);
 	WL_CHECK(pread(shared_fd, data, SHARED_DATA, 0) == SHARED_DATA &&
 		 wl_verify(data, SHARED_DATA, SHARED_SEED) < 0, "shared: content lost");
 	WL_CHECK(pwrite(shared_fd, ROOT_SAYS, strlen(ROOT_SAYS), ROOT_AT) ==
