@@ -7,6 +7,7 @@ bad input.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -228,6 +229,22 @@ def epilog() -> None:
     from hpccr.slurm.node import epilog as do_epilog
 
     do_epilog()
+
+
+@slurm.command(hidden=True)
+@click.option("--job-id", required=True)
+@click.option("--uid", required=True, type=int)
+@click.option("--node", required=True)
+def agent(job_id: str, uid: int, node: str) -> None:
+    """The job's privileged agent (started by the prolog, as root): runs or restores the job
+    for its user when the job's `hpccr slurm job` asks."""
+    from hpccr import config
+    from hpccr.errors import AccessDenied
+    from hpccr.slurm.agent import serve
+
+    if os.geteuid() != 0:
+        raise AccessDenied("the hpccr agent runs as root (started by the Slurm prolog)")
+    sys.exit(serve(config.load().run_dir, job_id, node, uid))
 
 
 @slurm.command(context_settings={"ignore_unknown_options": True})

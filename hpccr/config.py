@@ -24,6 +24,7 @@ DEFAULTS = {
     "keep": 2,
     "grace": 120,
     "log_dir": "/var/log/hpccr",
+    "run_dir": "/run/hpccr",
     "hooks": {event: [] for event in HOOK_EVENTS},
 }
 MAX_GRACE = 65535  # Slurm's --signal=…@<time> limit
@@ -39,6 +40,7 @@ class Config:
     keep: int
     grace: int
     log_dir: Path
+    run_dir: Path
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
 
@@ -123,7 +125,7 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
     def bad(key: str, message: str) -> ConfigError:
         return ConfigError(f"{origin[key]}: {message}")
 
-    for key in ("checkpoint_base", "log_dir"):
+    for key in ("checkpoint_base", "log_dir", "run_dir"):
         if not os.path.isabs(values[key]):
             raise bad(key, f"'{key}' must be an absolute path, not '{values[key]}'")
     if values["keep"] < 1:
@@ -137,4 +139,4 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
                 raise bad(f"hooks.{event}", f"hook '{spec}' for {event} is not "
                           "\"module:function\"")
     return Config(Path(values["checkpoint_base"]), values["keep"], values["grace"],
-                  Path(values["log_dir"]), values["hooks"], source)
+                  Path(values["log_dir"]), Path(values["run_dir"]), values["hooks"], source)

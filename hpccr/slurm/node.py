@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from hpccr import config
 from hpccr.config import DEFAULTS, ConfigError
-from hpccr.slurm import jobdir
+from hpccr.slurm import agent, jobdir
 from hpccr.slurm.jobdir import Record, as_user
 
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -160,6 +161,35 @@ def prolog(environ=os.environ) -> None:
         return
     reuse = f" (restart, {len(found)} checkpoints)" if job.restart_count else ""
     log(f"run {job.restart_count} of {job.user}: {job_dir} ready{reuse}; {verdict}")
+    try:
+        if job.uid != 0:  # root's jobs need no agent
+            start_agent(cfg, job)
+    except OSError as exc:
+        log(f"no hpccr agent, the job runs without checkpoints: {exc}")
+
+
+def start_agent(cfg: config.Config, job: SlurmJob) -> None:
+    """The job's agent (hpccr.slurm.agent), detached: the prolog must return at once.  It
+    logs to <log_dir>/agent.log."""
+    cfg.log_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    with open(cfg.log_dir / "agent.log", "a") as log_file:
+        subprocess.Popen([sys.executable, "-m", "hpccr", "slurm", "agent", "--job-id",
+                          job.job_id, "--uid", str(job.uid), "--node", job.node],
+                         stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, cwd="/",
+                         start_new_session=True)
+
+
+def stop_agent(cfg: config.Config, job: SlurmJob) -> None:
+    """Stop the job's agent if it is still there (the job did not use it, or was killed)."""
+    pidfile = agent.pid_path(cfg.run_dir, job.job_id, job.node)
+    try:
+        pid = int(pidfile.read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if b"agent" in cmdline and job.job_id.encode() in cmdline:  # else the pid was reused
+        os.kill(pid, signal.SIGTERM)
+    pidfile.unlink(missing_ok=True)
 
 
 def epilog(environ=os.environ) -> None:
@@ -172,6 +202,7 @@ def epilog(environ=os.environ) -> None:
     state = scontrol_job(job.job_id)
     if other_batch_host(job, state):
         return
+    stop_agent(cfg, job)
     job_dir = cfg.job_dir(job.user, job.job_id)
     try:
         with as_user(job.uid, job.gid):

@@ -1,0 +1,294 @@
+"""The privileged side of a checkpointed Slurm job: one agent per job run, on its batch host.
+
+Jobs run as ordinary users, but a job in a pid namespace of its own, restored with its exact
+pids, needs root.  The prolog (root) starts `hpccr slurm agent` for the job; the job's
+`hpccr slurm job` (the batch step, as the user) connects to the agent's socket and asks it to
+run the job script, or to restore the job's newest checkpoint.  The agent then does for the
+user what `hpccr run --user` and `hpccr restore --user` do (hpccr.user: the job runs as the
+user, images are read and written with the user's file rights, a restore gives no more than
+the user's credentials), in a child that first joins the batch step's cgroups, so that the job
+stays inside its Slurm job; that child talks on the batch step's own stdin, stdout and stderr
+(passed over the socket).  The batch step passes on the signals Slurm sends it, and gets the
+job's exit status back.
+
+Only the job's user can use an agent (SO_PEERCRED), for one session; an agent nobody uses
+exits after IDLE_S seconds, and the epilog stops one that is left.
+
+Messages are JSON, one per SOCK_SEQPACKET packet:
+    batch step -> agent   {"op": "run"|"restore", "dir", "interval", "keep", "stop_signals",
+                           "argv", "env", "cwd"} with its fds 0, 1, 2; later {"signal": N}
+    agent -> batch step   {"started": PID} or {"error": MESSAGE, "code": N}; then {"exit": N}
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+from hpccr.engine.job import FORWARDED
+from hpccr.errors import HpccrError
+from hpccr.slurm import cgroup
+
+IDLE_S = 120  # the batch step connects as it starts, right after the prolog
+MAX_MESSAGE = 1 << 20
+STDIO = 3
+UCRED = struct.Struct("3i")  # pid, uid, gid
+EXIT_AGENT_FAILED = 1
+
+
+def socket_path(run_dir: Path, job_id: str, node: str) -> Path:
+    return run_dir / f"agent-{job_id}.{node}.sock"
+
+
+def pid_path(run_dir: Path, job_id: str, node: str) -> Path:
+    return run_dir / f"agent-{job_id}.{node}.pid"
+
+
+def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
+    data = json.dumps(message).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[int]]:
+    """One message (None at end of connection) and the descriptors that came with it."""
+    fds = array.array("i")
+    data, ancillary, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(max_fds * fds.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = None
+    if not isinstance(message, dict):
+        for fd in fds:
+            os.close(fd)
+        raise HpccrError("agent: malformed message")
+    return message, list(fds)
+
+
+# --- the agent (root) ------------------------------------------------------------------------
+
+
+def _valid_request(req: dict) -> dict:
+    """The request, checked field by field (it comes from the user)."""
+    def need(key, kind, optional=False):
+        value = req.get(key)
+        if value is None and optional:
+            return None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+            raise HpccrError(f"agent: bad request: '{key}'")
+        return value
+
+    if req.get("op") not in ("run", "restore"):
+        raise HpccrError("agent: bad request: 'op'")
+    checked = {"op": req["op"], "dir": need("dir", str), "interval": need("interval", int, True),
+               "keep": need("keep", int), "stop_signals": need("stop_signals", list),
+               "argv": need("argv", list), "env": need("env", dict), "cwd": need("cwd", str)}
+    if not all(isinstance(s, int) and s in (*FORWARDED, signal.SIGUSR1)
+               for s in checked["stop_signals"]):
+        raise HpccrError("agent: bad request: 'stop_signals'")
+    if not all(isinstance(a, str) for a in checked["argv"]) or (
+            checked["op"] == "run" and not checked["argv"]):
+        raise HpccrError("agent: bad request: 'argv'")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in checked["env"].items()):
+        raise HpccrError("agent: bad request: 'env'")
+    return checked
+
+
+def serve(run_dir: Path, job_id: str, node: str, uid: int) -> int:
+    """Serve one session of the job's user; returns when it is over (or nobody came)."""
+    from hpccr.user import User
+
+    user = User.lookup(str(uid))
+    run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    path, pidfile = socket_path(run_dir, job_id, node), pid_path(run_dir, job_id, node)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(str(path))
+        path.chmod(0o666)  # anyone may connect; only the job's user is served
+        listener.listen(4)
+        pidfile.write_text(f"{os.getpid()}\n")
+        conn = _accept_user(listener, uid)
+    finally:
+        listener.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    if conn is None:
+        pidfile.unlink(missing_ok=True)
+        return 0
+    try:
+        return _session(conn, user)
+    finally:
+        conn.close()
+        pidfile.unlink(missing_ok=True)
+
+
+def _accept_user(listener: socket.socket, uid: int) -> socket.socket | None:
+    listener.settimeout(IDLE_S)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            return None
+        _, peer_uid, _ = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                      UCRED.size))
+        if peer_uid == uid:
+            conn.settimeout(None)
+            return conn
+        with contextlib.suppress(OSError):
+            send(conn, {"error": "this agent serves another user's job", "code": 11})
+        conn.close()
+
+
+def _session(conn: socket.socket, user) -> int:
+    peer_pid, _, _ = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  UCRED.size))
+    message, fds = receive(conn, STDIO)
+    try:
+        if message is None:
+            return 0
+        if len(fds) != STDIO:
+            raise HpccrError("agent: the request must come with stdin, stdout and stderr")
+        request = _valid_request(message)
+    except HpccrError as exc:
+        send(conn, {"error": str(exc), "code": exc.exit_code})
+        for fd in fds:
+            os.close(fd)
+        return EXIT_AGENT_FAILED
+    report_rd, report_wr = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:
+        os.close(report_rd)
+        conn.detach()
+        _supervise(request, fds, peer_pid, user, report_wr)  # never returns
+    os.close(report_wr)
+    for fd in fds:
+        os.close(fd)
+    with os.fdopen(report_rd, "rb") as report:
+        started = json.loads(report.read() or b'{"error": "agent: the job did not start"}')
+    send(conn, started)
+    return _relay(conn, child)
+
+
+def _relay(conn: socket.socket, child: int) -> int:
+    """Pass the batch step's signals on to the child until it exits; report its status."""
+    pidfd = os.pidfd_open(child)
+    watched = [pidfd, conn]
+    try:
+        while True:
+            ready, _, _ = select.select(watched, [], [])
+            if pidfd in ready:
+                code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+                with contextlib.suppress(OSError):
+                    send(conn, {"exit": 128 - code if code < 0 else code})
+                return 0
+            try:
+                message, _ = receive(conn)
+            except (HpccrError, OSError):
+                message = None
+            if message is None:  # the batch step is gone: the job goes too
+                os.kill(child, signal.SIGTERM)
+                watched = [pidfd]
+                continue
+            signo = message.get("signal")
+            if isinstance(signo, int) and signo in (*FORWARDED, signal.SIGUSR1):
+                os.kill(child, signo)
+    finally:
+        os.close(pidfd)
+
+
+def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: int) -> None:
+    """In the agent's child: join the batch step's cgroups, take its stdio, start or restore
+    the job for the user and be its parent until it ends; exits with its status."""
+    from hpccr.engine.restore import restore_tree
+    from hpccr.image.series import Series
+    from hpccr.run import Checkpoints, Supervision, start_job
+
+    try:
+        for i, fd in enumerate(fds):
+            os.dup2(fd, i)
+            os.close(fd)
+        try:
+            cgroup.join(peer_pid)
+        except OSError as exc:
+            raise HpccrError(f"cannot join the job's cgroups: {exc}") from exc
+        user.take_fs_rights()
+        checkpoints = Checkpoints(Series(request["dir"]), request["interval"], request["keep"],
+                                  tuple(request["stop_signals"]))
+        supervision = Supervision(checkpoints)
+        if request["op"] == "run":
+            pid = start_job(request["argv"], user, request["env"], request["cwd"])
+        else:
+            pid = restore_tree(request["dir"], user)
+        os.write(report_wr, json.dumps({"started": pid}).encode())
+        os.close(report_wr)
+        status = supervision.run(pid)
+    except HpccrError as exc:
+        os.write(report_wr, json.dumps({"error": str(exc), "code": exc.exit_code}).encode())
+        os._exit(exc.exit_code)
+    except BaseException as exc:  # a bug: say it where the user sees it, never hang the job
+        with contextlib.suppress(OSError):
+            os.write(report_wr, json.dumps({"error": f"agent: {exc!r}", "code": 1}).encode())
+        print(f"hpccr: agent failed: {exc!r}", file=sys.stderr, flush=True)
+        os._exit(EXIT_AGENT_FAILED)
+    os._exit(status)
+
+
+# --- the batch step's side (the user) --------------------------------------------------------
+
+
+class AgentSession:
+    """The batch step's end: one request, signals passed on, the exit status back."""
+
+    def __init__(self, path: Path, request: dict):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.connect(str(path))
+            send(self.sock, request, [0, 1, 2])
+            reply, _ = receive(self.sock)
+        except OSError as exc:
+            self.sock.close()
+            raise HpccrError(f"cannot use the hpccr agent at {path}: {exc.strerror or exc}") \
+                from exc
+        if reply is None or "started" not in reply:
+            self.sock.close()
+            error = reply.get("error", "no answer") if reply else "no answer"
+            raise HpccrError(str(error))
+        self.pid = reply["started"]
+        self.previous = {sig: signal.signal(sig, self._forward)
+                         for sig in {*FORWARDED, *request["stop_signals"]}}
+
+    def _forward(self, signo: int, _frame) -> None:
+        with contextlib.suppress(OSError):
+            send(self.sock, {"signal": signo})
+
+    def wait(self) -> int:
+        try:
+            while True:
+                message, _ = receive(self.sock)
+                if message is None:
+                    raise HpccrError("the hpccr agent went away before the job ended")
+                if isinstance(message.get("exit"), int):
+                    return message["exit"]
+        finally:
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+            self.sock.close()

@@ -1,0 +1,43 @@
+"""Putting a process into the cgroups of another: a job hpccr starts or restores for a Slurm
+job must live in that job's cgroups (limits, accounting, freezing, and the clean-up that kills
+whatever is left when the job ends), whoever started it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _mounts() -> list[tuple[set[str], str, Path]]:
+    """(super options, file system type, mount point) of the cgroup hierarchies mounted whole."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, (fstype, _source, options) = left.split(), right.split()[:3]
+            if fstype in ("cgroup", "cgroup2") and fields[3] == "/":
+                found.append((set(options.split(",")), fstype, Path(fields[4])))
+    return found
+
+
+def hierarchies(pid: int) -> list[Path]:
+    """The cgroup directories process `pid` is in, one per mounted hierarchy."""
+    mounts = _mounts()
+    dirs = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            wanted = set(controllers.split(",")) if controllers else set()
+            for options, fstype, mountpoint in mounts:
+                if (fstype == "cgroup2") == (not controllers) and wanted <= options:
+                    dirs.append(mountpoint / path.lstrip("/"))
+                    break
+    return dirs
+
+
+def join(pid: int) -> None:
+    """Move this process into every cgroup of process `pid` (raises OSError if one fails)."""
+    own = set(hierarchies(os.getpid()))
+    for directory in hierarchies(pid):
+        if directory not in own:
+            (directory / "cgroup.procs").write_text(f"{os.getpid()}\n")
