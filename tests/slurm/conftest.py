@@ -34,3 +34,11 @@ def slurm_cluster():
     cluster.up()
     yield cluster
     cluster.down()
+
+
+@pytest.fixture(scope="module")
+def site(slurm_cluster):
+    """The test cluster with hpccr's prolog, epilog and plugin (hpccr_site.py), per module."""
+    from hpccr_site import make_site
+
+    yield from make_site(slurm_cluster)

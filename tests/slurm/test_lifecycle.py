@@ -1,0 +1,186 @@
+"""A checkpointed job's life on the real cluster, as the ordinary user hpcuser: periodic
+checkpoints, requeue by an operator, the time-limit warning, preemption, restart on the other
+node, and a checkpoint directory the job cannot write.
+
+The job computes a deterministic sequence: every step folds its number into a running
+checksum and prints both (with the host), and it ends with `done <checksum>`.  A restored job
+goes on from its checkpoint: the first step printed after `hpccr: restart N of job J:
+restoring …` is not step 1, and the final checksum is the one of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+from hpccr_site import Site, ended, wait_for, write_script
+
+STEPS = 90
+STEP_S = 0.3
+SEQUENCE = f"""#!/bin/bash
+n=${{1:-{STEPS}}}
+i=0
+sum=0
+while [ $i -lt $n ]; do
+    i=$((i + 1))
+    sum=$(( (sum * 31 + i) % 1000003 ))
+    echo "step $i sum $sum on $(hostname)"
+    sleep {STEP_S}
+done
+echo "done $sum"
+"""
+STEP = re.compile(r"^step (\d+) sum (\d+) on (\S+)$")
+
+
+def expected_sum(steps: int = STEPS) -> int:
+    total = 0
+    for i in range(1, steps + 1):
+        total = (total * 31 + i) % 1000003
+    return total
+
+
+def steps_of(text: str) -> list[tuple[int, str]]:
+    return [(int(m.group(1)), m.group(3)) for line in text.splitlines()
+            if (m := STEP.match(line))]
+
+
+def submit(site: Site, how: str, *options: str) -> int:
+    """Submit SEQUENCE as hpcuser with the plugin's `sbatch --checkpoint…` or `hpccr sbatch`."""
+    script = write_script(site, "sequence.sh", SEQUENCE)
+    if how == "plugin":
+        return site.submit("--requeue", "--open-mode=append", *options, str(script))
+    run = site.cluster.client(*site.env(), site.user_hpccr, "sbatch", *options, str(script),
+                              user="hpcuser")
+    return int(run.stdout.split()[-1])
+
+
+def checkpoints_taken(site: Site, job: int) -> int:
+    latest = site.job_dir("hpcuser", job) / "latest"
+    return int(latest.resolve().name.split("-")[1]) if latest.exists() else 0
+
+
+def check_continued(text: str, restarts: int) -> None:
+    """The output of a job restored `restarts` times from checkpoints: complete, continued
+    (not started over) after each restore, with the right checksum."""
+    assert f"done {expected_sum()}" in text, text
+    parts = re.split(r"hpccr: restart \d+ of job \d+: restoring \S+\n", text)
+    assert len(parts) == restarts + 1, text
+    for part in parts[1:]:
+        steps = steps_of(part)
+        assert steps and steps[0][0] > 1, f"started over after a restore:\n{text}"
+    numbers = [n for n, _ in steps_of(text)]
+    assert set(numbers) == set(range(1, STEPS + 1)), text  # every step, none skipped
+
+
+@pytest.fixture
+def jobs(site):
+    """Job ids to cancel at the end of the test, whatever happened."""
+    submitted: list[int] = []
+    yield submitted
+    for job in submitted:
+        site.cluster.client("scancel", str(job), check=False)
+
+
+@pytest.mark.parametrize("how", ["plugin", "hpccr-sbatch"])
+def test_requeued_job_finishes_on_the_other_node(site, jobs, how):
+    """Started on node1, requeued mid-run, restarted with node1 excluded: it goes on from its
+    newest checkpoint on node2 and ends with the checksum of an uninterrupted run."""
+    c = site.cluster
+    out = c.job_dir / f"requeue-{how}.out"
+    job = submit(site, how, "--checkpoint=0:02", "--exclude=node2", "-o", str(out))
+    jobs.append(job)
+    assert c.wait_state(job, "RUNNING", 30)["NodeList"] == "node1"
+    wait_for(lambda: checkpoints_taken(site, job) >= 2, 60, "two periodic checkpoints")
+    c.scontrol("requeue", str(job))
+    assert c.wait_state(job, "PENDING", 30)["Restarts"] == "1"
+    assert "kept for the restart" in ended(site, job)
+    c.scontrol("update", f"JobId={job}", "ExcNodeList=node1", "StartTime=now")
+    info = c.wait_state(job, "COMPLETED", 120)
+    assert info["NodeList"] == "node2" and info["ExitCode"] == "0:0"
+    text = out.read_text()
+    check_continued(text, restarts=1)
+    hosts = [host for _, host in steps_of(text.split("restoring")[1])]
+    assert set(hosts) == {"node2"}
+    assert out.stat().st_uid == c.ensure_user().pw_uid
+
+
+def test_time_limit_warning_checkpoints_and_requeues(site, jobs):
+    """--time with --signal=B:USR1@…: on the warning the job is checkpointed, stopped and
+    requeued by hpccr itself, and each run goes on from there until it completes."""
+    c = site.cluster
+    out = c.job_dir / "timelimit.out"
+    job = submit(site, "plugin", "--checkpoint=10:00", "--time=1", "--signal=B:USR1@45",
+                 "-o", str(out))
+    jobs.append(job)
+    wait_for(lambda: out.exists() and "and stopped" in out.read_text(), 120,
+             "the final checkpoint on USR1")
+    info = c.wait_state(job, "COMPLETED", 300)
+    assert info["ExitCode"] == "0:0"
+    text = out.read_text()
+    stops = re.findall(r"hpccr: SIGUSR1: job checkpointed to \S+ and stopped", text)
+    requeues = re.findall(rf"hpccr: job {job} requeued; it goes on from its checkpoint", text)
+    assert stops and len(stops) == len(requeues) == int(info["Restarts"]), text
+    check_continued(text, restarts=len(stops))
+
+
+def test_preempted_job_resumes_from_its_checkpoint(site, jobs):
+    """A job of the urgent partition preempts it (PreemptMode=REQUEUE); it resumes from its
+    newest periodic checkpoint afterwards."""
+    c = site.cluster
+    out = c.job_dir / "preempted.out"
+    job = submit(site, "plugin", "--checkpoint=0:02", "-p", "batch", "-w", "node1",
+                 "-o", str(out))
+    jobs.append(job)
+    c.wait_state(job, "RUNNING", 30)
+    wait_for(lambda: checkpoints_taken(site, job) >= 2, 60, "two periodic checkpoints")
+    urgent = c.sbatch(None, "-p", "urgent", "-w", "node1", "--exclusive", "-o", "/dev/null",
+                      "--wrap", "sleep 2")
+    jobs.append(urgent)
+    c.wait_state(urgent, "COMPLETED", 120)
+    info = c.wait_state(job, "COMPLETED", 180)
+    assert int(info["Restarts"]) >= 1 and info["ExitCode"] == "0:0"
+    check_continued(out.read_text(), restarts=int(info["Restarts"]))
+
+
+def test_failed_checkpoint_leaves_the_job_running(site, jobs, tmp_path):
+    """Checkpoints into a directory the user cannot write fail, visibly in the job's output;
+    the job runs on — also past a USR1 whose final checkpoint fails — and completes."""
+    c = site.cluster
+    readonly = c.job_dir / "readonly-checkpoints"
+    readonly.mkdir(mode=0o755, exist_ok=True)
+    shutil.chown(readonly, "root")
+    out = c.job_dir / "readonly.out"
+    job = submit(site, "plugin", "--checkpoint=0:02", f"--checkpoint-dir={readonly}",
+                 "-o", str(out))
+    jobs.append(job)
+    wait_for(lambda: out.exists() and "failed, the job runs on" in out.read_text(), 60,
+             "a failed periodic checkpoint")
+    c.client("scancel", "--batch", "--signal=USR1", str(job))
+    info = c.wait_state(job, "COMPLETED", 120)
+    assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
+    text = out.read_text()
+    assert re.search(rf"hpccr: checkpoint {readonly}/ckpt-\d+ failed, the job runs on: .*"
+                     r"[Pp]ermission denied", text), text
+    assert "and stopped" not in text
+    assert f"done {expected_sum()}" in text
+    assert [n for n, _ in steps_of(text)] == list(range(1, STEPS + 1))
+    assert not any(readonly.iterdir())
+
+
+def test_restart_without_checkpoint_starts_over_and_says_so(site, jobs):
+    c = site.cluster
+    out = c.job_dir / "nocheckpoint.out"
+    job = submit(site, "plugin", "--checkpoint=1:00:00", "-o", str(out))
+    jobs.append(job)
+    c.wait_state(job, "RUNNING", 30)
+    wait_for(lambda: out.exists() and steps_of(out.read_text()), 30, "the first steps")
+    c.scontrol("requeue", str(job))
+    c.wait_state(job, "PENDING", 30)
+    c.scontrol("update", f"JobId={job}", "StartTime=now")
+    info = c.wait_state(job, "COMPLETED", 120)
+    assert info["ExitCode"] == "0:0"
+    text = out.read_text()
+    assert re.search(rf"hpccr: restart 1 of job {job}: no complete checkpoint in \S+, "
+                     "starting over", text), text
+    assert f"done {expected_sum()}" in text
