@@ -1,4 +1,5 @@
-"""The harness of the engine tests, zdtm-style (its fixtures are registered by conftest.py).
+"""The harness of the engine tests, zdtm-style (its fixtures are registered by conftest.py;
+shared_dir and user_python by the test modules that use them).
 
 The workloads in ``workloads/`` are small real programs.  Each sets up one piece of state, prints
 ``PID <pid>`` and ``READY``, stays in that state for a few seconds, then checks the state itself
@@ -10,9 +11,11 @@ expects the restored process to print PASS with the same pid.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -470,3 +473,61 @@ def tree_cr(workload_binaries: dict[str, Path], tmp_path: Path):
     harness = TreeHarness(workload_binaries, tmp_path)
     yield harness
     harness.cleanup()
+
+
+# Jobs of another user (test_run_user.py, test_agent.py).
+
+USER = "hpcuser"  # an ordinary user of the test machines (uid 1001)
+
+
+def as_user(user: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """``argv`` run as ``user`` (no PAM session, nothing captured but the output)."""
+    return subprocess.run(
+        ["runuser", "-u", user, "--", *argv], capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
+def make_user_python(directory: Path, user: str = USER) -> str:
+    """A Python that ``user`` can run and that imports this checkout's hpccr: the checkout's own
+    venv if the user can run it; otherwise (its interpreter lives where only root may enter, like
+    a pyenv in /root) a venv of the system's Python in ``directory`` that imports the checkout's
+    packages — same code, another interpreter (as tests/slurm/hpccr_site.py does for hpccr)."""
+    probe = ["-c", "import hpccr.slurm.agent, hpccr.native"]
+    own = str(REPO / ".venv" / "bin" / "python")
+    if as_user(user, [own, *probe]).returncode == 0:
+        return own
+    system = Path("/usr/bin/python3")
+    if not system.exists():
+        pytest.skip(f"no Python that {user} can run hpccr with")
+    venv = directory / "uservenv"
+    subprocess.run([str(system), "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = next(Path(sys.prefix, "lib").glob("python3*/site-packages"))
+    own_site = next((venv / "lib").glob("python3*/site-packages"))
+    (own_site / "hpccr-checkout.pth").write_text(
+        f"{REPO}\nimport site; site.addsitedir({str(site_packages)!r})\n"
+    )
+    python = str(venv / "bin" / "python")
+    res = as_user(user, [python, *probe])
+    if res.returncode != 0:
+        pytest.skip(f"{user} cannot import hpccr from {REPO}: {res.stderr}")
+    return python
+
+
+@pytest.fixture(name="shared_dir")
+def shared_dir_fixture():
+    """A temporary directory every user can enter (pytest's tmp_path is root's alone)."""
+    directory = Path(tempfile.mkdtemp(prefix="hpccr-test-"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", name="user_python")
+def user_python_fixture():
+    """A Python that hpcuser can run hpccr's modules with (see make_user_python)."""
+    directory = Path(tempfile.mkdtemp(prefix="hpccr-userpy-"))
+    directory.chmod(0o755)
+    try:
+        yield make_user_python(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

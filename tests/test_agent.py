@@ -1,0 +1,324 @@
+"""The per-job agent (`hpccr slurm agent`, hpccr/slurm/agent.py) without Slurm: root serves one
+session on <run_dir>/agent-JOB.NODE.sock to the job's user only, runs or restores the job for
+that user in the client's cgroups, on the client's own stdio, passes on its signals and sends
+the exit status back; then it is gone, its socket and pid file with it.
+
+The client is a real process of hpcuser (or nobody) in a cgroup of its own; the job is
+workloads/tree_counter.c STEPS STEP_MS (COUNT 0 .. STEPS-1 once each, PASS if nothing was lost,
+repeated or restarted).
+"""
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from harness import (  # noqa: F401 - the fixtures shared_dir and user_python
+    TIMEOUT,
+    USER,
+    cli_argv,
+    cli_env,
+    pid_alive,
+    proc_status,
+    shared_dir_fixture,
+    tree_of,
+    user_python_fixture,
+    wait_until,
+)
+
+from hpccr.slurm.agent import PASSED_FDS
+
+STOPPED = 75
+JOB_ID, NODE = "4242", "node7"
+PW = pwd.getpwnam(USER)
+CGROUPS = Path("/sys/fs/cgroup")
+
+# The batch step's side, as hpcuser: wait to be moved into the test's cgroup, then one session.
+SESSION_CLIENT = """
+import json, sys, time
+from pathlib import Path
+from hpccr.errors import HpccrError
+from hpccr.slurm.agent import AgentSession
+path, request, cgroup = sys.argv[1:]
+while cgroup not in Path("/proc/self/cgroup").read_text():
+    time.sleep(0.01)
+def on_event(event, fields):
+    print(f"client: event {event} {json.dumps(fields)}", file=sys.stderr, flush=True)
+try:
+    session = AgentSession(Path(path), json.loads(request), on_event)
+except HpccrError as exc:
+    print(f"client: error {exc}", file=sys.stderr, flush=True)
+    sys.exit(exc.exit_code)
+print(f"client: started {session.pid}", file=sys.stderr, flush=True)
+code = session.wait()
+print(f"client: exit {code}", file=sys.stderr, flush=True)
+sys.exit(code)
+"""
+
+# A bare client (stdlib only): one request with the first N of its fds 0, 1, 2 and an events
+# socket, then the reply.
+RAW_CLIENT = """
+import array, json, socket, sys
+path, request, nfds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(path)
+events, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+if request:
+    fds = array.array("i", [0, 1, 2, far_end.fileno()][:nfds])
+    s.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if nfds else [])
+print(s.recv(1 << 16).decode(), flush=True)
+"""
+
+
+def catches(pid: int, sig: int) -> bool:
+    return bool(int(proc_status(pid)["SigCgt"], 16) & (1 << (sig - 1)))
+
+
+def counts(lines: list[str]) -> list[int]:
+    return [int(line.split()[1]) for line in lines if line.startswith("COUNT ")]
+
+
+class Agent:
+    """``hpccr slurm agent`` for hpcuser's job JOB_ID on NODE, with its run_dir in ``base``."""
+
+    def __init__(self, base: Path):
+        self.run_dir = base / "run"
+        self.sock = self.run_dir / f"agent-{JOB_ID}.{NODE}.sock"
+        self.pidfile = self.run_dir / f"agent-{JOB_ID}.{NODE}.pid"
+        self.log = base / f"agent-{uuid.uuid4().hex[:8]}.log"
+        argv = cli_argv("slurm", "agent", "--job-id", JOB_ID, "--uid", PW.pw_uid, "--node", NODE)
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env={**cli_env(), "HPCCR_RUN_DIR": str(self.run_dir)},
+            )
+
+        def listening() -> bool:
+            assert self.proc.poll() is None, self.log.read_text()
+            return self.sock.exists() and self.pidfile.exists()
+
+        wait_until(listening, "the agent's socket")
+        assert self.pidfile.read_text().split() == [str(self.proc.pid)]
+
+    def assert_gone(self, status: int) -> None:
+        """The agent exited with ``status`` and left no socket and no pid file."""
+        assert self.proc.wait(TIMEOUT) == status, self.log.read_text()
+        assert not self.sock.exists() and not self.pidfile.exists(), list(self.run_dir.iterdir())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def agents(shared_dir):
+    started: list[Agent] = []
+
+    def start() -> Agent:
+        started.append(Agent(shared_dir))
+        return started[-1]
+
+    yield start
+    for agent in started:
+        agent.kill()
+
+
+@pytest.fixture
+def cgroup():
+    """A pids cgroup and a cgroup2 group of their own (name); whatever is left in them at the
+    end is killed."""
+    name = f"hpccr-test-{uuid.uuid4().hex[:8]}"
+    dirs = [CGROUPS / "pids" / name, CGROUPS / "unified" / name]
+    try:
+        for d in dirs:
+            d.mkdir()
+    except OSError as exc:
+        for d in dirs:
+            if d.exists():
+                d.rmdir()
+        pytest.skip(f"cannot make cgroups here: {exc}")
+    yield name
+    for d in dirs:
+        pids = [int(p) for p in (d / "cgroup.procs").read_text().split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda d=d: not (d / "cgroup.procs").read_text().split(), f"{d} emptied", 10)
+        d.rmdir()
+
+
+@pytest.fixture
+def home(shared_dir):
+    """hpcuser's directory, where the counter, its log and its series are."""
+    home = shared_dir / "home"
+    home.mkdir()
+    os.chown(home, PW.pw_uid, PW.pw_gid)
+    return home
+
+
+def user_process(argv: list[str], out: Path, err: Path, user=PW) -> subprocess.Popen:
+    """``argv`` as ``user`` (all ids, groups of initgroups), stdout and stderr to files."""
+    with open(out, "ab") as stdout, open(err, "ab") as stderr:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+            cwd="/",
+        )
+
+
+def raw_request(agent: Agent, user: str, request: dict | None, nfds: int, tmp: Path) -> dict:
+    """The agent's reply to a bare client of ``user`` sending ``request`` (None: nothing)."""
+    out, err = tmp / "raw.out", tmp / "raw.err"
+    for f in (out, err):
+        f.write_bytes(b"")
+    argv = ["/usr/bin/python3", "-c", RAW_CLIENT, str(agent.sock)]
+    argv += [json.dumps(request) if request is not None else "", str(nfds)]
+    proc = user_process(argv, out, err, pwd.getpwnam(user))
+    assert proc.wait(TIMEOUT) == 0, err.read_text()
+    return json.loads(out.read_text())
+
+
+def job_request(op: str, home: Path, argv: list[str], stop_signals: list[int]) -> dict:
+    return {
+        "op": op,
+        "dir": str(home / "series"),
+        "interval": None,
+        "keep": 2,
+        "stop_signals": stop_signals,
+        "argv": argv,
+        "env": {"PATH": "/usr/bin:/bin"},
+        "cwd": str(home),
+    }
+
+
+def test_agent_serves_its_user_only(agents, shared_dir, tmp_path):
+    """A client of another user (nobody) gets an error and the agent waits on; the job's user
+    connecting and leaving without a request ends the agent (exit 0, socket and pid file
+    removed)."""
+    agent = agents()
+    reply = raw_request(agent, "nobody", None, 0, tmp_path)
+    assert reply == {"error": "this agent serves another user's job", "code": 11}
+    assert agent.proc.poll() is None and agent.sock.exists()
+    assert raw_request(agent, "nobody", None, 0, tmp_path)["code"] == 11  # again: still there
+    out, err = shared_dir / "hpcuser.out", shared_dir / "hpcuser.err"
+    bye = "import socket as s, sys; s.socket(s.AF_UNIX, s.SOCK_SEQPACKET).connect(sys.argv[1])"
+    proc = user_process(["/usr/bin/python3", "-c", bye, str(agent.sock)], out, err)
+    assert proc.wait(TIMEOUT) == 0, err.read_text()
+    agent.assert_gone(0)
+
+
+def test_agent_runs_and_restores_the_job(agents, user_python, home, cgroup, workload_binaries):
+    """hpcuser's client asks to run the counter with SIGUSR1 as stop signal: the agent answers
+    {"started": pid}; the job runs as hpcuser in the client's cgroups and writes to the client's
+    stdout; SIGUSR1 to the client reaches the agent, which checkpoints the job into hpcuser's
+    series and stops it: 75 comes back and the agent is gone.  A second agent restores the
+    series for a second client: the job goes on from where it stopped to PASS."""
+    steps = 150
+    counter = home / "tree_counter"
+    shutil.copy(workload_binaries["tree_counter"], counter)
+    counter.chmod(0o755)
+    out, err = home / "job.out", home / "client.err"
+    for f in (out, err):
+        f.touch()
+        os.chown(f, PW.pw_uid, PW.pw_gid)
+
+    def client(request: dict) -> subprocess.Popen:
+        argv = [user_python, "-c", SESSION_CLIENT, str(agent.sock), json.dumps(request), cgroup]
+        proc = user_process(argv, out, err)
+        for hierarchy in ("pids", "unified"):
+            (CGROUPS / hierarchy / cgroup / "cgroup.procs").write_text(f"{proc.pid}\n")
+        return proc
+
+    def started(proc: subprocess.Popen, before: int = 0) -> int:
+        """The pid the agent's answer gave, to the client that wrote from line ``before`` on."""
+
+        def said() -> list[str]:
+            assert proc.poll() is None, err.read_text()
+            lines = err.read_text().splitlines()[before:]
+            return [line for line in lines if line.startswith("client: started ")]
+
+        wait_until(said, "the agent's answer")
+        return int(said()[-1].split()[-1])
+
+    def wait_count(n: int, pid: int) -> None:
+        def reached() -> bool:
+            assert pid_alive(pid), f"the job ended early:\n{out.read_text()}{err.read_text()}"
+            return max(counts(out.read_text().splitlines()), default=-1) >= n
+
+        wait_until(reached, f"COUNT {n}")
+
+    agent = agents()
+    request = job_request("run", home, [str(counter), str(steps), "20"], [signal.SIGUSR1])
+    proc = client(request)
+    pid = started(proc)
+    wait_count(10, pid)
+    tree = tree_of(pid)
+    assert len(tree) == 3, tree
+    for task in tree:
+        status = proc_status(task)
+        assert status["Uid"].split() == [str(PW.pw_uid)] * 4, status["Uid"]
+        theirs = Path(f"/proc/{task}/cgroup").read_text()
+        assert theirs == Path(f"/proc/{proc.pid}/cgroup").read_text(), theirs
+        assert f"pids:/{cgroup}\n" in theirs and f"0::/{cgroup}\n" in theirs, theirs
+    wait_until(lambda: catches(proc.pid, signal.SIGUSR1), "the client's USR1 handler")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(TIMEOUT) == STOPPED, err.read_text()
+    series = home / "series"
+    errors = err.read_text().splitlines()
+    assert f"hpccr: SIGUSR1: job checkpointed to {series}/ckpt-0001 and stopped" in errors
+    assert errors[-1] == f"client: exit {STOPPED}", errors
+    agent.assert_gone(0)
+    wait_until(lambda: not pid_alive(pid), "the stopped job gone", 10)
+    for path in [series, *series.rglob("*")]:
+        assert path.lstat().st_uid == PW.pw_uid, path
+    assert "PASS" not in out.read_text()
+
+    agent = agents()
+    before = len(err.read_text().splitlines())
+    proc = client(job_request("restore", home, [], []))
+    started(proc, before)
+    assert proc.wait(TIMEOUT) == 0, err.read_text()
+    assert err.read_text().splitlines()[-1] == "client: exit 0"
+    agent.assert_gone(0)
+    lines = out.read_text().splitlines()
+    assert counts(lines) == list(range(steps)), lines
+    assert lines[-1] == "PASS" and lines.count("PASS") == 1, lines
+
+
+MALFORMED = {
+    "op": ({"op": "exec"}, PASSED_FDS, "agent: bad request: 'op'"),
+    "no fds": ({}, 0, "the request must come with stdin, stdout, stderr"),
+    "stdio only": ({}, 3, "the request must come with stdin, stdout, stderr"),
+    "stop signal": ({"stop_signals": [9]}, PASSED_FDS, "agent: bad request: 'stop_signals'"),
+    "argv": ({"argv": []}, PASSED_FDS, "agent: bad request: 'argv'"),
+    "keep": ({"keep": "2"}, PASSED_FDS, "agent: bad request: 'keep'"),
+    "env": ({"env": {"A": 1}}, PASSED_FDS, "agent: bad request: 'env'"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=list(MALFORMED))
+def test_agent_rejects_malformed_requests(agents, home, tmp_path, case):
+    """A request of the right user that is malformed gets an error, starts no job, and ends
+    the agent (exit 1, no socket, no pid file)."""
+    change, nfds, error = MALFORMED[case]
+    marker = home / "ran"
+    request = {**job_request("run", home, ["touch", str(marker)], []), **change}
+    agent = agents()
+    reply = raw_request(agent, USER, request, nfds, tmp_path)
+    assert error in reply["error"] and isinstance(reply["code"], int), reply
+    agent.assert_gone(1)
+    assert not marker.exists()
+    assert not agent.log.read_text(), agent.log.read_text()
