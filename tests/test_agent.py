@@ -220,51 +220,69 @@ def test_agent_serves_its_user_only(agents, shared_dir, tmp_path):
     agent.assert_gone(0)
 
 
-def test_agent_runs_and_restores_the_job(agents, user_python, home, cgroup, workload_binaries):
+class Clients:
+    """hpcuser's batch steps (SESSION_CLIENT) in the test's cgroup, writing to ``out`` and
+    ``err`` in hpcuser's ``home``, where the counter is too."""
+
+    def __init__(self, user_python: str, home: Path, cgroup: str, binary: Path):
+        self.python, self.home, self.cgroup = user_python, home, cgroup
+        self.counter = home / "tree_counter"
+        shutil.copy(binary, self.counter)
+        self.counter.chmod(0o755)
+        self.out, self.err = home / "job.out", home / "client.err"
+        for f in (self.out, self.err):
+            f.touch()
+            os.chown(f, PW.pw_uid, PW.pw_gid)
+
+    def start(self, agent: Agent, request: dict) -> tuple[subprocess.Popen, int]:
+        """A client sending ``request``, and the pid the agent's answer gave."""
+        before = len(self.errors())
+        argv = [self.python, "-c", SESSION_CLIENT, str(agent.sock), json.dumps(request)]
+        proc = user_process([*argv, self.cgroup], self.out, self.err)
+        for hierarchy in ("pids", "unified"):
+            (CGROUPS / hierarchy / self.cgroup / "cgroup.procs").write_text(f"{proc.pid}\n")
+
+        def said() -> list[str]:
+            assert proc.poll() is None, self.err.read_text()
+            lines = self.errors()[before:]
+            return [line for line in lines if line.startswith("client: started ")]
+
+        wait_until(said, "the agent's answer")
+        return proc, int(said()[-1].split()[-1])
+
+    def run_request(self, steps: int, stop_signals: list[int]) -> dict:
+        argv = [str(self.counter), str(steps), "20"]
+        return job_request("run", self.home, argv, stop_signals)
+
+    def lines(self) -> list[str]:
+        return self.out.read_text().splitlines()
+
+    def errors(self) -> list[str]:
+        return self.err.read_text().splitlines()
+
+    def wait_count(self, n: int, pid: int) -> None:
+        def reached() -> bool:
+            assert pid_alive(pid), f"the job ended early:\n{self.out.read_text()}"
+            return max(counts(self.lines()), default=-1) >= n
+
+        wait_until(reached, f"COUNT {n}")
+
+
+@pytest.fixture
+def clients(user_python, home, cgroup, workload_binaries):
+    return Clients(user_python, home, cgroup, workload_binaries["tree_counter"])
+
+
+def test_agent_runs_and_restores_the_job(agents, clients, cgroup):
     """hpcuser's client asks to run the counter with SIGUSR1 as stop signal: the agent answers
     {"started": pid}; the job runs as hpcuser in the client's cgroups and writes to the client's
     stdout; SIGUSR1 to the client reaches the agent, which checkpoints the job into hpcuser's
     series and stops it: 75 comes back and the agent is gone.  A second agent restores the
     series for a second client: the job goes on from where it stopped to PASS."""
     steps = 150
-    counter = home / "tree_counter"
-    shutil.copy(workload_binaries["tree_counter"], counter)
-    counter.chmod(0o755)
-    out, err = home / "job.out", home / "client.err"
-    for f in (out, err):
-        f.touch()
-        os.chown(f, PW.pw_uid, PW.pw_gid)
-
-    def client(request: dict) -> subprocess.Popen:
-        argv = [user_python, "-c", SESSION_CLIENT, str(agent.sock), json.dumps(request), cgroup]
-        proc = user_process(argv, out, err)
-        for hierarchy in ("pids", "unified"):
-            (CGROUPS / hierarchy / cgroup / "cgroup.procs").write_text(f"{proc.pid}\n")
-        return proc
-
-    def started(proc: subprocess.Popen, before: int = 0) -> int:
-        """The pid the agent's answer gave, to the client that wrote from line ``before`` on."""
-
-        def said() -> list[str]:
-            assert proc.poll() is None, err.read_text()
-            lines = err.read_text().splitlines()[before:]
-            return [line for line in lines if line.startswith("client: started ")]
-
-        wait_until(said, "the agent's answer")
-        return int(said()[-1].split()[-1])
-
-    def wait_count(n: int, pid: int) -> None:
-        def reached() -> bool:
-            assert pid_alive(pid), f"the job ended early:\n{out.read_text()}{err.read_text()}"
-            return max(counts(out.read_text().splitlines()), default=-1) >= n
-
-        wait_until(reached, f"COUNT {n}")
-
     agent = agents()
-    request = job_request("run", home, [str(counter), str(steps), "20"], [signal.SIGUSR1])
-    proc = client(request)
-    pid = started(proc)
-    wait_count(10, pid)
+    proc, pid = clients.start(agent, clients.run_request(steps, [signal.SIGUSR1]))
+    clients.wait_count(10, pid)
     tree = tree_of(pid)
     assert len(tree) == 3, tree
     for task in tree:
@@ -275,27 +293,52 @@ def test_agent_runs_and_restores_the_job(agents, user_python, home, cgroup, work
         assert f"pids:/{cgroup}\n" in theirs and f"0::/{cgroup}\n" in theirs, theirs
     wait_until(lambda: catches(proc.pid, signal.SIGUSR1), "the client's USR1 handler")
     proc.send_signal(signal.SIGUSR1)
-    assert proc.wait(TIMEOUT) == STOPPED, err.read_text()
-    series = home / "series"
-    errors = err.read_text().splitlines()
+    assert proc.wait(TIMEOUT) == STOPPED, clients.err.read_text()
+    series = clients.home / "series"
+    errors = clients.errors()
     assert f"hpccr: SIGUSR1: job checkpointed to {series}/ckpt-0001 and stopped" in errors
     assert errors[-1] == f"client: exit {STOPPED}", errors
     agent.assert_gone(0)
     wait_until(lambda: not pid_alive(pid), "the stopped job gone", 10)
     for path in [series, *series.rglob("*")]:
         assert path.lstat().st_uid == PW.pw_uid, path
-    assert "PASS" not in out.read_text()
+    assert "PASS" not in clients.lines()
 
     agent = agents()
-    before = len(err.read_text().splitlines())
-    proc = client(job_request("restore", home, [], []))
-    started(proc, before)
-    assert proc.wait(TIMEOUT) == 0, err.read_text()
-    assert err.read_text().splitlines()[-1] == "client: exit 0"
+    proc, _ = clients.start(agent, job_request("restore", clients.home, [], []))
+    assert proc.wait(TIMEOUT) == 0, clients.err.read_text()
+    assert clients.errors()[-1] == "client: exit 0"
     agent.assert_gone(0)
-    lines = out.read_text().splitlines()
+    lines = clients.lines()
     assert counts(lines) == list(range(steps)), lines
     assert lines[-1] == "PASS" and lines.count("PASS") == 1, lines
+
+
+def test_agent_passes_other_signals_on(agents, clients):
+    """SIGUSR2, not a stop signal, sent to the client kills the job (its default action): the
+    client gets 128+12 back, nothing was checkpointed, and the agent is gone."""
+    agent = agents()
+    proc, pid = clients.start(agent, clients.run_request(400, [signal.SIGUSR1]))
+    clients.wait_count(5, pid)
+    wait_until(lambda: catches(proc.pid, signal.SIGUSR2), "the client's USR2 handler")
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(TIMEOUT) == 128 + signal.SIGUSR2, clients.err.read_text()
+    assert clients.errors()[-1] == f"client: exit {128 + signal.SIGUSR2}"
+    agent.assert_gone(0)
+    assert not pid_alive(pid)
+    assert not (clients.home / "series" / "latest").exists()
+
+
+def test_job_ends_with_its_client(agents, clients):
+    """The batch step killed (SIGKILL, it says nothing): the agent ends the job and is gone."""
+    agent = agents()
+    proc, pid = clients.start(agent, clients.run_request(1000, [signal.SIGUSR1]))
+    clients.wait_count(5, pid)
+    proc.kill()
+    proc.wait(TIMEOUT)
+    agent.assert_gone(0)
+    wait_until(lambda: not pid_alive(pid), "the job's end", 10)
+    assert "PASS" not in clients.lines()
 
 
 MALFORMED = {
