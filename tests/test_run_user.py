@@ -293,24 +293,32 @@ EXCESS = {
     "uid": (lambda c: c.update(uid=[UID, 0, UID, UID]), "uids [1001, 0, 1001, 1001]"),
     "gid": (lambda c: c.update(gid=[0] * 4), "groups root (0)"),
     "group": (lambda c: c["groups"].append(0), "groups root (0)"),
-    "cap": (lambda c: c.update(cap_eff="0000000000000001"), "capabilities (cap_eff"),
+    "cap": (
+        lambda c: c.update(cap_eff="0000000000000001"),
+        "capabilities (cap_eff 0000000000000001)",
+    ),
 }
 
 
-def test_restore_refuses_more_than_the_owner_has(jobs, tree_cr, tmp_path):
+@pytest.mark.parametrize("name", EXCESS)
+def test_restore_refuses_more_than_the_owner_has(jobs, tree_cr, tmp_path, name):
     """An image of hpcuser's job edited to give a process root's uid or group, or a capability
     (checksums rewritten, so that only the credentials are wrong), still hpcuser's: a restore,
-    with or without --user hpcuser, refuses it (exit 11) before any process exists.  The same
-    copy unedited restores and runs to the end."""
-    image = image_of_user_job(jobs, steps=100)
-    for name, (edit, excess) in EXCESS.items():
-        copy = edited_copy(image, tmp_path / name, edit)
-        for options in ([], ["--user", USER]):
-            res = tree_cr.run("restore", "-D", copy, *options)
-            message = tree_cr.assert_error(res, REFUSED)
-            assert f"has {excess}" in message, message
-            assert f"which user {USER} does not: refused" in message, message
+    with or without --user hpcuser, refuses it (exit 11) before any process exists, naming
+    what hpcuser lacks and nothing else."""
+    edit, excess = EXCESS[name]
+    copy = edited_copy(image_of_user_job(jobs, steps=400), tmp_path / name, edit)
+    for options in ([], ["--user", USER]):
+        res = tree_cr.restore(copy, *options)
+        message = tree_cr.assert_error(res, REFUSED)
+        assert f"has {excess}, which user {USER} does not: refused" in message, message
     assert "PASS" not in jobs.lines()
+
+
+def test_edited_copy_of_an_image_restores(jobs, tmp_path):
+    """The control of the test above: a copy made as edited_copy makes them, unedited, restores
+    (plainly: it is hpcuser's) and runs to the end."""
+    image = image_of_user_job(jobs, steps=100)
     same = edited_copy(image, tmp_path / "same", lambda creds: None)
     res = subprocess.run(
         cli_argv("restore", "-D", same),
