@@ -10,6 +10,7 @@ restored process never gets more than the owner of its image had.
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -55,19 +56,25 @@ class User:
         The kernel drops the file-system capabilities with the fsuid; the right to read any
         file (CAP_DAC_READ_SEARCH) is taken back, since hpccr must read the /proc files of
         the tasks it restores (root's until their credentials come back, last).  The image
-        reader accepts regular files only, and the credentials of what it restores are the
-        user's, whatever the image says."""
+        itself is opened without it (`reading_as_user`), its files are opened relative to that
+        directory and must be regular files, and what it restores gets the user's credentials,
+        whatever the image says."""
         if os.geteuid() != 0:
             raise AccessDenied("--user needs root")
         os.setgroups(list(self.groups))
         native.syscall("setfsgid", self.gid)
         native.syscall("setfsuid", self.uid)
-        header = native.ffi.new("uint32_t[2]", [LINUX_CAPABILITY_VERSION_3, 0])
-        data = native.ffi.new("uint32_t[6]")  # effective, permitted, inheritable; two words
-        args = (int(native.ffi.cast("long", header)), int(native.ffi.cast("long", data)))
-        native.syscall("capget", *args)
-        data[0] |= 1 << CAP_DAC_READ_SEARCH
-        native.syscall("capset", *args)
+        _set_read_override(True)
+
+    @contextlib.contextmanager
+    def reading_as_user(self):
+        """Without the right to read any file, for a while: what is opened meanwhile (an
+        image, which the user names) must be readable by the user."""
+        _set_read_override(False)
+        try:
+            yield
+        finally:
+            _set_read_override(True)
 
     def become(self) -> None:
         """Drop every privilege for good and become the user (in a child about to exec)."""
@@ -80,13 +87,27 @@ class User:
         if any(u != self.uid for u in creds["uid"]):
             return f"uids {creds['uid']}"
         allowed = {self.gid, *self.groups}
-        if not set(creds["gid"]) | set(creds["groups"]) <= allowed:
-            names = sorted(set(creds["gid"]) | set(creds["groups"]) - allowed)
+        extra = (set(creds["gid"]) | set(creds["groups"])) - allowed
+        if extra:
+            names = sorted(extra)
             return f"groups {', '.join(_group_name(g) for g in names)}"
         for field in ("cap_prm", "cap_eff", "cap_inh", "cap_amb"):
             if int(creds[field], 16) != NO_CAPS:
                 return f"capabilities ({field} {creds[field]})"
         return None
+
+
+def _set_read_override(on: bool) -> None:
+    """CAP_DAC_READ_SEARCH in or out of this thread's effective set (it stays permitted)."""
+    header = native.ffi.new("uint32_t[2]", [LINUX_CAPABILITY_VERSION_3, 0])
+    data = native.ffi.new("uint32_t[6]")  # effective, permitted, inheritable; two words each
+    args = (int(native.ffi.cast("long", header)), int(native.ffi.cast("long", data)))
+    native.syscall("capget", *args)
+    if on:
+        data[0] |= 1 << CAP_DAC_READ_SEARCH
+    else:
+        data[0] &= ~(1 << CAP_DAC_READ_SEARCH)
+    native.syscall("capset", *args)
 
 
 def _group_name(gid: int) -> str:

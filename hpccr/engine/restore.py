@@ -91,18 +91,18 @@ class Context:
             native.syscall("setfsgid", saved_fsgid)
             os.setgroups(saved_groups)
 
-    def as_owner(self, call, *args):
-        """call(*args) with the file-system rights of the process's user (set by the caller),
-        retried with root's only for a trusted image."""
+    def as_owner(self, call, *args, **kwargs):
+        """call(*args, **kwargs) with the file-system rights of the process's user (set by the
+        caller), retried with root's only for a trusted image."""
         try:
-            return call(*args)
+            return call(*args, **kwargs)
         except PermissionError:
             if not self.trusted:
                 raise
             native.syscall("setfsuid", 0)
             native.syscall("setfsgid", 0)
             try:
-                return call(*args)
+                return call(*args, **kwargs)
             finally:
                 native.syscall("setfsgid", self.fsgid)
                 native.syscall("setfsuid", self.fsuid)
@@ -219,10 +219,14 @@ def restore_tree(directory: str, user: User | None = None) -> int:
 
     The processes may have the credentials of the image's owner and no more — of `user`'s when
     root restores for a user — and anything for an image only root could have written."""
-    reader, meta = load(directory)
-    owner_uid = os.stat(reader.path).st_uid
-    if user is None and owner_uid != 0:
-        user = User.owner_of(os.stat(reader.path))
+    if user is None:
+        reader, meta = load(directory)
+    else:
+        with user.reading_as_user():
+            reader, meta = load(directory)
+    st = reader.stat()
+    if user is None and st.st_uid != 0:
+        user = User.owner_of(st)
     order = plan(reader, meta, trusted=user is None)
     pidns = meta.get("pidns", False)
     preflight(reader, meta, order, pidns, user)

@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from hpccr.errors import ImageNotFound, ImageWriteError
+from hpccr.errors import ImageNotFound, ImageWriteError, from_oserror
 
 LATEST = "latest"
 _NAME = re.compile(r"^ckpt-(\d+)$")
@@ -68,11 +68,15 @@ class Series:
 def resolve(directory: str | os.PathLike) -> Path:
     """The image to restore for `directory`: itself, or the latest image of a series."""
     path = Path(directory)
-    if (path / "checksums").exists() or (path / "image.json").exists():
-        return path
-    latest = Series(path).latest()
-    if latest is not None:
-        return latest
-    if path.is_dir() and Series(path).images():
-        raise ImageNotFound(f"{path} holds checkpoints but no '{LATEST}' link to a complete one")
+    try:
+        if (path / "checksums").exists() or (path / "image.json").exists():
+            return path
+        latest = Series(path).latest()
+        if latest is not None:
+            return latest
+        if path.is_dir() and Series(path).images():
+            raise ImageNotFound(f"{path} holds checkpoints but no '{LATEST}' link to a "
+                                "complete one")
+    except OSError as exc:
+        raise from_oserror(exc, f"reading {path}") from exc
     return path  # let the image reader say what is wrong with it

@@ -36,6 +36,14 @@ _RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def valid_name(name: str) -> bool:
     """Image files are plain names inside the image directory: no paths, no hidden files."""
     return (
@@ -256,22 +264,45 @@ class ImageFile(NamedTuple):
 
 
 class ImageReader:
-    """A checkpoint image on disk.  Call verify() before trusting any file's content."""
+    """A checkpoint image on disk.  Call verify() before trusting any file's content.
+
+    The directory is opened once, here, with the rights of the caller at that moment, and every
+    file is opened relative to it: renaming or re-linking paths afterwards cannot make the
+    reader read another directory."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_dir():
-            raise ImageNotFound(f"no checkpoint image at {path}")
+        self.dir_fd = -1
+        try:
+            self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ImageNotFound(f"no checkpoint image at {path}") from None
+        except OSError as exc:
+            raise from_oserror(exc, f"reading {self.path}") from exc
         self._meta = None
         try:
-            raw = self._read_file(CHECKSUMS)
+            self.files = self._parse_checksums(self._read_checksums())
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_checksums(self) -> bytes:
+        try:
+            return self._read_file(CHECKSUMS)
         except FileNotFoundError:
-            if not os.path.lexists(self.path / META):
-                raise ImageNotFound(f"no checkpoint image at {path}") from None
-            raise ImageCorrupt(f"{path}: checksums missing (image corrupted)") from None
+            if not _lexists(META, self.dir_fd):
+                raise ImageNotFound(f"no checkpoint image at {self.path}") from None
+            raise ImageCorrupt(f"{self.path}: checksums missing (image corrupted)") from None
         except OSError as exc:
             raise from_oserror(exc, f"reading {self.path / CHECKSUMS}") from exc
-        self.files = self._parse_checksums(raw)
+
+    def close(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
     def _parse_checksums(self, raw: bytes) -> dict[str, ImageFile]:
         try:
@@ -291,7 +322,7 @@ class ImageReader:
     def _open(self, name: str) -> int:
         """Open an image file for reading; it must be a regular file, not a symlink."""
         try:
-            fd = os.open(self.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ImageCorrupt(f"{name}: not a regular file") from None
@@ -309,7 +340,7 @@ class ImageReader:
     def iter_problems(self) -> Iterator[tuple[str, str]]:
         """Yield (file name, message) for each missing, extra, truncated or altered file."""
         try:
-            present = set(os.listdir(self.path))
+            present = set(os.listdir(self.dir_fd))
         except OSError as exc:
             raise from_oserror(exc, f"reading {self.path}") from exc
         for name in sorted(present - set(self.files) - {CHECKSUMS}):
@@ -344,6 +375,10 @@ class ImageReader:
         if hasher.hexdigest() != entry.digest:
             return f"{entry.name}: checksum mismatch (image corrupted)"
         return None
+
+    def stat(self) -> os.stat_result:
+        """The image directory's own stat (its owner decides what it may restore)."""
+        return os.fstat(self.dir_fd)
 
     def verify(self) -> None:
         """Check every file against ``checksums``; raise ImageCorrupt on the first problem."""

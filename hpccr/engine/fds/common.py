@@ -37,8 +37,9 @@ def cbuf(data: bytes | int):
 def saved_file(ctx, name: str) -> int:
     """Image file `name`, opened with the rights of the process's owner (root's for an image
     only root could have written), like the files it reopens."""
-    return ctx.as_owner(os.open, ctx.reader.path_of(name),
-                        os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    ctx.reader.path_of(name)  # a listed name
+    return ctx.as_owner(os.open, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=ctx.reader.dir_fd)
 
 
 def saved_data(ctx, name: str) -> bytes:
