@@ -7,6 +7,7 @@ bad input.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -100,6 +101,8 @@ def supervision_options(f):
         click.option("--checkpoint-on", "stop_signals", type=SignalName(), multiple=True,
                      help="On this signal (repeatable), checkpoint the job one last time and "
                           "stop it; exit 75 (the job is not finished)."),
+        click.option("--events-fd", type=int, hidden=True,
+                     help="A socket to announce each checkpoint on (hpccr.events)."),
         click.option("--user", "user_spec", metavar="USER",
                      help="As root, for USER: the job runs as USER, images are read and written "
                           "with USER's file rights, and restored processes may have no more "
@@ -127,7 +130,7 @@ def _act_for(user_spec: str | None):
 @click.option("--pidfile", type=click.Path(), help="Write the restored process's pid here.")
 @supervision_options
 def restore(directory: str, detach: bool, pidfile: str | None, interval: int | None, keep: int,
-            stop_signals: tuple[int, ...], user_spec: str | None) -> None:
+            stop_signals: tuple[int, ...], events_fd: int | None, user_spec: str | None) -> None:
     """Restore a checkpoint image. Without --detach, wait for the restored process and exit
     with its exit status (128+N if killed by signal N), like cr_restart.  With --interval or
     --checkpoint-on, -D is a series (as `hpccr run -D` writes it) and the restored job goes on
@@ -144,18 +147,54 @@ def restore(directory: str, detach: bool, pidfile: str | None, interval: int | N
     if supervised and resolve(directory) == Path(directory):
         raise click.UsageError("--interval and --checkpoint-on need -D to be a series "
                                "directory (as `hpccr run -D` writes it), not one image")
-    checkpoints = Checkpoints(Series(directory), interval, keep, stop_signals)
+    checkpoints = Checkpoints(Series(directory), interval, keep, stop_signals,
+                              _events(events_fd))
     user = _act_for(user_spec)
-    supervision = None if detach else Supervision(checkpoints)
-    root = restore_tree(directory, user)
-    _write_pidfile(pidfile, root)
+    with _pidfile_for(pidfile) as write_pid:
+        supervision = None if detach else Supervision(checkpoints)
+        root = restore_tree(directory, user)
+        write_pid(root)
     sys.exit(supervision.run(root) if supervision else 0)
 
 
-def _write_pidfile(pidfile: str | None, pid: int) -> None:
-    if pidfile:
-        with open(pidfile, "w") as f:
-            f.write(f"{pid}\n")
+def _events(fd: int | None):
+    from hpccr.events import EventChannel
+
+    if fd is None:
+        return None
+    try:
+        os.set_inheritable(fd, False)
+        return EventChannel(fd)
+    except OSError as exc:
+        raise click.BadParameter(f"{fd}: {exc.strerror}", param_hint="--events-fd") from None
+
+
+@contextlib.contextmanager
+def _pidfile_for(pidfile: str | None):
+    """Yields a function that writes the job's pid into `pidfile`, opened before the job
+    starts (once it runs, hpccr must not fail on it); removed again if the job never starts."""
+    if pidfile is None:
+        yield lambda pid: None
+        return
+    try:
+        out = open(pidfile, "w")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {pidfile}: {exc.strerror}",
+                                 param_hint="--pidfile") from None
+    written = []
+
+    def write(pid: int) -> None:
+        out.write(f"{pid}\n")
+        out.close()
+        written.append(pid)
+
+    try:
+        yield write
+    finally:
+        if not written:
+            out.close()
+            with contextlib.suppress(OSError):
+                os.unlink(pidfile)
 
 
 @main.command()
@@ -187,7 +226,8 @@ def check(as_json: bool) -> None:
 @supervision_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def run(directory: str | None, pidfile: str | None, interval: int | None, keep: int,
-        stop_signals: tuple[int, ...], user_spec: str | None, command: tuple[str, ...]) -> None:
+        stop_signals: tuple[int, ...], events_fd: int | None, user_spec: str | None,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND as a job in its own pid namespace, so that its checkpoints can always be
     restored with the same pids; exit with its status.  Put `--` before COMMAND."""
     from hpccr.image.series import Series
@@ -196,12 +236,13 @@ def run(directory: str | None, pidfile: str | None, interval: int | None, keep: 
     if (interval or stop_signals) and not directory:
         raise click.UsageError("--interval and --checkpoint-on need -D/--images-dir")
     checkpoints = Checkpoints(Series(directory) if directory else None, interval, keep,
-                              stop_signals)
+                              stop_signals, _events(events_fd))
     user = _act_for(user_spec)
-    supervision = Supervision(checkpoints)
-    pid = start_job(list(command), user)
-    click.echo(f"hpccr run: job pid {pid}", err=True)
-    _write_pidfile(pidfile, pid)
+    with _pidfile_for(pidfile) as write_pid:
+        supervision = Supervision(checkpoints)
+        pid = start_job(list(command), user)
+        click.echo(f"hpccr run: job pid {pid}", err=True)
+        write_pid(pid)
     sys.exit(supervision.run(pid))
 
 

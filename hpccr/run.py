@@ -79,11 +79,12 @@ class Checkpoints:
     after which the job is stopped."""
 
     def __init__(self, series: Series | None, interval: float | None, keep: int,
-                 stop_signals: tuple[int, ...] = ()):
+                 stop_signals: tuple[int, ...] = (), notify=None):
         if (interval or stop_signals) and series is None:
             raise HpccrError("checkpoints need a directory (-D)")
         self.series, self.interval, self.keep = series, interval, keep
         self.stop_signals = stop_signals
+        self.notify = notify or (lambda event, **fields: None)  # hpccr.events.EventChannel
 
     def take(self, pid: int, mode: str) -> Path | None:
         """One checkpoint of the job (dump mode `mode`); its path, or None if it failed (said
@@ -91,13 +92,16 @@ class Checkpoints:
         from hpccr.engine.dump import dump
 
         path = self.series.next_path()
+        self.notify("before_checkpoint", path=str(path))
         try:
             dump(pid, str(path), mode)
             self.series.publish(path, self.keep)
         except HpccrError as exc:
             print(f"hpccr: checkpoint {path} failed, the job runs on: {exc}", file=sys.stderr,
                   flush=True)
+            self.notify("after_checkpoint", path=str(path), ok=False, error=str(exc))
             return None
+        self.notify("after_checkpoint", path=str(path), ok=True, error=None)
         return path
 
 

@@ -16,13 +16,13 @@ exits after IDLE_S seconds, and the epilog stops one that is left.
 
 Messages are JSON, one per SOCK_SEQPACKET packet:
     batch step -> agent   {"op": "run"|"restore", "dir", "interval", "keep", "stop_signals",
-                           "argv", "env", "cwd"} with its fds 0, 1, 2; later {"signal": N}
+                           "argv", "env", "cwd"} with its fds 0, 1, 2 and an events socket
+                           (hpccr.events); later {"signal": N}
     agent -> batch step   {"started": PID} or {"error": MESSAGE, "code": N}; then {"exit": N}
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import os
@@ -35,11 +35,11 @@ from pathlib import Path
 
 from hpccr.engine.job import FORWARDED
 from hpccr.errors import HpccrError
+from hpccr.events import EventChannel, answer_events, receive, send
 from hpccr.slurm import cgroup
 
 IDLE_S = 120  # the batch step connects as it starts, right after the prolog
-MAX_MESSAGE = 1 << 20
-STDIO = 3
+PASSED_FDS = 4  # stdin, stdout, stderr, and the socket for checkpoint events (hpccr.events)
 UCRED = struct.Struct("3i")  # pid, uid, gid
 EXIT_AGENT_FAILED = 1
 
@@ -50,36 +50,6 @@ def socket_path(run_dir: Path, job_id: str, node: str) -> Path:
 
 def pid_path(run_dir: Path, job_id: str, node: str) -> Path:
     return run_dir / f"agent-{job_id}.{node}.pid"
-
-
-def send(sock: socket.socket, message: dict, fds: list[int] = ()) -> None:
-    data = json.dumps(message).encode()
-    if fds:
-        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    else:
-        sock.send(data)
-
-
-def receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict | None, list[int]]:
-    """One message (None at end of connection) and the descriptors that came with it."""
-    fds = array.array("i")
-    data, ancillary, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(max_fds * fds.itemsize))
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if not data:
-        for fd in fds:
-            os.close(fd)
-        return None, []
-    try:
-        message = json.loads(data)
-    except ValueError:
-        message = None
-    if not isinstance(message, dict):
-        for fd in fds:
-            os.close(fd)
-        raise HpccrError("agent: malformed message")
-    return message, list(fds)
 
 
 # --- the agent (root) ------------------------------------------------------------------------
@@ -100,6 +70,9 @@ def _valid_request(req: dict) -> dict:
     checked = {"op": req["op"], "dir": need("dir", str), "interval": need("interval", int, True),
                "keep": need("keep", int), "stop_signals": need("stop_signals", list),
                "argv": need("argv", list), "env": need("env", dict), "cwd": need("cwd", str)}
+    for key in ("interval", "keep"):
+        if checked[key] is not None and checked[key] < 1:
+            raise HpccrError(f"agent: bad request: '{key}' must be at least 1")
     if not all(isinstance(s, int) and s in (*FORWARDED, signal.SIGUSR1)
                for s in checked["stop_signals"]):
         raise HpccrError("agent: bad request: 'stop_signals'")
@@ -161,12 +134,13 @@ def _accept_user(listener: socket.socket, uid: int) -> socket.socket | None:
 def _session(conn: socket.socket, user) -> int:
     peer_pid, _, _ = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                   UCRED.size))
-    message, fds = receive(conn, STDIO)
+    message, fds = receive(conn, PASSED_FDS)
     try:
         if message is None:
             return 0
-        if len(fds) != STDIO:
-            raise HpccrError("agent: the request must come with stdin, stdout and stderr")
+        if len(fds) != PASSED_FDS:
+            raise HpccrError("agent: the request must come with stdin, stdout, stderr and an "
+                             "events socket")
         request = _valid_request(message)
     except HpccrError as exc:
         send(conn, {"error": str(exc), "code": exc.exit_code})
@@ -177,7 +151,7 @@ def _session(conn: socket.socket, user) -> int:
     child = os.fork()
     if child == 0:
         os.close(report_rd)
-        conn.detach()
+        conn.close()
         _supervise(request, fds, peer_pid, user, report_wr)  # never returns
     os.close(report_wr)
     for fd in fds:
@@ -223,16 +197,17 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
     from hpccr.run import Checkpoints, Supervision, start_job
 
     try:
-        for i, fd in enumerate(fds):
+        for i, fd in enumerate(fds[:3]):
             os.dup2(fd, i)
             os.close(fd)
+        os.set_inheritable(fds[3], False)
         try:
             cgroup.join(peer_pid)
         except OSError as exc:
             raise HpccrError(f"cannot join the job's cgroups: {exc}") from exc
         user.take_fs_rights()
         checkpoints = Checkpoints(Series(request["dir"]), request["interval"], request["keep"],
-                                  tuple(request["stop_signals"]))
+                                  tuple(request["stop_signals"]), EventChannel(fds[3]))
         supervision = Supervision(checkpoints)
         if request["op"] == "run":
             pid = start_job(request["argv"], user, request["env"], request["cwd"])
@@ -256,20 +231,25 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
 
 
 class AgentSession:
-    """The batch step's end: one request, signals passed on, the exit status back."""
+    """The batch step's end: one request, signals passed on, checkpoint events answered with
+    `on_event(event, fields)`, the exit status back."""
 
-    def __init__(self, path: Path, request: dict):
+    def __init__(self, path: Path, request: dict, on_event):
+        self.on_event = on_event
+        self.events, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             self.sock.connect(str(path))
-            send(self.sock, request, [0, 1, 2])
+            send(self.sock, request, [0, 1, 2, far_end.fileno()])
             reply, _ = receive(self.sock)
         except OSError as exc:
-            self.sock.close()
+            self.close()
             raise HpccrError(f"cannot use the hpccr agent at {path}: {exc.strerror or exc}") \
                 from exc
+        finally:
+            far_end.close()
         if reply is None or "started" not in reply:
-            self.sock.close()
+            self.close()
             error = reply.get("error", "no answer") if reply else "no answer"
             raise HpccrError(str(error))
         self.pid = reply["started"]
@@ -280,9 +260,19 @@ class AgentSession:
         with contextlib.suppress(OSError):
             send(self.sock, {"signal": signo})
 
+    def close(self) -> None:
+        self.sock.close()
+        self.events.close()
+
     def wait(self) -> int:
+        watched = [self.sock, self.events]
         try:
             while True:
+                ready, _, _ = select.select(watched, [], [])
+                if self.events in ready and not answer_events(self.events, self.on_event):
+                    watched.remove(self.events)
+                if self.sock not in ready:
+                    continue
                 message, _ = receive(self.sock)
                 if message is None:
                     raise HpccrError("the hpccr agent went away before the job ended")
@@ -291,4 +281,4 @@ class AgentSession:
         finally:
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
-            self.sock.close()
+            self.close()

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,7 @@ from hpccr import config
 from hpccr.config import ConfigError
 from hpccr.engine.job import FORWARDED
 from hpccr.errors import HpccrError
+from hpccr.events import answer_events
 from hpccr.image.series import Series
 from hpccr.run import STOPPED
 from hpccr.slurm import agent
@@ -61,10 +64,13 @@ def default_dir(cfg: config.Config) -> Path:
 
 
 class Supervisor:
-    """Runs one child to its end, passing on the signals the batch shell receives."""
+    """Runs one child to its end, passing on the signals the batch shell receives and
+    answering the checkpoint events it sends on `events` (hpccr.events) with the hooks."""
 
-    def __init__(self, argv: list[str]):
-        self.child = subprocess.Popen(argv)
+    def __init__(self, argv: list[str], events: socket.socket | None = None,
+                 pass_fds: tuple[int, ...] = ()):
+        self.child = subprocess.Popen(argv, pass_fds=pass_fds)
+        self.events = events
         self.previous = {sig: signal.signal(sig, self.forward) for sig in FORWARDED}
 
     def forward(self, signo: int, _frame) -> None:
@@ -74,11 +80,36 @@ class Supervisor:
     def wait(self) -> int:
         """The child's exit status, 128+N when it was killed by signal N (like a shell)."""
         try:
+            if self.events is not None:
+                _answer_until_exit(self.events, self.child.pid)
             status = self.child.wait()
         finally:
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
         return 128 - status if status < 0 else status
+
+
+def _answer_until_exit(events: socket.socket, pid: int) -> None:
+    pidfd = os.pidfd_open(pid)
+    watched = [pidfd, events]
+    try:
+        while True:
+            try:
+                ready, _, _ = select.select(watched, [], [])
+            except InterruptedError:
+                continue
+            if pidfd in ready:
+                return
+            if not answer_events(events, hook_event):
+                watched.remove(events)
+    finally:
+        os.close(pidfd)
+
+
+def hook_event(event: str, fields: dict) -> None:
+    """A checkpoint event from hpccr: the site's hooks for it, here, as the job's user."""
+    if event in ("before_checkpoint", "after_checkpoint"):
+        run_hooks(event, **{k: fields.get(k) for k in ("path", "ok", "error") if k in fields})
 
 
 @dataclass
@@ -97,9 +128,10 @@ class Run:
                 "stop_signals": [int(s) for s in STOP_SIGNALS], "argv": self.command,
                 "env": dict(os.environ), "cwd": os.getcwd()}
 
-    def hpccr_argv(self, pidfile: Path) -> list[str]:
+    def hpccr_argv(self, pidfile: Path, events_fd: int) -> list[str]:
         argv = [sys.executable, "-m", "hpccr", "restore" if self.restore else "run",
-                "-D", str(self.series), "--keep", str(self.keep), "--pidfile", str(pidfile)]
+                "-D", str(self.series), "--keep", str(self.keep), "--pidfile", str(pidfile),
+                "--events-fd", str(events_fd)]
         argv += [f"--checkpoint-on={int(s)}" for s in STOP_SIGNALS]
         if self.interval:
             argv += ["--interval", f"{self.interval}s"]
@@ -185,14 +217,18 @@ def _under_agent(cfg: config.Config, run: Run) -> int:
     if not path.exists():
         raise HpccrError(f"no hpccr agent for this job on {node} ({path}; is hpccr's prolog "
                          "configured?)")
-    return agent.AgentSession(path, run.request()).wait()
+    return agent.AgentSession(path, run.request(), hook_event).wait()
 
 
 def _under_hpccr(run: Run) -> int:
     """As root: `hpccr run` or `hpccr restore` as a child."""
-    with tempfile.TemporaryDirectory(prefix="hpccr-job-") as tmp:
+    events, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with tempfile.TemporaryDirectory(prefix="hpccr-job-") as tmp, events:
         pidfile = Path(tmp) / "pid"
-        status = Supervisor(run.hpccr_argv(pidfile)).wait()
+        argv = run.hpccr_argv(pidfile, events_fd=far_end.fileno())
+        with far_end:
+            supervisor = Supervisor(argv, events, pass_fds=(far_end.fileno(),))
+        status = supervisor.wait()
         if not pidfile.exists():
             raise HpccrError(f"`hpccr {'restore' if run.restore else 'run'}` could not start "
                              "the job (its error is above)")

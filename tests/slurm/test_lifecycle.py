@@ -10,6 +10,7 @@ restoring …` is not step 1, and the final checksum is the one of an uninterrup
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -184,3 +185,41 @@ def test_restart_without_checkpoint_starts_over_and_says_so(site, jobs):
     assert re.search(rf"hpccr: restart 1 of job {job}: no complete checkpoint in \S+, "
                      "starting over", text), text
     assert f"done {expected_sum()}" in text
+
+
+RECORD_HOOK = """import json, os
+
+def record(info):
+    with open(os.environ["HOOK_RECORD"], "a") as f:
+        f.write(json.dumps(info) + "\\n")
+"""
+
+
+@pytest.mark.parametrize("user", ["hpcuser", None])
+def test_checkpoint_hooks_run_around_each_checkpoint(site, jobs, user):
+    """before_checkpoint / after_checkpoint hooks run in the job's own process, as its user,
+    around every checkpoint — whether the agent (a user's job) or hpccr run (root's) takes it."""
+    c = site.cluster
+    hooks = site.dir / "hooks"
+    hooks.mkdir(mode=0o755, exist_ok=True)
+    (hooks / "recordhooks.py").write_text(RECORD_HOOK)
+    record = c.job_dir / f"checkpoint-hooks-{user}.json"
+    record.unlink(missing_ok=True)
+    out = c.job_dir / f"checkpoint-hooks-{user}.out"
+    script = write_script(site, "sequence.sh", SEQUENCE)
+    job = site.submit("--checkpoint=0:02", "-o", str(out), str(script), "20", user=user,
+                      PYTHONPATH=str(hooks), HOOK_RECORD=str(record),
+                      HPCCR_HOOKS_BEFORE_CHECKPOINT="recordhooks:record",
+                      HPCCR_HOOKS_AFTER_CHECKPOINT="recordhooks:record")
+    jobs.append(job)
+    c.wait_state(job, "COMPLETED", 60)
+    events = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(events) >= 2 and len(events) % 2 == 0, events
+    owner = "root" if user is None else user
+    for before, after in zip(events[::2], events[1::2], strict=True):
+        assert before["event"] == "before_checkpoint" and after["event"] == "after_checkpoint"
+        assert before["path"] == after["path"]
+        assert re.fullmatch(rf"{site.job_dir(owner, job)}/ckpt-\d{{4}}", after["path"])
+        assert after["ok"] is True and after["error"] is None
+        assert after["job_id"] == str(job) and after["user"] == owner
+    assert record.stat().st_uid == (0 if user is None else c.ensure_user().pw_uid)
