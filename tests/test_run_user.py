@@ -301,15 +301,16 @@ EXCESS = {
 
 
 @pytest.mark.parametrize("name", EXCESS)
-def test_restore_refuses_more_than_the_owner_has(jobs, tree_cr, tmp_path, name):
+def test_restore_refuses_more_than_the_owner_has(jobs, tree_cr, tmp_path, shared_dir, name):
     """An image of hpcuser's job edited to give a process root's uid or group, or a capability
     (checksums rewritten, so that only the credentials are wrong), still hpcuser's: a restore,
     with or without --user hpcuser, refuses it (exit 11) before any process exists, naming
     what hpcuser lacks and nothing else."""
     edit, excess = EXCESS[name]
-    copy = edited_copy(image_of_user_job(jobs, steps=400), tmp_path / name, edit)
+    copy = edited_copy(image_of_user_job(jobs, steps=400), jobs.home / name, edit)
+    pidfile = jobs.home / "refused.pid"  # both where hpcuser may read and write, for --user
     for options in ([], ["--user", USER]):
-        res = tree_cr.restore(copy, *options)
+        res = tree_cr.restore(copy, *options, "--pidfile", str(pidfile))
         message = tree_cr.assert_error(res, REFUSED)
         assert f"has {excess}, which user {USER} does not: refused" in message, message
     assert "PASS" not in jobs.lines()
@@ -339,8 +340,12 @@ def test_root_image_restored_for_user_fails_cleanly(tree_cr, tmp_path, shared_di
     job.wait_for("COUNT 3")
     image = shared_dir / "img"
     tree_cr.dump_and_kill(job, image)
-    res = tree_cr.restore(image, "--user", USER)
-    tree_cr.assert_error(res, REFUSED)
+    home = shared_dir / "home"
+    home.mkdir()
+    os.chown(home, UID, GID)
+    res = tree_cr.restore(image, "--user", USER, "--pidfile", str(home / "no.pid"))
+    message = tree_cr.assert_error(res, REFUSED)
+    assert f"reading {image}" in message or "which user hpcuser does not" in message
     assert "PASS" not in job.lines() and not pid_alive(job.pid)
 
 
@@ -411,9 +416,9 @@ def test_restore_opens_the_jobs_files_as_the_owner(jobs, tree_cr, shared_dir, tm
         ("fd", to_secret, "cannot open it again as uid"),
         ("vma", to_program, f"cannot open mapped file {program}"),
     ):
-        copy = edited_copy(image, tmp_path / name, lambda creds: None, edit)
+        copy = edited_copy(image, jobs.home / name, lambda creds: None, edit)
         for options in ([], ["--user", USER]):
-            res = tree_cr.restore(copy, *options)
+            res = tree_cr.restore(copy, *options, "--pidfile", str(jobs.home / "no.pid"))
             assert res.returncode != 0, describe(res)
             assert says in tree_cr.assert_error(res, res.returncode)
     assert secret.read_text() == "root's\n"
