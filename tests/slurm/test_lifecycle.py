@@ -74,6 +74,15 @@ def check_continued(text: str, restarts: int) -> None:
     assert set(numbers) == set(range(1, STEPS + 1)), text  # every step, none skipped
 
 
+def preempt(site: Site, jobs: list[int], node: str) -> int:
+    """A short job of the urgent partition that needs all of `node`: it preempts what runs
+    there."""
+    urgent = site.cluster.sbatch(None, "-p", "urgent", "-w", node, "--exclusive",
+                                 "-o", "/dev/null", "--wrap", "sleep 2")
+    jobs.append(urgent)
+    return urgent
+
+
 @pytest.fixture
 def jobs(site):
     """Job ids to cancel at the end of the test, whatever happened."""
@@ -135,9 +144,7 @@ def test_preempted_job_resumes_from_its_checkpoint(site, jobs):
     jobs.append(job)
     c.wait_state(job, "RUNNING", 30)
     wait_for(lambda: checkpoints_taken(site, job) >= 2, 60, "two periodic checkpoints")
-    urgent = c.sbatch(None, "-p", "urgent", "-w", "node1", "--exclusive", "-o", "/dev/null",
-                      "--wrap", "sleep 2")
-    jobs.append(urgent)
+    urgent = preempt(site, jobs, "node1")
     c.wait_state(urgent, "COMPLETED", 120)
     info = c.wait_state(job, "COMPLETED", 180)
     assert int(info["Restarts"]) >= 1 and info["ExitCode"] == "0:0"
