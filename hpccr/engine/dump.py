@@ -30,6 +30,7 @@ from hpccr.engine import (
     posix_timers,
     prctls,
     procfs,
+    sharing,
     signals,
     snapshot,
     sysv,
@@ -143,6 +144,9 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
             readers.append(reader)
             procs.append(proc)
             copies.append((pid, proc, batches, reader))
+        for pid, proc in zip(frozen.pids, procs, strict=True):
+            proc["shares_with_parent"] = frozen.shared_with_parent.get(pid, [])
+        sharing.check(procs)
         with _reading(root):
             sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
             fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})

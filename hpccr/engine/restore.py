@@ -28,6 +28,7 @@ from hpccr.engine import (
     posix_timers,
     prctls,
     procfs,
+    sharing,
     signals,
     sysv,
     threads,
@@ -122,6 +123,8 @@ class Task:
     children: list[Task] = field(default_factory=list)
     # Sessions whose leader exited: sid -> the processes a helper task creates in it
     helpers: dict[int, list[Task]] = field(default_factory=dict)
+    # Children that share its descriptor table (engine/sharing.py): cloned in its stub
+    sharers: list[Task] = field(default_factory=list)
     outer: int = 0  # its pid as hpccr sees it, once it exists
 
     @property
@@ -135,6 +138,10 @@ class Task:
     @property
     def zombie(self) -> bool:
         return self.proc.get("exit_status") is not None
+
+    @property
+    def sharer(self) -> bool:
+        return bool(sharing.shares(self.proc))
 
 
 def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
@@ -152,10 +159,16 @@ def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
                                    f"{pid} is not in the image")
             parent.children.append(task)
     _plan_sessions(tasks, root, meta["pidns"])
+    sharing.check(meta["processes"])
+    for task in tasks.values():
+        if task.sharer:
+            parent = tasks[task.proc["ppid"]]
+            parent.children.remove(task)
+            parent.sharers.append(task)
     order, stack = [], [root]
     while stack:
         task = stack.pop()
-        order.append(task)
+        order += [task, *task.sharers]
         stack.extend(reversed(sorted(task.all_children, key=lambda t: t.proc["pid"])))
     if len(order) != len(tasks):
         raise ImageCorrupt("image.json: the processes do not form one tree")
@@ -237,13 +250,22 @@ def restore_tree(directory: str, user: User | None = None) -> int:
         pool.close()
         try:
             for task in order:
-                take_over(task.outer)
+                if not task.sharer:
+                    take_over(task.outer)
+            for task in order:
+                for sharer in task.sharers:
+                    sharer.outer = _clone_sharer(task.outer, sharer.proc)
             for task in order:
                 if task.zombie:
                     _become_zombie(task)
             for task in order:
-                if not task.zombie:
-                    rebuild(task.ctx, task.outer, meta)
+                if task.zombie or task.sharer:
+                    continue
+                for sharer in task.sharers:
+                    rebuild(sharer.ctx, sharer.outer, meta)
+                if task.sharers:
+                    _discard_sigchld(task.outer)
+                rebuild(task.ctx, task.outer, meta)
             order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
             for task in order:
                 task.ctx.ghosts.unlink_all()
@@ -349,6 +371,8 @@ def _fork_error(exc: OSError, pid: int) -> HpccrError:
 def _find_outer_pids(order: list[Task]) -> None:
     """Pids as hpccr sees them: the same as saved, unless the tree has its own namespace."""
     for task in order:
+        if task.sharer:
+            continue  # made later, by its parent's stub
         if not task.outer:
             raise RestoreFailed(f"process {task.proc['pid']} was not created")
         by_inner = {}
@@ -366,10 +390,58 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _clone_sharer(parent: int, proc: dict) -> int:
+    """Create `proc`, which shares its parent's descriptor table (and maybe cwd/umask), by a
+    clone3 injected in the parent's stub; returns its pid as hpccr sees it.  It starts traced
+    (PTRACE_O_TRACECLONE) and stopped, a copy of the stub, and is rebuilt like the others."""
+    native.set_sigmask(parent, ALL_SIGNALS)  # the SIGCHLD its stops raise must not stop it
+    leader = Thread(parent)
+    leader.capture()
+    inj = Injector(parent, leader, data_pages=1, bootstrap_ip=stub_inject_ip(parent))
+    try:
+        before = set(_children(parent))
+        pid_ptr = inj.put(struct.pack("<i", proc["pid"]))
+        args = inj.put(threads.CLONE_ARGS.pack(sharing.clone_flags(proc), 0, 0, 0,
+                                               signal.SIGCHLD, 0, 0, 0, pid_ptr, 1, 0))
+        try:
+            inner = inj.call("clone3", args, threads.CLONE_ARGS.size)
+        except OSError as exc:
+            raise _fork_error(exc, proc["pid"]) from None
+        if inner != proc["pid"]:
+            raise RestoreFailed(f"process {proc['pid']} was made with pid {inner}")
+        (outer,) = set(_children(parent)) - before
+        status = native.wait(outer)  # its initial SIGSTOP, as an auto-attached task
+        if not os.WIFSTOPPED(status):
+            raise RestoreFailed(f"process {proc['pid']} did not start (wait status "
+                                f"{status:#x})")
+    finally:
+        inj.close(code_ip=stub_inject_ip(parent))
+    return outer
+
+
+def _discard_sigchld(pid: int) -> None:
+    """Take the SIGCHLD the stops of its sharers raised out of the stub `pid` (its own pending
+    signals are queued again afterwards, when it is rebuilt)."""
+    leader = Thread(pid)
+    leader.capture()
+    inj = Injector(pid, leader, data_pages=1, bootstrap_ip=stub_inject_ip(pid))
+    try:
+        wanted = inj.put(struct.pack("<Q", 1 << (signal.SIGCHLD - 1)))
+        no_wait = inj.put(bytes(16))
+        with contextlib.suppress(BlockingIOError):  # EAGAIN: none (left)
+            while True:
+                inj.call("rt_sigtimedwait", wanted, 0, no_wait, 8)
+    finally:
+        inj.close(code_ip=stub_inject_ip(pid))
+
+
 def take_over(pid: int) -> None:
     """Seize a task that exec'd the stub (it waits in pause()) and stop it for injection."""
     try:
-        native.seize(pid, native.PTRACE_O_EXITKILL | native.PTRACE_O_TRACECLONE)
+        # clone and fork events: the threads and the sharers (engine/sharing.py) injected
+        # clone3 makes start traced
+        native.seize(pid, native.PTRACE_O_EXITKILL | native.PTRACE_O_TRACECLONE
+                     | native.PTRACE_O_TRACEFORK)
         native.interrupt(pid)
         status = native.wait(pid)
     except OSError as exc:

@@ -17,6 +17,7 @@ SHARED_TABLES = (
     (native.KCMP_FS, "one cwd, root and umask (CLONE_FS)"),
     (native.KCMP_SIGHAND, "their signal handlers (CLONE_SIGHAND)"),
 )
+PARENT_SHARED = ((native.KCMP_FILES, "files"), (native.KCMP_FS, "fs"))  # as sharing.py names
 
 
 def children(pid: int) -> list[int]:
@@ -51,6 +52,7 @@ class FrozenTree:
         self.root = root
         self.frozen: dict[int, FrozenProcess] = {}
         self.zombies: list[int] = []
+        self.shared_with_parent: dict[int, list[str]] = {}  # pid -> ["files"(, "fs")]
 
     @property
     def pids(self) -> list[int]:
@@ -80,22 +82,44 @@ class FrozenTree:
                 process.freeze()
                 self.frozen[pid] = process
                 pending += children(pid)
-            self._refuse_shared_tables()
+            self._find_shared_tables()
         except BaseException:
             self.thaw()
             raise
 
-    def _refuse_shared_tables(self) -> None:
+    def _find_shared_tables(self) -> None:
         """Processes that share an address space, descriptor table, cwd/umask or signal
-        handlers (clone without CLONE_THREAD, vfork) would come back each with its own: refused,
-        and the tree is thawed."""
+        handlers (clone without CLONE_THREAD, vfork).  A descriptor table (and cwd/umask)
+        shared with the parent is recorded in `shared_with_parent` (engine/sharing.py says
+        what of it can be restored); any other sharing is refused, and the tree thawed."""
         pids = list(self.frozen)
+        parent = {pid: int(procfs.status(pid)["PPid"]) for pid in pids}
+        for pid in pids:
+            kinds = [name for kind, name in PARENT_SHARED
+                     if parent[pid] in self.frozen and native.kcmp(parent[pid], pid, kind) == 0]
+            if kinds:
+                self.shared_with_parent[pid] = kinds
         for i, first in enumerate(pids):
             for second in pids[i + 1:]:
                 for kind, what in SHARED_TABLES:
-                    if native.kcmp(first, second, kind) == 0:
+                    if native.kcmp(first, second, kind) == 0 and not self._with_parent(
+                            first, second, kind, parent):
                         raise UnsupportedResource(
                             f"processes {first} and {second} share {what}: not supported yet")
+
+    def _with_parent(self, first: int, second: int, kind: int, parent: dict[int, int]) -> bool:
+        """Is this sharing one recorded with a parent (the parent and a child, or two
+        children of that parent)?"""
+        name = dict(PARENT_SHARED).get(kind)
+        if name is None:
+            return False
+
+        def shares_with(child: int, with_pid: int) -> bool:
+            return parent[child] == with_pid and name in self.shared_with_parent.get(child, [])
+
+        return (shares_with(second, first) or shares_with(first, second)
+                or (parent[first] == parent[second] and shares_with(first, parent[first])
+                    and shares_with(second, parent[second])))
 
     def thaw(self) -> None:
         for process in self.frozen.values():

@@ -111,6 +111,7 @@ PROCESS = {
     "child_subreaper": int,
     "pdeathsig": int,
     "exit_status": (int, None),
+    "shares_with_parent": [str],
 }
 
 _SYSV_OBJECT = {"key": int, "id": int, "mode": int, "uid": int, "gid": int}

@@ -25,6 +25,7 @@ PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_O_TRACEFORK = 0x2
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_CLONE = 3
@@ -43,7 +44,8 @@ SYS = {
     "mremap": 25, "madvise": 28, "nanosleep": 35, "getitimer": 36, "setitimer": 38,
     "getpid": 39, "exit": 60, "wait4": 61, "fcntl": 72, "chdir": 80, "umask": 95,
     "setgroups": 116, "setresuid": 117, "setresgid": 119, "setfsuid": 122, "setfsgid": 123,
-    "capget": 125, "capset": 126, "rt_sigqueueinfo": 129, "sigaltstack": 131, "personality": 135,
+    "capget": 125, "capset": 126, "rt_sigtimedwait": 128, "rt_sigqueueinfo": 129,
+    "sigaltstack": 131, "personality": 135,
     "prctl": 157, "arch_prctl": 158, "gettid": 186, "futex": 202, "set_tid_address": 218,
     "restart_syscall": 219, "clock_nanosleep": 230, "epoll_wait": 232, "epoll_ctl": 233,
     "openat": 257, "pselect6": 270, "ppoll": 271, "set_robust_list": 273, "get_robust_list": 274,
@@ -114,10 +116,6 @@ def cont(tid: int, sig: int = 0) -> None:
 
 def detach(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_DETACH, tid, 0, sig)
-
-
-
-
 
 
 def wait(tid: int, nohang: bool = False) -> int:
