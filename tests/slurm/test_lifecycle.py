@@ -46,18 +46,19 @@ def steps_of(text: str) -> list[tuple[int, str]]:
             if (m := STEP.match(line))]
 
 
-def submit(site: Site, how: str, *options: str) -> int:
-    """Submit SEQUENCE as hpcuser with the plugin's `sbatch --checkpoint…` or `hpccr sbatch`."""
+def submit(site: Site, how: str, *options: str, user: str | None = "hpcuser") -> int:
+    """Submit SEQUENCE as `user` (root if None) with the plugin's `sbatch --checkpoint…` or
+    with `hpccr sbatch`."""
     script = write_script(site, "sequence.sh", SEQUENCE)
     if how == "plugin":
-        return site.submit("--requeue", "--open-mode=append", *options, str(script))
+        return site.submit("--requeue", "--open-mode=append", *options, str(script), user=user)
     run = site.cluster.client(*site.env(), site.user_hpccr, "sbatch", *options, str(script),
-                              user="hpcuser")
+                              user=user)
     return int(run.stdout.split()[-1])
 
 
-def checkpoints_taken(site: Site, job: int) -> int:
-    latest = site.job_dir("hpcuser", job) / "latest"
+def checkpoints_taken(site: Site, job: int, user: str = "hpcuser") -> int:
+    latest = site.job_dir(user, job) / "latest"
     return int(latest.resolve().name.split("-")[1]) if latest.exists() else 0
 
 
@@ -92,16 +93,19 @@ def jobs(site):
         site.cluster.client("scancel", str(job), check=False)
 
 
-@pytest.mark.parametrize("how", ["plugin", "hpccr-sbatch"])
-def test_requeued_job_finishes_on_the_other_node(site, jobs, how):
+@pytest.mark.parametrize("how, user", [("plugin", "hpcuser"), ("hpccr-sbatch", "hpcuser"),
+                                       ("plugin", "root")])
+def test_requeued_job_finishes_on_the_other_node(site, jobs, how, user):
     """Started on node1, requeued mid-run, restarted with node1 excluded: it goes on from its
-    newest checkpoint on node2 and ends with the checksum of an uninterrupted run."""
+    newest checkpoint on node2 and ends with the checksum of an uninterrupted run.  A user's
+    job through its agent, root's by hpccr run / hpccr restore directly."""
     c = site.cluster
-    out = c.job_dir / f"requeue-{how}.out"
-    job = submit(site, how, "--checkpoint=0:02", "--exclude=node2", "-o", str(out))
+    out = c.job_dir / f"requeue-{how}-{user}.out"
+    job = submit(site, how, "--checkpoint=0:02", "--exclude=node2", "-o", str(out),
+                 user=None if user == "root" else user)
     jobs.append(job)
     assert c.wait_state(job, "RUNNING", 30)["NodeList"] == "node1"
-    wait_for(lambda: checkpoints_taken(site, job) >= 2, 60, "two periodic checkpoints")
+    wait_for(lambda: checkpoints_taken(site, job, user) >= 2, 60, "two periodic checkpoints")
     c.scontrol("requeue", str(job))
     assert c.wait_state(job, "PENDING", 30)["Restarts"] == "1"
     assert "kept for the restart" in ended(site, job)
@@ -112,7 +116,7 @@ def test_requeued_job_finishes_on_the_other_node(site, jobs, how):
     check_continued(text, restarts=1)
     hosts = [host for _, host in steps_of(text.split("restoring")[1])]
     assert set(hosts) == {"node2"}
-    assert out.stat().st_uid == c.ensure_user().pw_uid
+    assert out.stat().st_uid == (0 if user == "root" else c.ensure_user().pw_uid)
 
 
 def test_time_limit_warning_checkpoints_and_requeues(site, jobs):
