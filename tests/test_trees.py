@@ -7,8 +7,8 @@ Workloads: workloads/tree_pipes.c (pipes with data in flight), tree_pipeline.c (
 `sh -c 'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a
 process-shared mutex), tree_offset.c FILE (one open file description shared across fork),
 tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c
-(an orphan in the session of a leader that exited), tree_clone.c (tables shared without threads,
-refused), tree_shared_table.c (a descriptor table shared with the parent, restored).
+(an orphan in the session of a leader that exited), tree_clone.c (signal handlers shared without threads,
+refused), tree_shared_table.c (a descriptor table and/or cwd shared with the parent).
 """
 
 import contextlib
@@ -140,21 +140,20 @@ def test_pid_taken(tree_cr, tmp_path):
     tree_cr.restore_and_pass(workload, tmp_path / "img")
 
 
-@pytest.mark.parametrize("table", ["files", "fs"])
-def test_descriptor_table_shared_with_the_parent(tree_cr, tmp_path, mode, table):
-    """A child sharing its parent's descriptor table (and with "fs" its cwd and umask) without
-    being a thread: both still share them after the restore (a descriptor the child opens is
-    the parent's, one the parent closes is gone for the child, the child's chdir moves both)."""
+@pytest.mark.parametrize("table", ["files", "fs", "fsonly"])
+def test_tables_shared_with_the_parent(tree_cr, tmp_path, mode, table):
+    """A child sharing its parent's descriptor table (files), its cwd and umask (fsonly), or
+    both (fs) without being a thread: they share exactly that after the restore (a descriptor
+    the child opens is the parent's or not, one the parent closes is gone for the child or not,
+    the child's chdir and umask move the parent's or not)."""
     workload = start(tree_cr, mode, [tree_cr.binaries["tree_shared_table"], table])
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
 
 
-@pytest.mark.parametrize("table", ["fs", "sighand"])
-def test_shared_tables_are_refused(tree_cr, tmp_path, table):
-    """Processes sharing a cwd/umask without their descriptor table, or signal handlers (and
-    so an address space), without being threads: the dump refuses (14) naming both, and the
-    tree runs on untouched."""
-    workload = tree_cr.start("tree_clone", table)
+def test_shared_signal_handlers_are_refused(tree_cr, tmp_path):
+    """Processes sharing signal handlers (and so an address space) without being threads: the
+    dump refuses (14) naming them, and the tree runs on untouched."""
+    workload = tree_cr.start("tree_clone", "sighand")
     message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
     assert re.search(rf"\b{workload.pid}\b", message) and "share" in message, message
     assert not (tmp_path / "img").exists()

@@ -141,7 +141,8 @@ class Task:
 
     @property
     def sharer(self) -> bool:
-        return bool(sharing.shares(self.proc))
+        """Made by its parent's stub (engine/sharing.py), not forked."""
+        return sharing.injected(self.proc)
 
 
 def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
@@ -347,16 +348,16 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
     _find_outer_pids(order)
 
 
-def _fork(pid: int) -> int:
+def _fork(pid: int, flags: int = 0) -> int:
     try:
-        return native.fork_with_pid(pid)
+        return native.fork_with_pid(pid, flags)
     except OSError as exc:
         raise _fork_error(exc, pid) from None
 
 
 def _fork_task(task: Task, pool: fds.Pool, errpipe: int) -> None:
     """Create `task` as a child of this one (it never returns in the child)."""
-    if _fork(task.proc["pid"]) == 0:
+    if _fork(task.proc["pid"], sharing.fork_flags(task.proc)) == 0:
         _child(task, pool, errpipe)
 
 

@@ -1,16 +1,17 @@
-"""Processes that share their descriptor table (CLONE_FILES) — and maybe their cwd, root and
-umask (CLONE_FS) — with their parent without being its threads.
+"""Processes that share their descriptor table (CLONE_FILES) and/or their cwd, root and umask
+(CLONE_FS) with their parent without being its threads.
 
 Dump: kcmp finds them (tree.py), and each process records what it shares with its parent.
-Restore: such a process cannot be made like the others, by fork and exec of the stub, since
-exec gives the caller a descriptor table of its own.  Once its parent is a stub, an injected
-clone3 in the parent makes it, with those tables shared and its saved pid; then it is rebuilt
-like any other process (restore.py).
-
-Supported: a process sharing its parent's descriptor table (and maybe cwd/umask), in its
-parent's session and group, with no children of its own, no parent-death signal, not a child
-subreaper, and, when it does not share them, with its parent's cwd and umask.  Any other
-sharing is refused at dump (and an image that claims it, at restore).
+Restore:
+- cwd and umask alone: the process is forked by its parent like the others, with CLONE_FS;
+  exec keeps an fs_struct shared.
+- a descriptor table: exec gives the caller a table of its own, so such a process cannot be
+  forked and exec'd like the others.  Once its parent is a stub, an injected clone3 in the
+  parent makes it ("injected"), with the tables shared and its saved pid; then it is rebuilt
+  like any other process (restore.py).  Supported for a process in its parent's session and
+  group, with no children of its own, no parent-death signal, not a child subreaper, and,
+  unless it shares them too, with its parent's cwd and umask.
+Any other sharing is refused at dump (and an image that claims it, at restore).
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def clone_flags(proc: dict) -> int:
     return flags
 
 
+def injected(proc: dict) -> bool:
+    """Made by a clone3 injected in its parent's stub (it shares its descriptor table)."""
+    return FILES in shares(proc)
+
+
+def fork_flags(proc: dict) -> int:
+    """The clone flags its parent forks it with (a process not injected)."""
+    return 0 if injected(proc) else clone_flags(proc)
+
+
 def check(procs: list[dict]) -> None:
     """Refuse (UnsupportedResource) a sharing hpccr cannot recreate."""
     by_pid = {p["pid"]: p for p in procs}
@@ -55,7 +66,7 @@ def _problem(proc: dict, parent: dict | None, has_children: bool) -> str | None:
     if parent is None or not kinds <= set(FLAGS):
         return "its parent is not in the image"
     if FILES not in kinds:
-        return "not its descriptor table"
+        return None  # forked with CLONE_FS, like any other child
     if proc["exit_status"] is not None or parent["exit_status"] is not None:
         return "one of them has exited"
     if has_children:

@@ -245,10 +245,11 @@ def pagemap_runs(entries, any_bits: int, no_bits: int) -> list[tuple[int, int]]:
 
 # --- processes -------------------------------------------------------------------------------
 
-def fork_with_pid(pid: int) -> int:
-    """fork() whose child gets exactly `pid` (clone3 set_tid); returns 0 in the child."""
+def fork_with_pid(pid: int, flags: int = 0) -> int:
+    """fork() whose child gets exactly `pid` (clone3 set_tid) and the clone `flags` (e.g.
+    CLONE_FS); returns 0 in the child."""
     ffi.errno = 0
-    ret = lib.hpccr_fork_with_pid(pid)
+    ret = lib.hpccr_fork_with_pid(pid, flags)
     if ret < 0:
         raise OSError(ffi.errno, f"clone3(set_tid={pid}): {os.strerror(ffi.errno)}")
     return ret
@@ -256,8 +257,6 @@ def fork_with_pid(pid: int) -> int:
 
 def statfs_type(path: str) -> int:
     return _check(lib.hpccr_statfs_type(path.encode()))
-
-
 
 
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:

@@ -45,8 +45,9 @@ size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned 
 /* statfs(2) f_type of the file system holding `path`, or -errno. */
 long hpccr_statfs_type(const char *path);
 
-/* fork() that gives the child exactly pid `pid` (clone3 with set_tid); returns like fork(). */
-int hpccr_fork_with_pid(int pid);
+/* fork() that gives the child exactly pid `pid` (clone3 with set_tid) and the clone `flags`
+ * (e.g. CLONE_FS); returns like fork(). */
+int hpccr_fork_with_pid(int pid, unsigned long flags);
 """
 
 SOURCE = r"""
@@ -245,11 +246,12 @@ void PyOS_BeforeFork(void);
 void PyOS_AfterFork_Parent(void);
 void PyOS_AfterFork_Child(void);
 
-int hpccr_fork_with_pid(int pid)
+int hpccr_fork_with_pid(int pid, unsigned long flags)
 {
     pid_t tid = pid;
     struct clone_args args;
     memset(&args, 0, sizeof(args));
+    args.flags = flags;
     args.exit_signal = SIGCHLD;
     args.set_tid = (uintptr_t)&tid;
     args.set_tid_size = 1;

@@ -1,11 +1,11 @@
 /*
- * A child that shares a table with its parent without being a thread: hpccr must refuse the
- * dump (it would restore two tables) and leave both running.
+ * A child that shares its parent's signal handlers (and so its address space) without being a
+ * thread: hpccr must refuse the dump and leave both running.
  *
- * usage: tree_clone files|fs|sighand
+ * usage: tree_clone sighand
  *
- * The child, made with clone(CLONE_FILES), clone(CLONE_FS) or clone(CLONE_VM | CLONE_SIGHAND),
- * waits for the window and exits 0; the parent checks that it did.
+ * The child, made with clone(CLONE_VM | CLONE_SIGHAND), waits for the window and exits 0; the
+ * parent checks that it did.
  */
 #define _GNU_SOURCE
 #include "wl.h"
@@ -28,16 +28,9 @@ int main(int argc, char **argv)
 	int flags, status;
 	pid_t pid;
 
-	if (argc < 2)
+	if (argc < 2 || strcmp(argv[1], "sighand"))
 		goto usage;
-	if (!strcmp(argv[1], "files"))
-		flags = CLONE_FILES;
-	else if (!strcmp(argv[1], "fs"))
-		flags = CLONE_FS;
-	else if (!strcmp(argv[1], "sighand"))
-		flags = CLONE_VM | CLONE_SIGHAND;
-	else
-		goto usage;
+	flags = CLONE_VM | CLONE_SIGHAND;
 	pid = clone(child, stack + sizeof(stack), flags | SIGCHLD, NULL);
 	if (pid < 0)
 		wl_die("clone");
@@ -47,6 +40,6 @@ int main(int argc, char **argv)
 		 "the clone child failed");
 	return wl_finish();
 usage:
-	fprintf(stderr, "usage: tree_clone files|fs|sighand\n");
+	fprintf(stderr, "usage: tree_clone sighand\n");
 	return 2;
 }

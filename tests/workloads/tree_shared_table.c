@@ -1,11 +1,12 @@
 /*
- * A child made with clone(CLONE_FILES), or clone(CLONE_FILES | CLONE_FS), shares its parent's
- * descriptor table (and with "fs" its cwd and umask) without being a thread.  After the window
- * both must still share them: a descriptor the child opens is in the parent's table, one the
- * parent closes is gone for the child, and with "fs" the child's chdir and umask are the
- * parent's too (without it the parent's stay as they were).
+ * A child made with clone(CLONE_FILES), clone(CLONE_FILES | CLONE_FS) or clone(CLONE_FS)
+ * shares its parent's descriptor table and/or its cwd and umask without being a thread.  After
+ * the window they must share exactly that still: with the table, a descriptor the child opens
+ * is in the parent's table and one the parent closes is gone for the child (without it, the
+ * opposite); with cwd and umask, the child's chdir and umask are the parent's too (without
+ * them the parent's stay as they were).
  *
- * usage: tree_shared_table files|fs
+ * usage: tree_shared_table files|fs|fsonly    (files: CLONE_FILES, fs: both, fsonly: CLONE_FS)
  */
 #define _GNU_SOURCE
 #include "wl.h"
@@ -29,7 +30,7 @@ struct shared {
 };
 
 static struct shared *sh;
-static int with_fs;
+static int with_fs, with_files;
 static char stack[1 << 16];
 
 /* The parent waits at most 10 s for the child; the child as long as the parent lives (it may
@@ -69,9 +70,9 @@ static int child(void *arg)
 	sh->done = 1;
 	if (!wait_for_parent(&sh->step, 2, parent))
 		_exit(1);
-	if (fcntl(CLOSED_FD, F_GETFD) != -1)
-		snprintf(sh->failure, sizeof(sh->failure),
-			 "child: fd %d, closed by the parent, is still open", CLOSED_FD);
+	if ((fcntl(CLOSED_FD, F_GETFD) != -1) == with_files)
+		snprintf(sh->failure, sizeof(sh->failure), "child: fd %d, closed by the parent, is "
+			 "%s", CLOSED_FD, with_files ? "still open" : "closed for the child too");
 	sh->done = 2;
 	_exit(0);
 }
@@ -79,15 +80,19 @@ static int child(void *arg)
 int main(int argc, char **argv)
 {
 	char cwd[256];
-	int flags = CLONE_FILES, fd, status;
+	int flags = 0, fd, status;
 	mode_t mask;
 	pid_t pid, self = getpid();
 
-	if (argc < 2 || (strcmp(argv[1], "files") && strcmp(argv[1], "fs"))) {
-		fprintf(stderr, "usage: tree_shared_table files|fs\n");
+	if (argc < 2 || (strcmp(argv[1], "files") && strcmp(argv[1], "fs") &&
+			  strcmp(argv[1], "fsonly"))) {
+		fprintf(stderr, "usage: tree_shared_table files|fs|fsonly\n");
 		return 2;
 	}
-	with_fs = !strcmp(argv[1], "fs");
+	with_files = strcmp(argv[1], "fsonly") != 0;
+	with_fs = strcmp(argv[1], "files") != 0;
+	if (with_files)
+		flags |= CLONE_FILES;
 	if (with_fs)
 		flags |= CLONE_FS;
 	sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -107,8 +112,9 @@ int main(int argc, char **argv)
 	wl_sleep(WL_WINDOW_S);
 	sh->step = 1;
 	WL_CHECK(wait_for(&sh->done, 1), "the child did not answer");
-	WL_CHECK(sh->child_fd >= 0 && fcntl(sh->child_fd, F_GETFD) != -1,
-		 "fd %d, opened by the child, is not in the parent's table", sh->child_fd);
+	WL_CHECK(sh->child_fd >= 0 && (fcntl(sh->child_fd, F_GETFD) != -1) == with_files,
+		 "fd %d, opened by the child, is %s the parent's table", sh->child_fd,
+		 with_files ? "not in" : "in");
 	WL_CHECK(getcwd(cwd, sizeof(cwd)) && !strcmp(cwd, with_fs ? "/" : START_DIR),
 		 "the parent's cwd is %s", cwd);
 	mask = umask(0);
