@@ -7,8 +7,9 @@ Workloads: workloads/tree_pipes.c (pipes with data in flight), tree_pipeline.c (
 `sh -c 'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a
 process-shared mutex), tree_offset.c FILE (one open file description shared across fork),
 tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c
-(an orphan in the session of a leader that exited), tree_clone.c (signal handlers shared without threads,
-refused), tree_shared_table.c (a descriptor table and/or cwd shared with the parent).
+(an orphan in the session of a leader that exited), tree_clone.c (signal handlers shared
+without threads, refused), tree_shared_table.c (a descriptor table and/or cwd shared with the
+parent).
 """
 
 import contextlib
