@@ -212,12 +212,20 @@ def _stable_script(command: list[str], series: Path) -> list[str]:
 
 
 def _under_agent(cfg: config.Config, run: Run) -> int:
+    """The run's status under the job's agent; HpccrError if the agent could not start it.
+    Once it started, the job is never started again here: an agent lost on the way ends the
+    run with status 1 (Slurm then ends what is left of the job, in its cgroup)."""
     node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
     path = agent.socket_path(cfg.run_dir, os.environ.get("SLURM_JOB_ID", "?"), node)
     if not path.exists():
         raise HpccrError(f"no hpccr agent for this job on {node} ({path}; is hpccr's prolog "
                          "configured?)")
-    return agent.AgentSession(path, run.request(), hook_event).wait()
+    session = agent.AgentSession(path, run.request(), hook_event)
+    try:
+        return session.wait()
+    except (HpccrError, OSError) as exc:
+        warn(f"job {os.environ.get('SLURM_JOB_ID', '?')}: {exc}")
+        return 1
 
 
 def _under_hpccr(run: Run) -> int:
