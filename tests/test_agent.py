@@ -368,3 +368,29 @@ def test_agent_rejects_malformed_requests(agents, home, tmp_path, case):
     agent.assert_gone(1)
     assert not marker.exists()
     assert not agent.log.read_text(), agent.log.read_text()
+
+
+def test_agent_lost_after_the_start_never_starts_the_job_twice(
+        agents, home, cgroup, user_python):
+    """`hpccr slurm job` whose agent dies once the job runs: the run ends with status 1 and
+    says why, and the script is not started a second time without checkpoints."""
+    agent = agents()
+    script = home / "job.sh"
+    script.write_text("#!/bin/sh\necho started\nexec sleep 60\n")
+    script.chmod(0o755)
+    out, err = home / "slurm-job.out", home / "slurm-job.err"
+    env = {"PATH": "/usr/bin:/bin", "HPCCR_RUN_DIR": str(agent.run_dir),
+           "HPCCR_CHECKPOINT_BASE": str(home / "checkpoints"), "SLURM_JOB_ID": JOB_ID,
+           "SLURMD_NODENAME": NODE}
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        client = subprocess.Popen(
+            [user_python, "-m", "hpccr", "slurm", "job", "--", str(script)],
+            stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, env=env, cwd=str(home),
+            user=PW.pw_uid, group=PW.pw_gid, extra_groups=[])
+    for hierarchy in ("pids", "unified"):  # the job joins them: the fixture kills what is left
+        (CGROUPS / hierarchy / cgroup / "cgroup.procs").write_text(f"{client.pid}\n")
+    wait_until(lambda: "started" in out.read_text(), "the job's start")
+    agent.kill()
+    assert client.wait(TIMEOUT) == 1, err.read_text()
+    assert "the hpccr agent went away before the job ended" in err.read_text()
+    assert out.read_text().splitlines() == ["started"]
