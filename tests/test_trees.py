@@ -149,6 +149,10 @@ def test_tables_shared_with_the_parent(tree_cr, tmp_path, mode, table):
     the child's chdir and umask move the parent's or not)."""
     workload = start(tree_cr, mode, [tree_cr.binaries["tree_shared_table"], table])
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
+    shown = {"files": "descriptor table", "fs": "descriptor table and cwd and umask",
+             "fsonly": "cwd and umask"}[table]
+    show = tree_cr.run("show", tmp_path / "img").stdout
+    assert re.search(rf"  shares    its {shown} with its parent \d+ \(not as a thread\)", show)
 
 
 def test_shared_signal_handlers_are_refused(tree_cr, tmp_path):

@@ -122,6 +122,10 @@ def _render_process(proc: dict) -> list[str]:
         f"  cwd       {proc['cwd']}",
         f"  threads   {len(proc['threads'])}",
     ]
+    if proc["shares_with_parent"]:
+        names = {"files": "descriptor table", "fs": "cwd and umask"}
+        shared = " and ".join(names.get(k, k) for k in proc["shares_with_parent"])
+        lines.append(f"  shares    its {shared} with its parent {proc['ppid']} (not as a thread)")
     lines += _table(
         ["TID", "COMM", "RIP", "IN SYSCALL"],
         [
