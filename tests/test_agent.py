@@ -394,3 +394,24 @@ def test_agent_lost_after_the_start_never_starts_the_job_twice(
     assert client.wait(TIMEOUT) == 1, err.read_text()
     assert "the hpccr agent went away before the job ended" in err.read_text()
     assert out.read_text().splitlines() == ["started"]
+
+
+def test_agent_serves_only_a_process_of_its_job(agents, tmp_path):
+    """Where Slurm keeps the job in cgroups of its own (job_<id>), a client of the right user
+    that is not in them (another job, a login shell) is refused: its job would escape the
+    job's limits.  (Clients inside are served: the lifecycle tests on the real cluster.)"""
+    job_cgroup = CGROUPS / "pids" / "slurm_hpccrtest" / f"uid_{PW.pw_uid}" / f"job_{JOB_ID}"
+    try:
+        job_cgroup.mkdir(parents=True)
+    except OSError as exc:
+        pytest.skip(f"cannot make cgroups here: {exc}")
+    try:
+        agent = agents()
+        request = job_request("run", tmp_path, ["/bin/true"], [])
+        reply = raw_request(agent, USER, request, PASSED_FDS, tmp_path)
+        assert reply == {"error": f"agent: the client is not a process of job {JOB_ID}",
+                         "code": 1}
+        agent.assert_gone(1)
+    finally:
+        for d in (job_cgroup, job_cgroup.parent, job_cgroup.parent.parent):
+            d.rmdir()

@@ -108,7 +108,7 @@ def serve(run_dir: Path, job_id: str, node: str, uid: int) -> int:
         pidfile.unlink(missing_ok=True)
         return 0
     try:
-        return _session(conn, user)
+        return _session(conn, user, job_id)
     finally:
         conn.close()
         pidfile.unlink(missing_ok=True)
@@ -131,19 +131,25 @@ def _accept_user(listener: socket.socket, uid: int) -> socket.socket | None:
         conn.close()
 
 
-def _session(conn: socket.socket, user) -> int:
+def _session(conn: socket.socket, user, job_id: str) -> int:
     peer_pid, _, _ = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                   UCRED.size))
-    message, fds = receive(conn, PASSED_FDS)
+    message, fds = None, []
     try:
+        message, fds = receive(conn, PASSED_FDS)
         if message is None:
             return 0
+        # Else the user could run a job outside this job's limits (another job's, none).
+        if cgroup.job_has_cgroups(job_id) and not cgroup.in_job(peer_pid, job_id):
+            raise HpccrError(f"agent: the client is not a process of job {job_id}")
         if len(fds) != PASSED_FDS:
             raise HpccrError("agent: the request must come with stdin, stdout, stderr and an "
                              "events socket")
         request = _valid_request(message)
-    except HpccrError as exc:
-        send(conn, {"error": str(exc), "code": exc.exit_code})
+    except (HpccrError, OSError) as exc:
+        code = exc.exit_code if isinstance(exc, HpccrError) else EXIT_AGENT_FAILED
+        with contextlib.suppress(OSError):
+            send(conn, {"error": str(exc), "code": code})
         for fd in fds:
             os.close(fd)
         return EXIT_AGENT_FAILED
