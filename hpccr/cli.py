@@ -153,6 +153,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, interval: int | N
     with _pidfile_for(pidfile) as write_pid:
         supervision = None if detach else Supervision(checkpoints)
         root = restore_tree(directory, user)
+        checkpoints.notify("restored", path=str(resolve(directory)))
         write_pid(root)
     sys.exit(supervision.run(root) if supervision else 0)
 

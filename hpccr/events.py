@@ -1,6 +1,7 @@
 """JSON messages over Unix sockets, and the checkpoint events hpccr sends on one.
 
-Before and after each checkpoint of a supervised job, hpccr can tell a listener — under Slurm,
+Before and after each checkpoint of a supervised job (`before_checkpoint`, `after_checkpoint`)
+and once a restored job runs (`restored`), hpccr can tell a listener — under Slurm,
 `hpccr slurm job`, which runs the site's hooks as the job's user — on a socket it was handed
 (`hpccr run/restore --events-fd`), and waits for the listener's answer, so that a
 `before_checkpoint` hook runs before the job is frozen.  A listener that does not answer within

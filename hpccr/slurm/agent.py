@@ -199,7 +199,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
     """In the agent's child: join the batch step's cgroups, take its stdio, start or restore
     the job for the user and be its parent until it ends; exits with its status."""
     from hpccr.engine.restore import restore_tree
-    from hpccr.image.series import Series
+    from hpccr.image.series import Series, resolve
     from hpccr.run import Checkpoints, Supervision, start_job
 
     try:
@@ -221,9 +221,15 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
             pid = restore_tree(request["dir"], user)
         os.write(report_wr, json.dumps({"started": pid}).encode())
         os.close(report_wr)
+        report_wr = -1
+        if request["op"] == "restore":  # answered once the batch step knows it started
+            checkpoints.notify("restored", path=str(resolve(request["dir"])))
         status = supervision.run(pid)
     except HpccrError as exc:
-        os.write(report_wr, json.dumps({"error": str(exc), "code": exc.exit_code}).encode())
+        if report_wr >= 0:
+            os.write(report_wr, json.dumps({"error": str(exc), "code": exc.exit_code}).encode())
+        else:
+            print(f"hpccr: error: {exc}", file=sys.stderr, flush=True)
         os._exit(exc.exit_code)
     except BaseException as exc:  # a bug: say it where the user sees it, never hang the job
         with contextlib.suppress(OSError):

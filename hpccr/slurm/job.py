@@ -107,9 +107,11 @@ def _answer_until_exit(events: socket.socket, pid: int) -> None:
 
 
 def hook_event(event: str, fields: dict) -> None:
-    """A checkpoint event from hpccr: the site's hooks for it, here, as the job's user."""
+    """An event from hpccr (hpccr.events): the site's hooks for it, here, as the job's user."""
     if event in ("before_checkpoint", "after_checkpoint"):
         run_hooks(event, **{k: fields.get(k) for k in ("path", "ok", "error") if k in fields})
+    elif event == "restored":
+        run_hooks("after_restore", path=fields.get("path"), ok=True, error=None)
 
 
 @dataclass
@@ -186,8 +188,6 @@ def _checkpointed_run(cfg: config.Config, command: list[str], series: Path,
             return 1
         warn(f"job {job_id} runs without checkpoints: {exc}")
         return None
-    if run.restore:
-        run_hooks("after_restore", path=str(latest), ok=True, error=None)
     if status == STOPPED and Series(series).latest() not in (None, latest):
         requeue(job_id)
     return status

@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from hpccr_site import Site, ended, wait_for, write_script
+
+from testbed.cluster import ClusterError
 
 STEPS = 90
 STEP_S = 0.3
@@ -33,6 +36,23 @@ echo "done $sum"
 """
 STEP = re.compile(r"^step (\d+) sum (\d+) on (\S+)$")
 
+RECORD_HOOK = """import json, os
+
+def record(info):
+    with open(os.environ["HOOK_RECORD"], "a") as f:
+        f.write(json.dumps(info) + "\\n")
+"""
+
+
+def recording_hooks(site: Site, record: Path, *events: str) -> dict[str, str]:
+    """Environment for a job whose site hooks append each event's dict to `record`."""
+    hooks = site.dir / "hooks"
+    hooks.mkdir(mode=0o755, exist_ok=True)
+    (hooks / "recordhooks.py").write_text(RECORD_HOOK)
+    record.unlink(missing_ok=True)
+    return {"PYTHONPATH": str(hooks), "HOOK_RECORD": str(record),
+            **{f"HPCCR_HOOKS_{e.upper()}": "recordhooks:record" for e in events}}
+
 
 def expected_sum(steps: int = STEPS) -> int:
     total = 0
@@ -46,15 +66,29 @@ def steps_of(text: str) -> list[tuple[int, str]]:
             if (m := STEP.match(line))]
 
 
-def submit(site: Site, how: str, *options: str, user: str | None = "hpcuser") -> int:
-    """Submit SEQUENCE as `user` (root if None) with the plugin's `sbatch --checkpoint…` or
-    with `hpccr sbatch`."""
+def submit(site: Site, how: str, *options: str, user: str | None = "hpcuser",
+           args: list[str] = (), **env: str) -> int:
+    """Submit SEQUENCE (with `args`) as `user` (root if None) with the plugin's
+    `sbatch --checkpoint…` or with `hpccr sbatch`, with `env` in the job's environment."""
     script = write_script(site, "sequence.sh", SEQUENCE)
     if how == "plugin":
-        return site.submit("--requeue", "--open-mode=append", *options, str(script), user=user)
-    run = site.cluster.client(*site.env(), site.user_hpccr, "sbatch", *options, str(script),
-                              user=user)
+        return site.submit("--requeue", "--open-mode=append", *options, str(script), *args,
+                           user=user, **env)
+    run = site.cluster.client(*site.env(**env), site.user_hpccr, "sbatch", *options,
+                              str(script), *args, user=user)
     return int(run.stdout.split()[-1])
+
+
+def completed(site: Site, job: int, out: Path, timeout: float) -> dict[str, str]:
+    """Wait for the job to complete; if it does not, fail with its state and its output."""
+    c = site.cluster
+    try:
+        return c.wait_state(job, "COMPLETED", timeout)
+    except ClusterError:
+        info = c.job(job) or {}
+        state = {k: info.get(k) for k in ("JobState", "Reason", "ExitCode", "Restarts")}
+        text = out.read_text() if out.exists() else "(no output)"
+        raise AssertionError(f"job {job} did not complete: {state}\noutput:\n{text}") from None
 
 
 def checkpoints_taken(site: Site, job: int, user: str = "hpcuser") -> int:
@@ -62,17 +96,17 @@ def checkpoints_taken(site: Site, job: int, user: str = "hpcuser") -> int:
     return int(latest.resolve().name.split("-")[1]) if latest.exists() else 0
 
 
-def check_continued(text: str, restarts: int) -> None:
+def check_continued(text: str, restarts: int, steps: int = STEPS) -> None:
     """The output of a job restored `restarts` times from checkpoints: complete, continued
     (not started over) after each restore, with the right checksum."""
-    assert f"done {expected_sum()}" in text, text
+    assert f"done {expected_sum(steps)}" in text, text
     parts = re.split(r"hpccr: restart \d+ of job \d+: restoring \S+\n", text)
     assert len(parts) == restarts + 1, text
     for part in parts[1:]:
-        steps = steps_of(part)
-        assert steps and steps[0][0] > 1, f"started over after a restore:\n{text}"
+        after = steps_of(part)
+        assert after and after[0][0] > 1, f"started over after a restore:\n{text}"
     numbers = [n for n, _ in steps_of(text)]
-    assert set(numbers) == set(range(1, STEPS + 1)), text  # every step, none skipped
+    assert set(numbers) == set(range(1, steps + 1)), text  # every step, none skipped
 
 
 def preempt(site: Site, jobs: list[int], node: str) -> int:
@@ -101,8 +135,10 @@ def test_requeued_job_finishes_on_the_other_node(site, jobs, how, user):
     job through its agent, root's by hpccr run / hpccr restore directly."""
     c = site.cluster
     out = c.job_dir / f"requeue-{how}-{user}.out"
+    record = c.job_dir / f"restore-hooks-{how}-{user}.json"
+    env = recording_hooks(site, record, "before_restore", "after_restore")
     job = submit(site, how, "--checkpoint=0:02", "--exclude=node2", "-o", str(out),
-                 user=None if user == "root" else user)
+                 user=None if user == "root" else user, **env)
     jobs.append(job)
     assert c.wait_state(job, "RUNNING", 30)["NodeList"] == "node1"
     wait_for(lambda: checkpoints_taken(site, job, user) >= 2, 60, "two periodic checkpoints")
@@ -110,32 +146,40 @@ def test_requeued_job_finishes_on_the_other_node(site, jobs, how, user):
     assert c.wait_state(job, "PENDING", 30)["Restarts"] == "1"
     assert "kept for the restart" in ended(site, job)
     c.scontrol("update", f"JobId={job}", "ExcNodeList=node1", "StartTime=now")
-    info = c.wait_state(job, "COMPLETED", 120)
+    info = completed(site, job, out, 120)
     assert info["NodeList"] == "node2" and info["ExitCode"] == "0:0"
     text = out.read_text()
     check_continued(text, restarts=1)
     hosts = [host for _, host in steps_of(text.split("restoring")[1])]
     assert set(hosts) == {"node2"}
     assert out.stat().st_uid == (0 if user == "root" else c.ensure_user().pw_uid)
+    before, after = (json.loads(line) for line in record.read_text().splitlines())
+    restored = re.search(r"restoring (\S+)\n", text).group(1)
+    assert (before["event"], before["path"]) == ("before_restore", restored)
+    assert (after["event"], after["path"], after["ok"]) == ("after_restore", restored, True)
+    assert after["node"] == "node2" and after["restart_count"] == 1
 
 
 def test_time_limit_warning_checkpoints_and_requeues(site, jobs):
     """--time with --signal=B:USR1@…: on the warning the job is checkpointed, stopped and
-    requeued by hpccr itself, and each run goes on from there until it completes."""
+    requeued by hpccr itself, and each run goes on from there until it completes.  Slurm sends
+    the warning up to a minute early: with --time=2 and @30 it comes 30 to 90 s into each run,
+    so the job (400 steps, over two minutes) needs two runs or more and each makes progress."""
     c = site.cluster
     out = c.job_dir / "timelimit.out"
-    job = submit(site, "plugin", "--checkpoint=10:00", "--time=1", "--signal=B:USR1@45",
-                 "-o", str(out))
+    steps = 400
+    job = submit(site, "plugin", "--checkpoint=10:00", "--time=2", "--signal=B:USR1@30",
+                 "-o", str(out), args=[str(steps)])
     jobs.append(job)
-    wait_for(lambda: out.exists() and "and stopped" in out.read_text(), 120,
+    wait_for(lambda: out.exists() and "and stopped" in out.read_text(), 150,
              "the final checkpoint on USR1")
-    info = c.wait_state(job, "COMPLETED", 300)
+    info = completed(site, job, out, 600)
     assert info["ExitCode"] == "0:0"
     text = out.read_text()
     stops = re.findall(r"hpccr: SIGUSR1: job checkpointed to \S+ and stopped", text)
     requeues = re.findall(rf"hpccr: job {job} requeued; it goes on from its checkpoint", text)
     assert stops and len(stops) == len(requeues) == int(info["Restarts"]), text
-    check_continued(text, restarts=len(stops))
+    check_continued(text, restarts=len(stops), steps=steps)
 
 
 def test_preempted_job_resumes_from_its_checkpoint(site, jobs):
@@ -150,7 +194,7 @@ def test_preempted_job_resumes_from_its_checkpoint(site, jobs):
     wait_for(lambda: checkpoints_taken(site, job) >= 2, 60, "two periodic checkpoints")
     urgent = preempt(site, jobs, "node1")
     c.wait_state(urgent, "COMPLETED", 120)
-    info = c.wait_state(job, "COMPLETED", 180)
+    info = completed(site, job, out, 180)
     assert int(info["Restarts"]) >= 1 and info["ExitCode"] == "0:0"
     check_continued(out.read_text(), restarts=int(info["Restarts"]))
 
@@ -169,7 +213,7 @@ def test_failed_checkpoint_leaves_the_job_running(site, jobs, tmp_path):
     wait_for(lambda: out.exists() and "failed, the job runs on" in out.read_text(), 60,
              "a failed periodic checkpoint")
     c.client("scancel", "--batch", "--signal=USR1", str(job))
-    info = c.wait_state(job, "COMPLETED", 120)
+    info = completed(site, job, out, 120)
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "0"
     text = out.read_text()
     assert re.search(rf"hpccr: checkpoint {readonly}/ckpt-\d+ failed, the job runs on: .*"
@@ -190,7 +234,7 @@ def test_restart_without_checkpoint_starts_over_and_says_so(site, jobs):
     c.scontrol("requeue", str(job))
     c.wait_state(job, "PENDING", 30)
     c.scontrol("update", f"JobId={job}", "StartTime=now")
-    info = c.wait_state(job, "COMPLETED", 120)
+    info = completed(site, job, out, 120)
     assert info["ExitCode"] == "0:0"
     text = out.read_text()
     assert re.search(rf"hpccr: restart 1 of job {job}: no complete checkpoint in \S+, "
@@ -198,12 +242,6 @@ def test_restart_without_checkpoint_starts_over_and_says_so(site, jobs):
     assert f"done {expected_sum()}" in text
 
 
-RECORD_HOOK = """import json, os
-
-def record(info):
-    with open(os.environ["HOOK_RECORD"], "a") as f:
-        f.write(json.dumps(info) + "\\n")
-"""
 
 
 @pytest.mark.parametrize("user", ["hpcuser", None])
@@ -211,19 +249,13 @@ def test_checkpoint_hooks_run_around_each_checkpoint(site, jobs, user):
     """before_checkpoint / after_checkpoint hooks run in the job's own process, as its user,
     around every checkpoint — whether the agent (a user's job) or hpccr run (root's) takes it."""
     c = site.cluster
-    hooks = site.dir / "hooks"
-    hooks.mkdir(mode=0o755, exist_ok=True)
-    (hooks / "recordhooks.py").write_text(RECORD_HOOK)
     record = c.job_dir / f"checkpoint-hooks-{user}.json"
-    record.unlink(missing_ok=True)
     out = c.job_dir / f"checkpoint-hooks-{user}.out"
     script = write_script(site, "sequence.sh", SEQUENCE)
-    job = site.submit("--checkpoint=0:02", "-o", str(out), str(script), "20", user=user,
-                      PYTHONPATH=str(hooks), HOOK_RECORD=str(record),
-                      HPCCR_HOOKS_BEFORE_CHECKPOINT="recordhooks:record",
-                      HPCCR_HOOKS_AFTER_CHECKPOINT="recordhooks:record")
+    env = recording_hooks(site, record, "before_checkpoint", "after_checkpoint")
+    job = site.submit("--checkpoint=0:02", "-o", str(out), str(script), "20", user=user, **env)
     jobs.append(job)
-    c.wait_state(job, "COMPLETED", 60)
+    completed(site, job, out, 60)
     events = [json.loads(line) for line in record.read_text().splitlines()]
     assert len(events) >= 2 and len(events) % 2 == 0, events
     owner = "root" if user is None else user
