@@ -5,8 +5,9 @@
  * usage: tree_offset FILE
  *
  * FILE is made of 64-byte records.  Before READY the root writes "root 0", forks, and the child
- * writes "child 0" through the same descriptor.  After the window the root writes "root 1"; the
- * child waits until the file holds it, expects its own offset to have moved past it and writes
+ * writes "child 0" through the same descriptor.  After the window the root writes "root 1" and
+ * checks its offset, then tells the child through a pipe; the child, which has waited for that,
+ * finds the file holding "root 1", expects its own offset to have moved past it and writes
  * "child 1"; the root reaps the child, expects its offset past that one and writes "root 2".
  * Both check the offset after each write and that O_APPEND is still off.  The root PASSes only if
  * the file then holds exactly root 0, child 0, root 1, child 1, root 2: with two descriptions
@@ -22,6 +23,7 @@
 
 static const char *expected[RECORDS] = { "root 0", "child 0", "root 1", "child 1", "root 2" };
 static int fd;
+static int root_wrote[2];
 
 static void check_offset(int records, const char *when)
 {
@@ -39,15 +41,16 @@ static void write_record(int index)
 	check_offset(index + 1, "after its write");
 }
 
-static void wait_for_size(int records)
+/* Wait for the root's word that it wrote and checked its record, then for the file to hold it. */
+static void wait_for_root(int records)
 {
-	double deadline = wl_now() + 30;
 	struct stat st;
+	char word;
 
-	while (fstat(fd, &st) == 0 && st.st_size < records * RECORD && wl_now() < deadline)
-		wl_sleep(0.01);
-	WL_CHECK(st.st_size >= records * RECORD, "the file did not reach %d bytes",
-		 records * RECORD);
+	while (read(root_wrote[0], &word, 1) < 0 && errno == EINTR)
+		;
+	WL_CHECK(fstat(fd, &st) == 0 && st.st_size >= records * RECORD,
+		 "the file does not hold %d bytes", records * RECORD);
 }
 
 static void check_file(const char *path)
@@ -80,6 +83,8 @@ int main(int argc, char **argv)
 	if (fd < 0)
 		wl_die("open");
 	write_record(0);
+	if (pipe(root_wrote))
+		wl_die("pipe");
 	tree_start();
 	child = tree_fork("child");
 	if (child == 0) {
@@ -88,7 +93,7 @@ int main(int argc, char **argv)
 		wl_sleep(WL_WINDOW_S);
 		tree_check_place();
 		WL_CHECK(!(fcntl(fd, F_GETFL) & O_APPEND), "O_APPEND is on");
-		wait_for_size(3);
+		wait_for_root(3);
 		check_offset(3, "after the root's write");
 		write_record(3);
 		tree_exit();
@@ -99,6 +104,7 @@ int main(int argc, char **argv)
 	WL_CHECK(!(fcntl(fd, F_GETFL) & O_APPEND), "O_APPEND is on");
 	check_offset(2, "after the window");
 	write_record(2);
+	tree_write_all(root_wrote[1], "w", 1);
 	tree_reap(child, "child");
 	check_offset(4, "after the child's second write");
 	write_record(4);
