@@ -9,7 +9,7 @@ process-shared mutex), tree_offset.c FILE (one open file description shared acro
 tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c
 (an orphan in the session of a leader that exited), tree_clone.c (signal handlers shared
 without threads, refused), tree_shared_table.c (a descriptor table and/or cwd shared with the
-parent).
+parent), tree_spawner.c (children forked and ending all the time).
 """
 
 import contextlib
@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import TIMEOUT, pid_alive, tree_of
+from harness import TIMEOUT, describe, pid_alive, tree_of
 
 PIPELINE_BYTES = 1 << 20
 
@@ -102,6 +102,17 @@ def test_zombies(tree_cr, tmp_path, mode):
         for pid in tree_of(workload.pid)
     ]
     assert states.count("Z") == 2, states
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_children_ending_during_checkpoints(tree_cr, tmp_path, mode):
+    """A tree that forks and vforks children ending at once, all the time: every checkpoint
+    succeeds though it catches children as they end (a zombie of the frozen root, or gone), and
+    the last one restores and runs on."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_spawner"], "8"])
+    for i in range(8):
+        res = tree_cr.dump(workload, tmp_path / f"img{i}", "--leave-running")
+        assert res.returncode == 0, describe(res)
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
 
 

@@ -94,7 +94,7 @@ def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
         try:
             return _dump(pid, directory, mode, clock, cow=True)
         except snapshot.SnapshotLost as lost:
-            print(f"hpccr: warning: memory snapshot of process {pid} lost ({lost}); "
+            print(f"hpccr: warning: memory snapshot lost ({lost}); "
                   "dumping again with the copy inside the freeze", file=sys.stderr)
     return _dump(pid, directory, mode, clock, cow=False)
 
@@ -158,9 +158,12 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
             clock.thaw()
         for pid, proc, batches, reader in copies:
             with _reading(pid), PageWriter(writer, proc["pid"]) as pages:
-                memory.copy_pages(batches, reader, pages)
-                if cow:
-                    reader.finish()
+                try:
+                    memory.copy_pages(batches, reader, pages)
+                    if cow:
+                        reader.finish()
+                except snapshot.SnapshotLost as lost:
+                    raise snapshot.SnapshotLost(f"process {pid}: {lost}") from None
             reader.close()
             readers.remove(reader)
             proc["nr_pages"] = pages.nr_pages

@@ -9,7 +9,7 @@ import os
 from hpccr import native
 from hpccr.engine import procfs
 from hpccr.engine.tracer import FrozenProcess
-from hpccr.errors import UnsupportedResource
+from hpccr.errors import AccessDenied, NoSuchProcess, UnsupportedResource
 
 SHARED_TABLES = (
     (native.KCMP_VM, "one address space (CLONE_VM or vfork)"),
@@ -32,8 +32,12 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
-def is_zombie(pid: int) -> bool:
-    return procfs.stat(pid)[3] in ("Z", "X")
+def _state(pid: int) -> str | None:
+    """The state letter of `pid` (proc(5)), None once it is gone."""
+    try:
+        return procfs.stat(pid)[3]
+    except OSError:
+        return None
 
 
 def exit_status(pid: int) -> int:
@@ -46,7 +50,9 @@ class FrozenTree:
 
     The walk repeats until it finds nothing new: a process is only listed once its parent is
     stopped, so nothing can fork behind the walk's back.  Zombies cannot be traced and need not
-    be: they are recorded as they are."""
+    be: they are recorded as they are.  A child may still end while it is being frozen (a job
+    running short-lived commands): it is then a zombie of its frozen parent, or gone if its
+    parent does not wait for children, and is taken as such."""
 
     def __init__(self, root: int):
         self.root = root
@@ -73,13 +79,23 @@ class FrozenTree:
                 pid = pending.pop()
                 if pid in self.frozen or pid in self.zombies:
                     continue
-                if is_zombie(pid):
-                    if pid == self.root:
-                        raise OSError(errno.ESRCH, f"process {pid} is a zombie")
-                    self.zombies.append(pid)
-                    continue
+                state = _state(pid)
+                if pid == self.root and state in ("Z", "X"):
+                    raise OSError(errno.ESRCH, f"process {pid} is a zombie")
+                if state in ("Z", "X", None) and pid != self.root:
+                    if state == "Z":
+                        self.zombies.append(pid)
+                    continue  # else ended and reaped already: its parent does not wait for it
                 process = FrozenProcess(pid)
-                process.freeze()
+                try:
+                    process.freeze()
+                except (NoSuchProcess, AccessDenied):  # ESRCH, or EPERM: ptrace of a zombie
+                    state = _state(pid)
+                    if pid == self.root or state not in ("Z", "X", None):
+                        raise
+                    if state == "Z":
+                        self.zombies.append(pid)
+                    continue
                 self.frozen[pid] = process
                 pending += children(pid)
             self._find_shared_tables()

@@ -156,6 +156,7 @@ static long move_ranges(int pid, const unsigned long long *addrs,
             bytes += lens[i + k];
             k++;
         }
+        size_t batch = k; /* k shrinks below as partial transfers are retried */
         local[0].iov_base = buf + total;
         local[0].iov_len = bytes;
         size_t done = 0;
@@ -184,16 +185,7 @@ static long move_ranges(int pid, const unsigned long long *addrs,
             }
         }
         total += bytes;
-        i += k ? 0 : 0;
-        i = i;  /* advanced below */
-        {
-            size_t consumed = 0, cnt = 0;
-            while (i + cnt < n && cnt < IOV_MAX && consumed < bytes) {
-                consumed += lens[i + cnt];
-                cnt++;
-            }
-            i += cnt;
-        }
+        i += batch;
     }
     return total;
 }
