@@ -19,7 +19,7 @@ import signal
 import struct
 from dataclasses import dataclass, field
 
-from hpccr import native
+from hpccr import errors, native
 from hpccr.engine import (
     cpu,
     creds,
@@ -246,7 +246,7 @@ def restore_tree(directory: str, user: User | None = None) -> int:
     preflight(reader, meta, order, pidns, user)
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order])
     try:
-        pool.open_all()
+        pool.open_all(in_job=not pidns)
         spawn(order, pidns, pool, meta["sysv"])
         pool.close()
         try:
@@ -344,8 +344,17 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         error = pipe.read().decode(errors="replace")
     if error:
         _kill_half_restored(order)
-        raise RestoreFailed(f"preparing the new tasks failed: {error}")
+        raise _task_error(error)
     _find_outer_pids(order)
+
+
+def _task_error(report: str) -> HpccrError:
+    """The error of the first new task that failed: it wrote "<error class>\t<message>"."""
+    kind, _, message = report.splitlines()[0].partition("\t")
+    error = getattr(errors, kind, None)
+    if isinstance(error, type) and issubclass(error, HpccrError):
+        return error(message)
+    return RestoreFailed(f"preparing the new tasks failed: {message}")
 
 
 def _fork(pid: int, flags: int = 0) -> int:
@@ -489,6 +498,7 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
             enter_job_namespaces()
             if sysv_state:
                 sysv.restore_namespace(sysv_state, task.ctx.reader)
+            pool.open_all()  # what must be made inside the job's namespaces
         for sig in signal.valid_signals():
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
                 try:
@@ -530,8 +540,9 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
         msg = exc.strerror if isinstance(exc, OSError) and exc.filename is None else str(exc)
         if isinstance(exc, OSError) and exc.filename:
             msg = f"{exc.filename}: {exc.strerror}"
+        kind = type(exc).__name__ if isinstance(exc, HpccrError) else ""
         try:
-            os.write(errpipe, f"process {proc['pid']}: {msg or repr(exc)}".encode())
+            os.write(errpipe, f"{kind}\tprocess {proc['pid']}: {msg or repr(exc)}\n".encode())
         except OSError:
             pass
     finally:

@@ -76,6 +76,21 @@ static inline void sock_expect_empty(int fd, const char *who)
 	WL_CHECK(n < 0 && errno == EAGAIN, "%s: more than what was sent is queued (%zd)", who, n);
 }
 
+/* The peer credentials of `fd` (SO_PEERCRED) name process `pid`, with this process's uid, gid. */
+static inline void sock_expect_peer(int fd, pid_t pid, const char *what)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(cred);
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len)) {
+		wl_fail("%s: SO_PEERCRED: %s", what, strerror(errno));
+		return;
+	}
+	WL_CHECK(cred.pid == pid, "%s: peer credentials name pid %d, not %d", what, cred.pid, pid);
+	WL_CHECK(cred.uid == geteuid() && cred.gid == getegid(),
+		 "%s: peer credentials uid %d gid %d", what, cred.uid, cred.gid);
+}
+
 /* The address of `path` (abstract: in the abstract namespace) and its length. */
 static inline socklen_t sock_addr(struct sockaddr_un *sun, const char *path, int abstract)
 {

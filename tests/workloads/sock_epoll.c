@@ -4,11 +4,14 @@
  *
  * usage: sock_epoll
  *
- * The root listens on an abstract name and accepts the three clients before READY; each
- * client sends records 0..4 (64 bytes, naming the client and the record) before READY and
- * records 5..6 after the window, then closes.  The root reads nothing before the window is
- * over, then serves every ready socket from one epoll set until each client's end of file, and
- * must have received exactly records 0..6 of each client, in order.
+ * The root listens on an abstract name, accepts the three clients and closes the listener
+ * before READY; each client sends records 0..4 (64 bytes, naming the client and the record)
+ * before READY and records 5..6 after the window, then closes.  The root reads nothing before
+ * the window is over, then serves every ready socket from one epoll set until each client's end
+ * of file, and must have received exactly records 0..6 of each client, in order.  The peer
+ * credentials of each connection still name the process at its other end (the root, which
+ * listened, for a client; the client, which connected, for the root), and the root's ends
+ * still have the name of the listener they were accepted from.
  */
 #include "sock.h"
 
@@ -39,6 +42,7 @@ static void client(const struct sockaddr_un *addr, socklen_t len, int n)
 	tree_ready();
 	wl_sleep(WL_WINDOW_S);
 	tree_check_place();
+	sock_expect_peer(fd, getppid(), "its connection");
 	for (int i = BEFORE; i < RECORDS; i++) {
 		record(buf, n, i);
 		tree_write_all(fd, buf, RECORD);
@@ -83,9 +87,19 @@ int main(void)
 		if (conn[n] < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, conn[n], &ev))
 			wl_die("accept");
 	}
+	close(lsn);
 	tree_wait_ready(CLIENTS);
 	wl_sleep(WL_WINDOW_S);
 	tree_check_place();
+	for (int n = 0; n < CLIENTS; n++) {
+		struct sockaddr_un got_addr;
+		socklen_t got_len = sizeof(got_addr);
+
+		sock_expect_peer(conn[n], pids[n], "a connection");
+		WL_CHECK(!getsockname(conn[n], (struct sockaddr *)&got_addr, &got_len)
+			 && got_len == len && !memcmp(&got_addr, &addr, len),
+			 "connection %d no longer has the listener's name", n);
+	}
 	while (open_clients) {
 		int ready = epoll_wait(ep, &ev, 1, 10000);
 		int n = ev.data.u32;

@@ -7,8 +7,9 @@
  * The root binds DIR/listen.sock (mode 0640) and listens; child "c1" connects and sends 8
  * messages; the root accepts it and sends 8 messages back; child "c2" connects and waits in the
  * accept queue.  Nobody reads during the window.  Then: the root reads c1's messages (the
- * accepted socket is named DIR/listen.sock, its peer credentials are the client's uid), accepts
- * c2 at once (without blocking) and sends it "hi"; c1 reads the root's messages, c2 reads "hi";
+ * accepted socket is named DIR/listen.sock, its peer credentials are c1's pid and uid), accepts
+ * c2 at once (without blocking: its peer credentials name c2) and sends it "hi"; c1 reads the
+ * root's messages (its peer credentials name the root, which listened), c2 reads "hi";
  * the path is still a socket file of mode 0640 on which a new connection is accepted.
  * "early": c2 also sends "early" on its connection before it is accepted (a dump must refuse:
  * that data can only be read by accepting the connection).
@@ -36,8 +37,6 @@ int main(int argc, char **argv)
 	char path[256], buf[8] = "";
 	struct sockaddr_un name;
 	socklen_t len = sizeof(name);
-	struct ucred cred;
-	socklen_t credlen = sizeof(cred);
 	struct stat st;
 	int lsn, c1, c2, s1, s2, extra, early = argc > 2 && !strcmp(argv[2], "early");
 	pid_t p1, p2;
@@ -64,6 +63,7 @@ int main(int argc, char **argv)
 		wl_sleep(WL_WINDOW_S);
 		tree_check_place();
 		sock_expect_stream(c1, 2, MESSAGES, "c1");
+		sock_expect_peer(c1, getppid(), "its connection");
 		tree_exit();
 	}
 	s1 = accept(lsn, NULL, NULL);
@@ -91,10 +91,11 @@ int main(int argc, char **argv)
 	sock_expect_stream(s1, 1, MESSAGES, "root");
 	WL_CHECK(!getsockname(s1, (struct sockaddr *)&name, &len)
 		 && !strcmp(name.sun_path, path), "the accepted socket is no longer named %s", path);
-	WL_CHECK(!getsockopt(s1, SOL_SOCKET, SO_PEERCRED, &cred, &credlen)
-		 && cred.uid == geteuid(), "peer credentials: uid %d", cred.uid);
+	sock_expect_peer(s1, p1, "c1's connection");
 	s2 = accept4(lsn, NULL, NULL, SOCK_NONBLOCK);
 	WL_CHECK(s2 >= 0, "c2's connection is not waiting: %s", strerror(errno));
+	if (s2 >= 0)
+		sock_expect_peer(s2, p2, "c2's connection");
 	if (s2 >= 0)
 		WL_CHECK(send(s2, "hi", 2, 0) == 2, "send to c2: %s", strerror(errno));
 	WL_CHECK(!stat(path, &st) && S_ISSOCK(st.st_mode) && (st.st_mode & 07777) == 0640,

@@ -9,25 +9,13 @@
  * After the window each side finds exactly the messages sent to it (with their boundaries
  * for seqpacket and dgram; stream: the same bytes), then nothing more (and end of file for the
  * parent where the child shut down); the parent sends one more message, which the child gets
- * after the others.  The peer credentials of both ends are the process's own uid and gid.
+ * after the others.  The peer credentials of both ends are the parent's, which made the pair:
+ * its pid, and the process's own uid and gid.
  */
 #include "sock.h"
 
 #define MESSAGES 8
 #define RCVBUF 100000
-
-/* The peer credentials of a pair made by this process (or its parent): its own uid and gid. */
-static void check_peercred(int fd, const char *who)
-{
-	struct ucred cred;
-	socklen_t len = sizeof(cred);
-
-	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len))
-		wl_fail("%s: SO_PEERCRED: %s", who, strerror(errno));
-	else
-		WL_CHECK(cred.uid == geteuid() && cred.gid == getegid(),
-			 "%s: peer credentials uid %d gid %d", who, cred.uid, cred.gid);
-}
 
 int main(int argc, char **argv)
 {
@@ -69,7 +57,7 @@ int main(int argc, char **argv)
 				sock_expect(sv[1], 1, i, "child");
 		WL_CHECK(!getsockopt(sv[1], SOL_SOCKET, SO_RCVBUF, &rcvbuf, &len)
 			 && rcvbuf == 2 * RCVBUF, "child: SO_RCVBUF is %d", rcvbuf);
-		check_peercred(sv[1], "child");
+		sock_expect_peer(sv[1], getppid(), "the pair");
 		WL_CHECK(recv(sv[1], &c, 1, 0) == 1 && c == '!', "child: the last message is lost");
 		sock_expect_empty(sv[1], "child");
 		tree_exit();
@@ -83,7 +71,7 @@ int main(int argc, char **argv)
 	wl_sleep(WL_WINDOW_S);
 	tree_check_place();
 	WL_CHECK(fcntl(sv[0], F_GETFL) & O_NONBLOCK, "parent: O_NONBLOCK is lost");
-	check_peercred(sv[0], "parent");
+	sock_expect_peer(sv[0], getpid(), "the pair");
 	if (stream)
 		sock_expect_stream(sv[0], 2, MESSAGES, "parent");
 	else

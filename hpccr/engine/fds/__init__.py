@@ -10,6 +10,8 @@ A kind module has
 - ``open(entry, ctx, pool) -> int``: in the restorer, before the tasks are created, a descriptor
   for the entry's open file description.  Each description is opened once, whichever processes
   share it; the tasks inherit the pool and put each description at its saved numbers;
+- optionally ``INSIDE_JOB = True``: its descriptions are made inside the pid namespace a job is
+  restored into (by the job's first process, before it forks the others), not by the restorer;
 - optionally ``finish(entry, ctx)``: runs in the task once every descriptor is at its saved
   number, for kinds that refer to other descriptors by number (an epoll set adds its watches);
   once per description, in the first process that holds it.
@@ -49,10 +51,11 @@ def describe(link: str) -> str:
 class DumpState:
     """What the descriptor kinds share while one image is dumped."""
 
-    def __init__(self, writer, ghosts, pids):
+    def __init__(self, writer, ghosts, pids, pidns: bool):
         self.writer = writer
         self.ghosts = ghosts
         self.pids = set(pids)
+        self.pidns = pidns  # the job has a pid namespace of its own: its pids are recorded
         self.pipes: set[int] = set()  # pipes whose data an entry already carries
         self.unix = None  # unix.View of the dump's sockets, made on first use
 
@@ -129,10 +132,13 @@ class Pool:
     def entry_with(self, match) -> dict | None:
         return next((e for _, entries in self.tables for e in entries if match(e)), None)
 
-    def open_all(self) -> None:
+    def open_all(self, in_job: bool = True) -> None:
+        """Open what is not open yet; `in_job` False: in the restorer, outside the pid namespace
+        the job is restored into, where the kinds that must be made inside it wait."""
         for ctx, entries in self.tables:
             for e in entries:
-                if e["desc"] in self.fds:
+                if e["desc"] in self.fds or not in_job and getattr(KINDS[e["kind"]],
+                                                                      "INSIDE_JOB", False):
                     continue
                 with ctx.owner_rights():
                     try:

@@ -9,11 +9,14 @@ after the dump: a copy of the receiving socket (pidfd_getfd) is peeked with MSG_
 through the queue with SO_PEEK_OFF (put back as it was afterwards), message by message for
 datagram and seqpacket sockets so that their boundaries are kept.
 
-At restore the first socket opened creates every socket of the image at once, in the restorer:
+At restore the first socket opened creates every socket of the image at once (in the restorer,
+or in the first process of a job restored into its own pid namespace, see below):
 bound sockets bind their name again (a stale socket file left at that path is removed; a path
 some running socket answers on is refused), listeners listen; the connections made through a
 listener of the image are made again through it (connect, then accept), so that names and the
-accept queue come back; other connected pairs are socketpairs.  The saved data is written into
+accept queue come back; other connected pairs are socketpairs, or are connected through a
+temporary listener (see below), with the name of the listener they were accepted from if that
+listener is not in the image (closed since, or outside the dump).  The saved data is written into
 each receiving socket's peer, so that it lands in the right queue, then shutdowns are applied
 and the ends whose peers had been closed lose them again.
 
@@ -23,13 +26,22 @@ queued ancillary data (SCM_RIGHTS descriptors, SCM_CREDENTIALS); queued datagram
 connected sender in the dump; sockets bound to a relative path.
 
 Peer credentials (SO_PEERCRED) are recorded by the kernel from the task that makes a socketpair,
-listens or connects: the restorer does each of these in a short-lived child with the
-credentials of the process that holds the socket, so uid and gid are right again; the pid is
-that child's, which has exited (CRIU has the same limitation).
+listens or connects.  The dump records the pid each socket reports (as the job sees pids); the
+restorer does each of these calls in a short-lived child with the credentials of the process
+that holds the socket (for a connection: of the process holding the other end) and, where that
+pid is free, with the recorded pid: the kernel keeps reporting a pid number after its process
+has exited, so the restored processes then get that pid.  A job restored into its own pid
+namespace makes its sockets in its first process, inside that namespace, so that the pids are
+the job's.  A connected pair whose ends report different pids (made by connect and accept
+through a listener not in the image) is made through a temporary listener.  Not kept: the pid of a
+process of a pid-namespaced job that had exited, or one taken by another process at restore
+(then it is the helper's).
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import errno
 import os
 import socket
@@ -46,11 +58,13 @@ from pyroute2.netlink.diag import (
     UDIAG_SHOW_VFS,
 )
 
+from hpccr import native
 from hpccr.engine import procfs
 from hpccr.engine.fds.common import borrowed, saved_data
 from hpccr.errors import FileMismatch, ImageCorrupt, RestoreFailed, UnsupportedResource
 
 NAME = "unix"
+INSIDE_JOB = True  # peer credentials hold pids: the job's own
 FIELDS = {
     "socket": int,
     "type": str,
@@ -65,6 +79,7 @@ FIELDS = {
     "data": (str, None),
     "sender": (int, None),
     "options": {"passcred": bool, "rcvbuf": int, "sndbuf": int, "peek_off": int},
+    "peer_pid": (int, None),
 }
 TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
          socket.SOCK_SEQPACKET: "seqpacket"}
@@ -79,6 +94,8 @@ SHUT = {RCV_SHUTDOWN: socket.SHUT_RD, SEND_SHUTDOWN: socket.SHUT_WR,
         RCV_SHUTDOWN | SEND_SHUTDOWN: socket.SHUT_RDWR}
 MESSAGE = struct.Struct("<I")  # length of each message in a datagram/seqpacket data file
 ANCILLARY = socket.CMSG_SPACE(253 * 4) + socket.CMSG_SPACE(12)
+SO_PEERPIDFD = 77
+UCRED = struct.Struct("3i")
 FILL_SNDBUF = 64 << 20  # the writer's send buffer while it puts the saved data back
 PEEK_SIZE = 1 << 20  # at least, the buffer a message is peeked into
 
@@ -127,14 +144,21 @@ class View:
 
     def listener_of(self, s: dict) -> int | None:
         """The listening socket a connected socket was accepted from (it has the listener's
-        name and socket file), or None; 0 for one outside the dump."""
+        name and socket file); 0: accepted from a listener not in the dump, outside it or closed
+        since (its peer, the client, has no name of its own, or other sockets have the same
+        name); None: not accepted, or not known to be (a name it bound itself)."""
         if s["state"] != 1 or not s["name"] or s["type"] == socket.SOCK_DGRAM:
             return None
+        key = (s["name"], s["vfs"])
         found = [i for i, o in self.table.items() if o["state"] == 10
-                 and (o["name"], o["vfs"]) == (s["name"], s["vfs"])]
-        if not found:
-            return None  # bound itself (or accepted from a listener closed since)
-        return next((i for i in found if i in self.held), 0)
+                 and (o["name"], o["vfs"]) == key]
+        if found:
+            return next((i for i in found if i in self.held), 0)
+        peer = self.table.get(s["peer"])
+        if peer is not None and not peer["name"] or sum(
+                (o["name"], o["vfs"]) == key for o in self.table.values()) > 1:
+            return 0
+        return None
 
     def queued_on(self, ino: int) -> int | None:
         """The listener whose accept queue holds this client's connection."""
@@ -206,6 +230,25 @@ def _file_mode(pid: int, name: str, vfs: int | None) -> int | None:
     return stat.S_IMODE(st.st_mode) if st.st_ino == vfs and stat.S_ISSOCK(st.st_mode) else None
 
 
+def _peer_pid(sock: socket.socket, pidns: bool) -> int | None:
+    """The pid SO_PEERCRED reports on `sock`, as the image records pids, or None: no peer
+    credentials, or, for a job with a pid namespace of its own, not a live process of it."""
+    pid, _, _ = UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             UCRED.size))
+    if not pid or not pidns:
+        return pid or None
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return None
+    try:
+        with builtins.open(f"/proc/self/fdinfo/{pidfd}") as f:
+            nspid = next((line.split()[1:] for line in f if line.startswith("NSpid:")), [])
+    finally:
+        os.close(pidfd)
+    return int(nspid[-1]) if len(nspid) > 1 else None  # -1: exited; 1 level: outside the job
+
+
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     if state.unix is None:
         state.unix = View(state.pids)
@@ -220,12 +263,12 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
         _refuse(pid, fd, f"bound to the relative path {name}")
     listener = view.listener_of(s)
     entry = {"socket": ino, "type": kind, "state": where, "name": None, "file_mode": None,
-             "peer": s["peer"], "listener": listener or None, "backlog": None, "pending": [],
+             "peer": s["peer"], "listener": listener, "backlog": None, "pending": [],
              "shutdown": s["shutdown"], "data": None, "sender": None}
-    if s["vfs"] is not None and listener is None:
+    if s["vfs"] is not None and not listener:
         entry["name"] = name
         entry["file_mode"] = _file_mode(pid, name, s["vfs"])
-    elif name and listener is None:
+    elif name and not listener:
         entry["name"] = "\0" + name  # abstract (sock_diag gives it without its leading NUL)
     if s["peer"] and s["peer"] not in view.held:
         _refuse(pid, fd, f"connected to a socket held by {_holder(s['peer'], state.pids)}, "
@@ -256,6 +299,7 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
                 "rcvbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
                 "sndbuf": sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF),
                 "peek_off": sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)}
+            entry["peer_pid"] = _peer_pid(sock, state.pidns)
         finally:
             sock.close()
         limit = s["rqueue"] if kind != "dgram" else None  # sock_diag: all bytes queued
@@ -345,13 +389,17 @@ def _fill(sock: socket.socket, e: dict, data: bytes) -> None:
                             "back") from None
 
 
-def _as_owner_task(ctx, call, *args) -> None:
-    """call(*args) in a short-lived child with the credentials of the process `ctx` restores:
-    the kernel records them as the peer credentials (SO_PEERCRED) of what it creates, connects
-    or listens on.  The descriptors are the restorer's, inherited."""
+def _as_task(ctx, pid: int | None, call, *args) -> None:
+    """call(*args) as a process with the credentials of the process `ctx` restores and, where
+    it is free, the pid `pid`: the kernel records both as the peer credentials (SO_PEERCRED)
+    of what it creates, connects or listens on.  The descriptors are the caller's, inherited."""
     creds = ctx.proc["creds"]
-    pid = os.fork()
-    if pid == 0:
+    if pid is not None and pid == os.getpid():  # the job's first process: itself, for a while
+        with _effective_creds(creds):
+            call(*args)
+        return
+    child = _fork_with(pid)
+    if child == 0:
         status = 1
         try:
             os.setgroups(creds["groups"])
@@ -363,23 +411,86 @@ def _as_owner_task(ctx, call, *args) -> None:
             os.write(2, f"hpccr: {call.__name__}: {exc}\n".encode())
         finally:
             os._exit(status)
-    _, status = os.waitpid(pid, 0)
+    _, status = os.waitpid(child, 0)
     if status:
         raise RestoreFailed(f"unix socket: {call.__name__} as uid {creds['uid'][1]} failed")
 
 
-def _pair(e: dict, ctx) -> tuple[socket.socket, socket.socket]:
-    """A socketpair of the entry's type, made with the credentials of its process."""
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        def make() -> None:
-            a, b = socket.socketpair(socket.AF_UNIX, SOCK_TYPES[e["type"]])
-            socket.send_fds(theirs, [b"p"], [a.fileno(), b.fileno()])
+def _fork_with(pid: int | None) -> int:
+    """fork(), the child with pid `pid` if that is free."""
+    if pid is not None:
+        try:
+            return native.fork_with_pid(pid)
+        except OSError:
+            pass  # taken (or out of range): the peer credentials get another pid
+    return os.fork()
 
-        make.__name__ = "socketpair"
-        _as_owner_task(ctx, make)
-        _, fds, _, _ = socket.recv_fds(ours, 1, 2)
-    return socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+
+@contextlib.contextmanager
+def _effective_creds(creds: dict):
+    """This (root) process with the effective uid, gid and groups of `creds` for a while; its
+    real and saved uid stay 0, so it can take root's back."""
+    groups = os.getgroups()
+    os.setgroups(creds["groups"])
+    os.setegid(creds["gid"][1])
+    os.seteuid(creds["uid"][1])
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
+
+
+def _pair(e: dict, ctx, peer: tuple[dict, object] | None,
+          unlink_later: list[str]) -> tuple[socket.socket, socket.socket]:
+    """The two connected ends of entry `e` and its `peer` (entry, context; None for a peer
+    closed since, whose stand-in the restore closes again), with the peer credentials and
+    names they report.
+
+    A socketpair gives both ends the credentials of its maker.  A pair whose ends report
+    different pids, or whose accepted end had the name of a listener not in the image (closed
+    since, or outside the dump), was made by connect and accept: it is made so again, through a
+    temporary listener with that name where it is free, so that each end reports the process
+    holding the other."""
+    kind = SOCK_TYPES[e["type"]]
+    other, other_ctx = peer if peer is not None else (None, ctx)
+    named = [x for x in (e, other) if x is not None and x["listener"] == 0 and x["name"]]
+    if not named and (other is None or other["peer_pid"] == e["peer_pid"]
+                      or kind == socket.SOCK_DGRAM):
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            def make() -> None:
+                a, b = socket.socketpair(socket.AF_UNIX, kind)
+                socket.send_fds(theirs, [b"p"], [a.fileno(), b.fileno()])
+
+            make.__name__ = "socketpair"
+            _as_task(ctx, e["peer_pid"], make)
+            _, fds, _, _ = socket.recv_fds(ours, 1, 2)
+        return socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+    if named and named[0] is e:  # e is the accepted end
+        server, server_ctx, client, client_ctx = e, ctx, other, other_ctx
+    else:
+        server, server_ctx, client, client_ctx = other, other_ctx, e, ctx
+    with socket.socket(socket.AF_UNIX, kind) as listener:
+        bound = False
+        if named:
+            try:
+                _bind(listener, server, server_ctx, unlink_later)
+                bound = True
+            except (FileMismatch, OSError):
+                pass  # in use, or not ours to make: the accepted end goes without its name
+        if not bound:
+            listener.bind("")  # an abstract name the kernel picks
+        connecting = socket.socket(socket.AF_UNIX, kind)
+        try:
+            _as_task(server_ctx, client["peer_pid"] if client else None, listener.listen, 1)
+            _as_task(client_ctx, server["peer_pid"], connecting.connect, listener.getsockname())
+            accepted, _ = listener.accept()
+        except BaseException:
+            connecting.close()
+            raise
+    return (accepted, connecting) if server is e else (connecting, accepted)
 
 
 def _create_all(pool) -> dict[int, int]:
@@ -402,32 +513,35 @@ def _create_all(pool) -> dict[int, int]:
         for ino, (e, ctx) in entries.items():
             peer = e["peer"]
             if peer and peer in entries and entries[peer][0]["peer"] == ino and ino not in socks \
-                    and e["listener"] is None and entries[peer][0]["listener"] is None:
-                socks[ino], socks[peer] = _pair(e, ctx)
-            elif peer == 0 and e["listener"] is None:
-                socks[ino], temporary[ino] = _pair(e, ctx)
+                    and not e["listener"] and not entries[peer][0]["listener"]:
+                socks[ino], socks[peer] = _pair(e, ctx, entries[peer], unlink_later)
+            elif peer == 0 and not e["listener"]:
+                socks[ino], temporary[ino] = _pair(e, ctx, None, unlink_later)
         for ino, (e, ctx) in entries.items():
-            if e["name"] is not None:
+            if e["name"] is not None and e["listener"] != 0:
                 _bind(new(ino), e, ctx, unlink_later)
             if e["state"] == "listening":
-                _as_owner_task(ctx, socks[ino].listen, e["backlog"])
+                _as_task(ctx, e["peer_pid"], socks[ino].listen, e["backlog"])
         for ino, (e, _) in entries.items():
             if e["state"] != "listening":
                 continue
             address = _address(e["name"])
             for accepted, (a, _) in entries.items():
                 if a["listener"] == ino and a["peer"]:
-                    _as_owner_task(entries[a["peer"]][1], new(a["peer"]).connect, address)
+                    _as_task(entries[a["peer"]][1], a["peer_pid"], new(a["peer"]).connect,
+                             address)
                     socks[accepted], _ = socks[ino].accept()
             for client in e["pending"]:
                 new(client).setblocking(False)
-                _as_owner_task(entries[client][1], socks[client].connect, address)
+                holder = entries[client][1]  # most likely the process that connected
+                _as_task(holder, holder.proc["pid"], socks[client].connect, address)
         for ino, (e, ctx) in entries.items():
             peer = e["peer"]
             if peer and peer in entries and entries[peer][0]["peer"] != ino:
                 if entries[peer][0]["name"] is None:
                     raise RestoreFailed(f"unix socket {ino}: connected to an unnamed socket")
-                _as_owner_task(ctx, new(ino).connect, _address(entries[peer][0]["name"]))
+                _as_task(ctx, e["peer_pid"], new(ino).connect,
+                         _address(entries[peer][0]["name"]))
             new(ino)
         for ino, (e, ctx) in entries.items():
             if e["data"]:
@@ -438,7 +552,7 @@ def _create_all(pool) -> dict[int, int]:
         for ino, (e, _) in entries.items():
             if e["shutdown"] and e["state"] == "connected" and ino not in temporary:
                 socks[ino].shutdown(SHUT[e["shutdown"]])
-        for name in unlink_later:
+        for name in dict.fromkeys(unlink_later):  # a name some pairs were made through, once
             os.unlink(name)
         return {ino: sock.detach() for ino, sock in socks.items()}
     finally:
