@@ -649,7 +649,7 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
                 opened[(path, flags)] = _open_in_target(inj, path, flags)
             except PermissionError:
                 if not ctx.trusted:
-                    raise FileMismatch(f"cannot open mapped file {vma['path']}: "
+                    raise AccessDenied(f"cannot open mapped file {vma['path']}: "
                                        "permission denied") from None
                 opened[(path, flags)] = as_root(path, flags)
             except OSError as exc:

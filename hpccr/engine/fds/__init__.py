@@ -27,7 +27,7 @@ import re
 from hpccr import native
 from hpccr.engine import procfs
 from hpccr.engine.fds import epoll, eventfd, memfd, pipe, regular, signalfd, timerfd, tty, unix
-from hpccr.errors import RestoreFailed, UnsupportedResource
+from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
 KINDS = {k.NAME: k for k in (regular, memfd, tty, pipe, unix, eventfd, timerfd, signalfd,
@@ -144,7 +144,9 @@ class Pool:
                     try:
                         local = KINDS[e["kind"]].open(e, ctx, self)
                     except OSError as exc:
-                        raise RestoreFailed(
+                        error = AccessDenied if isinstance(exc, PermissionError) else \
+                            RestoreFailed
+                        raise error(
                             f"process {ctx.proc['pid']}, fd {e['fd']} ({e['kind']}): cannot "
                             f"open it again as uid {ctx.fsuid}: {exc.strerror or exc}") from exc
                 self.fds[e["desc"]] = fcntl.fcntl(local, fcntl.F_DUPFD_CLOEXEC, self.base)
