@@ -44,6 +44,10 @@ from hpccr.errors import DumpFailed, NoSuchProcess, UnsupportedResource, from_os
 from hpccr.image import ImageWriter, PageWriter
 
 MODES = ("kill", "running", "stopped")
+# A process with less memory to save is copied inside the freeze even by a running dump: that
+# costs less than setting up its snapshot (a few ms), and the short-lived commands of a job
+# script would often end before their snapshot is read (the dump then starts over frozen).
+SNAPSHOT_MIN_BYTES = 16 << 20
 # proc(5) stat fields of the memory layout PR_SET_MM_MAP restores
 MM_FIELDS = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45,
              "end_data": 46, "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50,
@@ -80,9 +84,10 @@ def check_target(pid: int) -> None:
 def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
     """Checkpoint process `pid` into `directory`; `mode` says what becomes of it afterwards.
 
-    A running dump takes a copy-on-write snapshot of the memory (snapshot.py): the process is
-    stopped only while its state is read and its memory write-protected, and its pages are
-    copied while it runs on. Should the snapshot be lost (the process unmapped memory not yet
+    A running dump takes a copy-on-write snapshot of the memory (snapshot.py) of each process
+    with much to save (SNAPSHOT_MIN_BYTES): the processes are stopped only while their state is
+    read, their memory write-protected and the small ones copied, and the pages of the others
+    are copied while they run on. Should the snapshot be lost (the process unmapped memory not yet
     copied, say), the dump starts over with the classic copy inside the freeze. Kill and stopped
     dumps keep the classic copy: such a process must not run past the state the image holds
     (whatever it did meanwhile, output or messages, would happen again after a restore), and
@@ -150,13 +155,17 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
         with _reading(root):
             sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
             fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})
-        cow = bool(copies) and all(isinstance(r, snapshot.Snapshot) for r in readers)
-        if cow:
-            for reader in readers:
-                reader.start()
-            frozen.thaw()
-            clock.thaw()
+        # Processes without a snapshot are copied now, frozen; then the others, running.
+        copies.sort(key=lambda copy: isinstance(copy[3], snapshot.Snapshot))
+        running = False
         for pid, proc, batches, reader in copies:
+            cow = isinstance(reader, snapshot.Snapshot)
+            if cow and not running:
+                for snap in readers:
+                    snap.start()  # all snapshots by now: the others are copied and closed
+                frozen.thaw()
+                clock.thaw()
+                running = True
             with _reading(pid), PageWriter(writer, proc["pid"]) as pages:
                 try:
                     memory.copy_pages(batches, reader, pages)
@@ -275,6 +284,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             vmas = memory.describe_vmas(pid, entries, ghosts)
             fd_entries = fds.dump_fds(pid, fd_state)
             stat = procfs.stat(pid)
+            unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
+            ranges = memory.select_pages(pid, vmas)
             inj = Injector(pid, leader)
             try:
                 proc_creds = creds.dump_creds(pid, inj)
@@ -290,7 +301,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     record = threads.dump_thread(inj, pid, thread)
                     record["sigaltstack"] = signals.dump_altstack(inj, thread)
                     thread_records.append((tid, thread, record))
-                if cow:
+                if cow and sum(length for _, length in ranges) >= SNAPSHOT_MIN_BYTES:
                     snap = snapshot.Snapshot.open(pid, inj)
             finally:
                 inj.close()
@@ -306,8 +317,6 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     "xcomp_perm": xcomp_perm, "sigmask": thread.sigmask,
                     "pending": signals.dump_pending(tid, shared=False),
                 })
-            unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
-            ranges = memory.select_pages(pid, vmas)
             if snap is not None and not snap.protect(vmas, ranges, unreadable):
                 snap.close()
                 snap = None
