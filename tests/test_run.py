@@ -1,6 +1,7 @@
 """`hpccr run`: a job in its own pid, mount and IPC namespaces under hpccr-init, its stdio, exit
 status and signals passed through, orphans reaped; with --interval, a series of checkpoints of
-the whole job that restores with the same pids, even twice at once.
+the whole job that restores with the same pids, even twice at once, and that holds at the first
+try while a job script runs short commands.
 
 Workload: workloads/tree_counter.c STEPS STEP_MS (prints COUNT 0 .. STEPS-1, PASS if it received
 every number once and in order); the rest are small sh scripts run as jobs.
@@ -181,6 +182,37 @@ def test_interval_checkpoints_a_series_that_restores(tree_cr, tmp_path):
     assert new[0] - 1 >= seen[f"ckpt-{last - 1:04d}"], "not restored from the latest image"
     assert 0 < new[0] <= old[-1] + 1, f"restored at {new[0]}, killed at {old[-1]}"
     job.assert_passed()
+
+
+SCRIPT = """i=0; sum=0
+while [ $i -lt {steps} ]; do
+    i=$((i + 1)); sum=$(( (sum * 31 + i) % 1000003 ))
+    echo "step $i sum $sum on $(hostname)"
+    sleep 0.05
+done
+echo "done $sum"
+"""
+
+
+def test_interval_checkpoints_of_a_script_running_commands(tree_cr, tmp_path):
+    """A job script that runs short commands all the time ($(hostname), sleep) checkpointed
+    every second: every checkpoint is taken at the first try (none fails, no memory snapshot
+    is lost and taken again), and the script's result is right."""
+    steps, total = 120, 0
+    for i in range(1, steps + 1):
+        total = (total * 31 + i) % 1000003
+    script = tmp_path / "steps.sh"
+    script.write_text(SCRIPT.format(steps=steps))
+    series, errors = tmp_path / "series", tmp_path / "errors"
+    job = tree_cr.start_job(["sh", script], "-D", series, "--interval", "1s", "--keep", "2",
+                            stderr=errors, ready=False)
+    assert job.wait_exit() == 0, job.output() + errors.read_text()
+    assert job.lines()[-1] == f"done {total}", job.output()
+    complaints = [line for line in errors.read_text().splitlines()
+                  if not line.startswith("hpccr run: job pid ")]
+    assert not complaints, complaints
+    last = int(CKPT.fullmatch(checkpoints(series)[-1]).group(1))
+    assert last >= 3, f"only {last} checkpoints"
 
 
 def test_same_image_restored_twice_at_once(tree_cr, tmp_path):
