@@ -98,6 +98,12 @@ def fdinfo(pid: int, fd: int) -> dict[str, str]:
     return out
 
 
+def fd_locks(pid: int, fd: int) -> list[str]:
+    """The "lock:" lines of /proc/PID/fdinfo/FD: the locks taken through that descriptor."""
+    with open(path(pid, "fdinfo", str(fd))) as f:
+        return [line.partition(":")[2].strip() for line in f if line.startswith("lock:")]
+
+
 def fds(pid: int) -> list[int]:
     return sorted(int(fd) for fd in os.listdir(path(pid, "fd")))
 

@@ -24,6 +24,7 @@ from hpccr.engine import (
     cpu,
     creds,
     fds,
+    locks,
     memory,
     posix_timers,
     prctls,
@@ -576,6 +577,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     threads.restore_xcomp_perm(inj, proc["threads"][0]["xcomp_perm"])
     signals.restore_sigactions(inj, proc["sigactions"])
     fds.set_cloexec(inj, proc["fds"])
+    locks.take_posix(inj, proc["fds"])  # after the files mapped were opened and closed
 
     tasks = [(stub, proc["threads"][0])]
     for saved in proc["threads"][1:]:

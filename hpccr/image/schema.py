@@ -62,6 +62,7 @@ FD = {
     "desc": int,
     "ghost": (str, None),
     "mode": int,
+    "locks": [{"kind": str, "type": str, "start": int, "end": (int, None)}],
 }
 
 POSIX_TIMER = dict.fromkeys(

@@ -101,6 +101,10 @@ def _fd_path(fd: dict) -> str:
     path = fd["path"] or ""
     if fd["ghost"]:
         path += f" (deleted, saved as {fd['ghost']})"
+    for lock in fd["locks"]:
+        span = "" if lock["kind"] == "flock" else \
+            f" bytes {lock['start']}-{'EOF' if lock['end'] is None else lock['end']}"
+        path += f" [{lock['kind']} {lock['type']} lock{span}]"
     return path
 
 

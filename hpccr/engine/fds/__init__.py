@@ -25,7 +25,7 @@ import os
 import re
 
 from hpccr import native
-from hpccr.engine import procfs
+from hpccr.engine import locks, procfs
 from hpccr.engine.fds import epoll, eventfd, memfd, pipe, regular, signalfd, timerfd, tty, unix
 from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
@@ -79,7 +79,8 @@ def dump_fds(pid: int, state: DumpState) -> list[dict]:
         flags = int(info["flags"], 8)
         entry = {"fd": fd, "kind": kind.NAME, "flags": flags & ~O_CLOEXEC,
                  "pos": int(info["pos"]), "cloexec": bool(flags & O_CLOEXEC),
-                 "desc": -1, "ghost": None, "mode": st.st_mode, "path": link}
+                 "desc": -1, "ghost": None, "mode": st.st_mode, "path": link,
+                 "locks": locks.dump(pid, fd)}
         entry.update(kind.dump(pid, fd, link, st, state))
         entries.append(entry)
     return entries
@@ -112,6 +113,7 @@ def check_fds(entries: list[dict], ctx) -> None:
         if kind is None:
             raise UnsupportedResource(f"fd {e['fd']}: unknown descriptor kind '{e['kind']}'")
         check_part(e, kind.FIELDS, f"fd {e['fd']}")
+        locks.check(e)
         kind.check(e, ctx)
 
 
@@ -149,8 +151,11 @@ class Pool:
                         raise error(
                             f"process {ctx.proc['pid']}, fd {e['fd']} ({e['kind']}): cannot "
                             f"open it again as uid {ctx.fsuid}: {exc.strerror or exc}") from exc
-                self.fds[e["desc"]] = fcntl.fcntl(local, fcntl.F_DUPFD_CLOEXEC, self.base)
-                os.close(local)
+                try:
+                    locks.take_on_description(local, e)
+                    self.fds[e["desc"]] = fcntl.fcntl(local, fcntl.F_DUPFD_CLOEXEC, self.base)
+                finally:
+                    os.close(local)
                 self.finisher[e["desc"]] = (ctx.proc["pid"], e["fd"])
 
     def close(self) -> None:
