@@ -92,7 +92,8 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
             _thread(pid, 0x401234, 230),
             _thread(pid + 1, 0x405678, U64_MINUS_1, [_siginfo(signal.SIGUSR2)]),
         ],
-        "child_subreaper": 0, "pdeathsig": 0, "exit_status": None, "shares_with_parent": [],
+        "child_subreaper": 0, "pdeathsig": 0, "exit_status": None, "stopped": False,
+        "shares_with_parent": [],
     }
     return {
         "format": "hpccr-image", "format_version": 1, "hpccr_version": "0.1.0",

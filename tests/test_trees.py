@@ -9,7 +9,8 @@ process-shared mutex), tree_offset.c FILE (one open file description shared acro
 tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c
 (an orphan in the session of a leader that exited), tree_clone.c (signal handlers shared
 without threads, refused), tree_shared_table.c (a descriptor table and/or cwd shared with the
-parent), tree_spawner.c (children forked and ending all the time).
+parent), tree_spawner.c (children forked and ending all the time), tree_stopped.c (a child
+stopped with SIGSTOP).
 """
 
 import contextlib
@@ -114,6 +115,20 @@ def test_children_ending_during_checkpoints(tree_cr, tmp_path, mode):
         res = tree_cr.dump(workload, tmp_path / f"img{i}", "--leave-running")
         assert res.returncode == 0, describe(res)
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_stopped_process(tree_cr, tmp_path, mode):
+    """A child stopped by SIGSTOP (a suspended job) is dumped and stays stopped after the
+    restore, until its parent sends SIGCONT."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_stopped"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_stopped_process_left_running(tree_cr, tmp_path):
+    """A --leave-running dump leaves the stopped child stopped."""
+    workload = tree_cr.start(tree_cr.binaries["tree_stopped"], append=True)
+    shown = tree_cr.leave_running_then_restore(workload, tmp_path / "img")
+    assert shown is None
 
 
 def occupy(cr, pid: int) -> subprocess.Popen:

@@ -243,7 +243,7 @@ def _zombie(pid: int, ids: _Ids) -> dict:
         "pagemap": "", "nr_pages": 0, "sigactions": [],
         "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]}, "shared_pending": [],
         "fds": [], "threads": [], "child_subreaper": 0, "pdeathsig": 0,
-        "exit_status": tree.exit_status(pid), "posix_timers": [],
+        "exit_status": tree.exit_status(pid), "stopped": False, "posix_timers": [],
     }
 
 
@@ -336,7 +336,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                 "itimers": itimers, "posix_timers": timers,
                 "shared_pending": signals.dump_pending(pid, shared=True),
                 "fds": fd_entries, "threads": [record for _, _, record in thread_records],
-                **attributes, "exit_status": None, "_xfeatures": xfeatures,
+                **attributes, "exit_status": None, "stopped": frozen.stopped,
+                "_xfeatures": xfeatures,
             }
     except BaseException:
         if snap is not None:

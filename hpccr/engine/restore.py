@@ -611,7 +611,10 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
 
 
 def release(task: Task) -> None:
-    """Detach every thread of a rebuilt process: it runs on from where it was saved."""
+    """Detach every thread of a rebuilt process: it runs on from where it was saved, or stops
+    again at once if it was stopped."""
+    if task.proc["stopped"]:
+        os.kill(task.outer, signal.SIGSTOP)
     for tid in reversed(task.ctx.threads):
         native.detach(tid, 0)
 

@@ -37,11 +37,15 @@ class Thread:
 
 
 class FrozenProcess:
-    """All threads of `pid` seized and stopped; thaw() or kill() releases them."""
+    """All threads of `pid` seized and stopped; thaw() or kill() releases them.
+
+    A process that was stopped (SIGSTOP, a suspended Slurm job) reports every trap with its
+    stop signal instead of SIGTRAP (`stopped`); once detached, the kernel stops it again."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self.threads: dict[int, Thread] = {}
+        self.stopped = False
 
     def freeze(self) -> None:
         try:
@@ -76,10 +80,22 @@ class FrozenProcess:
                 self._wait_stopped(tid)
 
     def _wait_stopped(self, tid: int) -> None:
+        retrapped = False
         while True:
             status = native.wait(tid)
-            if _is_event_stop(status):
+            if _is_event_stop(status) and os.WSTOPSIG(status) == signal.SIGTRAP:
                 return
+            if _is_event_stop(status):
+                # Stopped: the first trap may be the one a stopped task takes when seized,
+                # with our interrupt still to come, which would stop the first injected call.
+                # One more interrupt, taken at once, leaves none pending.
+                if retrapped:
+                    self.stopped = True
+                    return
+                retrapped = True
+                native.interrupt(tid)
+                native.cont(tid, 0)
+                continue
             if os.WIFSTOPPED(status):
                 # A signal-delivery stop came first: deliver it as the kernel would have (the
                 # handler frame is then part of the saved state), and let the interrupt land.
@@ -92,7 +108,8 @@ class FrozenProcess:
         return list(self.threads)
 
     def thaw(self) -> None:
-        """Put back registers and masks and detach every thread; best effort on exit races."""
+        """Put back registers and masks and detach every thread; best effort on exit races.
+        A process that was stopped stops again as soon as it is detached."""
         for thread in self.threads.values():
             try:
                 if thread.regs is not None:

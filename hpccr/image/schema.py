@@ -112,6 +112,7 @@ PROCESS = {
     "child_subreaper": int,
     "pdeathsig": int,
     "exit_status": (int, None),
+    "stopped": bool,
     "shares_with_parent": [str],
 }
 

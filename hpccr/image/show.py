@@ -117,7 +117,7 @@ def _render_process(proc: dict) -> list[str]:
                 f"  zombie    {how}, not yet reaped by its parent {proc['ppid']}"]
     creds = proc["creds"]
     lines = [
-        f"process {proc['pid']} ({proc['comm']})",
+        f"process {proc['pid']} ({proc['comm']})" + (" — stopped" if proc["stopped"] else ""),
         f"  ppid {proc['ppid']}  pgid {proc['pgid']}  sid {proc['sid']}",
         f"  exe       {proc['exe']}",
         f"  cmdline   {shlex.join(proc['cmdline'])}",
