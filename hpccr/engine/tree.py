@@ -18,6 +18,8 @@ SHARED_TABLES = (
     (native.KCMP_SIGHAND, "their signal handlers (CLONE_SIGHAND)"),
 )
 PARENT_SHARED = ((native.KCMP_FILES, "files"), (native.KCMP_FS, "fs"))  # as sharing.py names
+NAMESPACES = ("mnt", "net", "uts", "ipc", "user", "cgroup", "time", "time_for_children", "pid",
+              "pid_for_children")
 
 
 def children(pid: int) -> list[int]:
@@ -30,6 +32,11 @@ def children(pid: int) -> list[int]:
         except FileNotFoundError:
             continue  # that thread exited
     return sorted(out)
+
+
+def _namespaces(pid: int) -> dict[str, str]:
+    """The namespaces of `pid` that a restore would not make again for it, by kind."""
+    return {kind: os.readlink(procfs.path(pid, "ns", kind)) for kind in NAMESPACES}
 
 
 def _state(pid: int) -> str | None:
@@ -98,10 +105,25 @@ class FrozenTree:
                     continue
                 self.frozen[pid] = process
                 pending += children(pid)
+            self._check_namespaces()
             self._find_shared_tables()
         except BaseException:
             self.thaw()
             raise
+
+    def _check_namespaces(self) -> None:
+        """Refuse a process in namespaces other than the root's (unshare, a container started
+        inside the job): it would come back in the restorer's, silently seeing other files,
+        hosts or ids.  The root's own are the job's, made again at restore or taken from
+        wherever it is restored."""
+        root = _namespaces(self.root)
+        for pid in self.frozen:
+            for kind, ns in _namespaces(pid).items():
+                if ns != root[kind]:
+                    raise UnsupportedResource(
+                        f"process {pid} ({procfs.comm(pid)}) is in a {kind.replace('_', ' ')} "
+                        f"namespace other than its job's (unshare, a container): not "
+                        "supported yet")
 
     def _find_shared_tables(self) -> None:
         """Processes that share an address space, descriptor table, cwd/umask or signal
