@@ -45,6 +45,7 @@ def _thread(tid: int, rip: int, orig_rax: int, pending=()) -> dict:
         "xcomp_perm": 0, "sigmask": 0, "pending": list(pending),
         "sigaltstack": {"sp": 0, "flags": 2, "size": 0}, "clear_child_tid": 0,
         "robust_list": [0, 24], "rseq": None,
+        "sched": {"affinity": [0, 1], "nice": 0, "policy": 0, "priority": 0},
     }
 
 

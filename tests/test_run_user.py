@@ -316,6 +316,30 @@ def test_restore_refuses_more_than_the_owner_has(jobs, tree_cr, tmp_path, shared
     assert "PASS" not in jobs.lines()
 
 
+PRIORITY = {
+    "nice": {"nice": -5},
+    "realtime": {"policy": os.SCHED_FIFO, "priority": 10},
+}
+
+
+@pytest.mark.parametrize("name", PRIORITY)
+def test_restore_refuses_a_priority_the_owner_may_not_have(jobs, tree_cr, name):
+    """hpcuser's image edited so that a thread asks for a negative nice value or a real-time
+    policy, which only root could give it: the restore refuses (exit 11) before any process
+    exists."""
+
+    def edit(proc: dict) -> None:
+        for thread in proc["threads"]:
+            thread["sched"].update(PRIORITY[name])
+
+    copy = edited_copy(image_of_user_job(jobs, steps=400), jobs.home / name,
+                       lambda creds: None, edit)
+    res = tree_cr.restore(copy, "--pidfile", str(jobs.home / "refused.pid"))
+    message = tree_cr.assert_error(res, REFUSED)
+    assert "real-time policy or a negative nice value" in message, message
+    assert "PASS" not in jobs.lines()
+
+
 def test_edited_copy_of_an_image_restores(jobs, tmp_path):
     """The control of the test above: a copy made as edited_copy makes them, unedited, restores
     (plainly: it is hpcuser's) and runs to the end."""

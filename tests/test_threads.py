@@ -1,7 +1,10 @@
 """Threads and registers: every thread comes back with its tid, its name and all its registers,
 including the vector state only the xstate regset holds (zmm16-31, k0-7, AMX tiles).
 
-Workloads: workloads/regs.c (4 threads, AVX-512 or AVX), workloads/amx.c (2 threads, AMX tiles).
+Threads keep their scheduling too: CPU affinity, nice value and policy.
+
+Workloads: workloads/regs.c (4 threads, AVX-512 or AVX), workloads/amx.c (2 threads, AMX tiles),
+workloads/sched.c (3 threads, each with its own CPU mask, nice value and policy).
 """
 
 import json
@@ -34,6 +37,11 @@ def test_threads_registers(cr, tmp_path):
     assert tids[0].split()[0] == str(workload.pid)
     cr.checkpoint_restart(workload, tmp_path / "img")
     assert workload.values("TIDS") == tids * 2
+
+
+def test_scheduling_of_each_thread(cr, tmp_path):
+    workload = cr.start("sched")
+    cr.checkpoint_restart(workload, tmp_path / "img")
 
 
 def test_threads_leave_running(cr, tmp_path):

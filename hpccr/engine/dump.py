@@ -30,6 +30,7 @@ from hpccr.engine import (
     posix_timers,
     prctls,
     procfs,
+    sched,
     sharing,
     signals,
     snapshot,
@@ -300,6 +301,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                 for tid, thread in frozen.threads.items():
                     record = threads.dump_thread(inj, pid, thread)
                     record["sigaltstack"] = signals.dump_altstack(inj, thread)
+                    record["sched"] = sched.dump(pid, tid)
                     thread_records.append((tid, thread, record))
                 if cow and sum(length for _, length in ranges) >= SNAPSHOT_MIN_BYTES:
                     snap = snapshot.Snapshot.open(pid, inj)

@@ -29,6 +29,7 @@ from hpccr.engine import (
     posix_timers,
     prctls,
     procfs,
+    sched,
     sharing,
     signals,
     sysv,
@@ -319,6 +320,7 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
             if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
                 raise FileMismatch(f"mapped file {v['path']} changed since the checkpoint")
         fds.check_fds(proc["fds"], None)
+        sched.check(proc, trusted=user is None)
 
 
 def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | None) -> None:
@@ -587,6 +589,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     for thread, saved in tasks:
         threads.restore_thread(inj, thread, saved)
         signals.restore_altstack(inj, thread, saved["sigaltstack"])
+        sched.restore(thread.tid, saved["sched"])
     signals.restore_itimers(inj, proc["itimers"])
     posix_timers.restore_timers(inj, proc["posix_timers"])
     signals.queue_pending(inj, proc["pid"], proc["shared_pending"])

@@ -38,6 +38,7 @@ THREAD = {
     "clear_child_tid": int,
     "robust_list": [int],
     "rseq": ({"ptr": int, "len": int, "sig": int}, None),
+    "sched": {"affinity": [int], "nice": int, "policy": int, "priority": int},
 }
 
 VMA = {
