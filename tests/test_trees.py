@@ -10,7 +10,7 @@ tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet), tr
 (an orphan in the session of a leader that exited), tree_clone.c (signal handlers shared
 without threads, refused), tree_shared_table.c (a descriptor table and/or cwd shared with the
 parent), tree_spawner.c (children forked and ending all the time), tree_stopped.c (a child
-stopped with SIGSTOP), tree_unshare.c (a child in a namespace of its own, refused).
+stopped with SIGSTOP), tree_unshare.c (a child in a namespace or root of its own, refused).
 """
 
 import contextlib
@@ -193,13 +193,16 @@ def test_shared_signal_handlers_are_refused(tree_cr, tmp_path):
     workload.assert_passed()
 
 
-def test_child_in_a_namespace_of_its_own_is_refused(tree_cr, tmp_path):
-    """A child in a UTS namespace of its own (unshare, a container): the dump refuses (14)
-    naming it and the namespace, and the tree runs on untouched."""
-    workload = tree_cr.start("tree_unshare")
+@pytest.mark.parametrize(("how", "says"), [("uts", "uts namespace"), ("chroot", "chroot")])
+def test_child_in_a_namespace_of_its_own_is_refused(tree_cr, tmp_path, how, says):
+    """A child in a UTS namespace or a root directory of its own (unshare, chroot: a
+    container): the dump refuses (14) naming it and what it has, and the tree runs on
+    untouched."""
+    (tmp_path / "inside").touch()
+    workload = tree_cr.start("tree_unshare", how, tmp_path)
     child = tree_cr.trees[workload.pid][1]
     message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
-    assert f"process {child} " in message and "uts namespace" in message, message
+    assert f"process {child} " in message and says in message, message
     assert not (tmp_path / "img").exists()
     workload.assert_untouched()
     assert workload.wait_exit() == 0, workload.output()

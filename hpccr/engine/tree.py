@@ -113,9 +113,9 @@ class FrozenTree:
 
     def _check_namespaces(self) -> None:
         """Refuse a process in namespaces other than the root's (unshare, a container started
-        inside the job): it would come back in the restorer's, silently seeing other files,
-        hosts or ids.  The root's own are the job's, made again at restore or taken from
-        wherever it is restored."""
+        inside the job), or chrooted: it would come back in the restorer's namespaces and root,
+        silently seeing other files, hosts or ids.  The root's own are the job's, made again
+        at restore or taken from wherever it is restored."""
         root = _namespaces(self.root)
         for pid in self.frozen:
             for kind, ns in _namespaces(pid).items():
@@ -124,6 +124,10 @@ class FrozenTree:
                         f"process {pid} ({procfs.comm(pid)}) is in a {kind.replace('_', ' ')} "
                         f"namespace other than its job's (unshare, a container): not "
                         "supported yet")
+            if os.readlink(procfs.path(pid, "root")) != "/":
+                raise UnsupportedResource(
+                    f"process {pid} ({procfs.comm(pid)}) has a root directory of its own "
+                    "(chroot): not supported yet")
 
     def _find_shared_tables(self) -> None:
         """Processes that share an address space, descriptor table, cwd/umask or signal
