@@ -65,11 +65,13 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
     ]
     fds = [
         {"fd": 1, "kind": "tty", "path": "/dev/pts/3", "flags": os.O_RDWR, "pos": 0,
-         "cloexec": False, "desc": 0, "ghost": None, "mode": 0o20620, "locks": []},
+         "cloexec": False, "desc": 0, "ghost": None, "mode": 0o20620, "locks": [],
+         "sigio": None},
         {"fd": 3, "kind": "file", "path": "/scratch/run/out.log",
          "flags": os.O_WRONLY | os.O_APPEND, "pos": 123, "cloexec": True, "desc": 1,
          "ghost": None, "mode": 0o100644,
-         "locks": [{"kind": "posix", "type": "write", "start": 0, "end": None}]},
+         "locks": [{"kind": "posix", "type": "write", "start": 0, "end": None}],
+         "sigio": {"owner_type": 1, "owner": 4711, "signal": 0}},
     ]
     proc = {
         "pid": pid, "ppid": 1, "pgid": pid, "sid": pid, "comm": "solver",

@@ -32,6 +32,7 @@ from hpccr.engine import (
     procfs,
     sched,
     sharing,
+    sigio,
     signals,
     snapshot,
     sysv,
@@ -289,6 +290,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             ranges = memory.select_pages(pid, vmas)
             inj = Injector(pid, leader)
             try:
+                sigio.dump(inj, pid, fd_entries)
                 proc_creds = creds.dump_creds(pid, inj)
                 rlimits = creds.dump_rlimits(inj)
                 attributes = prctls.dump(inj)

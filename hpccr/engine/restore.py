@@ -31,6 +31,7 @@ from hpccr.engine import (
     procfs,
     sched,
     sharing,
+    sigio,
     signals,
     sysv,
     threads,
@@ -601,6 +602,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     for thread, _ in tasks[1:]:
         creds.restore_creds(inj, thread, proc["creds"])
     creds.restore_creds(inj, stub, proc["creds"])
+    sigio.restore(inj, proc["fds"])  # with the process's own credentials, see sigio.py
     xstates = [ctx.reader.read_bytes(saved["xstate"]) for _, saved in tasks]
     for (thread, _), xstate in zip(tasks, xstates, strict=True):
         if cpu.uses_amx_tiles(xstate):

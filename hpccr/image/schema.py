@@ -64,6 +64,7 @@ FD = {
     "ghost": (str, None),
     "mode": int,
     "locks": [{"kind": str, "type": str, "start": int, "end": (int, None)}],
+    "sigio": ({"owner_type": int, "owner": int, "signal": int}, None),
 }
 
 POSIX_TIMER = dict.fromkeys(
