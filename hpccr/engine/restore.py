@@ -273,6 +273,7 @@ def restore_tree(directory: str, user: User | None = None) -> int:
             order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
             for task in order:
                 task.ctx.ghosts.unlink_all()
+            pool.add_late_seals()
             for task in reversed(order):
                 if not task.zombie:
                     release(task)
@@ -284,7 +285,7 @@ def restore_tree(directory: str, user: User | None = None) -> int:
                 raise RestoreFailed(f"restore failed: {exc}") from exc
             raise
     finally:
-        pool.close()
+        pool.close(late=True)
         order[0].ctx.shared.unlink_all()
         for task in order:
             task.ctx.ghosts.unlink_all()

@@ -14,8 +14,9 @@
  *   its descriptor (it reaches the memfd only through its mapping).  After the window the root
  *   writes through its descriptor and the child must see that in its mapping; the child answers
  *   through its mapping and the root must read that through its descriptor.
- * With `future`: only one memfd, mapped shared and writable and then sealed F_SEAL_FUTURE_WRITE
- * (a dump refuses it); its mapping must still be writable after the window.
+ * With `future`: only one memfd, mapped shared and writable and then sealed F_SEAL_FUTURE_WRITE;
+ * after the window its mapping must still be writable, and the seal still forbid writes through
+ * the descriptor and a new writable shared mapping.
  */
 #include "tree.h"
 
@@ -146,6 +147,8 @@ static int future_only(void)
 	memcpy(p, FUTURE_TEXT, strlen(FUTURE_TEXT));
 	WL_CHECK(has_text(fd, 0, FUTURE_TEXT), "the writable mapping is not the memfd's");
 	WL_CHECK(write(fd, "x", 1) < 0 && errno == EPERM, "the memfd can be written");
+	WL_CHECK(mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) == MAP_FAILED
+		 && errno == EPERM, "a new writable shared mapping of the memfd is allowed");
 	return wl_finish();
 }
 

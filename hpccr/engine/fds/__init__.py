@@ -128,6 +128,7 @@ class Pool:
         self.pipes: dict[int, int] = {}  # pipe inode -> a read-write descriptor on it
         self.sockets: dict[int, int] | None = None  # unix socket inode -> descriptor, once made
         self.memfds: dict[str, int] = {}  # memfd's ghost file -> the memfd
+        self.late_seals: list[tuple[int, int]] = []  # (a memfd, seals to add once all map it)
         self.finisher: dict[int, tuple[int, int]] = {}  # desc -> (pid, fd) that finishes it
         self.base = max([e["fd"] for _, entries in tables for e in entries] + [2]) + 64
 
@@ -158,10 +159,23 @@ class Pool:
                     os.close(local)
                 self.finisher[e["desc"]] = (ctx.proc["pid"], e["fd"])
 
-    def close(self) -> None:
+    def add_late_seals(self) -> None:
+        """Once every restored process has mapped its memfds: the seals that forbid mappings
+        made after them."""
+        while self.late_seals:
+            fd, seals = self.late_seals.pop()
+            try:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            finally:
+                os.close(fd)
+
+    def close(self, late: bool = False) -> None:
+        """Close what the tasks inherited; with `late`, the memfds still to seal too."""
         for fd in [*self.fds.values(), *self.pipes.values(), *(self.sockets or {}).values(),
-                   *self.memfds.values()]:
+                   *self.memfds.values(), *(fd for fd, _ in self.late_seals if late)]:
             os.close(fd)
+        if late:
+            self.late_seals.clear()
         self.fds.clear()
         self.pipes.clear()
         self.memfds.clear()

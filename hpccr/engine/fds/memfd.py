@@ -2,14 +2,13 @@
 
 Dump: the content goes into the image as a ghost file (engine/ghosts.py), once per memfd; its
 shared mappings name that same ghost file.  The seals are read with F_GET_SEALS.
-F_SEAL_FUTURE_WRITE on a memfd that a process of the dump maps shared and writable is refused:
-the restore seals a memfd before anything maps it, and that seal forbids writable shared
-mappings made after it.
 
 Restore: the restorer makes each memfd once (pool.memfds, by ghost file) with the file-system
 rights of the process that holds it, so that the memfd (a tmpfs inode owned by its creator)
 belongs to that process's user.  It gets its name, mode and content, then its seals, before
-anything maps it (F_SEAL_WRITE needs no writable shared mapping).  Each open file description is
+anything maps it (F_SEAL_WRITE needs no writable shared mapping), except F_SEAL_FUTURE_WRITE on
+a memfd mapped shared and writable: that seal forbids making such a mapping, so it comes once
+every process has its mappings.  Each open file description is
 the memfd reopened through /proc/self/fd with its own flags and offset.  The shared mappings of
 the memfd then map the memfd itself, not a copy: SharedObjects gives them a path to the
 descriptor of the first restored process that holds it, /proc/PID/fd/N with the pid as the tree
@@ -27,7 +26,7 @@ import stat
 
 from hpccr.engine import procfs
 from hpccr.engine.fds.common import NOT_REOPENED, borrowed, saved_file
-from hpccr.errors import ImageCorrupt, UnsupportedResource
+from hpccr.errors import ImageCorrupt
 
 NAME = "memfd"
 FIELDS = {"path": str, "ghost": str, "seals": int}  # path and ghost never null here
@@ -58,19 +57,8 @@ def recognise(link: str, st: os.stat_result) -> bool:
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     with borrowed(pid, fd) as copy:
         seals = fcntl.fcntl(copy, fcntl.F_GET_SEALS)
-    if seals & F_SEAL_FUTURE_WRITE and _mapped_writable(st, state.pids):
-        raise UnsupportedResource(
-            f"process {pid} fd {fd} is memfd '{link[len(PREFIX):-len(DELETED)]}', sealed "
-            "with F_SEAL_FUTURE_WRITE and mapped shared and writable: not supported yet")
     return {"path": link[:-len(DELETED)], "seals": seals,
             "ghost": state.ghosts.save(procfs.path(pid, "fd", str(fd)), st)}
-
-
-def _mapped_writable(st: os.stat_result, pids) -> bool:
-    """Does a process of the dump map this memfd shared and writable?"""
-    return any(e.shared and e.perms[1] == "w" and e.inode == st.st_ino
-               and e.name.startswith(PREFIX)
-               for pid in pids for e in procfs.maps(pid))
 
 
 def check(entry: dict, ctx) -> None:
@@ -82,7 +70,7 @@ def check(entry: dict, ctx) -> None:
 def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     memfd = pool.memfds.get(entry["ghost"])
     if memfd is None:
-        memfd = pool.memfds[entry["ghost"]] = _create(entry, ctx)
+        memfd = pool.memfds[entry["ghost"]] = _create(entry, ctx, pool)
         ctx.shared.hold(entry["ghost"], f"/proc/{ctx.proc['pid']}/fd/{entry['fd']}")
     flags = entry["flags"] & ~NOT_REOPENED | os.O_CLOEXEC
     fd = ctx.as_owner(os.open, f"/proc/self/fd/{memfd}", flags)
@@ -90,12 +78,17 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     return fd
 
 
-def _create(entry: dict, ctx) -> int:
+def _create(entry: dict, ctx, pool) -> int:
     """The memfd with its name, mode, content, then its seals, which forbid changing those.
 
     Made sealable unless its only seal is F_SEAL_SEAL: the seals of a memfd made without
-    MFD_ALLOW_SEALING."""
+    MFD_ALLOW_SEALING.  F_SEAL_FUTURE_WRITE (and F_SEAL_SEAL after it) waits until every
+    process has mapped the memfd if one maps it shared and writable: that seal forbids making
+    such a mapping, not having one (pool.late_seals)."""
     seals = entry["seals"]
+    late = 0
+    if seals & F_SEAL_FUTURE_WRITE and _mapped_writable(entry["ghost"], pool):
+        late = seals & (F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL)
     flags = os.MFD_CLOEXEC | (0 if seals == fcntl.F_SEAL_SEAL else os.MFD_ALLOW_SEALING)
     name = entry["path"][len(PREFIX):]
     try:
@@ -112,9 +105,18 @@ def _create(entry: dict, ctx) -> int:
                 pass
         finally:
             os.close(src)
-        if flags & os.MFD_ALLOW_SEALING and seals:
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        if flags & os.MFD_ALLOW_SEALING and seals & ~late:
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals & ~late)
+        if late:
+            pool.late_seals.append((os.dup(fd), late))
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _mapped_writable(ghost: str, pool) -> bool:
+    """Does a process of the image map this memfd shared and writable?"""
+    return any(v["kind"] == "shmem" and v["shared"] and v["prot"][1] == "w"
+               and (v["file"] or {}).get("ghost") == ghost
+               for ctx, _ in pool.tables for v in ctx.proc["vmas"])
