@@ -4,13 +4,14 @@ process of a tree checks its own pid, parent, session and group after the restor
 piece of state; the root PASSes only if all its descendants did.
 
 Workloads: workloads/tree_pipes.c (pipes with data in flight), tree_pipeline.c (the stages of
-`sh -c 'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a
-process-shared mutex), tree_offset.c FILE (one open file description shared across fork),
-tree_session.c (setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c
-(an orphan in the session of a leader that exited), tree_clone.c (signal handlers shared
-without threads, refused), tree_shared_table.c (a descriptor table and/or cwd shared with the
-parent), tree_spawner.c (children forked and ending all the time), tree_stopped.c (a child
-stopped with SIGSTOP), tree_unshare.c (a child in a namespace or root of its own, refused).
+`sh -c 'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a process-
+shared mutex), tree_offset.c FILE (one open file description shared across fork), tree_session.c
+(setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c (an orphan in the
+session of a leader that exited), tree_clone.c (memory, signal handlers and descriptors shared
+without threads; without the descriptors, refused), tree_shared_table.c (a descriptor table
+and/or cwd shared with the parent), tree_spawner.c (children forked and ending all the time),
+tree_stopped.c (a child stopped with SIGSTOP), tree_unshare.c (a child in a namespace or root of
+its own, refused).
 """
 
 import contextlib
@@ -181,9 +182,23 @@ def test_tables_shared_with_the_parent(tree_cr, tmp_path, mode, table):
     assert re.search(rf"  shares    its {shown} with its parent \d+ \(not as a thread\)", show)
 
 
+def test_process_sharing_memory_and_signal_handlers(tree_cr, tmp_path, mode):
+    """A child made as LinuxThreads made threads (CLONE_VM, CLONE_FS, CLONE_FILES,
+    CLONE_SIGHAND): after restore it still shares the parent's memory, signal handlers and
+    descriptor table (checked by the workload), with its own pid."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_clone"], "linuxthreads"])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_process_sharing_memory_left_running(tree_cr, tmp_path):
+    """A --leave-running dump of it: both run on and pass, then the image restores."""
+    workload = tree_cr.start(tree_cr.binaries["tree_clone"], "linuxthreads", append=True)
+    tree_cr.leave_running_then_restore(workload, tmp_path / "img")
+
+
 def test_shared_signal_handlers_are_refused(tree_cr, tmp_path):
-    """Processes sharing signal handlers (and so an address space) without being threads: the
-    dump refuses (14) naming them, and the tree runs on untouched."""
+    """Processes sharing signal handlers and an address space but not their descriptor table:
+    the dump refuses (14) naming them, and the tree runs on untouched."""
     workload = tree_cr.start("tree_clone", "sighand")
     message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
     assert re.search(rf"\b{workload.pid}\b", message) and "share" in message, message

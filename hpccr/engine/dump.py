@@ -146,8 +146,9 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
             if pid in frozen.zombies:
                 procs.append(_zombie(pid, ids))
                 continue
+            own_memory = "vm" not in frozen.shared_with_parent.get(pid, [])
             proc, batches, reader = _collect(pid, frozen.frozen[pid], writer, cow, ghosts,
-                                             fd_state, ids)
+                                             fd_state, ids, own_memory)
             readers.append(reader)
             procs.append(proc)
             copies.append((pid, proc, batches, reader))
@@ -274,15 +275,17 @@ def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None, frozen_s: flo
     }
 
 
-def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_state, ids: _Ids):
+def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_state, ids: _Ids,
+             own_memory: bool = True):
     """Read every piece of state of the frozen process, streaming blobs into `writer`; returns
     its record, the batches of pages to save, and their reader: a Snapshot that has already
-    write-protected them if `cow` and possible, else a MemoryReader for a copy in the freeze."""
+    write-protected them if `cow` and possible, else a MemoryReader for a copy in the freeze.
+    A process whose address space is its parent's (CLONE_VM) has no memory of its own saved."""
     leader = frozen.threads[pid]
     snap = None
     try:
         with _reading(pid):
-            entries = procfs.maps(pid)  # before the injector maps its scratch area
+            entries = procfs.maps(pid) if own_memory else []  # before the injector's scratch
             vmas = memory.describe_vmas(pid, entries, ghosts)
             fd_entries = fds.dump_fds(pid, fd_state)
             stat = procfs.stat(pid)

@@ -265,11 +265,13 @@ def restore_tree(directory: str, user: User | None = None) -> int:
             for task in order:
                 if task.zombie or task.sharer:
                     continue
+                memory_sharers = [t for t in task.sharers if sharing.shares_memory(t.proc)]
                 for sharer in task.sharers:
-                    rebuild(sharer.ctx, sharer.outer, meta)
+                    if sharer not in memory_sharers:
+                        rebuild(sharer.ctx, sharer.outer, meta)
                 if task.sharers:
                     _discard_sigchld(task.outer)
-                rebuild(task.ctx, task.outer, meta)
+                rebuild(task.ctx, task.outer, meta, memory_sharers)
             order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
             for task in order:
                 task.ctx.ghosts.unlink_all()
@@ -554,9 +556,10 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
         os._exit(127)
 
 
-def rebuild(ctx: Context, pid: int, meta: dict) -> None:
+def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ()) -> None:
     """Turn the stub task `pid` (as hpccr sees it) into the saved process, leaving all its
-    threads stopped: release() lets them go once every process of the tree is ready."""
+    threads stopped: release() lets them go once every process of the tree is ready.  Its
+    `memory_sharers`, children made with its address space (sharing.py), are rebuilt with it."""
     proc = ctx.proc
     stub = Thread(pid)
     stub.capture()
@@ -597,6 +600,7 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     signals.queue_pending(inj, proc["pid"], proc["shared_pending"])
     for thread, saved in tasks:
         signals.queue_pending(inj, proc["pid"], saved["pending"], thread, saved["tid"])
+    sharers = [(sharer, *_rebuild_memory_sharer(inj, sharer)) for sharer in memory_sharers]
     creds.restore_rlimits(pid, proc["rlimits"])
     # The injection page must go before credentials drop: munmap needs no privilege, but the
     # page must not outlive the restore.  Credentials come last, thread by thread.
@@ -614,6 +618,32 @@ def rebuild(ctx: Context, pid: int, meta: dict) -> None:
     for thread, saved in tasks:
         native.set_sigmask(thread.tid, saved["sigmask"])
     ctx.threads = [thread.tid for thread, _ in tasks]
+    for sharer, thread, saved in sharers:
+        _load_cpu(thread, saved, sharer.ctx.reader.read_bytes(saved["xstate"]))
+        native.set_sigmask(thread.tid, saved["sigmask"])
+        sharer.ctx.threads = [thread.tid]
+
+
+def _rebuild_memory_sharer(inj: Injector, sharer: Task) -> tuple[Thread, dict]:
+    """A process whose address space is its parent's, by its parent's injector once that memory
+    is back (rseq and robust lists point into it): its one thread like a thread of the parent,
+    then what its own process holds (signal handlers unless shared, itimers, pending signals,
+    rlimits, credentials last).  Its registers are loaded with the parent's."""
+    proc, saved = sharer.proc, sharer.proc["threads"][0]
+    thread = Thread(sharer.outer)
+    thread.capture()
+    native.set_sigmask(thread.tid, ALL_SIGNALS)
+    threads.restore_thread(inj, thread, saved)
+    signals.restore_altstack(inj, thread, saved["sigaltstack"])
+    sched.restore(thread.tid, saved["sched"])
+    if sharing.SIGHAND not in sharing.shares(proc):
+        signals.restore_sigactions(inj, proc["sigactions"], thread)
+    signals.restore_itimers(inj, proc["itimers"], thread)
+    signals.queue_pending(inj, proc["pid"], proc["shared_pending"], thread, proc["pid"])
+    signals.queue_pending(inj, proc["pid"], saved["pending"], thread, saved["tid"])
+    creds.restore_rlimits(sharer.outer, proc["rlimits"])
+    creds.restore_creds(inj, thread, proc["creds"])
+    return thread, saved
 
 
 def release(task: Task) -> None:

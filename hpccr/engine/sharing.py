@@ -1,5 +1,6 @@
 """Processes that share their descriptor table (CLONE_FILES) and/or their cwd, root and umask
-(CLONE_FS) with their parent without being its threads.
+(CLONE_FS), and maybe their address space (CLONE_VM) and signal handlers (CLONE_SIGHAND), with
+their parent without being its threads.
 
 Dump: kcmp finds them (tree.py), and each process records what it shares with its parent.
 Restore:
@@ -11,6 +12,11 @@ Restore:
   like any other process (restore.py).  Supported for a process in its parent's session and
   group, with no children of its own, no parent-death signal, not a child subreaper, and,
   unless it shares them too, with its parent's cwd and umask.
+- an address space too (with or without the signal handlers: clone as LinuxThreads did, with
+  CLONE_VM|CLONE_FS|CLONE_FILES[|CLONE_SIGHAND]): made the same way, its memory is its parent's
+  and is not saved twice; it is rebuilt by its parent's injector once the parent's memory is
+  back, like a thread with a signal state of its own (restore.py).  Supported when it has one
+  thread and no POSIX timers.
 Any other sharing is refused at dump (and an image that claims it, at restore).
 """
 
@@ -18,10 +24,11 @@ from __future__ import annotations
 
 from hpccr.errors import UnsupportedResource
 
-FILES, FS = "files", "fs"
-CLONE_FS, CLONE_FILES = 0x200, 0x400
-FLAGS = {FILES: CLONE_FILES, FS: CLONE_FS}
-NAMES = {FILES: "its descriptor table (CLONE_FILES)", FS: "its cwd and umask (CLONE_FS)"}
+FILES, FS, VM, SIGHAND = "files", "fs", "vm", "sighand"
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+FLAGS = {FILES: CLONE_FILES, FS: CLONE_FS, VM: CLONE_VM, SIGHAND: CLONE_SIGHAND}
+NAMES = {FILES: "its descriptor table (CLONE_FILES)", FS: "its cwd and umask (CLONE_FS)",
+         VM: "its address space (CLONE_VM)", SIGHAND: "its signal handlers (CLONE_SIGHAND)"}
 
 
 def shares(proc: dict) -> list[str]:
@@ -38,6 +45,11 @@ def clone_flags(proc: dict) -> int:
 def injected(proc: dict) -> bool:
     """Made by a clone3 injected in its parent's stub (it shares its descriptor table)."""
     return FILES in shares(proc)
+
+
+def shares_memory(proc: dict) -> bool:
+    """Is its address space its parent's (CLONE_VM)?"""
+    return VM in shares(proc)
 
 
 def fork_flags(proc: dict) -> int:
@@ -65,6 +77,12 @@ def _problem(proc: dict, parent: dict | None, has_children: bool) -> str | None:
     kinds = set(shares(proc))
     if parent is None or not kinds <= set(FLAGS):
         return "its parent is not in the image"
+    if SIGHAND in kinds and VM not in kinds:
+        return "signal handlers are shared only with an address space"
+    if VM in kinds and not {FILES, FS} <= kinds:
+        return "it does not share its descriptor table and cwd too"
+    if VM in kinds and (len(proc["threads"]) != 1 or proc["posix_timers"]):
+        return "it has threads or POSIX timers of its own"
     if FILES not in kinds:
         return None  # forked with CLONE_FS, like any other child
     if proc["exit_status"] is not None or parent["exit_status"] is not None:

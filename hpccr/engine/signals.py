@@ -35,10 +35,11 @@ def dump_sigactions(inj) -> list[dict]:
     return out
 
 
-def restore_sigactions(inj, actions: list[dict]) -> None:
+def restore_sigactions(inj, actions: list[dict], thread=None) -> None:
+    """In the leader, or in `thread` (a process sharing the injector's address space)."""
     for act in actions:
         ptr = inj.put(SIGACTION.pack(act["handler"], act["flags"], act["restorer"], act["mask"]))
-        inj.call("rt_sigaction", act["signo"], ptr, 0, 8)
+        inj.call("rt_sigaction", act["signo"], ptr, 0, 8, thread=thread)
     inj.reset()
 
 
@@ -63,7 +64,8 @@ def cpu_timer_tick_us() -> int:
     return max(0, round((got - 1.0) * 10**6))
 
 
-def restore_itimers(inj, itimers: dict[str, list[int]]) -> None:
+def restore_itimers(inj, itimers: dict[str, list[int]], thread=None) -> None:
+    """In the leader, or in `thread` (a process sharing the injector's address space)."""
     for which, name in enumerate(ITIMERS):
         interval, value = itimers[name]
         if value and name != "real":
@@ -76,7 +78,7 @@ def restore_itimers(inj, itimers: dict[str, list[int]]) -> None:
             value = 1
         if value:
             ptr = inj.put(ITIMERVAL.pack(*divmod(interval, 10**6), *divmod(value, 10**6)))
-            inj.call("setitimer", which, ptr, 0)
+            inj.call("setitimer", which, ptr, 0, thread=thread)
     inj.reset()
 
 

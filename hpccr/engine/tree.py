@@ -17,7 +17,8 @@ SHARED_TABLES = (
     (native.KCMP_FS, "one cwd, root and umask (CLONE_FS)"),
     (native.KCMP_SIGHAND, "their signal handlers (CLONE_SIGHAND)"),
 )
-PARENT_SHARED = ((native.KCMP_FILES, "files"), (native.KCMP_FS, "fs"))  # as sharing.py names
+PARENT_SHARED = ((native.KCMP_FILES, "files"), (native.KCMP_FS, "fs"), (native.KCMP_VM, "vm"),
+                 (native.KCMP_SIGHAND, "sighand"))  # as sharing.py names them
 NAMESPACES = ("mnt", "net", "uts", "ipc", "user", "cgroup", "time", "time_for_children", "pid",
               "pid_for_children")
 

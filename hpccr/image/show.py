@@ -127,7 +127,8 @@ def _render_process(proc: dict) -> list[str]:
         f"  threads   {len(proc['threads'])}",
     ]
     if proc["shares_with_parent"]:
-        names = {"files": "descriptor table", "fs": "cwd and umask"}
+        names = {"files": "descriptor table", "fs": "cwd and umask", "vm": "address space",
+                 "sighand": "signal handlers"}
         shared = " and ".join(names.get(k, k) for k in proc["shares_with_parent"])
         lines.append(f"  shares    its {shared} with its parent {proc['ppid']} (not as a thread)")
     lines += _table(
