@@ -40,6 +40,9 @@ def _namespaces(pid: int) -> dict[str, str]:
     return {kind: os.readlink(procfs.path(pid, "ns", kind)) for kind in NAMESPACES}
 
 
+ENDED = ("Z", "X", None)  # zombie, dead, gone
+
+
 def _state(pid: int) -> str | None:
     """The state letter of `pid` (proc(5)), None once it is gone."""
     try:
@@ -87,22 +90,17 @@ class FrozenTree:
                 pid = pending.pop()
                 if pid in self.frozen or pid in self.zombies:
                     continue
-                state = _state(pid)
-                if pid == self.root and state in ("Z", "X"):
-                    raise OSError(errno.ESRCH, f"process {pid} is a zombie")
-                if state in ("Z", "X", None) and pid != self.root:
-                    if state == "Z":
-                        self.zombies.append(pid)
-                    continue  # else ended and reaped already: its parent does not wait for it
+                if pid == self.root:
+                    if _state(pid) in ("Z", "X"):
+                        raise OSError(errno.ESRCH, f"process {pid} is a zombie")
+                elif self._ended(pid):
+                    continue
                 process = FrozenProcess(pid)
                 try:
                     process.freeze()
                 except (NoSuchProcess, AccessDenied):  # ESRCH, or EPERM: ptrace of a zombie
-                    state = _state(pid)
-                    if pid == self.root or state not in ("Z", "X", None):
+                    if pid == self.root or not self._ended(pid):
                         raise
-                    if state == "Z":
-                        self.zombies.append(pid)
                     continue
                 self.frozen[pid] = process
                 pending += children(pid)
@@ -111,6 +109,14 @@ class FrozenTree:
         except BaseException:
             self.thaw()
             raise
+
+    def _ended(self, pid: int) -> bool:
+        """Has `pid` ended?  A zombie is recorded as one; a process gone altogether (its parent
+        does not wait for children) is left out."""
+        state = _state(pid)
+        if state == "Z":
+            self.zombies.append(pid)
+        return state in ENDED
 
     def _check_namespaces(self) -> None:
         """Refuse a process in namespaces other than the root's (unshare, a container started
