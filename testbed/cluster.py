@@ -50,6 +50,9 @@ SBIN = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 KEEP_ON_DOWN = ("log",)  # state-dir entries kept after down, for post-mortems
 CGROUP_GLOB = "/sys/fs/cgroup/*/slurm_node[0-9]*"
+# cgroups the tests and `hpccr check` make for themselves (tests/test_agent.py, engine/check.py)
+TEST_CGROUP_GLOBS = ("/sys/fs/cgroup/*/hpccr-test-*", "/sys/fs/cgroup/*/slurm_hpccrtest",
+                     "/sys/fs/cgroup/*/hpccr-check-*")
 MULTI_KEYS = {"nodename", "partitionname", "nodeset", "downnodes", "include"}
 
 
@@ -203,27 +206,102 @@ def _remove_cgroups(timeout: float = 10) -> list[str]:
 
     Returns the directories that could not be removed.
     """
+    return [left for top in _cgroup_dirs() for left in _remove_cgroup_tree(top, timeout)]
+
+
+def _remove_cgroup_tree(top: str, timeout: float = 10) -> list[str]:
+    """Kill what is in the cgroup `top` and below, and rmdir them innermost first; returns the
+    directories that could not be removed."""
     deadline = time.monotonic() + timeout
     while True:
         left = []
-        for top in _cgroup_dirs():
-            for path, _dirs, files in os.walk(top, topdown=False):
-                for f in ("cgroup.procs", "tasks"):
-                    if f in files:
-                        try:
-                            pids = [int(x) for x in Path(path, f).read_text().split()]
-                        except OSError:
-                            pids = []
-                        _kill(pids, signal.SIGKILL)
-                try:
-                    os.rmdir(path)
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    left.append(path)
+        for path, _dirs, files in os.walk(top, topdown=False):
+            for f in ("cgroup.procs", "tasks"):
+                if f in files:
+                    try:
+                        pids = [int(x) for x in Path(path, f).read_text().split()]
+                    except OSError:
+                        pids = []
+                    _kill(pids, signal.SIGKILL)
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(path)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+# --- the job user ------------------------------------------------------------------------------
+
+def ensure_user(name: str = DEFAULT_USER) -> pwd.struct_passwd:
+    """Create the job user (uid 1000 if free) with a home directory if it is missing."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    cmd = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group"]
+    try:
+        pwd.getpwuid(PREFERRED_UID)
+    except KeyError:
+        cmd += ["--uid", str(PREFERRED_UID)]
+    _run([*cmd, name])
+    return pwd.getpwnam(name)
+
+
+def remove_user(name: str = DEFAULT_USER) -> None:
+    """Kill the job user's processes and remove the user, its group and its home directory."""
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return
+    deadline = time.monotonic() + 10
+    while mine := [p for p in _all_pids() if _uid_of(p) == uid]:
+        if time.monotonic() > deadline:
+            raise ClusterError(f"processes of {name} will not die: {mine}")
+        _kill(mine, signal.SIGKILL)
+        time.sleep(0.05)
+    _run(["userdel", "--remove", name], check=False)  # exit 12: no home to remove
+    if name in {p.pw_name for p in pwd.getpwall()}:
+        raise ClusterError(f"userdel {name} failed")
+
+
+def _uid_of(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def purge(state_dir: Path = DEFAULT_DIR) -> list[str]:
+    """Remove every trace a test bed or a test run can leave on the machine, whatever state it
+    was left in: daemons, node namespaces, links, cgroups, the state directory and the job
+    user.  What a later run must not find.  Returns what could not be removed."""
+    owner = _bridge_owner()
+    dirs = {Path(state_dir)} | ({Path(owner)} if owner else set())
+    for d in dirs:
+        cluster = Cluster(d, nodes=_nodes_from_conf(d / "etc" / "slurm.conf"))
+        try:
+            cluster.down()
+        except ClusterError:
+            pass  # what down could not remove is removed below, or reported
+    for ns in _our_netns():
+        _stop(_netns_pids(f"/run/netns/{ns}"), timeout=2)
+        _run(["ip", "netns", "del", ns], check=False)
+    for link in _our_links():
+        _run(["ip", "link", "del", link], check=False)
+    left = _remove_cgroups()
+    for pattern in TEST_CGROUP_GLOBS:
+        for path in glob.glob(pattern):
+            left += _remove_cgroup_tree(path)
+    remove_user()
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    left += [f"netns {ns}" for ns in _our_netns()] + [f"link {x}" for x in _our_links()]
+    left += [f"directory {d}" for d in dirs if d.exists()]
+    return left
 
 
 # --- the cluster -------------------------------------------------------------------------------
@@ -417,18 +495,7 @@ class Cluster:
         return self
 
     def ensure_user(self) -> pwd.struct_passwd:
-        """Create the job user (uid 1000 if free) with a home directory if it is missing."""
-        try:
-            return pwd.getpwnam(self.user)
-        except KeyError:
-            pass
-        cmd = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group"]
-        try:
-            pwd.getpwuid(PREFERRED_UID)
-        except KeyError:
-            cmd += ["--uid", str(PREFERRED_UID)]
-        _run([*cmd, self.user])
-        return pwd.getpwnam(self.user)
+        return ensure_user(self.user)
 
     def _write_files(self, conf: str) -> None:
         d = self.dir
@@ -701,7 +768,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, help_ in (("up", "start the cluster and wait until all nodes are idle"),
                         ("down", "stop everything and remove the state (logs are kept)"),
-                        ("status", "show daemons and nodes; exit 0 only when fully up")):
+                        ("status", "show daemons and nodes; exit 0 only when fully up"),
+                        ("purge", "remove everything test beds and test runs leave on the "
+                                  "machine, the job user included"),
+                        ("user", "create the job user if it is missing")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--dir", type=Path, default=DEFAULT_DIR,
                        help=f"state directory (default {DEFAULT_DIR})")
@@ -713,6 +783,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help="seconds to wait for idle nodes (default 60)")
     args = parser.parse_args(argv)
     try:
+        if args.cmd == "user":
+            print(f"job user: {ensure_user().pw_name}")
+            return 0
+        if args.cmd == "purge":
+            left = purge(args.dir)
+            if left:
+                raise ClusterError("purge left: " + "; ".join(left))
+            print("test bed purged")
+            return 0
         if args.cmd == "up":
             cluster = Cluster(args.dir, nodes=args.nodes, extra_conf=args.conf).up(args.timeout)
             print(f"cluster up: {' '.join(cluster.nodes)} (controller {CONTROLLER_ADDR}) "

@@ -477,7 +477,7 @@ def tree_cr(workload_binaries: dict[str, Path], tmp_path: Path):
 
 # Jobs of another user (test_run_user.py, test_agent.py).
 
-USER = "hpcuser"  # an ordinary user of the test machines (uid 1001)
+USER = "hpcuser"  # an ordinary user, made by testbed.cluster.ensure_user (tests/conftest.py)
 
 
 def as_user(user: str, argv: list[str]) -> subprocess.CompletedProcess:

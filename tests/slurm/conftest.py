@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # plain `pytest` does not put the repo root on sys.path
-    sys.path.insert(0, str(REPO))
-
-from testbed.cluster import Cluster, missing_binaries  # noqa: E402
+from testbed.cluster import Cluster, missing_binaries
 
 SLURM_PROGRAMS = ("slurmctld", "slurmd", "slurmstepd", "sbatch", "srun", "munged")
 
