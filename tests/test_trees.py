@@ -126,10 +126,17 @@ def test_stopped_process(tree_cr, tmp_path, mode):
 
 
 def test_stopped_process_left_running(tree_cr, tmp_path):
-    """A --leave-running dump leaves the stopped child stopped."""
+    """A --leave-running dump leaves the stopped child stopped: back in its stop (state T) by
+    the time hpccr returns, never seen running in between (its parent checks too)."""
     workload = tree_cr.start(tree_cr.binaries["tree_stopped"], append=True)
-    shown = tree_cr.leave_running_then_restore(workload, tmp_path / "img")
-    assert shown is None
+    child = tree_of(workload.pid)[1]
+    res = tree_cr.dump(workload, tmp_path / "img", "--leave-running")
+    assert res.returncode == 0, res.stderr
+    state = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0]
+    assert state == "T", f"the stopped child is in state {state} after the dump"
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    tree_cr.restore_and_pass(workload, tmp_path / "img", passes=2)
 
 
 def occupy(cr, pid: int) -> subprocess.Popen:

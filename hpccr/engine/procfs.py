@@ -73,6 +73,15 @@ def stat(pid: int) -> list[str]:
     return ["", pid_field, comm] + rest.split()
 
 
+def thread_state(pid: int, tid: int) -> str | None:
+    """The state letter of thread `tid` of `pid` (proc(5)), None once it is gone."""
+    try:
+        with open(path(pid, "task", str(tid), "stat")) as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
 def comm(pid: int, tid: int | None = None) -> str:
     p = path(pid, "task", str(tid), "comm") if tid else path(pid, "comm")
     with open(p) as f:

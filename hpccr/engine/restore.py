@@ -43,7 +43,7 @@ from hpccr.engine.job import (
     fork_into_new_pid_namespace,
     forward_signals,
 )
-from hpccr.engine.tracer import ALL_SIGNALS, SYSCALL_INT3, Injector, Thread
+from hpccr.engine.tracer import ALL_SIGNALS, SYSCALL_INT3, Injector, Thread, wait_stopped_again
 from hpccr.errors import (
     AccessDenied,
     FileMismatch,
@@ -276,7 +276,8 @@ def restore_tree(directory: str, user: User | None = None) -> int:
             for task in order:
                 task.ctx.ghosts.unlink_all()
             pool.add_late_seals()
-            for task in reversed(order):
+            # Stopped processes first: the others must not see one before it stops again.
+            for task in sorted(reversed(order), key=lambda t: not t.proc["stopped"]):
                 if not task.zombie:
                     release(task)
         except BaseException as exc:
@@ -653,6 +654,8 @@ def release(task: Task) -> None:
         os.kill(task.outer, signal.SIGSTOP)
     for tid in reversed(task.ctx.threads):
         native.detach(tid, 0)
+    if task.proc["stopped"]:
+        wait_stopped_again(task.outer, task.ctx.threads)
 
 
 def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:

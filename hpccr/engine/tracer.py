@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 from hpccr import native
 from hpccr.engine import procfs
@@ -109,7 +110,8 @@ class FrozenProcess:
 
     def thaw(self) -> None:
         """Put back registers and masks and detach every thread; best effort on exit races.
-        A process that was stopped stops again as soon as it is detached."""
+        A process that was stopped stops again once detached, and is back in its stop when
+        this returns."""
         for thread in self.threads.values():
             try:
                 if thread.regs is not None:
@@ -119,6 +121,8 @@ class FrozenProcess:
                 native.detach(thread.tid, 0)
             except OSError:
                 pass
+        if self.stopped:
+            wait_stopped_again(self.pid, list(self.threads))
         self.threads.clear()
 
     def reap(self, child: int) -> None:
@@ -146,6 +150,20 @@ class FrozenProcess:
                 except OSError:
                     pass
         self.threads.clear()
+
+
+def wait_stopped_again(pid: int, tids: list[int], timeout: float = 10) -> None:
+    """Wait until the threads of a stopped process, just detached, are in their group stop
+    again.  Detaching wakes each one only for it to stop in the kernel, before a single
+    instruction of its own; meanwhile /proc shows it running, and so would a parent that
+    looks.  Gives up (the stop is then the kernel's business) after `timeout` seconds, or
+    when a thread is seen neither stopped nor runnable: SIGCONT came meanwhile."""
+    deadline = time.monotonic() + timeout
+    pending = list(tids)
+    while pending and time.monotonic() < deadline:
+        pending = [t for t in pending if procfs.thread_state(pid, t) in ("R", "D")]
+        if pending:
+            time.sleep(0.001)
 
 
 def poke(pid: int, addr: int, code: bytes) -> bytes:

@@ -171,7 +171,9 @@ class FrozenTree:
                     and shares_with(second, parent[second])))
 
     def thaw(self) -> None:
-        for process in self.frozen.values():
+        """Release every process; those that were stopped first, so that none of the others
+        can see one of them between its detach and its stop."""
+        for process in sorted(self.frozen.values(), key=lambda p: not p.stopped):
             process.thaw()
         self.frozen.clear()
 
