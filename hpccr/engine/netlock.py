@@ -1,0 +1,390 @@
+"""Network locks: while hpccr checkpoints TCP connections, netfilter drops every packet of them,
+both ways, so that no peer learns that a connection died (the kernel sends no RST, FIN or data,
+and answers none of the peer's packets) between the freeze and the restore.
+
+A lock is one nftables table of family inet, ``hpccr_lock_<id>``, made in one netlink
+transaction (all of it or nothing): base chains on the input and output hooks at the raw
+priority, before conntrack, each with one rule per connection dropping its exact 4-tuple.  It
+acts in the network namespace of the calling process.
+
+A lock outlives the process that made it once it is bound to a checkpoint image: it then lasts
+until a restore of that image lifts it.  A registry, one JSON record per lock in
+``/run/hpccr/netlocks`` (``$HPCCR_NETLOCK_DIR``), says who owns each lock, so that
+``lift_stale`` can lift the locks nobody will lift.  The record is written before the table:
+a table without a record is always stale.  Every registry operation holds an flock on the
+registry, so ``lift_stale`` never sees a lock half made.  A table names its registry (in its
+comment): where several registries share a network namespace (tests run beside hpccr), each
+judges only its own tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import re
+import secrets
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFPROTO_INET,
+    NFPROTO_IPV4,
+    NFPROTO_IPV6,
+    NFT_MSG_DELTABLE,
+    NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWRULE,
+    NFT_MSG_NEWTABLE,
+    Cmp,
+    Meta,
+    Regs,
+    nft_chain_msg,
+    nft_rule_msg,
+    nft_table_msg,
+)
+from pyroute2.nftables.expressions import genex, verdict
+from pyroute2.nftables.main import NFTables
+
+from hpccr.engine import procfs
+from hpccr.errors import DumpFailed, HpccrError
+
+REGISTRY_DIR = "/run/hpccr/netlocks"
+TABLE_PREFIX = "hpccr_lock_"
+ID_PATTERN = re.compile(r"[0-9a-f]{8}")
+PRIORITY_RAW = -300  # before conntrack (-200): a dropped packet leaves no trace there either
+HOOKS = {"input": 1, "output": 3}  # NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT
+NF_DROP, NF_ACCEPT = 0, 1
+BATCH_BEGIN, BATCH_END = 0x10, 0x11  # NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END
+CREATE = NLM_F_CREATE | NLM_F_EXCL  # a new table or chain: fail if one of that name exists
+APPEND = NLM_F_CREATE | NLM_F_APPEND  # a rule, after the chain's others
+NETWORK_HEADER, TRANSPORT_HEADER = 1, 2  # NFT_PAYLOAD_NETWORK_HEADER, ..._TRANSPORT_HEADER
+# By address length: the netfilter protocol, and the offsets of saddr and daddr in its header.
+NFPROTO = {4: NFPROTO_IPV4, 16: NFPROTO_IPV6}
+ADDRESS_OFFSETS = {4: (12, 16), 16: (8, 24)}
+SPORT_OFFSET, DPORT_OFFSET = 0, 2
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+DEFAULT_BUFFER = 1 << 20  # pyroute2's
+# Socket buffer room per message of a transaction: a rule takes under 700 bytes, the answer
+# to it under 4 KiB in the kernel's accounting (an error answer quotes the message).
+SEND_ROOM, ANSWER_ROOM = 1024, 4096
+MISSING = (errno.EINVAL, errno.EOPNOTSUPP)  # nfnetlink's answers when nf_tables is absent
+ENDED = ("Z", "X")  # a zombie owner is gone too: it will never lift its lock
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One TCP connection as its local socket sees it."""
+
+    family: int  # socket.AF_INET or socket.AF_INET6
+    local: str  # address text: "127.0.0.1", "::1", "::ffff:10.0.0.1"
+    local_port: int
+    remote: str
+    remote_port: int
+
+
+def lock(connections: list[Connection]) -> str:
+    """Drop every packet of `connections` until unlocked; returns the lock's id."""
+    rules = [rule for connection in connections for rule in _drop_rules(connection)]
+    with _registry() as registry:
+        lock_id = _new_id(registry)
+        table = TABLE_PREFIX + lock_id
+        _write_record(registry, lock_id, {
+            "owner_pid": os.getpid(),
+            "owner_start": _start_time(os.getpid()),
+            "netns": _netns(),
+            "image": None,
+            "created": time.time(),
+            "connections": [asdict(connection) for connection in connections],
+        })
+        try:
+            with _netfilter("cannot lock the TCP connections", DumpFailed) as nft:
+                _transaction(nft, [
+                    _message(nft_table_msg, NFT_MSG_NEWTABLE,
+                             {"name": table, "userdata": registry}, CREATE),
+                    *(_chain_message(table, chain) for chain in HOOKS),
+                    *(_message(nft_rule_msg, NFT_MSG_NEWRULE,
+                               {"table": table, "chain": chain, "expressions": expressions},
+                               APPEND)
+                      for chain, expressions in rules),
+                ])
+        except BaseException:
+            os.unlink(_record_path(registry, lock_id))
+            raise
+    return lock_id
+
+
+def unlock(lock_id: str) -> None:
+    """Lift a lock: its table, then its record.  An unknown or lifted id is no error."""
+    if not ID_PATTERN.fullmatch(lock_id):
+        return
+    with _registry() as registry, _netfilter(f"cannot lift network lock {lock_id}") as nft:
+        _lift(nft, registry, lock_id)
+
+
+def bind_to_image(lock_id: str, image_dir: str) -> None:
+    """Hand the lock over to a checkpoint image: it outlives this process and is lifted by a
+    restore of that image, or as stale once the image directory is gone.  The directory must
+    exist already (bind after the image is in place), else the lock would be stale at once."""
+    image = os.path.realpath(image_dir)
+    if not os.path.isdir(image):
+        raise DumpFailed(f"network lock {lock_id}: image directory {image_dir} does not exist")
+    with _registry() as registry:
+        record = _read_record(registry, lock_id)
+        if record is None:
+            raise DumpFailed(f"network lock {lock_id} is gone: its connections are not locked")
+        record["image"] = image
+        _write_record(registry, lock_id, record)
+
+
+def lift_stale() -> list[str]:
+    """Lift every lock of this network namespace that nobody will lift; returns their ids.
+
+    Stale: an unbound lock whose owner (pid and start time) has ended; a bound lock whose image
+    directory is gone; a table without a record; a record without a table (its leftover only).
+    Records of other network namespaces are left alone (their tables cannot be seen from
+    here), and so are the tables of other registries.
+    """
+    lifted = []
+    with _registry() as registry, _netfilter("cannot lift stale network locks") as nft:
+        tables = _tables(nft)
+        own_tables = {lock_id for lock_id, owner in tables.items() if owner == registry}
+        records = {lock_id: _read_record(registry, lock_id) for lock_id in _record_ids(registry)}
+        netns = _netns()
+        for lock_id, record in records.items():
+            if record is not None and record["netns"] != netns:
+                continue
+            if record is None or lock_id not in tables or _stale(record):
+                _lift(nft, registry, lock_id)
+                lifted.append(lock_id)
+        for lock_id in own_tables - records.keys():
+            _lift(nft, registry, lock_id)
+            lifted.append(lock_id)
+    return sorted(lifted)
+
+
+def held() -> list[str]:
+    """Ids of the locks present in this network namespace (their tables)."""
+    with _netfilter("cannot list network locks") as nft:
+        return sorted(_tables(nft))
+
+
+def _stale(record: dict) -> bool:
+    if record["image"] is not None:
+        return not os.path.isdir(record["image"])
+    return not _alive(record["owner_pid"], record["owner_start"])
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Is `pid` still the process that started at `start_time` (not a reused pid)?"""
+    try:
+        fields = procfs.stat(pid)
+    except OSError:
+        return False
+    return fields[3] not in ENDED and int(fields[22]) == start_time
+
+
+def _start_time(pid: int) -> int:
+    return int(procfs.stat(pid)[22])
+
+
+def _netns() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+# --- the registry
+
+
+@contextlib.contextmanager
+def _registry() -> Iterator[str]:
+    """The registry directory (its real path), held under an exclusive flock for the block."""
+    registry = os.path.realpath(os.environ.get("HPCCR_NETLOCK_DIR") or REGISTRY_DIR)
+    os.makedirs(registry, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(registry, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield registry
+    finally:
+        os.close(fd)
+
+
+def _new_id(registry: str) -> str:
+    while True:
+        lock_id = secrets.token_hex(4)
+        if not os.path.exists(_record_path(registry, lock_id)):
+            return lock_id
+
+
+def _record_path(registry: str, lock_id: str) -> str:
+    return os.path.join(registry, f"{lock_id}.json")
+
+
+def _record_ids(registry: str) -> list[str]:
+    return [name.removesuffix(".json") for name in os.listdir(registry)
+            if name.endswith(".json") and ID_PATTERN.fullmatch(name.removesuffix(".json"))]
+
+
+def _read_record(registry: str, lock_id: str) -> dict | None:
+    """The record of `lock_id`; None when there is none or it cannot be read."""
+    try:
+        with open(_record_path(registry, lock_id)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(registry: str, lock_id: str, record: dict) -> None:
+    """Write atomically: a reader sees the old record or the new one, never a part."""
+    fd, temp = tempfile.mkstemp(dir=registry, prefix=f".{lock_id}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, _record_path(registry, lock_id))
+    except BaseException:
+        os.unlink(temp)
+        raise
+
+
+def _lift(nft: NFTables, registry: str, lock_id: str) -> None:
+    try:
+        _transaction(nft, [_message(nft_table_msg, NFT_MSG_DELTABLE,
+                                    {"name": TABLE_PREFIX + lock_id})])
+    except NetlinkError as exc:
+        if exc.code != errno.ENOENT:
+            raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_record_path(registry, lock_id))
+
+
+# --- nftables through netlink
+
+
+@contextlib.contextmanager
+def _netfilter(what: str, error: type[HpccrError] = HpccrError) -> Iterator[NFTables]:
+    """An nftables netlink socket that netfilter answers; a failure in the block becomes
+    `error`, one line saying `what`.
+
+    A batch that netfilter refuses whole (no nf_tables, no CAP_NET_ADMIN) is answered only to
+    its begin message, which pyroute2 does not wait for: it would wait forever for the others.
+    A dump is answered with the error, so one is made first.
+    """
+    try:
+        nft = NFTables(nfgen_family=NFPROTO_INET)
+    except OSError as exc:
+        raise error(f"{what}: no netfilter netlink socket: {exc.strerror}") from exc
+    try:
+        nft.get_tables()
+        yield nft
+    except NetlinkError as exc:
+        hint = " (is nf_tables available?)" if exc.code in MISSING else ""
+        raise error(f"{what}: nftables: {os.strerror(exc.code)}{hint}") from exc
+    except OSError as exc:
+        raise error(f"{what}: {exc.strerror}") from exc
+    finally:
+        nft.close()
+
+
+def _tables(nft: NFTables) -> dict[str, str | None]:
+    """The lock tables in this network namespace: id -> the registry the table names."""
+    tables = {}
+    for table in nft.get_tables():
+        name = table.get_attr("NFTA_TABLE_NAME")
+        if name.startswith(TABLE_PREFIX):
+            tables[name.removeprefix(TABLE_PREFIX)] = table.get_attr("NFTA_TABLE_USERDATA")
+    return tables
+
+
+def _transaction(nft: NFTables, messages: list) -> None:
+    """Send `messages` as one nftables transaction: the kernel applies all of them or none.
+
+    The kernel takes the batch as one datagram and queues the answer to every message before
+    pyroute2 reads any: both socket buffers must hold them all, or the send fails (EMSGSIZE) or
+    answers are lost and pyroute2 waits for them forever.
+    """
+    nft.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, DEFAULT_BUFFER + len(messages) * SEND_ROOM)
+    nft.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, DEFAULT_BUFFER + len(messages) * ANSWER_ROOM)
+    nft.nlm_request_batch([_batch_marker(BATCH_BEGIN), *messages, _batch_marker(BATCH_END)])
+
+
+def _batch_marker(kind: int) -> nfgen_msg:
+    marker = nfgen_msg()
+    marker["res_id"] = NFNL_SUBSYS_NFTABLES
+    marker["header"]["type"] = kind
+    marker["header"]["flags"] = NLM_F_REQUEST
+    return marker
+
+
+def _message(msg_class: type, kind: int, attrs: dict, flags: int = 0):
+    """One request of a transaction, acknowledged so that its error (if any) is read."""
+    msg = msg_class()
+    msg["nfgen_family"] = NFPROTO_INET
+    msg["attrs"] = [(msg_class.name2nla(key), value) for key, value in attrs.items()]
+    msg["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | kind
+    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
+    return msg
+
+
+def _chain_message(table: str, chain: str):
+    hook = {"attrs": [("NFTA_HOOK_HOOKNUM", HOOKS[chain]), ("NFTA_HOOK_PRIORITY", PRIORITY_RAW)]}
+    return _message(nft_chain_msg, NFT_MSG_NEWCHAIN, {
+        "table": table, "name": chain, "hook": hook, "policy": NF_ACCEPT, "type": "filter",
+    }, CREATE)
+
+
+def _drop_rules(connection: Connection) -> list[tuple[str, list]]:
+    """(chain, expressions) of the two rules dropping `connection`: what it sends, what it
+    receives."""
+    local, remote = _wire_address(connection.local), _wire_address(connection.remote)
+    if len(local) != len(remote):
+        raise ValueError(f"{connection}: one IPv4 and one IPv6 address")
+    if len(local) == 16 and connection.family != socket.AF_INET6:
+        raise ValueError(f"{connection}: IPv6 addresses on a socket of family {connection.family}")
+    return [
+        ("output", _tcp_match(local, connection.local_port, remote, connection.remote_port)),
+        ("input", _tcp_match(remote, connection.remote_port, local, connection.local_port)),
+    ]
+
+
+def _wire_address(text: str) -> bytes:
+    """The address as it travels: an IPv4-mapped IPv6 address goes as IPv4."""
+    address = ipaddress.ip_address(text)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.packed
+
+
+def _tcp_match(source: bytes, sport: int, destination: bytes, dport: int) -> list:
+    """Expressions dropping the TCP packets from source:sport to destination:dport."""
+    saddr_offset, daddr_offset = ADDRESS_OFFSETS[len(source)]
+    return [
+        *_load_and_compare("meta", {"key": Meta.NFT_META_NFPROTO}, bytes([NFPROTO[len(source)]])),
+        *_load_and_compare("meta", {"key": Meta.NFT_META_L4PROTO}, bytes([socket.IPPROTO_TCP])),
+        *_payload_equals(NETWORK_HEADER, saddr_offset, source),
+        *_payload_equals(NETWORK_HEADER, daddr_offset, destination),
+        *_payload_equals(TRANSPORT_HEADER, SPORT_OFFSET, sport.to_bytes(2, "big")),
+        *_payload_equals(TRANSPORT_HEADER, DPORT_OFFSET, dport.to_bytes(2, "big")),
+        *verdict(NF_DROP),
+    ]
+
+
+def _payload_equals(base: int, offset: int, value: bytes) -> list:
+    return _load_and_compare("payload", {"base": base, "offset": offset, "len": len(value)}, value)
+
+
+def _load_and_compare(expression: str, load: dict, value: bytes) -> list:
+    """Load into register 1 with `expression`, go on only if it holds `value`."""
+    return [
+        genex(expression, {**load, "dreg": Regs.NFT_REG_1}),
+        genex("cmp", {"sreg": Regs.NFT_REG_1, "op": Cmp.NFT_CMP_EQ,
+                      "data": {"attrs": [("NFTA_DATA_VALUE", value)]}}),
+    ]
