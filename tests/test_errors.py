@@ -120,7 +120,8 @@ def test_image_needs_cpu_features_missing_here(cr, tmp_path):
 @pytest.mark.parametrize("kind", ["socket", "inotify"])
 def test_unsupported_descriptor(cr, tmp_path, kind):
     """The dump refuses (14) naming the descriptor and its kind; the process runs on untouched
-    and its data is still there.  The socket is an AF_INET one (unix sockets are supported)."""
+    and its data is still there.  The socket is a TCP listener with a connection waiting to be
+    accepted (other network sockets are supported)."""
     workload = cr.start("holdfd", kind, 6)
     fd, _ = workload.values("FD")[0].split()
     message = cr.assert_error(cr.dump(workload, tmp_path / "img"), 14)

@@ -135,7 +135,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
     with _reading(root):
         frozen.freeze()
     ids = _Ids(root)
-    writer = None
+    writer = fd_state = None
     readers: list = []
     try:
         writer = ImageWriter(directory)
@@ -168,6 +168,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
                     snap.start()  # all snapshots by now: the others are copied and closed
                 frozen.thaw()
                 clock.thaw()
+                fd_state.finish(None)
                 running = True
             with _reading(pid), PageWriter(writer, proc["pid"]) as pages:
                 try:
@@ -182,6 +183,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
         if mode == "running":
             frozen.thaw()
             clock.thaw()
+            fd_state.finish(None)
         writer.write_json("image.json", _header(ids, procs, sysv_state, clock.frozen(),
                                                   clock.total()))
         path = writer.commit()
@@ -192,15 +194,20 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
             writer.abort()
         frozen.thaw()
         clock.thaw()
+        if fd_state is not None:
+            fd_state.finish(None)
         if isinstance(exc, OSError):
             raise DumpFailed(f"dump of process {root} failed: {exc}") from exc
         raise
     if mode == "kill":
+        fd_state.before_kill()
         frozen.kill()
+        fd_state.finish(str(path))  # connections stay locked until the image is restored
     elif mode == "stopped":
         for pid in frozen.frozen:
             os.kill(pid, 19)  # SIGSTOP: each group stops as soon as it is detached
         frozen.thaw()
+        fd_state.finish(None)
     clock.thaw()
     return DumpResult(str(path), clock.frozen(), clock.total(),
                       sum(p["nr_pages"] for p in procs))

@@ -26,6 +26,7 @@ from hpccr.engine import (
     fds,
     locks,
     memory,
+    netlock,
     posix_timers,
     prctls,
     procfs,
@@ -36,6 +37,7 @@ from hpccr.engine import (
     sysv,
     threads,
 )
+from hpccr.engine.fds import inet
 from hpccr.engine.ghosts import GhostFiles, SharedObjects
 from hpccr.engine.job import (
     enter_job_namespaces,
@@ -220,9 +222,9 @@ def _plan_sessions(tasks: dict[int, Task], root: Task, pidns: bool) -> None:
 
 
 def restore(directory: str, detach: bool = False, pidfile: str | None = None,
-            user: User | None = None) -> int:
+            user: User | None = None, tcp_close: bool = False) -> int:
     """Restore the image; returns the restored root process's exit status (0 with `detach`)."""
-    root = restore_tree(directory, user)
+    root = restore_tree(directory, user, tcp_close)
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{root}\n")
@@ -231,11 +233,13 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None,
     return wait_for(root)
 
 
-def restore_tree(directory: str, user: User | None = None) -> int:
+def restore_tree(directory: str, user: User | None = None, tcp_close: bool = False) -> int:
     """Restore the image and let it run; returns the restored root's pid (our child).
 
     The processes may have the credentials of the image's owner and no more — of `user`'s when
-    root restores for a user — and anything for an image only root could have written."""
+    root restores for a user — and anything for an image only root could have written.
+    With `tcp_close`, a TCP connection whose local address does not exist here comes back
+    reset instead of failing the restore (fds/inet.py)."""
     if user is None:
         reader, meta = load(directory)
     else:
@@ -247,7 +251,7 @@ def restore_tree(directory: str, user: User | None = None) -> int:
     order = plan(reader, meta, trusted=user is None)
     pidns = meta.get("pidns", False)
     preflight(reader, meta, order, pidns, user)
-    pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order])
+    pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order], tcp_close)
     try:
         pool.open_all(in_job=not pidns)
         spawn(order, pidns, pool, meta["sysv"])
@@ -276,6 +280,7 @@ def restore_tree(directory: str, user: User | None = None) -> int:
             for task in order:
                 task.ctx.ghosts.unlink_all()
             pool.add_late_seals()
+            pool.end_repair()
             # Stopped processes first: the others must not see one before it stops again.
             for task in sorted(reversed(order), key=lambda t: not t.proc["stopped"]):
                 if not task.zombie:
@@ -292,6 +297,8 @@ def restore_tree(directory: str, user: User | None = None) -> int:
         order[0].ctx.shared.unlink_all()
         for task in order:
             task.ctx.ghosts.unlink_all()
+    for lock in inet.locks_of(e for task in order for e in task.proc.get("fds", [])):
+        netlock.unlock(lock)  # the connections are back: the network may move them again
     return order[0].outer
 
 

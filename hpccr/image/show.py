@@ -97,8 +97,20 @@ def _vma_path(vma: dict) -> str:
     return path
 
 
+def _endpoint(end: dict | None) -> str:
+    if end is None:
+        return "*"
+    return f"[{end['addr']}]:{end['port']}" if ":" in end["addr"] else \
+        f"{end['addr']}:{end['port']}"
+
+
 def _fd_path(fd: dict) -> str:
     path = fd["path"] or ""
+    if fd["kind"] == "inet":
+        path += f" {fd['proto'].upper()} {_endpoint(fd['local'])}"
+        if fd["remote"]:
+            path += f" -> {_endpoint(fd['remote'])}"
+        path += f" {fd['state']}"
     if fd["ghost"]:
         path += f" (deleted, saved as {fd['ghost']})"
     for lock in fd["locks"]:

@@ -18,20 +18,23 @@ int main(int argc, char **argv)
 {
 	double window = argc > 2 ? atof(argv[2]) : WL_WINDOW_S;
 	char dir[] = "/tmp/holdfd.XXXXXX", path[64], buf[512] = "";
-	int held;
+	int held, client = -1;
 
 	if (argc < 2)
 		goto usage;
 	if (!strcmp(argv[1], "socket")) {
-		/* an AF_INET UDP socket with a datagram it sent itself (unix sockets are supported) */
+		/* a TCP listener with a connection waiting to be accepted, which sent "ping"
+		 * (other network sockets are supported) */
 		struct sockaddr_in sin = { .sin_family = AF_INET,
 					   .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 		socklen_t len = sizeof(sin);
 
-		held = socket(AF_INET, SOCK_DGRAM, 0);
-		if (held < 0 || bind(held, (struct sockaddr *)&sin, sizeof(sin))
+		held = socket(AF_INET, SOCK_STREAM, 0);
+		if (held < 0 || bind(held, (struct sockaddr *)&sin, sizeof(sin)) || listen(held, 1)
 		    || getsockname(held, (struct sockaddr *)&sin, &len)
-		    || sendto(held, "ping", 4, 0, (struct sockaddr *)&sin, len) != 4)
+		    || (client = socket(AF_INET, SOCK_STREAM, 0)) < 0
+		    || connect(client, (struct sockaddr *)&sin, len)
+		    || send(client, "ping", 4, 0) != 4)
 			wl_die("socket");
 	} else if (!strcmp(argv[1], "inotify")) {
 		held = inotify_init1(IN_NONBLOCK);
@@ -53,8 +56,11 @@ int main(int argc, char **argv)
 		unlink(path);
 		rmdir(dir);
 	} else {
-		WL_CHECK(read(held, buf, sizeof(buf)) == 4 && !memcmp(buf, "ping", 4),
-			 "the %s lost its data", argv[1]);
+		int conn = accept(held, NULL, NULL);
+
+		WL_CHECK(conn >= 0 && recv(conn, buf, 4, MSG_WAITALL) == 4
+			 && !memcmp(buf, "ping", 4), "the %s lost its data", argv[1]);
+		close(client);
 	}
 	return wl_finish();
 usage:

@@ -26,12 +26,23 @@ import re
 
 from hpccr import native
 from hpccr.engine import locks, procfs
-from hpccr.engine.fds import epoll, eventfd, memfd, pipe, regular, signalfd, timerfd, tty, unix
+from hpccr.engine.fds import (
+    epoll,
+    eventfd,
+    inet,
+    memfd,
+    pipe,
+    regular,
+    signalfd,
+    timerfd,
+    tty,
+    unix,
+)
 from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, memfd, tty, pipe, unix, eventfd, timerfd, signalfd,
-                              epoll)}
+KINDS = {k.NAME: k for k in (regular, memfd, tty, pipe, unix, inet, eventfd, timerfd,
+                              signalfd, epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
@@ -58,6 +69,17 @@ class DumpState:
         self.pidns = pidns  # the job has a pid namespace of its own: its pids are recorded
         self.pipes: set[int] = set()  # pipes whose data an entry already carries
         self.unix = None  # unix.View of the dump's sockets, made on first use
+        self.inet = None  # inet.View: network sockets, their copies and lock; on first use
+
+    def before_kill(self) -> None:
+        """The image is complete and the job is to be killed: nothing may tell the network."""
+        if self.inet is not None:
+            self.inet.before_kill()
+
+    def finish(self, image: str | None) -> None:
+        """The dump is over (also when it failed): `image` if the job was killed for it."""
+        if self.inet is not None:
+            self.inet.finish(image)
 
 
 def dump_fds(pid: int, state: DumpState) -> list[dict]:
@@ -121,9 +143,12 @@ class Pool:
     """Every open file description of the image, opened once by the restorer (close-on-exec,
     above every saved descriptor number) and inherited by the tasks it forks."""
 
-    def __init__(self, tables: list[tuple[object, list[dict]]]):
-        """`tables`: (restore context, fd entries) of every process, in creation order."""
+    def __init__(self, tables: list[tuple[object, list[dict]]], tcp_close: bool = False):
+        """`tables`: (restore context, fd entries) of every process, in creation order;
+        `tcp_close`: connections that cannot come back here come back reset (inet.py)."""
         self.tables = tables
+        self.tcp_close = tcp_close
+        self.repairing: list = []  # TCP connections still in repair mode (inet.end_repair)
         self.fds: dict[int, int] = {}
         self.pipes: dict[int, int] = {}  # pipe inode -> a read-write descriptor on it
         self.sockets: dict[int, int] | None = None  # unix socket inode -> descriptor, once made
@@ -169,13 +194,21 @@ class Pool:
             finally:
                 os.close(fd)
 
+    def end_repair(self) -> None:
+        """The restored connections leave repair mode: the tree is about to run."""
+        inet.end_repair(self.repairing)
+
     def close(self, late: bool = False) -> None:
-        """Close what the tasks inherited; with `late`, the memfds still to seal too."""
+        """Close what the tasks inherited; with `late`, the memfds still to seal and the
+        connections still in repair mode (a failed restore: they close without a word)."""
         for fd in [*self.fds.values(), *self.pipes.values(), *(self.sockets or {}).values(),
                    *self.memfds.values(), *(fd for fd, _ in self.late_seals if late)]:
             os.close(fd)
         if late:
             self.late_seals.clear()
+            for sock, _ in self.repairing:
+                sock.close()
+            self.repairing.clear()
         self.fds.clear()
         self.pipes.clear()
         self.memfds.clear()
