@@ -128,15 +128,21 @@ def _act_for(user_spec: str | None):
 @click.option("--detach", is_flag=True,
               help="Return once the process runs instead of waiting for it to exit.")
 @click.option("--pidfile", type=click.Path(), help="Write the restored process's pid here.")
+@click.option("--tcp-close", is_flag=True, default=None,
+              help="A TCP connection whose local address does not exist here (restored on "
+                   "another node) comes back reset instead of failing the restore.  Default: "
+                   "the site's tcp_close setting.")
 @supervision_options
-def restore(directory: str, detach: bool, pidfile: str | None, interval: int | None, keep: int,
-            stop_signals: tuple[int, ...], events_fd: int | None, user_spec: str | None) -> None:
+def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool | None,
+            interval: int | None, keep: int, stop_signals: tuple[int, ...],
+            events_fd: int | None, user_spec: str | None) -> None:
     """Restore a checkpoint image. Without --detach, wait for the restored process and exit
     with its exit status (128+N if killed by signal N), like cr_restart.  With --interval or
     --checkpoint-on, -D is a series (as `hpccr run -D` writes it) and the restored job goes on
     being checkpointed into it."""
     from pathlib import Path
 
+    from hpccr import config
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
     from hpccr.run import Checkpoints, Supervision
@@ -152,7 +158,9 @@ def restore(directory: str, detach: bool, pidfile: str | None, interval: int | N
     user = _act_for(user_spec)
     with _pidfile_for(pidfile) as write_pid:
         supervision = None if detach else Supervision(checkpoints)
-        root = restore_tree(directory, user)
+        if tcp_close is None:
+            tcp_close = config.load().tcp_close
+        root = restore_tree(directory, user, tcp_close)
         checkpoints.notify("restored", path=str(resolve(directory)))
         write_pid(root)
     sys.exit(supervision.run(root) if supervision else 0)

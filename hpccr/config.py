@@ -25,8 +25,10 @@ DEFAULTS = {
     "grace": 120,
     "log_dir": "/var/log/hpccr",
     "run_dir": "/run/hpccr",
+    "tcp_close": False,
     "hooks": {event: [] for event in HOOK_EVENTS},
 }
+BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 MAX_GRACE = 65535  # Slurm's --signal=…@<time> limit
 
 
@@ -41,6 +43,7 @@ class Config:
     grace: int
     log_dir: Path
     run_dir: Path
+    tcp_close: bool
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
 
@@ -90,7 +93,8 @@ def _merge(values: dict, origin: dict, data: dict, where: str) -> None:
                 values["hooks"][event] = specs
                 origin[f"hooks.{event}"] = where
         elif type(value) is not type(DEFAULTS[key]):
-            kind = "an integer" if isinstance(DEFAULTS[key], int) else "a string"
+            kind = {bool: "true or false", int: "an integer"}.get(type(DEFAULTS[key]),
+                                                                  "a string")
             raise ConfigError(f"{where}: '{key}' must be {kind}, not {value!r}")
         else:
             values[key] = value
@@ -111,7 +115,11 @@ def _merge_environment(values: dict, origin: dict, environ) -> None:
         text = environ.get(name)
         if text is None:
             continue
-        if isinstance(default, int):
+        if isinstance(default, bool):
+            if text.lower() not in BOOLEANS:
+                raise ConfigError(f"{name}: '{text}' is not one of {', '.join(BOOLEANS)}")
+            values[key] = BOOLEANS[text.lower()]
+        elif isinstance(default, int):
             try:
                 values[key] = int(text)
             except ValueError:
@@ -139,4 +147,5 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
                 raise bad(f"hooks.{event}", f"hook '{spec}' for {event} is not "
                           "\"module:function\"")
     return Config(Path(values["checkpoint_base"]), values["keep"], values["grace"],
-                  Path(values["log_dir"]), Path(values["run_dir"]), values["hooks"], source)
+                  Path(values["log_dir"]), Path(values["run_dir"]), values["tcp_close"],
+                  values["hooks"], source)

@@ -33,6 +33,7 @@ import struct
 import sys
 from pathlib import Path
 
+from hpccr import config
 from hpccr.engine.job import FORWARDED
 from hpccr.errors import HpccrError
 from hpccr.events import EventChannel, answer_events, receive, send
@@ -218,7 +219,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
         if request["op"] == "run":
             pid = start_job(request["argv"], user, request["env"], request["cwd"])
         else:
-            pid = restore_tree(request["dir"], user)
+            pid = restore_tree(request["dir"], user, config.load().tcp_close)
         os.write(report_wr, json.dumps({"started": pid}).encode())
         os.close(report_wr)
         report_wr = -1

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from hpccr import config
 from hpccr.config import DEFAULTS, ConfigError
+from hpccr.engine import netlock
+from hpccr.errors import HpccrError
 from hpccr.slurm import agent, jobdir
 from hpccr.slurm.jobdir import Record, as_user
 
@@ -203,6 +205,13 @@ def epilog(environ=os.environ) -> None:
     if other_batch_host(job, state):
         return
     stop_agent(cfg, job)
+    try:  # those of a checkpoint killed with its agent, of images removed since
+        lifted = netlock.lift_stale()
+    except HpccrError as exc:
+        log(f"cannot lift stale network locks: {exc}")
+    else:
+        if lifted:
+            log(f"lifted stale network locks {' '.join(lifted)}")
     job_dir = cfg.job_dir(job.user, job.job_id)
     try:
         with as_user(job.uid, job.gid):

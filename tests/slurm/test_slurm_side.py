@@ -277,6 +277,9 @@ def test_failing_hook_is_reported_and_the_job_completes(site):
     ("kep = 3\n", {}, r"hpccr: error: {file}: unknown setting 'kep' \(known: .*\)"),
     ("grace = 0\n", {}, r"hpccr: error: {file}: 'grace' must be 1\.\.65535 seconds, not 0"),
     ("", {"HPCCR_KEEP": "many"}, r"hpccr: error: HPCCR_KEEP: 'many' is not an integer"),
+    ("tcp_close = 1\n", {}, r"hpccr: error: {file}: 'tcp_close' must be true or false, not 1"),
+    ("", {"HPCCR_TCP_CLOSE": "maybe"},
+     r"hpccr: error: HPCCR_TCP_CLOSE: 'maybe' is not one of true, 1, yes, false, 0, no"),
 ])
 def test_configuration_errors_are_one_line(tmp_path, content, env, message):
     bad = tmp_path / "hpccr.toml"
@@ -294,4 +297,5 @@ def test_shipped_configuration_is_the_default():
     shipped = config.load({"HPCCR_CONFIG": str(REPO / "etc" / "hpccr.toml")})
     assert {"checkpoint_base": str(shipped.checkpoint_base), "keep": shipped.keep,
             "grace": shipped.grace, "log_dir": str(shipped.log_dir),
-            "run_dir": str(shipped.run_dir), "hooks": shipped.hooks} == config.DEFAULTS
+            "run_dir": str(shipped.run_dir), "tcp_close": shipped.tcp_close,
+            "hooks": shipped.hooks} == config.DEFAULTS
