@@ -5,7 +5,8 @@ and dumped with --leave-running (the original still passes: nothing was consumed
 process run as another user keeps its peer credentials.  A socket connected to a process
 outside the dump, and data on a connection not accepted yet, are refused.
 
-Workloads: workloads/sock_pair.c stream|seqpacket|dgram, sock_listen.c DIR, sock_epoll.c.
+Workloads: workloads/sock_pair.c stream|seqpacket|dgram, sock_listen.c DIR, sock_epoll.c,
+sock_dgram_sources.c (datagrams sent to a bound socket by a named and an unnamed socket).
 Each checks the exact queued messages, names, options and connections after the window.
 """
 
@@ -33,10 +34,10 @@ def start(cr, mode: str, name: str, *args):
 
 def workloads(tmp_path: Path) -> list[tuple[str, list]]:
     return [*(("sock_pair", [kind]) for kind in PAIRS), ("sock_listen", [tmp_path]),
-            ("sock_epoll", [])]
+            ("sock_epoll", []), ("sock_dgram_sources", [])]
 
 
-IDS = [*PAIRS, "listen", "epoll"]
+IDS = [*PAIRS, "listen", "epoll", "dgram-sources"]
 
 
 @pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)

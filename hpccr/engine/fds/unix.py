@@ -20,10 +20,15 @@ listener is not in the image (closed since, or outside the dump).  The saved dat
 each receiving socket's peer, so that it lands in the right queue, then shutdowns are applied
 and the ends whose peers had been closed lose them again.
 
+Datagrams sent to a bound socket's name by other sockets (sendto, as MPICH's ranks do) are
+sent again at restore, each from the restored socket that had sent it (by its name), or from a
+new socket without a name where the sender had none.
+
 Refused: a socket connected to, or listened on by, a process outside the dump; a connection
 waiting in an accept queue that already carries data (it can only be read by accepting it);
-queued ancillary data (SCM_RIGHTS descriptors, SCM_CREDENTIALS); queued datagrams with no
-connected sender in the dump; sockets bound to a relative path.
+queued ancillary data (SCM_RIGHTS descriptors, SCM_CREDENTIALS); queued datagrams on a socket
+without a name and no one connected sender in the dump, or from a socket outside the dump;
+sockets bound to a relative path.
 
 Peer credentials (SO_PEERCRED) are recorded by the kernel from the task that makes a socketpair,
 listens or connects.  The dump records the pid each socket reports (as the job sees pids); the
@@ -78,6 +83,7 @@ FIELDS = {
     "shutdown": int,
     "data": (str, None),
     "sender": (int, None),
+    "sources": ([int], None),
     "options": {"passcred": bool, "rcvbuf": int, "sndbuf": int, "peek_off": int},
     "peer_pid": (int, None),
 }
@@ -98,6 +104,8 @@ SO_PEERPIDFD = 77
 UCRED = struct.Struct("3i")
 FILL_SNDBUF = 64 << 20  # the writer's send buffer while it puts the saved data back
 PEEK_SIZE = 1 << 20  # at least, the buffer a message is peeked into
+BY_SOURCE = -1  # `sender` of datagrams sent to a name by others: `sources` names each one's
+ANONYMOUS = -1  # in `sources`: a sender without a name
 
 
 def _diag() -> dict[int, dict]:
@@ -186,9 +194,11 @@ def _refuse(pid: int, fd: int, what: str) -> None:
     raise UnsupportedResource(f"process {pid} fd {fd} is a unix socket {what}: not supported yet")
 
 
-def _peek(copy: int, pid: int, fd: int, limit: int | None) -> list[bytes]:
+def _peek(copy: int, pid: int, fd: int, limit: int | None,
+          sources: list | None = None) -> list[bytes]:
     """The queued messages (stream: chunks) of the socket behind `copy`, left in place; a
-    stream or seqpacket socket holds `limit` bytes."""
+    stream or seqpacket socket holds `limit` bytes.  The address each came from (None: a
+    socket without a name) goes to `sources`, in order."""
     sock = socket.socket(fileno=os.dup(copy))
     saved_off = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
     size = max(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), PEEK_SIZE)
@@ -197,8 +207,8 @@ def _peek(copy: int, pid: int, fd: int, limit: int | None) -> list[bytes]:
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         while True:
             try:
-                data, anc, flags, _ = sock.recvmsg(size, ANCILLARY,
-                                                   socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                data, anc, flags, source = sock.recvmsg(size, ANCILLARY,
+                                                        socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             for level, typ, payload in anc:
@@ -213,6 +223,8 @@ def _peek(copy: int, pid: int, fd: int, limit: int | None) -> list[bytes]:
             if not data:
                 break  # end of file (after a shutdown); empty messages are not kept
             out.append(data)
+            if sources is not None:
+                sources.append(source or None)
             if limit is not None and sum(map(len, out)) >= limit:
                 break
     finally:
@@ -303,9 +315,13 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
         finally:
             sock.close()
         limit = s["rqueue"] if kind != "dgram" else None  # sock_diag: all bytes queued
-        messages = _peek(copy, pid, fd, limit) if where != "listening" else []
+        sources: list = []
+        messages = _peek(copy, pid, fd, limit, sources) if where != "listening" else []
+    entry["sources"] = None
     if messages:
         entry["sender"] = _sender(view, ino, s, kind, pid, fd)
+        if entry["sender"] == BY_SOURCE:
+            entry["sources"] = [_source(view, name, pid, fd) for name in sources]
         entry["data"] = f"unix-{ino}.img"
         if ino not in view.saved:
             view.saved.add(ino)
@@ -319,14 +335,29 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
 
 def _sender(view: View, ino: int, s: dict, kind: str, pid: int, fd: int) -> int:
     """The socket whose writes land in this one's queue: its peer (0: closed), or for a datagram
-    socket the one socket of the dump connected to it."""
+    socket the one socket of the dump connected to it; BY_SOURCE for datagrams sent to a bound
+    socket's name by others (sendto): `sources` then names each one's sender."""
     if kind != "dgram":
         return s["peer"] or 0
     senders = [o for o, other in view.table.items() if other["peer"] == ino and o in view.held]
-    if len(senders) != 1:
-        _refuse(pid, fd, "with queued datagrams whose sender is not the one socket of the dump "
-                "connected to it")
-    return senders[0]
+    if len(senders) == 1:
+        return senders[0]
+    if not s["name"]:
+        _refuse(pid, fd, "without a name, with queued datagrams from no one socket of the dump")
+    return BY_SOURCE
+
+
+def _source(view: View, address, pid: int, fd: int) -> int:
+    """The socket of the dump that sent a datagram from `address` (recvmsg's), ANONYMOUS for a
+    sender without a name."""
+    if address is None:
+        return ANONYMOUS
+    name = address[1:].decode(errors="surrogateescape") if isinstance(address, bytes) \
+        else address
+    found = [i for i, o in view.table.items() if o["name"] == name and i in view.held]
+    if len(found) != 1:
+        _refuse(pid, fd, f"with a queued datagram from {name!r}, a socket not in the dump")
+    return found[0]
 
 
 def check(entry: dict, ctx) -> None:
@@ -366,6 +397,33 @@ def _bind(sock: socket.socket, e: dict, ctx, unlink_later: list[str]) -> None:
         unlink_later.append(name)  # its file had been removed: so is the new one
 
 
+def _fill_from(writers: list[socket.socket], e: dict, data: bytes) -> None:
+    """Send the saved datagrams of entry `e` (a bound socket) to its name, each from the socket
+    that had sent it."""
+    messages = list(_messages(e, data))
+    if len(messages) != len(writers):
+        raise ImageCorrupt(f"{e['data']}: not one sender per datagram (image corrupted)")
+    try:
+        for writer, message in zip(writers, messages, strict=True):
+            writer.setblocking(False)
+            writer.sendto(message, _address(e["name"]))
+    except BlockingIOError:
+        raise RestoreFailed(f"unix socket {e['socket']}: its saved queue does not fit "
+                            "back") from None
+
+
+def _messages(e: dict, data: bytes):
+    """The messages of a datagram or seqpacket data file."""
+    offset = 0
+    while offset < len(data):
+        (size,) = MESSAGE.unpack_from(data, offset)
+        offset += MESSAGE.size
+        if offset + size > len(data):
+            raise ImageCorrupt(f"{e['data']}: truncated message (image corrupted)")
+        yield data[offset:offset + size]
+        offset += size
+
+
 def _fill(sock: socket.socket, e: dict, data: bytes) -> None:
     """Write the saved queue of entry `e` from `sock`, its sender."""
     sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, FILL_SNDBUF)
@@ -376,14 +434,8 @@ def _fill(sock: socket.socket, e: dict, data: bytes) -> None:
             while view:
                 view = view[sock.send(view):]
             return
-        offset = 0
-        while offset < len(data):
-            (size,) = MESSAGE.unpack_from(data, offset)
-            offset += MESSAGE.size
-            if offset + size > len(data):
-                raise ImageCorrupt(f"{e['data']}: truncated message (image corrupted)")
-            sock.send(data[offset:offset + size])
-            offset += size
+        for message in _messages(e, data):
+            sock.send(message)
     except BlockingIOError:
         raise RestoreFailed(f"unix socket {e['socket']}: its saved queue does not fit "
                             "back") from None
@@ -545,9 +597,18 @@ def _create_all(pool) -> dict[int, int]:
             new(ino)
         for ino, (e, ctx) in entries.items():
             if e["data"]:
-                writer = temporary[ino] if e["sender"] == 0 else socks[e["sender"]]
                 with ctx.owner_rights():
                     data = saved_data(ctx, e["data"])
+                if e["sender"] == BY_SOURCE:
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as anonymous:
+                        if any(i != ANONYMOUS and i not in entries for i in e["sources"] or []):
+                            raise ImageCorrupt(f"unix socket {ino}: a datagram from a socket "
+                                               "not in the image (image corrupted)")
+                        writers = [anonymous if i == ANONYMOUS else new(i)
+                                   for i in e["sources"] or []]
+                        _fill_from(writers, e, data)
+                    continue
+                writer = temporary[ino] if e["sender"] == 0 else socks[e["sender"]]
                 _fill(writer, e, data)
         for ino, (e, _) in entries.items():
             if e["shutdown"] and e["state"] == "connected" and ino not in temporary:
