@@ -1,10 +1,11 @@
 """Descriptor kinds beyond files and terminals: eventfd, timerfd, signalfd, epoll, pipes and FIFOs
 held by one process come back with their state, and so does signal-driven I/O (O_ASYNC, owner
-and signal); pipes shared with another process and epoll watches on closed descriptors are
-refused, and the process runs on untouched.
+and signal) and a pseudo-terminal (both ends, settings, output not read yet); pipes shared with
+another process and epoll watches on closed descriptors are refused, and the process runs on
+untouched.
 
 Workloads: workloads/fd_eventfd.c, fd_timerfd.c, fd_signalfd.c, fd_epoll.c [stale],
-fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c.  Each checks its own state after the window.
+fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c, fd_pty.c.  Each checks its own state after the window.
 """
 
 import re
@@ -13,7 +14,8 @@ import time
 
 import pytest
 
-KINDS = ["fd_eventfd", "fd_timerfd", "fd_signalfd", "fd_epoll", "fd_pipe", "fd_fifo", "fd_async"]
+KINDS = ["fd_eventfd", "fd_timerfd", "fd_signalfd", "fd_epoll", "fd_pipe", "fd_fifo", "fd_async",
+         "fd_pty"]
 # Between the kill and the restore: long enough for the timerfd workload to notice a
 # CLOCK_REALTIME absolute timer restored as a relative one (it allows 0.5 s).
 DOWNTIME_S = 1.0

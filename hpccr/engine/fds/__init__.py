@@ -32,6 +32,7 @@ from hpccr.engine.fds import (
     inet,
     memfd,
     pipe,
+    pty,
     regular,
     signalfd,
     timerfd,
@@ -41,7 +42,7 @@ from hpccr.engine.fds import (
 from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, memfd, tty, pipe, unix, inet, eventfd, timerfd,
+KINDS = {k.NAME: k for k in (regular, memfd, tty, pty, pipe, unix, inet, eventfd, timerfd,
                               signalfd, epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
@@ -70,6 +71,7 @@ class DumpState:
         self.pipes: set[int] = set()  # pipes whose data an entry already carries
         self.unix = None  # unix.View of the dump's sockets, made on first use
         self.inet = None  # inet.View: network sockets, their copies and lock; on first use
+        self.ptys = None  # numbers of the pseudo-terminals whose master is in the dump
 
     def before_kill(self) -> None:
         """The image is complete and the job is to be killed: nothing may tell the network."""
@@ -153,6 +155,7 @@ class Pool:
         self.pipes: dict[int, int] = {}  # pipe inode -> a read-write descriptor on it
         self.sockets: dict[int, int] | None = None  # unix socket inode -> descriptor, once made
         self.memfds: dict[str, int] = {}  # memfd's ghost file -> the memfd
+        self.ptys: dict[int, int] = {}  # saved pseudo-terminal number -> the new pair's master
         self.late_seals: list[tuple[int, int]] = []  # (a memfd, seals to add once all map it)
         self.finisher: dict[int, tuple[int, int]] = {}  # desc -> (pid, fd) that finishes it
         self.base = max([e["fd"] for _, entries in tables for e in entries] + [2]) + 64
@@ -202,7 +205,8 @@ class Pool:
         """Close what the tasks inherited; with `late`, the memfds still to seal and the
         connections still in repair mode (a failed restore: they close without a word)."""
         for fd in [*self.fds.values(), *self.pipes.values(), *(self.sockets or {}).values(),
-                   *self.memfds.values(), *(fd for fd, _ in self.late_seals if late)]:
+                   *self.memfds.values(), *self.ptys.values(),
+                   *(fd for fd, _ in self.late_seals if late)]:
             os.close(fd)
         if late:
             self.late_seals.clear()
@@ -212,6 +216,7 @@ class Pool:
         self.fds.clear()
         self.pipes.clear()
         self.memfds.clear()
+        self.ptys.clear()
         self.sockets = {}
 
 

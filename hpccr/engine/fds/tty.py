@@ -10,7 +10,7 @@ from hpccr.errors import UnsupportedResource
 
 NAME = "tty"
 FIELDS: dict = {}
-TTY_MAJORS = (4, 136)  # /dev/ttyN and /dev/pts/N
+TTY_MAJORS = (4,)  # /dev/ttyN; /dev/pts/N are pty.py's (as terminals, when outside the dump)
 TTY_DEVICES = ("/dev/tty", "/dev/console")
 
 
