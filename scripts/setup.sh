@@ -11,9 +11,9 @@ if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
 
-# mpich, libmpich-dev: MPI jobs in the tests (tests/test_mpi.py).
+# MPICH and Open MPI: MPI jobs in the tests (tests/test_mpi.py).
 packages=(gcc libc6-dev make python3 python3-venv python3-dev procps util-linux iproute2
-          mpich libmpich-dev)
+          mpich libmpich-dev openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
