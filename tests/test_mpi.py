@@ -10,6 +10,7 @@ with plain gcc).
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -92,3 +93,24 @@ def test_leave_running_then_restore(tree_cr, tmp_path, ring, reference):
     assert res.returncode == 0, describe(res) + "\nlog:\n" + job.output()
     again = printed(job.lines())[len(reference):]
     assert len(again) > 1 and again == reference[-len(again):], job.output()
+
+
+def test_periodic_checkpoints_then_restore(tree_cr, tmp_path, ring, reference):
+    """Checkpointed every 2 s while it runs (hpccr run --interval), then the whole job killed
+    (as a node failure would): the latest checkpoint restores and finishes the run, every step
+    after the checkpoint printed again with the same values."""
+    series = tmp_path / "series"
+    job = tree_cr.start_job(command(ring), "-D", series, "--interval", "2s", ready=False)
+    tree_cr.wait_until(lambda: (series / "latest").exists() or job.proc.poll() is not None,
+                       "a periodic checkpoint of the MPI job", 4 * TIMEOUT)
+    os.kill(job.pid, signal.SIGKILL)  # the job's pid 1: the whole job goes
+    job.proc.wait(timeout=TIMEOUT)
+    before = printed(job.lines())
+    assert before and before[-1].startswith("STEP "), job.output()
+    res = tree_cr.restore(series)
+    assert res.returncode == 0, describe(res) + "\nlog:\n" + job.output()
+    lines = printed(job.lines())
+    again = lines[len(before):]
+    assert before == reference[:len(before)], job.output()
+    assert again == reference[len(reference) - len(again):], job.output()
+    assert len(reference) - len(again) <= len(before), "steps were skipped"
