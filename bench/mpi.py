@@ -1,0 +1,148 @@
+"""Checkpoint and restore of a 4-rank MPI job, beside one process holding the same memory.
+
+    cd /work/main
+    PYTHONPATH=. python3 bench/mpi.py [--mpi mpich|openmpi] [--per-rank 256M] [--dir /var/tmp]
+
+Needs root, the native parts built (scripts/setup.sh does it) and the MPI (scripts/setup.sh
+installs both).  The job is tests/workloads/mpi/ring.c under `hpccr run`: 4 ranks, each with
+two message buffers making --per-rank of memory, exchanging them around a ring.  It calls the
+engine API (dump(), restore_tree()), not the `hpccr` command, so Python start-up is not
+counted.  Printed, for the MPI job and for bench/workload.c holding the job's whole memory in
+one process: the frozen time and the total of a dump that leaves it running, of a dump that
+kills it, and the restore until the processes run again (the MPI job: until it prints its next
+step, so that all of it is known to run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import dump_restore  # noqa: E402 - bench/dump_restore.py, beside this file
+
+from hpccr.engine.dump import dump  # noqa: E402
+from hpccr.engine.restore import restore_tree  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RING = REPO / "tests" / "workloads" / "mpi" / "ring.c"
+RANKS = 4
+MPIS = {"mpich": ("mpicc.mpich", ["mpiexec.mpich", "-n", str(RANKS)]),
+        "openmpi": ("mpicc.openmpi", ["mpirun.openmpi", "--allow-run-as-root",
+                                      "--oversubscribe", "-np", str(RANKS)])}
+TIMEOUT = 300
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not condition():
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class MpiJob:
+    """The ring under `hpccr run`, its output in a log."""
+
+    def __init__(self, binary: str, launcher: list[str], per_rank: int, work: Path):
+        self.log = work / "job.log"
+        argv = [sys.executable, "-m", "hpccr", "run", "--", *launcher, binary, "100000000",
+                str(per_rank // 2)]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=out, start_new_session=True)
+        wait_for(lambda: self.pid_line() is not None, "hpccr run to start the job")
+        self.pid = int(self.pid_line())
+
+    def pid_line(self) -> str | None:
+        return next((line.split()[-1] for line in self.lines()
+                     if line.startswith("hpccr run: job pid ")), None)
+
+    def lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+    def steps(self) -> int:
+        return sum(line.startswith("STEP ") for line in self.lines())
+
+    def wait_steps(self, count: int) -> None:
+        wait_for(lambda: self.steps() >= count, f"{count} steps of the MPI job")
+
+
+def figures(label: str, run, kill, restore_s: float) -> str:
+    return (f"{label:34} {run.frozen_s * 1e3:9.0f} {run.dump_s * 1e3:9.0f} "
+            f"{kill.frozen_s * 1e3:9.0f} {kill.dump_s * 1e3:9.0f} {restore_s * 1e3:10.0f}")
+
+
+def bench_mpi(mpi: str, per_rank: int, work: Path) -> str:
+    compiler, launcher = MPIS[mpi]
+    binary = str(work / "ring")
+    subprocess.run([compiler, "-O2", "-o", binary, str(RING)], check=True)
+    job = MpiJob(binary, launcher, per_rank, work)
+    try:
+        job.wait_steps(2)
+        run = dump(job.pid, str(work / "run.img"), mode="running")
+        kill = dump(job.pid, str(work / "kill.img"), mode="kill")
+        job.proc.wait(timeout=TIMEOUT)
+        done = job.steps()
+        started = time.monotonic()
+        root = restore_tree(str(work / "kill.img"))
+        job.wait_steps(done + 1)
+        restore_s = time.monotonic() - started
+        os.kill(root, signal.SIGKILL)
+        os.waitpid(root, 0)
+    finally:
+        if job.proc.poll() is None:
+            os.killpg(job.proc.pid, signal.SIGKILL)
+            job.proc.wait()
+    return figures(f"{mpi}, {RANKS} ranks x {dump_restore.human(per_rank)}", run, kill,
+                   restore_s)
+
+
+def bench_single(size: int, work: Path) -> str:
+    exe = dump_restore.compile_workload(str(work))
+    w = dump_restore.Workload(exe, size, str(work / "single.log"))
+    try:
+        run = dump(w.pid, str(work / "single-run.img"), mode="running")
+        kill = dump(w.pid, str(work / "single-kill.img"), mode="kill")
+        w.killed_by_dump()
+        started = time.monotonic()
+        restore_tree(str(work / "single-kill.img"))
+        restore_s = time.monotonic() - started
+        w.restored()
+        answer = w.verify()
+    finally:
+        w.stop()
+    return figures(f"one process x {dump_restore.human(size)} ({answer})", run, kill, restore_s)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mpi", choices=sorted(MPIS), default="mpich")
+    parser.add_argument("--per-rank", type=dump_restore.parse_size, default="256M")
+    parser.add_argument("--dir", default="/var/tmp")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root")
+    work = Path(tempfile.mkdtemp(prefix="hpccr-bench-mpi-", dir=args.dir))
+    try:
+        (work / "mpi").mkdir()
+        rows = [bench_mpi(args.mpi, args.per_rank, work / "mpi"),
+                bench_single(RANKS * args.per_rank, work)]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'':34} {'run:frz':>9} {'run:tot':>9} {'kill:frz':>9} {'kill:tot':>9} "
+          f"{'restore':>10}   (ms; images in {args.dir}, {dump_restore.fs_type(args.dir)})")
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
