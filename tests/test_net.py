@@ -8,7 +8,8 @@ back reset with --tcp-close.
 
 Workloads: workloads/net_tcp.c v4|v6|mapped flight|halfclosed [inotify] (a tree: a server and
 its client, with a UDP pair), net_client.c ADDRESS PORT [SOURCE] [reset] (a client of the
-test's own server).  Each checks every byte received, its addresses and its options.
+test's own server), net_server.c ADDRESS (a server of the test's own client).  Each checks
+every byte received, its addresses and its options.
 """
 
 import errno
@@ -17,7 +18,7 @@ import socket
 import threading
 
 import pytest
-from harness import TIMEOUT, describe, pid_alive
+from harness import TIMEOUT, describe, pid_alive, wait_until
 from pyroute2 import IPRoute
 
 from hpccr.engine import netlock
@@ -94,28 +95,16 @@ def test_failed_dump_leaves_connections_working(tree_cr, tmp_path):
     workload.assert_passed()
 
 
-class Server:
-    """The test's own TCP server, outside the dumped tree: it accepts one client and, when told
-    to, exchanges CLIENT_TOTAL bytes each way with it (seeds 8 and 7, as net_client.c)."""
+class Peer:
+    """The test's end of a TCP connection with a workload: it exchanges CLIENT_TOTAL bytes each
+    way with it when told to (seeds 8 and 7, as net_client.c and net_server.c)."""
 
-    def __init__(self, address: str):
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        # Small, so that the client's bytes wait in both queues (accepted sockets inherit it).
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        self.listener.bind((address, 0))
-        self.listener.listen(1)
-        self.port = self.listener.getsockname()[1]
-        self.conn: socket.socket | None = None
+    def __init__(self, conn: socket.socket | None = None):
+        self.conn = conn
         self.errors: list[str] = []
 
-    def accept(self) -> None:
-        self.listener.settimeout(TIMEOUT)
-        self.conn, _ = self.listener.accept()
-        self.conn.setblocking(False)
-
     def send_some(self, data: bytes) -> int:
-        """Send without blocking what fits now (while the client is down: dropped by the
+        """Send without blocking what fits now (while the workload is down: dropped by the
         lock, retransmitted later); a reset here would be a failure."""
         try:
             return self.conn.send(data)
@@ -138,12 +127,34 @@ class Server:
                     break
                 got += chunk
         if bytes(got) != expected:
-            self.errors.append(f"received {len(got)} bytes, not the client's {len(expected)}")
+            self.errors.append(f"received {len(got)} bytes, not the {len(expected)} sent")
 
     def close(self) -> None:
-        for sock in (self.conn, self.listener):
-            if sock is not None:
-                sock.close()
+        if self.conn is not None:
+            self.conn.close()
+
+
+class Server(Peer):
+    """The test's own TCP server, outside the dumped tree, for one client."""
+
+    def __init__(self, address: str):
+        super().__init__()
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        # Small, so that the client's bytes wait in both queues (accepted sockets inherit it).
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        self.listener.bind((address, 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+
+    def accept(self) -> None:
+        self.listener.settimeout(TIMEOUT)
+        self.conn, _ = self.listener.accept()
+        self.conn.setblocking(False)
+
+    def close(self) -> None:
+        super().close()
+        self.listener.close()
 
 
 def stream(seed: int, size: int) -> bytes:
@@ -159,7 +170,7 @@ def stream(seed: int, size: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def client_streams() -> tuple[bytes, bytes]:
-    """(what the server sends, what the client sends)."""
+    """(what the server sends, what the client sends), as the workloads make them."""
     return stream(8, CLIENT_TOTAL), stream(7, CLIENT_TOTAL)
 
 
@@ -222,3 +233,43 @@ def test_local_address_gone(cr, tmp_path, leaving_address):
         workload.assert_passed()
     finally:
         server.close()
+
+
+def test_client_outside_the_job(cr, tmp_path, client_streams):
+    """The server is in the dumped tree, its client outside (the test): the server is dumped
+    (killed) while the client sends; after the restore every byte of both streams arrives, and
+    the listener accepts a new connection."""
+    from_server, to_server = client_streams
+    log, client = tmp_path / "net_server.log", Peer()
+
+    def port() -> int | None:
+        lines = log.read_text().splitlines() if log.exists() else []
+        return next((int(line.split()[1]) for line in lines if line.startswith("PORT ")), None)
+
+    def connect() -> None:  # the server prints its port, then waits for us before READY
+        wait_until(lambda: port() is not None, "the server's port")
+        conn = socket.socket()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        conn.connect(("127.0.0.1", port()))
+        conn.setblocking(False)
+        client.conn = conn
+
+    connecting = threading.Thread(target=connect)
+    connecting.start()
+    try:
+        workload = cr.start("net_server", "127.0.0.1")
+        connecting.join(TIMEOUT)
+        cr.dump_and_kill(workload, tmp_path / "img")
+        sent = client.send_some(to_server)  # without the lock: answered with a reset
+        exchange = threading.Thread(target=client.exchange, args=(to_server, from_server, sent))
+        exchange.start()
+        restore = cr.restore_in_background(tmp_path / "img")
+        exchange.join(TIMEOUT)
+        assert not client.errors, client.errors
+        socket.create_connection(("127.0.0.1", port()), timeout=TIMEOUT).close()
+        out, err = restore.communicate(timeout=TIMEOUT)
+        assert restore.returncode == 0, (out, err, workload.output())
+        workload.assert_passed()
+    finally:
+        connecting.join(TIMEOUT)
+        client.close()
