@@ -7,10 +7,12 @@ Workload: workloads/locks.c DIR (probe processes check every lock after the wind
 the flock lock is gone once the child unlocks its copy of the description).
 """
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
-from harness import describe
+from harness import describe, tree_of
 
 
 @pytest.fixture(params=["pid", "job"])
@@ -43,16 +45,18 @@ def test_locks_held_after_restore(tree_cr, tmp_path, mode):
 
 
 def test_restore_while_the_locks_are_held(tree_cr, tmp_path):
-    """A --leave-running dump of a job, restored while the original (whose pids are its own, in
+    """A --leave-stopped dump of a job, restored while the original (whose pids are its own, in
     its pid namespace) still holds its locks: the restore fails (19) naming a locked file; once
-    the original has ended the same image restores and passes."""
+    the original has gone on (SIGCONT) and ended, the same image restores and passes."""
     workload = start(tree_cr, "job", tmp_path)
     img = tmp_path / "img"
-    res = tree_cr.dump(workload, img, "--leave-running")
+    res = tree_cr.dump(workload, img, "--leave-stopped")
     assert res.returncode == 0, describe(res)
     failed = tree_cr.restore(img)
     message = tree_cr.assert_error(failed, 19)
     assert str(tmp_path) in message and "lock back" in message, message
+    for pid in tree_of(workload.pid):
+        os.kill(pid, signal.SIGCONT)
     assert workload.wait_exit() == 0, workload.output()
     workload.assert_passed()
     tree_cr.restore_and_pass(workload, img, passes=2)

@@ -10,11 +10,10 @@
  * reset: instead, its first read after the window must fail with ECONNRESET (the connection
  * was restored closed, as after a network failure).
  */
-#include "wl.h"
+#include "net.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
-#include <poll.h>
 #include <sys/socket.h>
 
 #define TOTAL (1 << 20)
@@ -38,13 +37,13 @@ int main(int argc, char **argv)
 	socklen_t server_len, source_len;
 	int reset = argc > 3 && !strcmp(argv[argc - 1], "reset");
 	const char *from = argc > 3 && !(argc == 4 && reset) ? argv[3] : NULL;
-	char *mine = malloc(TOTAL), *theirs = malloc(TOTAL), *got_buf = malloc(TOTAL);
-	size_t sent = 0, got = 0;
+	char *mine = malloc(TOTAL), *theirs = malloc(TOTAL);
+	size_t sent;
 	char c;
 	int fd;
 
 	if (argc < 3 || resolve(argv[1], argv[2], &server, &server_len)
-	    || (from && resolve(from, "0", &source, &source_len)) || !mine || !theirs || !got_buf) {
+	    || (from && resolve(from, "0", &source, &source_len)) || !mine || !theirs) {
 		fprintf(stderr, "usage: net_client ADDRESS PORT [SOURCE] [reset]\n");
 		return 2;
 	}
@@ -54,15 +53,7 @@ int main(int argc, char **argv)
 	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &(int){ 64 << 10 }, sizeof(int)) || (from && bind(fd, (struct sockaddr *)&source, source_len))
 	    || connect(fd, (struct sockaddr *)&server, server_len))
 		wl_die("connect");
-	while (sent < TOTAL) {
-		ssize_t n = send(fd, mine + sent, TOTAL - sent, MSG_DONTWAIT);
-
-		if (n < 0 && errno == EAGAIN)
-			break;
-		if (n <= 0)
-			wl_die("send");
-		sent += n;
-	}
+	sent = net_fill(fd, mine, TOTAL);
 	wl_ready();
 	wl_sleep(WL_WINDOW_S);
 	if (reset) {
@@ -70,31 +61,6 @@ int main(int argc, char **argv)
 			 "the connection was not reset: %s", strerror(errno));
 		return wl_finish();
 	}
-	while (got < TOTAL || sent < TOTAL) {
-		struct pollfd p = { fd, (got < TOTAL ? POLLIN : 0) | (sent < TOTAL ? POLLOUT : 0), 0 };
-
-		if (poll(&p, 1, 30000) != 1) {
-			wl_fail("stuck after %zu bytes received, %zu sent", got, sent);
-			break;
-		}
-		if (p.revents & POLLOUT) {
-			ssize_t n = send(fd, mine + sent, TOTAL - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-
-			if (n > 0)
-				sent += n;
-		}
-		if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-			ssize_t n = recv(fd, got_buf + got, TOTAL - got, MSG_DONTWAIT);
-
-			if (n <= 0) {
-				wl_fail("receive after %zu bytes: %s", got,
-					n ? strerror(errno) : "end of file");
-				break;
-			}
-			got += n;
-		}
-	}
-	WL_CHECK(got == TOTAL && !memcmp(got_buf, theirs, TOTAL),
-		 "the %zu bytes received differ from those the server sent", got);
+	net_exchange(fd, mine, theirs, TOTAL, sent, "client");
 	return wl_finish();
 }

@@ -9,11 +9,10 @@
  * client, each stream wl_fill()ed from its own seed (the server's 8, the client's 7), and
  * checks them; then the listener accepts a second connection (it still listens).
  */
-#include "wl.h"
+#include "net.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
-#include <poll.h>
 #include <sys/socket.h>
 
 #define TOTAL (1 << 20)
@@ -23,11 +22,11 @@ int main(int argc, char **argv)
 	struct addrinfo hints = { .ai_flags = AI_NUMERICHOST | AI_NUMERICSERV }, *res;
 	struct sockaddr_storage self;
 	socklen_t len = sizeof(self);
-	char *mine = malloc(TOTAL), *theirs = malloc(TOTAL), *got_buf = malloc(TOTAL);
-	size_t sent = 0, got = 0;
+	char *mine = malloc(TOTAL), *theirs = malloc(TOTAL);
+	size_t sent;
 	int lsn, fd, second;
 
-	if (argc < 2 || getaddrinfo(argv[1], "0", &hints, &res) || !mine || !theirs || !got_buf) {
+	if (argc < 2 || getaddrinfo(argv[1], "0", &hints, &res) || !mine || !theirs) {
 		fprintf(stderr, "usage: net_server ADDRESS\n");
 		return 2;
 	}
@@ -42,43 +41,10 @@ int main(int argc, char **argv)
 	fd = accept(lsn, NULL, NULL);
 	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &(int){ 64 << 10 }, sizeof(int)))
 		wl_die("accept");
-	while (sent < TOTAL) {
-		ssize_t n = send(fd, mine + sent, TOTAL - sent, MSG_DONTWAIT);
-
-		if (n < 0 && errno == EAGAIN)
-			break;
-		if (n <= 0)
-			wl_die("send");
-		sent += n;
-	}
+	sent = net_fill(fd, mine, TOTAL);
 	wl_ready();
 	wl_sleep(WL_WINDOW_S);
-	while (got < TOTAL || sent < TOTAL) {
-		struct pollfd p = { fd, (got < TOTAL ? POLLIN : 0) | (sent < TOTAL ? POLLOUT : 0), 0 };
-
-		if (poll(&p, 1, 30000) != 1) {
-			wl_fail("stuck after %zu bytes received, %zu sent", got, sent);
-			break;
-		}
-		if (p.revents & POLLOUT) {
-			ssize_t n = send(fd, mine + sent, TOTAL - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-
-			if (n > 0)
-				sent += n;
-		}
-		if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-			ssize_t n = recv(fd, got_buf + got, TOTAL - got, MSG_DONTWAIT);
-
-			if (n <= 0) {
-				wl_fail("receive after %zu bytes: %s", got,
-					n ? strerror(errno) : "end of file");
-				break;
-			}
-			got += n;
-		}
-	}
-	WL_CHECK(got == TOTAL && !memcmp(got_buf, theirs, TOTAL),
-		 "the %zu bytes received differ from those the client sent", got);
+	net_exchange(fd, mine, theirs, TOTAL, sent, "server");
 	second = accept(lsn, NULL, NULL);
 	WL_CHECK(second >= 0, "the listener accepts no more: %s", strerror(errno));
 	return wl_finish();

@@ -22,13 +22,13 @@
  * that connection, then fails (inotify is not supported), and must leave everything working.
  */
 #include "tree.h"
+#include "net.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/ip.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <sys/inotify.h>
 #include <sys/socket.h>
 
@@ -136,59 +136,6 @@ static void check_names(int fd, const struct names *before, const char *who)
 	WL_CHECK(!memcmp(&now, before, sizeof(now)), "%s: its addresses changed", who);
 }
 
-/* Send without blocking until the queues are full; returns the bytes sent. */
-static size_t fill(int fd)
-{
-	size_t sent = 0;
-
-	for (;;) {
-		ssize_t n = send(fd, mine + sent, TOTAL - sent, MSG_DONTWAIT);
-
-		if (n < 0 && errno == EAGAIN)
-			return sent;
-		if (n <= 0)
-			wl_die("send");
-		sent += n;
-	}
-}
-
-/* Send the rest of TOTAL from `sent` while receiving all TOTAL of the peer's bytes. */
-static void exchange(int fd, size_t sent, const char *who)
-{
-	size_t got = 0;
-	char *buf = malloc(TOTAL);
-
-	if (!buf)
-		wl_die("malloc");
-	while (got < TOTAL || sent < TOTAL) {
-		struct pollfd p = { fd, (got < TOTAL ? POLLIN : 0) | (sent < TOTAL ? POLLOUT : 0), 0 };
-
-		if (poll(&p, 1, 30000) != 1) {
-			wl_fail("%s: stuck after %zu bytes received, %zu sent", who, got, sent);
-			break;
-		}
-		if (p.revents & POLLOUT) {
-			ssize_t n = send(fd, mine + sent, TOTAL - sent, MSG_DONTWAIT);
-
-			if (n > 0)
-				sent += n;
-		}
-		if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-			ssize_t n = recv(fd, buf + got, TOTAL - got, MSG_DONTWAIT);
-
-			if (n <= 0) {
-				wl_fail("%s: receive after %zu bytes: %s", who, got,
-					n ? strerror(errno) : "end of file");
-				break;
-			}
-			got += n;
-		}
-	}
-	WL_CHECK(got == TOTAL && !memcmp(buf, theirs, TOTAL), "%s: the %zu bytes received differ "
-		 "from those sent", who, got);
-	free(buf);
-}
-
 /* Read exactly `len` bytes, then expect end of file. */
 static void read_to_end(int fd, const char *expect, size_t len, const char *who)
 {
@@ -293,7 +240,7 @@ int main(int argc, char **argv)
 			if (send(fd, mine, HALF, 0) != HALF || shutdown(fd, SHUT_WR))
 				wl_die("send");
 		} else {
-			sent = fill(fd);
+			sent = net_fill(fd, mine, TOTAL);
 		}
 		tree_ready();
 		wl_sleep(WL_WINDOW_S);
@@ -310,7 +257,7 @@ int main(int argc, char **argv)
 			WL_CHECK(send(fd, "x", 1, MSG_NOSIGNAL) < 0 && errno == EPIPE,
 				 "client: could send after its shutdown");
 		} else {
-			exchange(fd, sent, "client");
+			net_exchange(fd, mine, theirs, TOTAL, sent, "client");
 		}
 		tree_exit();
 	}
@@ -328,7 +275,7 @@ int main(int argc, char **argv)
 		if (send(conn, mine, HALF, 0) != HALF)
 			wl_die("send");
 	} else {
-		root_sent = fill(conn);
+		root_sent = net_fill(conn, mine, TOTAL);
 	}
 	tree_wait_ready(1);
 	wl_sleep(WL_WINDOW_S);
@@ -348,7 +295,7 @@ int main(int argc, char **argv)
 		if (send(conn, mine + HALF, MORE, 0) != MORE)
 			wl_die("send");
 	} else {
-		exchange(conn, root_sent, "root");
+		net_exchange(conn, mine, theirs, TOTAL, root_sent, "root");
 	}
 	close(conn);
 	second = tree_fork("second");
