@@ -64,20 +64,20 @@ def status(pid: int, tid: int | None = None) -> dict[str, str]:
     return out
 
 
-def stat(pid: int) -> list[str]:
-    """Fields of /proc/PID/stat, 1-based as in proc(5) (index 0 is unused)."""
-    with open(path(pid, "stat")) as f:
+def stat(pid: int, tid: int | None = None) -> list[str]:
+    """Fields of /proc/PID/stat (of thread `tid`'s own with one), 1-based as in proc(5) (index 0
+    is unused)."""
+    with open(path(pid, "task", str(tid), "stat") if tid else path(pid, "stat")) as f:
         data = f.read()
     head, _, rest = data.rpartition(")")
     pid_field, _, comm = head.partition(" (")
     return ["", pid_field, comm] + rest.split()
 
 
-def thread_state(pid: int, tid: int) -> str | None:
-    """The state letter of thread `tid` of `pid` (proc(5)), None once it is gone."""
+def state(pid: int, tid: int | None = None) -> str | None:
+    """The state letter of `pid` (of its thread `tid`) as proc(5) gives it, None once gone."""
     try:
-        with open(path(pid, "task", str(tid), "stat")) as f:
-            return f.read().rpartition(")")[2].split()[0]
+        return stat(pid, tid)[3]
     except OSError:
         return None
 

@@ -222,9 +222,9 @@ def _plan_sessions(tasks: dict[int, Task], root: Task, pidns: bool) -> None:
 
 
 def restore(directory: str, detach: bool = False, pidfile: str | None = None,
-            user: User | None = None, tcp_close: bool = False) -> int:
+            user: User | None = None) -> int:
     """Restore the image; returns the restored root process's exit status (0 with `detach`)."""
-    root = restore_tree(directory, user, tcp_close)
+    root = restore_tree(directory, user)
     if pidfile:
         with open(pidfile, "w") as f:
             f.write(f"{root}\n")

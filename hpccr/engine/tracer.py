@@ -161,7 +161,7 @@ def wait_stopped_again(pid: int, tids: list[int], timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     pending = list(tids)
     while pending and time.monotonic() < deadline:
-        pending = [t for t in pending if procfs.thread_state(pid, t) in ("R", "D")]
+        pending = [t for t in pending if procfs.state(pid, t) in ("R", "D")]
         if pending:
             time.sleep(0.001)
 

@@ -43,14 +43,6 @@ def _namespaces(pid: int) -> dict[str, str]:
 ENDED = ("Z", "X", None)  # zombie, dead, gone
 
 
-def _state(pid: int) -> str | None:
-    """The state letter of `pid` (proc(5)), None once it is gone."""
-    try:
-        return procfs.stat(pid)[3]
-    except OSError:
-        return None
-
-
 def exit_status(pid: int) -> int:
     """The wait status a zombie's parent will get (proc(5) stat field 52)."""
     return int(procfs.stat(pid)[52])
@@ -91,7 +83,7 @@ class FrozenTree:
                 if pid in self.frozen or pid in self.zombies:
                     continue
                 if pid == self.root:
-                    if _state(pid) in ("Z", "X"):
+                    if procfs.state(pid) in ("Z", "X"):
                         raise OSError(errno.ESRCH, f"process {pid} is a zombie")
                 elif self._ended(pid):
                     continue
@@ -113,7 +105,7 @@ class FrozenTree:
     def _ended(self, pid: int) -> bool:
         """Has `pid` ended?  A zombie is recorded as one; a process gone altogether (its parent
         does not wait for children) is left out."""
-        state = _state(pid)
+        state = procfs.state(pid)
         if state == "Z":
             self.zombies.append(pid)
         return state in ENDED

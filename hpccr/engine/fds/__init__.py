@@ -2,7 +2,8 @@
 
 A kind module has
 - ``NAME``, and ``FIELDS``: the schema (hpccr.image.schema) of the fields it adds to an fd entry;
-- ``recognise(link, st) -> bool``: is this descriptor of that kind (mutually exclusive);
+- ``recognise(link, st, state) -> bool``: is this descriptor of that kind (mutually exclusive);
+  ``state`` as for dump: sockets are looked up in the kernel's tables, read once per dump;
 - ``dump(pid, fd, link, st, state) -> dict``: its fields, read while the processes are frozen;
   ``state`` (DumpState) is shared by the whole dump: the image writer, ghost files, the pids
   being dumped;
@@ -96,7 +97,7 @@ def dump_fds(pid: int, state: DumpState) -> list[dict]:
             info = procfs.fdinfo(pid, fd)
         except FileNotFoundError:
             continue  # closed meanwhile (cannot happen while frozen, but for other threads)
-        kind = next((k for k in KINDS.values() if k.recognise(link, st)), None)
+        kind = next((k for k in KINDS.values() if k.recognise(link, st, state)), None)
         if kind is None:
             raise UnsupportedResource(
                 f"process {pid} fd {fd} is {describe(link)}: not supported yet")

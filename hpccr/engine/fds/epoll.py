@@ -37,7 +37,7 @@ KCMP_EPOLL_SLOT = struct.Struct("<III")  # efd, tfd, toff
 _TARGET = re.compile(r"tfd:\s*(\d+)\s+events:\s*([0-9a-f]+)\s+data:\s*([0-9a-f]+)")
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     return link == LINK
 
 

@@ -15,7 +15,7 @@ FIELDS = {"count": U64, "semaphore": bool}
 MAX_COUNT = (1 << 64) - 2  # the kernel's limit for the counter
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     return link == LINK
 
 

@@ -123,8 +123,15 @@ def _diag() -> dict[int, dict]:
     return table
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
-    return stat.S_ISSOCK(st.st_mode) and st.st_ino in _diag()
+def recognise(link: str, st: os.stat_result, state) -> bool:
+    return stat.S_ISSOCK(st.st_mode) and st.st_ino in _view(state).table
+
+
+def _view(state) -> View:
+    """The dump's View (its lock taken), made on first use."""
+    if state.inet is None:
+        state.inet = View(state.pids)
+    return state.inet
 
 
 class View:
@@ -230,9 +237,7 @@ def _options(sock: socket.socket, family: int, proto: int) -> dict:
 
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
-    if state.inet is None:
-        state.inet = View(state.pids)
-    view = state.inet
+    view = _view(state)
     s = view.table[st.st_ino]
     family, proto = FAMILIES[s["family"]], PROTOCOLS[s["proto"]]
     entry = {"socket": st.st_ino, "family": family, "proto": proto, "local": None,

@@ -49,7 +49,7 @@ def _memfd_device() -> int:
         os.close(fd)
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     return (stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and link.startswith(PREFIX)
             and link.endswith(DELETED) and st.st_dev == _memfd_device())
 

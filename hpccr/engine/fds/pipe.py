@@ -38,7 +38,7 @@ STDIO = {0: " (stdin)", 1: " (stdout)", 2: " (stderr)"}
 SPLICE_F_NONBLOCK = 2
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     return stat.S_ISFIFO(st.st_mode)
 
 

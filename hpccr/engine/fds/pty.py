@@ -38,7 +38,7 @@ WINSIZE = struct.Struct("4H")
 UINT = struct.Struct("I")
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     if not stat.S_ISCHR(st.st_mode):
         return False
     device = (os.major(st.st_rdev), os.minor(st.st_rdev))

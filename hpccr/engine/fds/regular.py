@@ -16,8 +16,8 @@ SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/uran
 DELETED = " (deleted)"
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
-    if link.startswith("anon_inode:") or memfd.recognise(link, st):
+def recognise(link: str, st: os.stat_result, state) -> bool:
+    if link.startswith("anon_inode:") or memfd.recognise(link, st, state):
         return False  # eventfd & co., whatever mode the kernel gives their inode; memfds
     return (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
             or (stat.S_ISCHR(st.st_mode) and link in SAFE_DEVICES))

@@ -18,7 +18,7 @@ LINK = "anon_inode:[signalfd]"
 FIELDS = {"sigmask": U64}  # bit n-1 set: signal n is reported
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     return link == LINK
 
 

@@ -47,7 +47,7 @@ NS = 1_000_000_000
 _TIMESPEC = re.compile(r"\((-?\d+), (\d+)\)")
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     return link == LINK
 
 

@@ -14,7 +14,7 @@ TTY_MAJORS = (4,)  # /dev/ttyN; /dev/pts/N are pty.py's (as terminals, when outs
 TTY_DEVICES = ("/dev/tty", "/dev/console")
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
+def recognise(link: str, st: os.stat_result, state) -> bool:
     return stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev) in TTY_MAJORS
                                          or link in TTY_DEVICES)
 

@@ -129,8 +129,15 @@ def _diag() -> dict[int, dict]:
     return table
 
 
-def recognise(link: str, st: os.stat_result) -> bool:
-    return stat.S_ISSOCK(st.st_mode) and st.st_ino in _diag()
+def recognise(link: str, st: os.stat_result, state) -> bool:
+    return stat.S_ISSOCK(st.st_mode) and st.st_ino in _view(state).table
+
+
+def _view(state) -> View:
+    """The dump's View, made on first use."""
+    if state.unix is None:
+        state.unix = View(state.pids)
+    return state.unix
 
 
 class View:
@@ -262,9 +269,7 @@ def _peer_pid(sock: socket.socket, pidns: bool) -> int | None:
 
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
-    if state.unix is None:
-        state.unix = View(state.pids)
-    view = state.unix
+    view = _view(state)
     ino = st.st_ino
     s = view.table[ino]
     kind, where = TYPES.get(s["type"]), STATES.get(s["state"])
