@@ -20,7 +20,6 @@ judges only its own tables.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import ipaddress
 import json
@@ -33,50 +32,44 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
 from pyroute2.netlink.nfnetlink.nftsocket import (
-    NFPROTO_INET,
     NFPROTO_IPV4,
     NFPROTO_IPV6,
-    NFT_MSG_DELTABLE,
-    NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWTABLE,
-    Cmp,
     Meta,
-    Regs,
-    nft_chain_msg,
     nft_rule_msg,
     nft_table_msg,
 )
-from pyroute2.nftables.expressions import genex, verdict
+from pyroute2.nftables.expressions import verdict
 from pyroute2.nftables.main import NFTables
 
 from hpccr.engine import procfs
-from hpccr.errors import DumpFailed, HpccrError
+from hpccr.engine.nftables import (
+    APPEND,
+    CREATE,
+    NF_DROP,
+    chain_message,
+    delete_table,
+    load_and_compare,
+    message,
+    netfilter,
+    payload_equals,
+    table_names,
+    transaction,
+)
+from hpccr.errors import DumpFailed
 
 REGISTRY_DIR = "/run/hpccr/netlocks"
 TABLE_PREFIX = "hpccr_lock_"
 ID_PATTERN = re.compile(r"[0-9a-f]{8}")
 PRIORITY_RAW = -300  # before conntrack (-200): a dropped packet leaves no trace there either
 HOOKS = {"input": 1, "output": 3}  # NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT
-NF_DROP, NF_ACCEPT = 0, 1
-BATCH_BEGIN, BATCH_END = 0x10, 0x11  # NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END
-CREATE = NLM_F_CREATE | NLM_F_EXCL  # a new table or chain: fail if one of that name exists
-APPEND = NLM_F_CREATE | NLM_F_APPEND  # a rule, after the chain's others
 NETWORK_HEADER, TRANSPORT_HEADER = 1, 2  # NFT_PAYLOAD_NETWORK_HEADER, ..._TRANSPORT_HEADER
 # By address length: the netfilter protocol, and the offsets of saddr and daddr in its header.
 NFPROTO = {4: NFPROTO_IPV4, 16: NFPROTO_IPV6}
 ADDRESS_OFFSETS = {4: (12, 16), 16: (8, 24)}
 SPORT_OFFSET, DPORT_OFFSET = 0, 2
-SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
-DEFAULT_BUFFER = 1 << 20  # pyroute2's
-# Socket buffer room per message of a transaction: a rule takes under 700 bytes, the answer
-# to it under 4 KiB in the kernel's accounting (an error answer quotes the message).
-SEND_ROOM, ANSWER_ROOM = 1024, 4096
-MISSING = (errno.EINVAL, errno.EOPNOTSUPP)  # nfnetlink's answers when nf_tables is absent
 ENDED = ("Z", "X")  # a zombie owner is gone too: it will never lift its lock
 
 
@@ -106,14 +99,15 @@ def lock(connections: list[Connection]) -> str:
             "connections": [asdict(connection) for connection in connections],
         })
         try:
-            with _netfilter("cannot lock the TCP connections", DumpFailed) as nft:
-                _transaction(nft, [
-                    _message(nft_table_msg, NFT_MSG_NEWTABLE,
-                             {"name": table, "userdata": registry}, CREATE),
-                    *(_chain_message(table, chain) for chain in HOOKS),
-                    *(_message(nft_rule_msg, NFT_MSG_NEWRULE,
-                               {"table": table, "chain": chain, "expressions": expressions},
-                               APPEND)
+            with netfilter("cannot lock the TCP connections", DumpFailed) as nft:
+                transaction(nft, [
+                    message(nft_table_msg, NFT_MSG_NEWTABLE,
+                            {"name": table, "userdata": registry}, CREATE),
+                    *(chain_message(table, chain, hook, PRIORITY_RAW)
+                      for chain, hook in HOOKS.items()),
+                    *(message(nft_rule_msg, NFT_MSG_NEWRULE,
+                              {"table": table, "chain": chain, "expressions": expressions},
+                              APPEND)
                       for chain, expressions in rules),
                 ])
         except BaseException:
@@ -126,7 +120,7 @@ def unlock(lock_id: str) -> None:
     """Lift a lock: its table, then its record.  An unknown or lifted id is no error."""
     if not ID_PATTERN.fullmatch(lock_id):
         return
-    with _registry() as registry, _netfilter(f"cannot lift network lock {lock_id}") as nft:
+    with _registry() as registry, netfilter(f"cannot lift network lock {lock_id}") as nft:
         _lift(nft, registry, lock_id)
 
 
@@ -154,7 +148,7 @@ def lift_stale() -> list[str]:
     here), and so are the tables of other registries.
     """
     lifted = []
-    with _registry() as registry, _netfilter("cannot lift stale network locks") as nft:
+    with _registry() as registry, netfilter("cannot lift stale network locks") as nft:
         tables = _tables(nft)
         own_tables = {lock_id for lock_id, owner in tables.items() if owner == registry}
         records = {lock_id: _read_record(registry, lock_id) for lock_id in _record_ids(registry)}
@@ -173,7 +167,7 @@ def lift_stale() -> list[str]:
 
 def held() -> list[str]:
     """Ids of the locks present in this network namespace (their tables)."""
-    with _netfilter("cannot list network locks") as nft:
+    with netfilter("cannot list network locks") as nft:
         return sorted(_tables(nft))
 
 
@@ -255,90 +249,19 @@ def _write_record(registry: str, lock_id: str, record: dict) -> None:
         raise
 
 
+def _tables(nft: NFTables) -> dict[str, str | None]:
+    """The lock tables in this network namespace: id -> the registry the table names."""
+    return {name.removeprefix(TABLE_PREFIX): registry
+            for name, registry in table_names(nft, TABLE_PREFIX).items()}
+
+
 def _lift(nft: NFTables, registry: str, lock_id: str) -> None:
-    try:
-        _transaction(nft, [_message(nft_table_msg, NFT_MSG_DELTABLE,
-                                    {"name": TABLE_PREFIX + lock_id})])
-    except NetlinkError as exc:
-        if exc.code != errno.ENOENT:
-            raise
+    delete_table(nft, TABLE_PREFIX + lock_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_record_path(registry, lock_id))
 
 
-# --- nftables through netlink
-
-
-@contextlib.contextmanager
-def _netfilter(what: str, error: type[HpccrError] = HpccrError) -> Iterator[NFTables]:
-    """An nftables netlink socket that netfilter answers; a failure in the block becomes
-    `error`, one line saying `what`.
-
-    A batch that netfilter refuses whole (no nf_tables, no CAP_NET_ADMIN) is answered only to
-    its begin message, which pyroute2 does not wait for: it would wait forever for the others.
-    A dump is answered with the error, so one is made first.
-    """
-    try:
-        nft = NFTables(nfgen_family=NFPROTO_INET)
-    except OSError as exc:
-        raise error(f"{what}: no netfilter netlink socket: {exc.strerror}") from exc
-    try:
-        nft.get_tables()
-        yield nft
-    except NetlinkError as exc:
-        hint = " (is nf_tables available?)" if exc.code in MISSING else ""
-        raise error(f"{what}: nftables: {os.strerror(exc.code)}{hint}") from exc
-    except OSError as exc:
-        raise error(f"{what}: {exc.strerror}") from exc
-    finally:
-        nft.close()
-
-
-def _tables(nft: NFTables) -> dict[str, str | None]:
-    """The lock tables in this network namespace: id -> the registry the table names."""
-    tables = {}
-    for table in nft.get_tables():
-        name = table.get_attr("NFTA_TABLE_NAME")
-        if name.startswith(TABLE_PREFIX):
-            tables[name.removeprefix(TABLE_PREFIX)] = table.get_attr("NFTA_TABLE_USERDATA")
-    return tables
-
-
-def _transaction(nft: NFTables, messages: list) -> None:
-    """Send `messages` as one nftables transaction: the kernel applies all of them or none.
-
-    The kernel takes the batch as one datagram and queues the answer to every message before
-    pyroute2 reads any: both socket buffers must hold them all, or the send fails (EMSGSIZE) or
-    answers are lost and pyroute2 waits for them forever.
-    """
-    nft.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, DEFAULT_BUFFER + len(messages) * SEND_ROOM)
-    nft.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, DEFAULT_BUFFER + len(messages) * ANSWER_ROOM)
-    nft.nlm_request_batch([_batch_marker(BATCH_BEGIN), *messages, _batch_marker(BATCH_END)])
-
-
-def _batch_marker(kind: int) -> nfgen_msg:
-    marker = nfgen_msg()
-    marker["res_id"] = NFNL_SUBSYS_NFTABLES
-    marker["header"]["type"] = kind
-    marker["header"]["flags"] = NLM_F_REQUEST
-    return marker
-
-
-def _message(msg_class: type, kind: int, attrs: dict, flags: int = 0):
-    """One request of a transaction, acknowledged so that its error (if any) is read."""
-    msg = msg_class()
-    msg["nfgen_family"] = NFPROTO_INET
-    msg["attrs"] = [(msg_class.name2nla(key), value) for key, value in attrs.items()]
-    msg["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | kind
-    msg["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | flags
-    return msg
-
-
-def _chain_message(table: str, chain: str):
-    hook = {"attrs": [("NFTA_HOOK_HOOKNUM", HOOKS[chain]), ("NFTA_HOOK_PRIORITY", PRIORITY_RAW)]}
-    return _message(nft_chain_msg, NFT_MSG_NEWCHAIN, {
-        "table": table, "name": chain, "hook": hook, "policy": NF_ACCEPT, "type": "filter",
-    }, CREATE)
+# --- the lock's rules
 
 
 def _drop_rules(connection: Connection) -> list[tuple[str, list]]:
@@ -367,24 +290,11 @@ def _tcp_match(source: bytes, sport: int, destination: bytes, dport: int) -> lis
     """Expressions dropping the TCP packets from source:sport to destination:dport."""
     saddr_offset, daddr_offset = ADDRESS_OFFSETS[len(source)]
     return [
-        *_load_and_compare("meta", {"key": Meta.NFT_META_NFPROTO}, bytes([NFPROTO[len(source)]])),
-        *_load_and_compare("meta", {"key": Meta.NFT_META_L4PROTO}, bytes([socket.IPPROTO_TCP])),
-        *_payload_equals(NETWORK_HEADER, saddr_offset, source),
-        *_payload_equals(NETWORK_HEADER, daddr_offset, destination),
-        *_payload_equals(TRANSPORT_HEADER, SPORT_OFFSET, sport.to_bytes(2, "big")),
-        *_payload_equals(TRANSPORT_HEADER, DPORT_OFFSET, dport.to_bytes(2, "big")),
+        *load_and_compare("meta", {"key": Meta.NFT_META_NFPROTO}, bytes([NFPROTO[len(source)]])),
+        *load_and_compare("meta", {"key": Meta.NFT_META_L4PROTO}, bytes([socket.IPPROTO_TCP])),
+        *payload_equals(NETWORK_HEADER, saddr_offset, source),
+        *payload_equals(NETWORK_HEADER, daddr_offset, destination),
+        *payload_equals(TRANSPORT_HEADER, SPORT_OFFSET, sport.to_bytes(2, "big")),
+        *payload_equals(TRANSPORT_HEADER, DPORT_OFFSET, dport.to_bytes(2, "big")),
         *verdict(NF_DROP),
-    ]
-
-
-def _payload_equals(base: int, offset: int, value: bytes) -> list:
-    return _load_and_compare("payload", {"base": base, "offset": offset, "len": len(value)}, value)
-
-
-def _load_and_compare(expression: str, load: dict, value: bytes) -> list:
-    """Load into register 1 with `expression`, go on only if it holds `value`."""
-    return [
-        genex(expression, {**load, "dreg": Regs.NFT_REG_1}),
-        genex("cmp", {"sreg": Regs.NFT_REG_1, "op": Cmp.NFT_CMP_EQ,
-                      "data": {"attrs": [("NFTA_DATA_VALUE", value)]}}),
     ]
