@@ -160,10 +160,14 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
         supervision = None if detach else Supervision(checkpoints)
         if tcp_close is None:
             tcp_close = config.load().tcp_close
-        root = restore_tree(directory, user, tcp_close)
+        root, network = restore_tree(directory, user, tcp_close)
         checkpoints.notify("restored", path=str(resolve(directory)))
         write_pid(root)
-    sys.exit(supervision.run(root) if supervision else 0)
+    if supervision is None:
+        if network is not None:
+            network.release()  # the job holds it; lift_stale removes it after the job
+        sys.exit(0)
+    sys.exit(supervision.run(root, network))
 
 
 def _events(fd: int | None):
@@ -232,15 +236,20 @@ def check(as_json: bool) -> None:
 @click.option("-D", "--images-dir", "directory", type=click.Path(),
               help="Directory for the job's checkpoints (one sub-directory each, and 'latest').")
 @click.option("--pidfile", type=click.Path(), help="Write the job's pid (its hpccr-init) here.")
+@click.option("--network", type=click.Choice(["own", "host"]), default=None,
+              help="own: the job gets a network namespace, address and host name of its own, "
+                   "which stay the same on whatever node it is restored; host: the node's "
+                   "network (a job holding sockets then restores only on this node).  "
+                   "Default: the site's job_network (own).")
 @supervision_options
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run(directory: str | None, pidfile: str | None, interval: int | None, keep: int,
-        stop_signals: tuple[int, ...], events_fd: int | None, user_spec: str | None,
+def run(directory: str | None, pidfile: str | None, network: str | None, interval: int | None,
+        keep: int, stop_signals: tuple[int, ...], events_fd: int | None, user_spec: str | None,
         command: tuple[str, ...]) -> None:
     """Run COMMAND as a job in its own pid namespace, so that its checkpoints can always be
     restored with the same pids; exit with its status.  Put `--` before COMMAND."""
     from hpccr.image.series import Series
-    from hpccr.run import Checkpoints, Supervision, start_job
+    from hpccr.run import Checkpoints, Supervision, new_network, start_job
 
     if (interval or stop_signals) and not directory:
         raise click.UsageError("--interval and --checkpoint-on need -D/--images-dir")
@@ -249,10 +258,16 @@ def run(directory: str | None, pidfile: str | None, interval: int | None, keep: 
     user = _act_for(user_spec)
     with _pidfile_for(pidfile) as write_pid:
         supervision = Supervision(checkpoints)
-        pid = start_job(list(command), user)
+        job_network = new_network(network)
+        try:
+            pid = start_job(list(command), user, network=job_network)
+        except BaseException:
+            if job_network is not None:
+                job_network.remove()
+            raise
         click.echo(f"hpccr run: job pid {pid}", err=True)
         write_pid(pid)
-    sys.exit(supervision.run(pid))
+    sys.exit(supervision.run(pid, job_network))
 
 
 # --- Slurm ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ Anything wrong raises ConfigError with one line naming the file or variable.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass
@@ -26,9 +27,12 @@ DEFAULTS = {
     "log_dir": "/var/log/hpccr",
     "run_dir": "/run/hpccr",
     "tcp_close": False,
+    "job_network": "own",
+    "job_subnet": "10.199.0.0/16",
     "hooks": {event: [] for event in HOOK_EVENTS},
 }
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+NETWORKS = ("own", "host")  # a job's network: its own namespace, or the node's
 MAX_GRACE = 65535  # Slurm's --signal=…@<time> limit
 
 
@@ -44,6 +48,8 @@ class Config:
     log_dir: Path
     run_dir: Path
     tcp_close: bool
+    job_network: str  # "own" or "host"
+    job_subnet: str
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
 
@@ -140,6 +146,16 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
         raise bad("keep", f"'keep' must be at least 1, not {values['keep']}")
     if not 1 <= values["grace"] <= MAX_GRACE:
         raise bad("grace", f"'grace' must be 1..{MAX_GRACE} seconds, not {values['grace']}")
+    if values["job_network"] not in NETWORKS:
+        raise bad("job_network", f"'job_network' must be one of {', '.join(NETWORKS)}, not "
+                  f"'{values['job_network']}'")
+    try:
+        subnet = ipaddress.IPv4Network(values["job_subnet"])
+    except ValueError:
+        raise bad("job_subnet", f"'job_subnet' must be an IPv4 network (a.b.c.d/n), not "
+                  f"'{values['job_subnet']}'") from None
+    if subnet.prefixlen > 30:
+        raise bad("job_subnet", f"'job_subnet' {subnet} is too small for jobs")
     for event, specs in values["hooks"].items():
         for spec in specs:
             module, _, attr = spec.partition(":")
@@ -148,4 +164,4 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
                           "\"module:function\"")
     return Config(Path(values["checkpoint_base"]), values["keep"], values["grace"],
                   Path(values["log_dir"]), Path(values["run_dir"]), values["tcp_close"],
-                  values["hooks"], source)
+                  values["job_network"], str(subnet), values["hooks"], source)

@@ -1,5 +1,5 @@
-"""`hpccr run`: start a job in its own pid, mount and IPC namespaces, and checkpoint it
-periodically.
+"""`hpccr run`: start a job in its own pid, mount and IPC namespaces (and network and UTS
+namespaces: engine/netns.py), and checkpoint it periodically.
 
 With stop signals (--checkpoint-on, e.g. the batch system's warning before a time limit or a
 preemption) the job is checkpointed one last time and stopped instead of being signalled.
@@ -20,6 +20,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from hpccr import config
+from hpccr.engine import netns
 from hpccr.engine.job import (
     FORWARDED,
     enter_job_namespaces,
@@ -39,20 +41,35 @@ def init_path() -> str:
     return str(resources.files("hpccr.native") / "hpccr-init")
 
 
+def new_network(choice: str | None, environ=os.environ) -> netns.JobNetwork | None:
+    """The network of a new job: its own ("own"), or the node's ("host": None).  `choice` None:
+    the site's job_network; the address comes from its job_subnet, at the Slurm job's id."""
+    if choice not in (None, *config.NETWORKS):
+        raise HpccrError(f"no such job network: {choice!r} (own or host)")
+    cfg = config.load()
+    if (choice or cfg.job_network) == "host":
+        return None
+    job_id = environ.get("SLURM_JOB_ID", "")
+    hint = int(job_id) if job_id.isdigit() else None
+    return netns.JobNetwork(netns.choose(cfg.job_subnet, hint,
+                                         f"job{job_id}" if hint is not None else None))
+
+
 def start_job(argv: list[str], user: User | None = None, env: dict[str, str] | None = None,
-              cwd: str | None = None) -> int:
+              cwd: str | None = None, network: netns.JobNetwork | None = None) -> int:
     """Start hpccr-init running `argv` as pid 1 of new namespaces (as `user`, in `cwd`, with
-    `env`, if given); returns its pid here.  hpccr itself stays outside and traces the job
-    from there."""
+    `env`, if given; in `network`, else in ours); returns its pid here.  hpccr itself stays
+    outside and traces the job from there."""
     if os.geteuid() != 0:
         raise HpccrError("hpccr run needs root for now (pid namespaces with exact pids)")
     init = init_path()
     rd, wr = os.pipe2(os.O_CLOEXEC)
-    pid = fork_into_new_pid_namespace()
+    pid = network.fork_inside(fork_into_new_pid_namespace) if network else \
+        fork_into_new_pid_namespace()
     if pid == 0:
         try:
             os.close(rd)
-            enter_job_namespaces()
+            enter_job_namespaces(network.spec if network else None)
             if user is not None:
                 user.become()
             if cwd is not None:
@@ -136,9 +153,9 @@ class Supervision:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signo)
 
-    def run(self, pid: int) -> int:
+    def run(self, pid: int, network: netns.JobNetwork | None = None) -> int:
         """The job's exit status, or STOPPED when a stop signal came and its final checkpoint
-        is complete."""
+        is complete.  The job's own `network` is removed when it has ended."""
         self.pid = pid
         for signo in self.early:
             os.kill(pid, signo)
@@ -164,6 +181,8 @@ class Supervision:
             os.close(pidfd)
             os.close(self.wake_rd)
             os.close(self.wake_wr)
+            if network is not None:
+                network.remove()
 
     def _stop(self) -> bool:
         with contextlib.suppress(BlockingIOError):

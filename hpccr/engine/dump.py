@@ -27,6 +27,7 @@ from hpccr.engine import (
     creds,
     fds,
     memory,
+    netns,
     posix_timers,
     prctls,
     procfs,
@@ -96,14 +97,32 @@ def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
     running while its pages are copied would gain it nothing."""
     assert mode in MODES
     check_target(pid)
+    network = _network(pid)
     clock = _Clock()
-    if mode == "running":
-        try:
-            return _dump(pid, directory, mode, clock, cow=True)
-        except snapshot.SnapshotLost as lost:
-            print(f"hpccr: warning: memory snapshot lost ({lost}); "
-                  "dumping again with the copy inside the freeze", file=sys.stderr)
-    return _dump(pid, directory, mode, clock, cow=False)
+    # Inside the job's network: its sockets are found and locked there (fds/inet.py).
+    with netns.entered_of(pid) if network else contextlib.nullcontext():
+        if mode == "running":
+            try:
+                return _dump(pid, directory, mode, clock, True, network)
+            except snapshot.SnapshotLost as lost:
+                print(f"hpccr: warning: memory snapshot lost ({lost}); "
+                      "dumping again with the copy inside the freeze", file=sys.stderr)
+        return _dump(pid, directory, mode, clock, False, network)
+
+
+def _network(pid: int) -> netns.Spec | None:
+    """The network of its own that the job of `pid` has (hpccr run), None if it has ours."""
+    try:
+        network = netns.of_process(pid)
+    except OSError as exc:
+        raise DumpFailed(f"cannot read the network of process {pid}: {exc.strerror}") from None
+    if network is None and not netns.shares_ours(pid):
+        raise UnsupportedResource(f"process {pid} lives in a network namespace that is not "
+                                  "an hpccr job's: it could not be made again")
+    if network is not None and not tree.own_pid_namespace(pid):
+        raise UnsupportedResource(f"process {pid} has a network namespace of its own but is not "
+                                  "the pid 1 of its job: dump the job's pid 1")
+    return network
 
 
 class _Clock:
@@ -129,7 +148,8 @@ class _Clock:
         return time.monotonic() - self.started
 
 
-def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> DumpResult:
+def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
+          network: netns.Spec | None) -> DumpResult:
     frozen = FrozenTree(root)
     clock.freeze()
     with _reading(root):
@@ -140,7 +160,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
     try:
         writer = ImageWriter(directory)
         ghosts = GhostWriter(writer)
-        fd_state = fds.DumpState(writer, ghosts, frozen.pids, ids.pidns)
+        fd_state = fds.DumpState(writer, ghosts, frozen.pids, ids.pidns, network is not None)
         procs, copies = [], []
         for pid in frozen.pids:
             if pid in frozen.zombies:
@@ -184,8 +204,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
             frozen.thaw()
             clock.thaw()
             fd_state.finish(None)
-        writer.write_json("image.json", _header(ids, procs, sysv_state, clock.frozen(),
-                                                  clock.total()))
+        writer.write_json("image.json", _header(ids, procs, sysv_state, network,
+                                                  clock.frozen(), clock.total()))
         path = writer.commit()
     except BaseException as exc:
         for reader in readers:
@@ -268,8 +288,8 @@ def _reading(pid: int):
         raise from_oserror(exc, f"dump of process {pid}") from exc
 
 
-def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None, frozen_s: float,
-            dump_s: float) -> dict:
+def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None,
+            network: netns.Spec | None, frozen_s: float, dump_s: float) -> dict:
     features = [p.pop("_xfeatures") for p in procs if "_xfeatures" in p]
     return {
         "format": "hpccr-image", "format_version": 1, "hpccr_version": hpccr.__version__,
@@ -277,6 +297,7 @@ def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None, frozen_s: flo
         "hostname": socket.gethostname(), "kernel": os.uname().release,
         "cpu": {"xfeatures": features[0][0], "xstate_size": features[0][1]},
         "root_pid": procs[0]["pid"], "pidns": ids.pidns, "sysv": sysv_state,
+        "network": network.to_image() if network else None,
         "timing": {"frozen_s": round(frozen_s, 6), "dump_s": round(dump_s, 6)},
         "processes": procs,
     }

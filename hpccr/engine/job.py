@@ -7,6 +7,7 @@ import os
 import signal
 
 from hpccr import native
+from hpccr.engine import netns
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID = 0x20000, 0x8000000, 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
@@ -14,17 +15,15 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
              signal.SIGCONT)
 
 
-def _mount(source: str, target: str, fstype: str, flags: int) -> None:
-    args = [native.ffi.new("char[]", s.encode()) if s else native.ffi.NULL
-            for s in (source, target, fstype)]
-    native.syscall("mount", *(int(native.ffi.cast("long", a)) for a in args), flags, 0)
-
-
-def enter_job_namespaces() -> None:
-    """In pid 1 of a new pid namespace: private mounts with its own /proc, own IPC namespace."""
+def enter_job_namespaces(network: netns.Spec | None) -> None:
+    """In pid 1 of a new pid namespace: private mounts with its own /proc, own IPC namespace;
+    with `network`, the job's host name (its network namespace is made by the parent, which
+    forks from inside it)."""
     native.syscall("unshare", CLONE_NEWNS | CLONE_NEWIPC)
-    _mount("", "/", "", MS_REC | MS_PRIVATE)
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    native.mount("", "/", "", MS_REC | MS_PRIVATE)
+    native.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if network is not None:
+        netns.enter(network)
 
 
 def fork_into_new_pid_namespace(fork=os.fork) -> int:

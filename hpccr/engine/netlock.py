@@ -139,6 +139,15 @@ def bind_to_image(lock_id: str, image_dir: str) -> None:
         _write_record(registry, lock_id, record)
 
 
+def forget(lock_id: str) -> None:
+    """Drop the record of a lock whose table goes with its network namespace (a killed job's
+    own network): nobody has to lift it."""
+    if not ID_PATTERN.fullmatch(lock_id):
+        return
+    with _registry() as registry, contextlib.suppress(FileNotFoundError):
+        os.unlink(_record_path(registry, lock_id))
+
+
 def lift_stale() -> list[str]:
     """Lift every lock of this network namespace that nobody will lift; returns their ids.
 

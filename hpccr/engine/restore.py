@@ -27,6 +27,7 @@ from hpccr.engine import (
     locks,
     memory,
     netlock,
+    netns,
     posix_timers,
     prctls,
     procfs,
@@ -233,8 +234,10 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None,
     return wait_for(root)
 
 
-def restore_tree(directory: str, user: User | None = None, tcp_close: bool = False) -> int:
-    """Restore the image and let it run; returns the restored root's pid (our child).
+def restore_tree(directory: str, user: User | None = None,
+                 tcp_close: bool = False) -> tuple[int, netns.JobNetwork | None]:
+    """Restore the image and let it run; returns the restored root's pid (our child), and the
+    network made for it (the job's own; None if it has ours), to be removed when it ends.
 
     The processes may have the credentials of the image's owner and no more — of `user`'s when
     root restores for a user — and anything for an image only root could have written.
@@ -250,11 +253,36 @@ def restore_tree(directory: str, user: User | None = None, tcp_close: bool = Fal
         user = User.owner_of(st)
     order = plan(reader, meta, trusted=user is None)
     pidns = meta.get("pidns", False)
+    spec = _network_spec(meta, pidns)
     preflight(reader, meta, order, pidns, user)
+    network = netns.JobNetwork(spec) if spec else None
+    try:
+        # Inside the job's network: its sockets are made there, and its first process forked.
+        with network.entered() if network else contextlib.nullcontext():
+            _bring_back(order, meta, pidns, tcp_close, network)
+    except BaseException:
+        if network is not None:
+            network.remove()
+        raise
+    return order[0].outer, network
+
+
+def _network_spec(meta: dict, pidns: bool) -> netns.Spec | None:
+    if meta["network"] is None:
+        return None
+    if not pidns:
+        raise ImageCorrupt("image.json: a network of its own for a job without its own pids "
+                           "(image corrupted)")
+    return netns.Spec.from_image(meta["network"])
+
+
+def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
+                network: netns.JobNetwork | None) -> None:
+    """Create the tasks, rebuild them and let them run; or leave nothing behind."""
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order], tcp_close)
     try:
         pool.open_all(in_job=not pidns)
-        spawn(order, pidns, pool, meta["sysv"])
+        spawn(order, pidns, pool, meta["sysv"], network)
         pool.close()
         try:
             for task in order:
@@ -299,7 +327,6 @@ def restore_tree(directory: str, user: User | None = None, tcp_close: bool = Fal
             task.ctx.ghosts.unlink_all()
     for lock in inet.locks_of(e for task in order for e in task.proc.get("fds", [])):
         netlock.unlock(lock)  # the connections are back: the network may move them again
-    return order[0].outer
 
 
 def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
@@ -335,15 +362,19 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
         sched.check(proc, trusted=user is None)
 
 
-def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | None) -> None:
+def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | None,
+          network: netns.JobNetwork | None = None) -> None:
     """Create every task with its saved pid, parents first, each with its descriptors, cwd,
     session and group; every task ends waiting in the stub.  With `pidns` the tree gets a new
     pid namespace (and mount and IPC namespaces, the latter with the saved SysV objects) with
-    its root as pid 1."""
+    its root as pid 1; and `network`, if the job had its own."""
     root = order[0]
     rd, wr = os.pipe2(os.O_CLOEXEC)
     try:
-        if pidns:
+        if network:
+            pid = network.fork_inside(
+                lambda: fork_into_new_pid_namespace(lambda: native.fork_with_pid(1)))
+        elif pidns:
             pid = fork_into_new_pid_namespace(lambda: native.fork_with_pid(1))
         else:
             pid = native.fork_with_pid(root.proc["pid"])
@@ -352,7 +383,8 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         os.close(wr)
         raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
-        _child(root, pool, wr, enter_namespaces=pidns, sysv_state=sysv_state)
+        _child(root, pool, wr, enter_namespaces=pidns, sysv_state=sysv_state,
+               network=network.spec if network else None)
     root.outer = pid
     os.close(wr)
     with os.fdopen(rd, "rb") as pipe:  # EOF once every task has exec'd the stub (or died)
@@ -503,14 +535,14 @@ def _become_zombie(task: Task) -> None:
 
 
 def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False,
-           sysv_state: dict | None = None) -> None:
+           sysv_state: dict | None = None, network: netns.Spec | None = None) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
     Never returns."""
     proc, ctx = task.proc, task.ctx
     errpipe = fcntl.fcntl(errpipe, fcntl.F_DUPFD_CLOEXEC, pool.base)
     try:
         if enter_namespaces:
-            enter_job_namespaces()
+            enter_job_namespaces(network)
             if sysv_state:
                 sysv.restore_namespace(sysv_state, task.ctx.reader)
             pool.open_all()  # what must be made inside the job's namespaces

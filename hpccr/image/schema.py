@@ -137,6 +137,7 @@ IMAGE = {
     "root_pid": int,
     "pidns": bool,
     "sysv": (SYSV, None),
+    "network": ({"address": str, "hostname": str}, None),
     "timing": {"frozen_s": float, "dump_s": float},
     "processes": [PROCESS],
 }

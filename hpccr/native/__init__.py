@@ -95,6 +95,12 @@ def syscall(name: str, *args: int) -> int:
     return ret
 
 
+def mount(source: str, target: str, fstype: str, flags: int) -> None:
+    """mount(2) without data; an empty `source` or `fstype` is passed as NULL."""
+    args = [ffi.new("char[]", s.encode()) if s else ffi.NULL for s in (source, target, fstype)]
+    syscall("mount", *(int(ffi.cast("long", a)) for a in args), flags, 0)
+
+
 def stub_path() -> str:
     """The static restore stub installed inside the package."""
     return str(resources.files("hpccr.native") / "hpccr-stub")

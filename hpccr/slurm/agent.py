@@ -201,7 +201,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
     the job for the user and be its parent until it ends; exits with its status."""
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
-    from hpccr.run import Checkpoints, Supervision, start_job
+    from hpccr.run import Checkpoints, Supervision, new_network, start_job
 
     try:
         for i, fd in enumerate(fds[:3]):
@@ -217,15 +217,21 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
                                   tuple(request["stop_signals"]), EventChannel(fds[3]))
         supervision = Supervision(checkpoints)
         if request["op"] == "run":
-            pid = start_job(request["argv"], user, request["env"], request["cwd"])
+            network = new_network(request["env"].get("HPCCR_JOB_NETWORK"), request["env"])
+            try:
+                pid = start_job(request["argv"], user, request["env"], request["cwd"], network)
+            except BaseException:
+                if network is not None:
+                    network.remove()
+                raise
         else:
-            pid = restore_tree(request["dir"], user, config.load().tcp_close)
+            pid, network = restore_tree(request["dir"], user, config.load().tcp_close)
         os.write(report_wr, json.dumps({"started": pid}).encode())
         os.close(report_wr)
         report_wr = -1
         if request["op"] == "restore":  # answered once the batch step knows it started
             checkpoints.notify("restored", path=str(resolve(request["dir"])))
-        status = supervision.run(pid)
+        status = supervision.run(pid, network)
     except HpccrError as exc:
         if report_wr >= 0:
             os.write(report_wr, json.dumps({"error": str(exc), "code": exc.exit_code}).encode())

@@ -64,11 +64,12 @@ def describe(link: str) -> str:
 class DumpState:
     """What the descriptor kinds share while one image is dumped."""
 
-    def __init__(self, writer, ghosts, pids, pidns: bool):
+    def __init__(self, writer, ghosts, pids, pidns: bool, own_network: bool = False):
         self.writer = writer
         self.ghosts = ghosts
         self.pids = set(pids)
         self.pidns = pidns  # the job has a pid namespace of its own: its pids are recorded
+        self.own_network = own_network  # the job has a network namespace of its own
         self.pipes: set[int] = set()  # pipes whose data an entry already carries
         self.unix = None  # unix.View of the dump's sockets, made on first use
         self.inet = None  # inet.View: network sockets, their copies and lock; on first use

@@ -130,7 +130,7 @@ def recognise(link: str, st: os.stat_result, state) -> bool:
 def _view(state) -> View:
     """The dump's View (its lock taken), made on first use."""
     if state.inet is None:
-        state.inet = View(state.pids)
+        state.inet = View(state.pids, state.own_network)
     return state.inet
 
 
@@ -138,7 +138,8 @@ class View:
     """The dump's view of network sockets: the kernel's table, a copy of every TCP connection
     of the dump (held until the dump ends), and the lock on them, taken before any is read."""
 
-    def __init__(self, pids):
+    def __init__(self, pids, own_network: bool):
+        self.own_network = own_network
         self.table = _diag()
         self.copies: dict[int, socket.socket] = {}
         self.lock: str | None = None
@@ -171,15 +172,18 @@ class View:
                 pass  # the image is complete: the kill must come, even if this one talks
 
     def finish(self, image: str | None) -> None:
-        """The dump is over: the lock goes with `image` (the job was killed), or is lifted."""
+        """The dump is over: the lock goes with `image` (the job was killed), or is lifted.
+        A killed job's own network goes with it, and its lock with that."""
         self.close()
         lock, self.lock = self.lock, None
         if lock is None:
             return
-        if image is not None:
-            netlock.bind_to_image(lock, image)
-        else:
+        if image is None:
             netlock.unlock(lock)
+        elif self.own_network:
+            netlock.forget(lock)
+        else:
+            netlock.bind_to_image(lock, image)
 
     def close(self) -> None:
         for sock in self.copies.values():

@@ -1,0 +1,292 @@
+"""A job's own network: a network namespace with loopback and one IPv4 address of the job's
+own, and a UTS namespace with a host name of its own that resolves to that address inside the
+job (a private /etc/hosts in the job's mount namespace).  The image records both, and a restore
+makes them again, on any node: MPI libraries write addresses and host names down at start.
+
+The job reaches the outside through a veth pair: ``eth0`` in the job, with the job's address
+(/32) and a default route through GATEWAY, a link-local address that the node's end of every
+job's pair holds; on the node, a route to the job's address through the node's end (named
+``hpccr-j<address in hex>``), and a NAT table ``hpccr_nat_<address in hex>`` masquerading what
+the job sends elsewhere.  The node forwards IPv4 (net.ipv4.ip_forward is turned on).  A process
+on the node reaches the job at its address.
+
+Nothing outlives the job: the kernel removes the veth pair (and its routes) with the job's
+namespace, whoever waits for the job removes both at its end, and ``lift_stale`` removes the
+NAT tables whose link is gone (before each new job network, and in the Slurm epilog).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import re
+import secrets
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFPROTO_IPV4,
+    NFT_MSG_NEWRULE,
+    NFT_MSG_NEWTABLE,
+    Cmp,
+    Meta,
+    nft_rule_msg,
+    nft_table_msg,
+)
+from pyroute2.nftables.expressions import masq
+
+from hpccr import native
+from hpccr.engine import nftables, procfs
+from hpccr.errors import HpccrError, ImageCorrupt
+
+CLONE_NEWNET, CLONE_NEWUTS = 0x40000000, 0x04000000
+NSTYPES = {"net": CLONE_NEWNET, "uts": CLONE_NEWUTS}
+MS_BIND = 0x1000
+GATEWAY = "169.254.1.1"
+JOB_LINK = "eth0"
+LINK_PREFIX = "hpccr-j"
+TABLE_PREFIX = "hpccr_nat_"
+POSTROUTING, PRIORITY_SRCNAT = 4, 100  # NF_INET_POST_ROUTING, NF_IP_PRI_NAT_SRC
+RT_SCOPE_LINK = 253
+IFNAMSIZ = 16
+SADDR_OFFSET = 12  # in the IPv4 header
+HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+ETC_HOSTS = "/etc/hosts"
+IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the job sees of its network: its address and its host name."""
+
+    address: str
+    hostname: str
+
+    def to_image(self) -> dict:
+        return {"address": self.address, "hostname": self.hostname}
+
+    @classmethod
+    def from_image(cls, saved: dict) -> Spec:
+        """The spec an image records, checked: images are untrusted input."""
+        try:
+            address = ipaddress.IPv4Address(saved["address"])
+        except ValueError:
+            raise ImageCorrupt(f"image.json: network.address: {saved['address']!r} is not an "
+                               "IPv4 address (image corrupted)") from None
+        if address.is_loopback or address.is_link_local or address.is_multicast or \
+                address.is_unspecified:
+            raise ImageCorrupt(f"image.json: network.address: {address} cannot be a job's "
+                               "address (image corrupted)")
+        if not HOSTNAME.fullmatch(saved["hostname"]):
+            raise ImageCorrupt(f"image.json: network.hostname: {saved['hostname']!r} is not a "
+                               "host name (image corrupted)")
+        return cls(str(address), saved["hostname"])
+
+
+def link_name(address: str) -> str:
+    return LINK_PREFIX + ipaddress.IPv4Address(address).packed.hex()
+
+
+def choose(subnet: str, hint: int | None = None, hostname: str | None = None) -> Spec:
+    """A spec for a new job: the first address of `subnet` from `hint` on (a Slurm job id, so
+    that jobs on other nodes seldom have the same one; else at random) that no job on this node
+    has; the host name `hostname`, or hpccr-<address in hex>."""
+    net = ipaddress.IPv4Network(subnet)
+    count = net.num_addresses - 2
+    start = (hint if hint is not None else secrets.randbelow(count)) % count
+    with IPRoute() as ipr:
+        for i in range(count):
+            address = str(net[1 + (start + i) % count])
+            if not ipr.link_lookup(ifname=link_name(address)):
+                name = hostname or "hpccr-" + link_name(address).removeprefix(LINK_PREFIX)
+                return Spec(address, name)
+    raise HpccrError(f"no free address left in the job network {subnet}")
+
+
+def shares_ours(pid: int) -> bool:
+    """Is process `pid` in our network namespace?"""
+    return os.stat(procfs.path(pid, "ns", "net")).st_ino == \
+        os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def of_process(pid: int) -> Spec | None:
+    """The spec of the job network process `pid` is in; None if it shares our network or its
+    namespace is not a job network (no single address on eth0)."""
+    if shares_ours(pid):
+        return None
+    with _entered(procfs.path(pid, "ns", "uts"), "uts"):
+        hostname = socket.gethostname()
+    with entered_of(pid), IPRoute() as ipr:
+        addresses = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET,
+                                                                       label=JOB_LINK)]
+    if len(addresses) != 1:
+        return None
+    return Spec(addresses[0], hostname)
+
+
+def entered_of(pid: int) -> contextlib.AbstractContextManager:
+    """The calling thread in the network namespace of process `pid` for the block."""
+    return _entered(procfs.path(pid, "ns", "net"), "net")
+
+
+@contextlib.contextmanager
+def _entered(path: str, kind: str) -> Iterator[None]:
+    """The calling thread in the namespace of `kind` ("net", "uts") at `path` for the block."""
+    nstype = NSTYPES[kind]
+    own = os.open(f"/proc/thread-self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)
+    target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        native.syscall("setns", target, nstype)
+        try:
+            yield
+        finally:
+            native.syscall("setns", own, nstype)
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+class JobNetwork:
+    """The network namespace made for one job (held by a descriptor), linked to the node."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.link = link_name(spec.address)
+        self.table = TABLE_PREFIX + self.link.removeprefix(LINK_PREFIX)
+        lift_stale()
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            native.syscall("unshare", CLONE_NEWNET)
+            self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            native.syscall("setns", own, CLONE_NEWNET)
+        finally:
+            os.close(own)
+        try:
+            self._connect()
+        except NetlinkError as exc:
+            self.remove()
+            if exc.code == errno.EEXIST:
+                raise HpccrError(f"the job's address {spec.address} is taken on this node "
+                                 f"(link {self.link} exists)") from None
+            raise HpccrError(f"cannot make the job's network: {os.strerror(exc.code)}") from None
+        except OSError as exc:
+            self.remove()
+            raise HpccrError(f"cannot make the job's network: {exc.strerror or exc}") from None
+        except BaseException:
+            self.remove()
+            raise
+
+    def entered(self) -> contextlib.AbstractContextManager:
+        """The calling thread in the job's network for the block."""
+        return _entered(f"/proc/self/fd/{self.fd}", "net")
+
+    def fork_inside(self, fork) -> int:
+        """`fork()` with the child in the job's network (it stays there; the parent not)."""
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        pid = -1
+        try:
+            native.syscall("setns", self.fd, CLONE_NEWNET)
+            pid = fork()
+        finally:
+            if pid != 0:  # the parent (or no child): back to its own network
+                native.syscall("setns", own, CLONE_NEWNET)
+                os.close(own)
+        return pid
+
+    def _connect(self) -> None:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=self.link, kind="veth",
+                     peer={"ifname": JOB_LINK, "net_ns_fd": self.fd})
+            node_end = ipr.link_lookup(ifname=self.link)[0]
+            ipr.addr("add", index=node_end, address=GATEWAY, prefixlen=32)
+            ipr.link("set", index=node_end, state="up")
+            ipr.route("add", dst=f"{self.spec.address}/32", oif=node_end, scope=RT_SCOPE_LINK)
+        with open(IP_FORWARD) as forward:
+            forwarding = forward.read().strip() == "1"
+        if not forwarding:
+            with open(IP_FORWARD, "w") as forward:
+                forward.write("1")
+        with self.entered(), IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            job_end = ipr.link_lookup(ifname=JOB_LINK)[0]
+            ipr.addr("add", index=job_end, address=self.spec.address, prefixlen=32)
+            ipr.link("set", index=job_end, state="up")
+            ipr.route("add", dst=f"{GATEWAY}/32", oif=job_end, scope=RT_SCOPE_LINK)
+            ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=job_end)
+        with nftables.netfilter("cannot make the job network's NAT") as nft:
+            nftables.transaction(nft, [
+                nftables.message(nft_table_msg, NFT_MSG_NEWTABLE, {"name": self.table},
+                                 nftables.CREATE),
+                nftables.chain_message(self.table, "postrouting", POSTROUTING, PRIORITY_SRCNAT,
+                                       kind="nat"),
+                nftables.message(nft_rule_msg, NFT_MSG_NEWRULE, {
+                    "table": self.table, "chain": "postrouting",
+                    "expressions": self._masquerade()}, nftables.APPEND),
+            ])
+
+    def _masquerade(self) -> list:
+        """What the job sends out of the node, but not to the job: from the node's address."""
+        return [
+            *nftables.load_and_compare("meta", {"key": Meta.NFT_META_NFPROTO},
+                                       bytes([NFPROTO_IPV4])),
+            *nftables.payload_equals(1, SADDR_OFFSET,
+                                     ipaddress.IPv4Address(self.spec.address).packed),
+            *nftables.load_and_compare("meta", {"key": Meta.NFT_META_OIFNAME},
+                                       self.link.encode().ljust(IFNAMSIZ, b"\0"),
+                                       op=Cmp.NFT_CMP_NEQ),
+            *masq(),
+        ]
+
+    def release(self) -> None:
+        """Let go of the namespace (the job holds it now); the link and NAT stay for the job,
+        and are removed by lift_stale once it is gone."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def remove(self) -> None:
+        """The job has ended (or never ran): remove its link, NAT and namespace."""
+        self.release()
+        with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+            ipr.link("del", ifname=self.link)
+        with nftables.netfilter(f"cannot remove the job network's NAT {self.table}") as nft:
+            nftables.delete_table(nft, self.table)
+
+
+def lift_stale() -> list[str]:
+    """Remove the NAT tables of job networks whose link is gone; returns their names."""
+    removed = []
+    with nftables.netfilter("cannot remove stale job networks") as nft, IPRoute() as ipr:
+        for table in nftables.table_names(nft, TABLE_PREFIX):
+            if not ipr.link_lookup(ifname=LINK_PREFIX + table.removeprefix(TABLE_PREFIX)):
+                nftables.delete_table(nft, table)
+                removed.append(table)
+    return removed
+
+
+def enter(spec: Spec) -> None:
+    """In the job's first process, in its new mount namespace: a UTS namespace with the job's
+    host name, and an /etc/hosts that has it, at the job's address."""
+    native.syscall("unshare", CLONE_NEWUTS)
+    socket.sethostname(spec.hostname)
+    try:
+        with open(ETC_HOSTS) as f:
+            hosts = f.read()
+    except FileNotFoundError:
+        hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost\n"
+    if hosts and not hosts.endswith("\n"):
+        hosts += "\n"
+    fd, path = tempfile.mkstemp(prefix="hpccr-hosts-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{hosts}{spec.address}\t{spec.hostname}\n")
+        os.chmod(path, 0o644)
+        native.mount(path, ETC_HOSTS, "", MS_BIND)
+    finally:
+        os.unlink(path)  # the mount holds the file
