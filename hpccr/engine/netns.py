@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -117,14 +118,14 @@ def shares_ours(pid: int) -> bool:
 
 def of_process(pid: int) -> Spec | None:
     """The spec of the job network process `pid` is in; None if it shares our network or its
-    namespace is not a job network (no single address on eth0)."""
+    namespace is not a job network (no single address besides loopback's)."""
     if shares_ours(pid):
         return None
     with _entered(procfs.path(pid, "ns", "uts"), "uts"):
         hostname = socket.gethostname()
     with entered_of(pid), IPRoute() as ipr:
-        addresses = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET,
-                                                                       label=JOB_LINK)]
+        addresses = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
+                     if not ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")).is_loopback]
     if len(addresses) != 1:
         return None
     return Spec(addresses[0], hostname)
@@ -155,10 +156,15 @@ def _entered(path: str, kind: str) -> Iterator[None]:
 class JobNetwork:
     """The network namespace made for one job (held by a descriptor), linked to the node."""
 
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, isolated_if_taken: bool = False):
+        """The job's network, linked to the node.  Where its address is taken on this node (a
+        second copy of a job restored beside the first), it fails, or with `isolated_if_taken`
+        the job has its address and host name but no link: it reaches nothing outside."""
         self.spec = spec
         self.link = link_name(spec.address)
         self.table = TABLE_PREFIX + self.link.removeprefix(LINK_PREFIX)
+        self.linked = False
+        self.fd = None
         lift_stale()
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -168,12 +174,23 @@ class JobNetwork:
         finally:
             os.close(own)
         try:
-            self._connect()
+            try:
+                self._link()
+                self.linked = True
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+                if not isolated_if_taken:
+                    raise HpccrError(f"the job's address {spec.address} is taken on this node "
+                                     f"(link {self.link} exists)") from None
+                print(f"hpccr: warning: the job's address {spec.address} is taken on this node "
+                      "(another copy of the job?): this one runs without a link to the node",
+                      file=sys.stderr, flush=True)
+            self._configure_inside()
+            if self.linked:
+                self._masquerade()
         except NetlinkError as exc:
             self.remove()
-            if exc.code == errno.EEXIST:
-                raise HpccrError(f"the job's address {spec.address} is taken on this node "
-                                 f"(link {self.link} exists)") from None
             raise HpccrError(f"cannot make the job's network: {os.strerror(exc.code)}") from None
         except OSError as exc:
             self.remove()
@@ -199,7 +216,8 @@ class JobNetwork:
                 os.close(own)
         return pid
 
-    def _connect(self) -> None:
+    def _link(self) -> None:
+        """The veth pair, the node's end with the gateway address and a route to the job."""
         with IPRoute() as ipr:
             ipr.link("add", ifname=self.link, kind="veth",
                      peer={"ifname": JOB_LINK, "net_ns_fd": self.fd})
@@ -212,13 +230,23 @@ class JobNetwork:
         if not forwarding:
             with open(IP_FORWARD, "w") as forward:
                 forward.write("1")
+
+    def _configure_inside(self) -> None:
+        """Loopback up; the job's address on eth0 with the default route through the node, or
+        (not linked) on loopback."""
         with self.entered(), IPRoute() as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+            if not self.linked:
+                ipr.addr("add", index=lo, address=self.spec.address, prefixlen=32)
+                return
             job_end = ipr.link_lookup(ifname=JOB_LINK)[0]
             ipr.addr("add", index=job_end, address=self.spec.address, prefixlen=32)
             ipr.link("set", index=job_end, state="up")
             ipr.route("add", dst=f"{GATEWAY}/32", oif=job_end, scope=RT_SCOPE_LINK)
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=job_end)
+
+    def _masquerade(self) -> None:
         with nftables.netfilter("cannot make the job network's NAT") as nft:
             nftables.transaction(nft, [
                 nftables.message(nft_table_msg, NFT_MSG_NEWTABLE, {"name": self.table},
@@ -227,10 +255,10 @@ class JobNetwork:
                                        kind="nat"),
                 nftables.message(nft_rule_msg, NFT_MSG_NEWRULE, {
                     "table": self.table, "chain": "postrouting",
-                    "expressions": self._masquerade()}, nftables.APPEND),
+                    "expressions": self._masquerade_rule()}, nftables.APPEND),
             ])
 
-    def _masquerade(self) -> list:
+    def _masquerade_rule(self) -> list:
         """What the job sends out of the node, but not to the job: from the node's address."""
         return [
             *nftables.load_and_compare("meta", {"key": Meta.NFT_META_NFPROTO},
@@ -253,6 +281,8 @@ class JobNetwork:
     def remove(self) -> None:
         """The job has ended (or never ran): remove its link, NAT and namespace."""
         self.release()
+        if not self.linked:
+            return  # the link and NAT of that address, if any, are another job's
         with IPRoute() as ipr, contextlib.suppress(NetlinkError):
             ipr.link("del", ifname=self.link)
         with nftables.netfilter(f"cannot remove the job network's NAT {self.table}") as nft:

@@ -255,7 +255,7 @@ def restore_tree(directory: str, user: User | None = None,
     pidns = meta.get("pidns", False)
     spec = _network_spec(meta, pidns)
     preflight(reader, meta, order, pidns, user)
-    network = netns.JobNetwork(spec) if spec else None
+    network = netns.JobNetwork(spec, isolated_if_taken=True) if spec else None
     try:
         # Inside the job's network: its sockets are made there, and its first process forked.
         with network.entered() if network else contextlib.nullcontext():
