@@ -102,7 +102,8 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
         "format": "hpccr-image", "format_version": 1, "hpccr_version": "0.1.0",
         "created": "2026-11-28T05:30:00+00:00", "hostname": "node1", "kernel": "6.18.44",
         "cpu": {"xfeatures": 0x2E7, "xstate_size": 2696}, "root_pid": pid, "sysv": None,
-        "pidns": False, "timing": {"frozen_s": 0.25, "dump_s": 0.125}, "processes": [proc],
+        "network": None, "pidns": False, "timing": {"frozen_s": 0.25, "dump_s": 0.125},
+        "processes": [proc],
     }
 
 
