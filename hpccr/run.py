@@ -30,6 +30,7 @@ from hpccr.engine.job import (
 )
 from hpccr.errors import HpccrError
 from hpccr.image.series import Series
+from hpccr.mpi import environment as mpi
 from hpccr.user import User
 
 # Exit status of `hpccr run` and `hpccr restore` when a stop signal ended the job after its final
@@ -76,7 +77,8 @@ def start_job(argv: list[str], user: User | None = None, env: dict[str, str] | N
                 os.chdir(cwd)
             os.closerange(3, wr)
             os.closerange(wr + 1, 1 << 16)
-            os.execve(init, ["hpccr-init", *argv], os.environ if env is None else env)
+            os.execve(init, ["hpccr-init", *argv],
+                      mpi.job_environment(os.environ if env is None else env))
         except BaseException as exc:  # report, then die
             os.write(wr, str(exc).encode() or b"exec failed")
         finally:

@@ -78,12 +78,11 @@ def test_checkpoint_restart(tree_cr, tmp_path, ring, reference):
     assert printed(job.lines()) == reference, job.output()
 
 
-@pytest.mark.parametrize("ring", ["mpich"], indirect=True)
 def test_leave_running_then_restore(tree_cr, tmp_path, ring, reference):
     """Dumped while it runs on: the original finishes as if nothing happened; then the image
-    restores and does the rest of the steps again, with the same values.  Not Open MPI yet: its
-    mpirun removes, when it ends, the files its ranks map (its session directory in /tmp),
-    which the image refers to by path."""
+    restores and does the rest of the steps again, with the same values.  Open MPI's mpirun
+    removes its session directory when it ends: hpccr run has it on /dev/shm (hpccr/mpi), whose
+    files (held, mapped, a FIFO) the image keeps and the restore writes back."""
     job = start(tree_cr, ring)
     res = tree_cr.dump(job, tmp_path / "img", "--leave-running")
     assert res.returncode == 0, describe(res)

@@ -88,7 +88,10 @@ class SharedObjects:
         return self.paths[name]
 
     def put_back(self, name: str, path: str) -> None:
+        """Write object `name` back at `path`, making the directories it needs (with the caller's
+        file rights: the restored process's)."""
         if path not in self.put:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             self._copy(name, path)
             self.put.add(path)
 

@@ -217,7 +217,7 @@ def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dic
             name = e.name[: -len(" (deleted)")] if e.deleted else e.name
             link = procfs.path(pid, "map_files", f"{e.start:x}-{e.end:x}")
             st = os.stat(link)
-            keep = kind != "file" or (e.shared and _in_memory(link))
+            keep = kind != "file" or (e.shared and in_memory(link))
             vma["path"] = name
             vma["file"] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                            "ghost": ghosts.save(link, st) if keep else None}
@@ -239,8 +239,8 @@ def _describe_sysv(pid: int, e: procfs.MapsEntry, vma: dict) -> None:
 TMPFS_MAGIC = 0x01021994
 
 
-def _in_memory(path: str) -> bool:
-    """Is `path` on tmpfs?"""
+def in_memory(path: str) -> bool:
+    """Is `path` on tmpfs (a file another node will not have)?"""
     return native.statfs_type(path) == TMPFS_MAGIC
 
 

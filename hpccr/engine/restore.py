@@ -726,7 +726,8 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
         if vma["kind"] == "ghost":
             path = ctx.ghosts.path(saved, 0o600)
         elif saved:
-            ctx.shared.put_back(saved, path)
+            with ctx.owner_rights():
+                ctx.as_owner(ctx.shared.put_back, saved, path)
         if (path, flags) not in opened:
             try:
                 opened[(path, flags)] = _open_in_target(inj, path, flags)

@@ -26,12 +26,14 @@ import struct
 import termios
 
 from hpccr import native
-from hpccr.engine import procfs
+from hpccr.engine import memory, procfs
 from hpccr.engine.fds.common import borrowed, saved_data
 from hpccr.errors import DumpFailed, FileMismatch, ImageCorrupt, UnsupportedResource
 
 NAME = "pipe"
-FIELDS = {"pipe": int, "data": (str, None), "capacity": (int, None)}
+# remake: the permissions of a FIFO on a memory file system (tmpfs), made again at restore
+# where it is gone (another node, an MPI session directory removed since).
+FIELDS = {"pipe": int, "data": (str, None), "capacity": (int, None), "remake": (int, None)}
 ANONYMOUS = "pipe:"
 DELETED = " (deleted)"
 STDIO = {0: " (stdin)", 1: " (stdout)", 2: " (stderr)"}
@@ -125,7 +127,9 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     if link.endswith(DELETED):
         raise UnsupportedResource(f"process {pid} fd {fd} is a deleted FIFO ({link}): "
                                   "not supported yet")
-    entry = {"pipe": st.st_ino, "data": None, "capacity": None}
+    entry = {"pipe": st.st_ino, "data": None, "capacity": None, "remake": None}
+    if not link.startswith(ANONYMOUS) and memory.in_memory(procfs.path(pid, "fd", str(fd))):
+        entry["remake"] = stat.S_IMODE(st.st_mode)
     if st.st_ino in state.pipes:
         return entry  # its first end saved the pipe
     state.pipes.add(st.st_ino)
@@ -149,7 +153,7 @@ def check(entry: dict, ctx) -> None:
     fd = entry["fd"]
     if (entry["capacity"] is None) != (entry["data"] is None) and entry["data"] is not None:
         raise ImageCorrupt(f"fd {fd}: inconsistent pipe entry (image corrupted)")
-    if _named(entry) and entry["capacity"] is not None:
+    if _named(entry) and entry["capacity"] is not None and entry["remake"] is None:
         try:
             is_fifo = stat.S_ISFIFO(os.stat(entry["path"]).st_mode)
         except OSError:
@@ -171,6 +175,12 @@ def _reopen(local: int, flags: int) -> int:
     return fd
 
 
+def _make_fifo(path: str, mode: int) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    os.mkfifo(path, 0o600)
+    os.chmod(path, mode)
+
+
 def _fill(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -188,6 +198,8 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     if saved is None:
         raise ImageCorrupt(f"fd {entry['fd']}: no entry carries its pipe (image corrupted)")
     if _named(saved):
+        if saved["remake"] is not None and not os.path.lexists(saved["path"]):
+            ctx.as_owner(_make_fifo, saved["path"], saved["remake"])
         r = w = ctx.as_owner(os.open, saved["path"], os.O_RDWR | os.O_CLOEXEC)  # never blocks
     else:
         r, w = os.pipe2(os.O_CLOEXEC)

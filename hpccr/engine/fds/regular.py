@@ -1,17 +1,21 @@
 """Regular files, directories and the harmless character devices (/dev/null and friends):
-reopened by path with their flags and offset; deleted files from their saved content."""
+reopened by path with their flags and offset; deleted files from their saved content.  Files on
+memory file systems (tmpfs: /dev/shm, an MPI library's session directory there) are saved too,
+as another node will not have them, and written back at their path (directories made) at
+restore."""
 
 from __future__ import annotations
 
 import os
 import stat
 
+from hpccr.engine import memory
 from hpccr.engine.fds import memfd
 from hpccr.engine.fds.common import NOT_REOPENED
 from hpccr.errors import FileMismatch
 
 NAME = "file"
-FIELDS: dict = {}  # path and ghost are common fields
+FIELDS = {"content": (str, None)}  # path and ghost are common fields
 SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 DELETED = " (deleted)"
 
@@ -26,18 +30,23 @@ def recognise(link: str, st: os.stat_result, state) -> bool:
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     deleted = link.endswith(DELETED) and st.st_nlink == 0
     path = link[: -len(DELETED)] if deleted else link
-    ghost = None
-    if deleted and stat.S_ISREG(st.st_mode):
-        ghost = state.ghosts.save(f"/proc/{pid}/fd/{fd}", st)
-    return {"path": path, "ghost": ghost}
+    ghost = content = None
+    if stat.S_ISREG(st.st_mode):
+        if deleted:
+            ghost = state.ghosts.save(f"/proc/{pid}/fd/{fd}", st)
+        elif memory.in_memory(f"/proc/{pid}/fd/{fd}"):
+            content = state.ghosts.save(f"/proc/{pid}/fd/{fd}", st)
+    return {"path": path, "ghost": ghost, "content": content}
 
 
 def check(entry: dict, ctx) -> None:
-    if entry["ghost"] is None and not os.path.exists(entry["path"]):
+    if entry["ghost"] is None and entry["content"] is None and not os.path.exists(entry["path"]):
         raise FileMismatch(f"fd {entry['fd']}: {entry['path']} no longer exists")
 
 
 def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
+    if entry["content"] is not None:  # with the process's own file rights (Pool.open_all)
+        ctx.as_owner(ctx.shared.put_back, entry["content"], entry["path"])
     path = ctx.ghosts.path(entry["ghost"], entry["mode"]) if entry["ghost"] else entry["path"]
     fd = ctx.as_owner(os.open, path, entry["flags"] & ~NOT_REOPENED)
     if not stat.S_ISCHR(entry["mode"]):
