@@ -44,6 +44,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 from pyroute2.nftables.expressions import verdict
 from pyroute2.nftables.main import NFTables
 
+from hpccr import native
 from hpccr.engine import procfs
 from hpccr.engine.nftables import (
     APPEND,
@@ -208,15 +209,29 @@ def _netns() -> int:
 
 @contextlib.contextmanager
 def _registry() -> Iterator[str]:
-    """The registry directory (its real path), held under an exclusive flock for the block."""
+    """The registry directory (its real path), held under an exclusive flock for the block, with
+    root's file rights (the registry is root's; a dump for a user has that user's)."""
     registry = os.path.realpath(os.environ.get("HPCCR_NETLOCK_DIR") or REGISTRY_DIR)
-    os.makedirs(registry, mode=0o700, exist_ok=True)
-    fd = os.open(os.path.join(registry, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    with _root_file_rights():
+        os.makedirs(registry, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(registry, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield registry
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _root_file_rights() -> Iterator[None]:
+    fsuid = native.syscall("setfsuid", 0)
+    fsgid = native.syscall("setfsgid", 0)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield registry
+        yield
     finally:
-        os.close(fd)
+        native.syscall("setfsgid", fsgid)
+        native.syscall("setfsuid", fsuid)
 
 
 def _new_id(registry: str) -> str:

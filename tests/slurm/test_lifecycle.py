@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,55 @@ def test_srun_inside_a_checkpointed_job(site, jobs):
     assert info["ExitCode"] == "0:0", text
     assert f"job host job{job}" in text, text
     assert f"step host {info['NodeList']}" in text and "srun status 0" in text, text
+
+
+RING = Path(__file__).resolve().parents[1] / "workloads" / "mpi" / "ring.c"
+RING_STEPS = 600
+MPI_LAUNCH = {  # compiler, and the batch script's launch line ({ring} {steps})
+    "mpich": ("mpicc.mpich", "mpiexec.mpich -n 4 {ring} {steps}"),
+    "openmpi": ("mpicc.openmpi", "mpirun.openmpi --oversubscribe -np 4 {ring} {steps}"),
+}
+
+
+def mpi_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("STEP ", "DONE "))]
+
+
+@pytest.mark.parametrize("mpi", sorted(MPI_LAUNCH))
+def test_mpi_job_moves_to_the_other_node(site, jobs, mpi):
+    """An MPI job (4 ranks, large non-blocking messages between them, the launcher and its
+    proxy or daemon) of an ordinary user, checkpointed every 2 s on node1, requeued, restored
+    on node2: it ends with exactly what a run never interrupted prints."""
+    compiler, launch = MPI_LAUNCH[mpi]
+    if not shutil.which(compiler):
+        pytest.skip(f"{mpi} not installed")
+    c = site.cluster
+    ring = c.job_dir / f"ring-{mpi}"
+    subprocess.run([compiler, "-O2", "-o", ring, RING], check=True, capture_output=True)
+    line = launch.format(ring=ring, steps=RING_STEPS)
+    reference = subprocess.run(["runuser", "-u", "hpcuser", "--", "bash", "-c", line],
+                               capture_output=True, text=True, timeout=300, check=True)
+    out = c.job_dir / f"mpi-{mpi}.out"
+    script = write_script(site, f"mpi-{mpi}.sh", f"#!/bin/bash\n{line}\n")
+    job = site.submit("--requeue", "--open-mode=append", "--checkpoint=0:02",
+                      "--exclude=node2", "-o", str(out), str(script))
+    jobs.append(job)
+    assert c.wait_state(job, "RUNNING", 30)["NodeList"] == "node1"
+    try:
+        wait_for(lambda: checkpoints_taken(site, job) >= 1, 120, "a periodic checkpoint")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; output:\n{out.read_text() if out.exists() else ''}") \
+            from None
+    c.scontrol("requeue", str(job))
+    assert c.wait_state(job, "PENDING", 30)["Restarts"] == "1"
+    ended(site, job)
+    c.scontrol("update", f"JobId={job}", "ExcNodeList=node1", "StartTime=now")
+    info = completed(site, job, out, 300)
+    text = out.read_text()
+    assert info["NodeList"] == "node2" and info["ExitCode"] == "0:0", text
+    before, _, after = text.partition("restoring")
+    expected = mpi_lines(reference.stdout)
+    first, again = mpi_lines(before), mpi_lines(after)
+    assert first == expected[:len(first)], text
+    assert again and again == expected[len(expected) - len(again):], text
+    assert len(expected) - len(again) <= len(first), f"steps were skipped:\n{text}"
