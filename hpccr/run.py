@@ -109,10 +109,12 @@ class Checkpoints:
         """One checkpoint of the job (dump mode `mode`); its path, or None if it failed (said
         on stderr: the job runs on)."""
         from hpccr.engine.dump import dump
+        from hpccr.slurm.steps import refuse_running_steps
 
         path = self.series.next_path()
         self.notify("before_checkpoint", path=str(path))
         try:
+            refuse_running_steps(pid)
             dump(pid, str(path), mode)
             self.series.publish(path, self.keep)
         except HpccrError as exc:

@@ -271,19 +271,31 @@ def test_checkpoint_hooks_run_around_each_checkpoint(site, jobs, user):
 
 SRUN_SCRIPT = """#!/bin/bash
 echo "job host $(hostname)"
-srun -N1 -n1 bash -c 'echo "step host $(hostname)"'
+srun -N1 -n1 bash -c 'echo "step host $(hostname)"; until [ -e {step_ends} ]; do sleep 0.1; done'
 echo "srun status $?"
+until [ -e {job_ends} ]; do sleep 0.1; done
 """
+STEP_REFUSED = "a job cannot be checkpointed while a step runs"
 
 
 def test_srun_inside_a_checkpointed_job(site, jobs):
     """A job step started with srun from inside a checkpointed job (its own network) runs and
-    reports back: slurmstepd calls srun back on the job's address."""
+    reports back (slurmstepd calls srun back on the job's address).  While it runs, the
+    periodic checkpoints are refused, saying why, and the job runs on; once it has ended, the
+    job is checkpointed again."""
     c = site.cluster
     out = c.job_dir / "srun-inside.out"
-    script = write_script(site, "srun-inside.sh", SRUN_SCRIPT)
-    job = site.submit("--checkpoint=10:00", "-N1", "-o", str(out), str(script))
+    step_ends, job_ends = c.job_dir / "srun-step-ends", c.job_dir / "srun-job-ends"
+    script = write_script(site, "srun-inside.sh",
+                          SRUN_SCRIPT.format(step_ends=step_ends, job_ends=job_ends))
+    job = site.submit("--checkpoint=0:02", "-N1", "-o", str(out), str(script))
     jobs.append(job)
+    wait_for(lambda: out.exists() and STEP_REFUSED in out.read_text(), 60,
+             "a checkpoint refused while the step runs")
+    assert checkpoints_taken(site, job) == 0
+    step_ends.touch()
+    wait_for(lambda: checkpoints_taken(site, job) >= 1, 60, "a checkpoint after the step")
+    job_ends.touch()
     info = completed(site, job, out, 120)
     text = out.read_text()
     assert info["ExitCode"] == "0:0", text
