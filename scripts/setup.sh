@@ -36,4 +36,17 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# mpi4py, built from source against each system MPI (one build links one MPI): .mpi4py/<mpi>,
+# which the MPI tests and bench/mpi.py put first on sys.path.  2-6 minutes each, once.
+for mpi in mpich openmpi; do
+    target=.mpi4py/$mpi
+    if [ ! -f "$target/.built" ]; then
+        echo "setup: building mpi4py against $mpi (a few minutes)"
+        rm -rf "$target"
+        MPICC=mpicc.$mpi .venv/bin/python -m pip install -q --disable-pip-version-check \
+            --no-binary mpi4py --no-cache-dir --target "$target" mpi4py
+        touch "$target/.built"
+    fi
+done
 echo "setup: hpccr installed in $(pwd)/.venv (run .venv/bin/hpccr)"
