@@ -12,7 +12,6 @@ then records the pids as the job sees them, and a restore recreates such a names
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime
 import os
 import socket
@@ -95,7 +94,8 @@ def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
     (whatever it did meanwhile, output or messages, would happen again after a restore), and
     running while its pages are copied would gain it nothing."""
     assert mode in MODES
-    check_target(pid)
+    with _Step(pid, "looking at the process"):
+        check_target(pid)
     clock = _Clock()
     if mode == "running":
         try:
@@ -132,7 +132,7 @@ class _Clock:
 def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> DumpResult:
     frozen = FrozenTree(root)
     clock.freeze()
-    with _reading(root):
+    with _Step(root, "freezing the process tree"):
         frozen.freeze()
     ids = _Ids(root)
     writer = fd_state = None
@@ -155,8 +155,9 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
         for pid, proc in zip(frozen.pids, procs, strict=True):
             proc["shares_with_parent"] = frozen.shared_with_parent.get(pid, [])
         sharing.check(procs)
-        with _reading(root):
+        with _Step(root, "saving SysV IPC objects"):
             sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
+        with _Step(root, "comparing open file descriptions"):
             fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})
         # Processes without a snapshot are copied now, frozen; then the others, running.
         copies.sort(key=lambda copy: isinstance(copy[3], snapshot.Snapshot))
@@ -170,7 +171,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
                 clock.thaw()
                 fd_state.finish(None)
                 running = True
-            with _reading(pid), PageWriter(writer, proc["pid"]) as pages:
+            with _Step(pid, "copying its memory"), PageWriter(writer, proc["pid"]) as pages:
                 try:
                     memory.copy_pages(batches, reader, pages)
                     if cow:
@@ -197,7 +198,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
         if fd_state is not None:
             fd_state.finish(None)
         if isinstance(exc, OSError):
-            raise DumpFailed(f"dump of process {root} failed: {exc}") from exc
+            raise from_oserror(exc, f"dump of process {root}", DumpFailed) from exc
         raise
     if mode == "kill":
         fd_state.before_kill()
@@ -257,15 +258,24 @@ def _zombie(pid: int, ids: _Ids) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _reading(pid: int):
-    """Errors met while reading the target, as hpccr errors."""
-    try:
-        yield
-    except OSError as exc:
-        if not os.path.isdir(procfs.path(pid)):
-            raise NoSuchProcess(f"process {pid} exited during the dump") from None
-        raise from_oserror(exc, f"dump of process {pid}") from exc
+class _Step:
+    """What the dump of process `pid` is doing now (`now`, changed as it goes on): an OSError
+    met meanwhile becomes an hpccr error that names both, and an errno without an error class
+    of its own a DumpFailed (exit code 18)."""
+
+    def __init__(self, pid: int, now: str):
+        self.pid = pid
+        self.now = now
+
+    def __enter__(self) -> _Step:
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if not isinstance(exc, OSError):
+            return
+        if not os.path.isdir(procfs.path(self.pid)):
+            raise NoSuchProcess(f"process {self.pid} exited during the dump") from None
+        raise from_oserror(exc, f"dump of process {self.pid}: {self.now}", DumpFailed) from exc
 
 
 def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None, frozen_s: float,
@@ -291,13 +301,16 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
     leader = frozen.threads[pid]
     snap = None
     try:
-        with _reading(pid):
+        with _Step(pid, "reading its memory mappings") as step:
             entries = procfs.maps(pid) if own_memory else []  # before the injector's scratch
             vmas = memory.describe_vmas(pid, entries, ghosts)
+            step.now = "reading its file descriptors"
             fd_entries = fds.dump_fds(pid, fd_state)
+            step.now = "reading its page map"
             stat = procfs.stat(pid)
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
             ranges = memory.select_pages(pid, vmas)
+            step.now = "asking it for its state by injected system calls"
             inj = Injector(pid, leader)
             try:
                 sigio.dump(inj, pid, fd_entries)
@@ -319,6 +332,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     snap = snapshot.Snapshot.open(pid, inj)
             finally:
                 inj.close()
+            step.now = "reading its threads' registers"
             xfeatures = None
             for tid, thread, record in thread_records:
                 xstate = native.get_xstate(tid)
@@ -331,9 +345,11 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     "xcomp_perm": xcomp_perm, "sigmask": thread.sigmask,
                     "pending": signals.dump_pending(tid, shared=False),
                 })
+            step.now = "write-protecting its memory for the snapshot"
             if snap is not None and not snap.protect(vmas, ranges, unreadable):
                 snap.close()
                 snap = None
+            step.now = "reading its memory layout, executable and working directory"
             mm = {name: int(stat[i]) for name, i in MM_FIELDS.items()}
             mm["brk"] = brk
             mm["auxv"] = base64.b64encode(procfs.auxv(pid)).decode()

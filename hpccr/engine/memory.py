@@ -142,7 +142,13 @@ class MemoryReader:
         else:
             addrs = native.ffi.new("unsigned long long[]", [a for a, _ in batch])
             lens = native.ffi.new("unsigned long long[]", [n for _, n in batch])
-            native.read_ranges(self.pid, addrs, lens, len(batch), view)
+            try:
+                native.read_ranges(self.pid, addrs, lens, len(batch), view)
+            except OSError as exc:
+                end = batch[-1][0] + batch[-1][1]
+                raise OSError(exc.errno, f"process_vm_readv of {len(batch)} ranges in "
+                                         f"{batch[0][0]:#x}-{end:#x}: "
+                                         f"{os.strerror(exc.errno)}") from None
 
     def close(self) -> None:
         if self._mem >= 0:
@@ -157,7 +163,15 @@ def copy_pages(batches, reader, pages) -> None:
     Two buffers in turn: while one batch is written out (and hashed) by a helper thread, the next
     one is read from the target; both steps run without the GIL. The buffers are allocated here,
     after a snapshot dump has released the target: faulting fresh memory is slow."""
-    buffers = [mmap.mmap(-1, COPY_BATCH) for _ in range(2)]
+    buffers = []
+    try:
+        for _ in range(2):
+            buffers.append(mmap.mmap(-1, COPY_BATCH))
+    except OSError as exc:
+        for buf in buffers:
+            buf.close()
+        raise OSError(exc.errno, f"allocating hpccr's copy buffers ({COPY_BATCH >> 20} MiB "
+                                 f"each): {os.strerror(exc.errno)}") from None
     try:
         with ThreadPoolExecutor(1) as writer:
             in_flight: list = []
@@ -327,7 +341,11 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
                 flags |= MAP_GROWSDOWN
             if v["saved_pages"] * 2 * PAGE >= length:
                 flags |= MAP_POPULATE  # pre-faulting in the kernel beats faults on write
-        inj.call("mmap", v["start"], length, prot, flags, fd, offset)
+        try:
+            inj.call("mmap", v["start"], length, prot, flags, fd, offset)
+        except OSError as exc:
+            raise OSError(exc.errno, f"mapping {v['start']:#x}-{v['end']:#x} ({v['kind']}): "
+                                     f"{exc.strerror}") from None
 
 
 def _attach_sysv(inj, vma: dict) -> None:

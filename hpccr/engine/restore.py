@@ -240,57 +240,65 @@ def restore_tree(directory: str, user: User | None = None, tcp_close: bool = Fal
     root restores for a user — and anything for an image only root could have written.
     With `tcp_close`, a TCP connection whose local address does not exist here comes back
     reset instead of failing the restore (fds/inet.py)."""
-    if user is None:
-        reader, meta = load(directory)
-    else:
-        with user.reading_as_user():
+    with _step("reading the image"):
+        if user is None:
             reader, meta = load(directory)
-    st = reader.stat()
+        else:
+            with user.reading_as_user():
+                reader, meta = load(directory)
+        st = reader.stat()
     if user is None and st.st_uid != 0:
         user = User.owner_of(st)
     order = plan(reader, meta, trusted=user is None)
     pidns = meta.get("pidns", False)
-    preflight(reader, meta, order, pidns, user)
+    with _step("checking the image against this machine"):
+        preflight(reader, meta, order, pidns, user)
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order], tcp_close)
     try:
-        pool.open_all(in_job=not pidns)
-        spawn(order, pidns, pool, meta["sysv"])
+        with _step("opening the descriptors"):
+            pool.open_all(in_job=not pidns)
+        with _step("creating the processes"):
+            spawn(order, pidns, pool, meta["sysv"])
         pool.close()
         try:
             for task in order:
                 if not task.sharer:
-                    take_over(task.outer)
+                    with _step(f"process {task.proc['pid']}: taking over its new task"):
+                        take_over(task.outer)
             for task in order:
                 for sharer in task.sharers:
-                    sharer.outer = _clone_sharer(task.outer, sharer.proc)
+                    with _step(f"process {sharer.proc['pid']}: creating it in its parent"):
+                        sharer.outer = _clone_sharer(task.outer, sharer.proc)
             for task in order:
                 if task.zombie:
-                    _become_zombie(task)
+                    with _step(f"process {task.proc['pid']}: ending it as a zombie"):
+                        _become_zombie(task)
             for task in order:
                 if task.zombie or task.sharer:
                     continue
                 memory_sharers = [t for t in task.sharers if sharing.shares_memory(t.proc)]
                 for sharer in task.sharers:
                     if sharer not in memory_sharers:
-                        rebuild(sharer.ctx, sharer.outer, meta)
-                if task.sharers:
-                    _discard_sigchld(task.outer)
-                rebuild(task.ctx, task.outer, meta, memory_sharers)
-            order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
-            for task in order:
-                task.ctx.ghosts.unlink_all()
-            pool.add_late_seals()
-            pool.end_repair()
+                        with _step(f"process {sharer.proc['pid']}: rebuilding it"):
+                            rebuild(sharer.ctx, sharer.outer, meta)
+                with _step(f"process {task.proc['pid']}: rebuilding it"):
+                    if task.sharers:
+                        _discard_sigchld(task.outer)
+                    rebuild(task.ctx, task.outer, meta, memory_sharers)
+            with _step("removing the files that were deleted"):
+                order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
+                for task in order:
+                    task.ctx.ghosts.unlink_all()
+            with _step("sealing memfds and ending TCP repair"):
+                pool.add_late_seals()
+                pool.end_repair()
             # Stopped processes first: the others must not see one before it stops again.
             for task in sorted(reversed(order), key=lambda t: not t.proc["stopped"]):
                 if not task.zombie:
-                    release(task)
-        except BaseException as exc:
+                    with _step(f"process {task.proc['pid']}: letting it run"):
+                        release(task)
+        except BaseException:
             _kill_half_restored(order)
-            if isinstance(exc, HpccrError):
-                raise
-            if isinstance(exc, OSError):
-                raise RestoreFailed(f"restore failed: {exc}") from exc
             raise
     finally:
         pool.close(late=True)
@@ -300,6 +308,16 @@ def restore_tree(directory: str, user: User | None = None, tcp_close: bool = Fal
     for lock in inet.locks_of(e for task in order for e in task.proc.get("fds", [])):
         netlock.unlock(lock)  # the connections are back: the network may move them again
     return order[0].outer
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    """An OSError met while doing `what` fails the restore with a message that names it, and
+    with exit code 19 (RestoreFailed) if its errno has no error class of its own."""
+    try:
+        yield
+    except OSError as exc:
+        raise errors.from_oserror(exc, f"restore: {what}", RestoreFailed) from exc
 
 
 def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,

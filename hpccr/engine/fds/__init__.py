@@ -40,7 +40,7 @@ from hpccr.engine.fds import (
     tty,
     unix,
 )
-from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
+from hpccr.errors import AccessDenied, DumpFailed, RestoreFailed, UnsupportedResource, from_oserror
 from hpccr.image.schema import check_part
 
 KINDS = {k.NAME: k for k in (regular, memfd, tty, pty, pipe, unix, inet, eventfd, timerfd,
@@ -102,11 +102,14 @@ def dump_fds(pid: int, state: DumpState) -> list[dict]:
             raise UnsupportedResource(
                 f"process {pid} fd {fd} is {describe(link)}: not supported yet")
         flags = int(info["flags"], 8)
-        entry = {"fd": fd, "kind": kind.NAME, "flags": flags & ~O_CLOEXEC,
-                 "pos": int(info["pos"]), "cloexec": bool(flags & O_CLOEXEC),
-                 "desc": -1, "ghost": None, "mode": st.st_mode, "path": link,
-                 "locks": locks.dump(pid, fd)}
-        entry.update(kind.dump(pid, fd, link, st, state))
+        try:
+            entry = {"fd": fd, "kind": kind.NAME, "flags": flags & ~O_CLOEXEC,
+                     "pos": int(info["pos"]), "cloexec": bool(flags & O_CLOEXEC),
+                     "desc": -1, "ghost": None, "mode": st.st_mode, "path": link,
+                     "locks": locks.dump(pid, fd)}
+            entry.update(kind.dump(pid, fd, link, st, state))
+        except OSError as exc:
+            raise from_oserror(exc, f"process {pid} fd {fd} ({kind.NAME})", DumpFailed) from exc
         entries.append(entry)
     return entries
 
