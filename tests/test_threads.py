@@ -4,14 +4,17 @@ including the vector state only the xstate regset holds (zmm16-31, k0-7, AMX til
 Threads keep their scheduling too: CPU affinity, nice value and policy.
 
 Workloads: workloads/regs.c (4 threads, AVX-512 or AVX), workloads/amx.c (2 threads, AMX tiles),
-workloads/sched.c (3 threads, each with its own CPU mask, nice value and policy).
+workloads/sched.c (3 threads, each with its own CPU mask, nice value and policy),
+workloads/thread_leader_exit.c (3 workers run on after main's pthread_exit).
 """
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
+from harness import proc_status
 
 CPU_FLAGS = set(
     next(
@@ -105,3 +108,22 @@ def test_amx_without_checkpoint(cr):
 def test_amx_tiles(cr, tmp_path):
     workload = cr.start("amx")
     cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_leader_exited_is_refused(cr, tree_cr, tmp_path):
+    """A process whose main thread has exited while its workers run (pthread_exit in main):
+    refused (14) naming it, dumped by its pid or as a job's process; it runs on untraced and
+    passes (workloads/thread_leader_exit.c)."""
+    workload = cr.start("thread_leader_exit", 6)
+    job = tree_cr.start_job([cr.binaries["thread_leader_exit"], 6])
+    for dumped, named in ((workload, workload.pid), (job, None)):
+        message = cr.assert_error(cr.dump(dumped, tmp_path / "img"), 14)
+        assert "main thread has exited" in message, message
+        if named:
+            assert f"process {named} " in message, message
+        assert not (tmp_path / "img").exists()
+        tids = os.listdir(f"/proc/{dumped.pid}/task")
+        assert all(proc_status(int(tid))["TracerPid"] == "0" for tid in tids)
+    for dumped in (workload, job):
+        assert dumped.proc.wait(timeout=60) == 0, dumped.output()
+        dumped.assert_passed()

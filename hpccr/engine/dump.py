@@ -72,6 +72,8 @@ def check_target(pid: int) -> None:
         raise NoSuchProcess(f"no process with pid {pid}") from None
     if int(st["Tgid"]) != pid:
         raise NoSuchProcess(f"{pid} is a thread of process {st['Tgid']}, not a process")
+    if procfs.leader_exited(pid):
+        tree.refuse_leader_exited(pid)
     if st["State"].startswith(("Z", "X")):
         raise NoSuchProcess(f"process {pid} is a zombie")
     if pid == os.getpid():

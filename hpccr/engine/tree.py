@@ -43,6 +43,12 @@ def _namespaces(pid: int) -> dict[str, str]:
 ENDED = ("Z", "X", None)  # zombie, dead, gone
 
 
+def refuse_leader_exited(pid: int) -> None:
+    raise UnsupportedResource(
+        f"process {pid} ({procfs.comm(pid)}): its main thread has exited while its other "
+        "threads run on (pthread_exit in main): not supported yet")
+
+
 def exit_status(pid: int) -> int:
     """The wait status a zombie's parent will get (proc(5) stat field 52)."""
     return int(procfs.stat(pid)[52])
@@ -82,6 +88,8 @@ class FrozenTree:
                 pid = pending.pop()
                 if pid in self.frozen or pid in self.zombies:
                     continue
+                if procfs.leader_exited(pid):
+                    refuse_leader_exited(pid)
                 if pid == self.root:
                     if procfs.state(pid) in ("Z", "X"):
                         raise OSError(errno.ESRCH, f"process {pid} is a zombie")
