@@ -9,12 +9,10 @@ workloads/thread_leader_exit.c (3 workers run on after main's pthread_exit).
 """
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from harness import proc_status
 
 CPU_FLAGS = set(
     next(
@@ -110,20 +108,27 @@ def test_amx_tiles(cr, tmp_path):
     cr.checkpoint_restart(workload, tmp_path / "img")
 
 
-def test_leader_exited_is_refused(cr, tree_cr, tmp_path):
+
+def test_main_thread_exited(cr, tmp_path):
     """A process whose main thread has exited while its workers run (pthread_exit in main):
-    refused (14) naming it, dumped by its pid or as a job's process; it runs on untraced and
-    passes (workloads/thread_leader_exit.c)."""
-    workload = cr.start("thread_leader_exit", 6)
-    job = tree_cr.start_job([cr.binaries["thread_leader_exit"], 6])
-    for dumped, named in ((workload, workload.pid), (job, None)):
-        message = cr.assert_error(cr.dump(dumped, tmp_path / "img"), 14)
-        assert "main thread has exited" in message, message
-        if named:
-            assert f"process {named} " in message, message
-        assert not (tmp_path / "img").exists()
-        tids = os.listdir(f"/proc/{dumped.pid}/task")
-        assert all(proc_status(int(tid))["TracerPid"] == "0" for tid in tids)
-    for dumped in (workload, job):
-        assert dumped.proc.wait(timeout=60) == 0, dumped.output()
-        dumped.assert_passed()
+    the image lists the workers only; restored, each worker has its tid, name and stack, the
+    leader is a zombie thread again and the process has as many tasks as before (the workload
+    checks all of it)."""
+    workload = cr.start("thread_leader_exit")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    (proc,) = json.loads((img / "image.json").read_text())["processes"]
+    assert proc["main_thread_exited"]
+    assert len(proc["threads"]) == 3 and workload.pid not in [t["tid"] for t in proc["threads"]]
+    cr.restore_and_pass(workload, img)
+
+
+def test_main_thread_exited_leave_running(cr, tmp_path):
+    workload = cr.start("thread_leader_exit", append=True)
+    cr.leave_running_then_restore(workload, tmp_path / "img")
+
+
+def test_main_thread_exited_in_a_job(tree_cr, tmp_path):
+    """The same process as a job's (hpccr run), restored into a new pid namespace."""
+    job = tree_cr.start_job([tree_cr.binaries["thread_leader_exit"]])
+    tree_cr.checkpoint_restart(job, tmp_path / "img")

@@ -72,9 +72,7 @@ def check_target(pid: int) -> None:
         raise NoSuchProcess(f"no process with pid {pid}") from None
     if int(st["Tgid"]) != pid:
         raise NoSuchProcess(f"{pid} is a thread of process {st['Tgid']}, not a process")
-    if procfs.leader_exited(pid):
-        tree.refuse_leader_exited(pid)
-    if st["State"].startswith(("Z", "X")):
+    if st["State"].startswith(("Z", "X")) and not procfs.leader_exited(pid):
         raise NoSuchProcess(f"process {pid} is a zombie")
     if pid == os.getpid():
         raise DumpFailed("hpccr cannot dump itself")
@@ -142,7 +140,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
     try:
         writer = ImageWriter(directory)
         ghosts = GhostWriter(writer)
-        fd_state = fds.DumpState(writer, ghosts, frozen.pids, ids.pidns)
+        fd_state = fds.DumpState(writer, ghosts, [_reader(frozen, pid) for pid in frozen.pids],
+                                 ids.pidns)
         procs, copies = [], []
         for pid in frozen.pids:
             if pid in frozen.zombies:
@@ -160,7 +159,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
         with _Step(root, "saving SysV IPC objects"):
             sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
         with _Step(root, "comparing open file descriptions"):
-            fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})
+            fds.share_descriptions({_reader(frozen, pid): proc["fds"]
+                                    for pid, proc, _, _ in copies})
         # Processes without a snapshot are copied now, frozen; then the others, running.
         copies.sort(key=lambda copy: isinstance(copy[3], snapshot.Snapshot))
         running = False
@@ -216,6 +216,11 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
                       sum(p["nr_pages"] for p in procs))
 
 
+def _reader(frozen: FrozenTree, pid: int) -> int:
+    """The task whose /proc entries show process `pid` of the tree (FrozenProcess.reader)."""
+    return frozen.frozen[pid].reader if pid in frozen.frozen else pid
+
+
 class _Ids:
     """Pids as the image records them: as the job sees them when it has a pid namespace of its
     own (hpccr run), else as hpccr sees them.  Ids outside the job's namespace become 0."""
@@ -256,7 +261,8 @@ def _zombie(pid: int, ids: _Ids) -> dict:
         "pagemap": "", "nr_pages": 0, "sigactions": [],
         "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]}, "shared_pending": [],
         "fds": [], "threads": [], "child_subreaper": 0, "pdeathsig": 0,
-        "exit_status": tree.exit_status(pid), "stopped": False, "posix_timers": [],
+        "exit_status": tree.exit_status(pid), "stopped": False, "main_thread_exited": False,
+        "posix_timers": [],
     }
 
 
@@ -299,29 +305,31 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
     """Read every piece of state of the frozen process, streaming blobs into `writer`; returns
     its record, the batches of pages to save, and their reader: a Snapshot that has already
     write-protected them if `cow` and possible, else a MemoryReader for a copy in the freeze.
-    A process whose address space is its parent's (CLONE_VM) has no memory of its own saved."""
-    leader = frozen.threads[pid]
+    A process whose address space is its parent's (CLONE_VM) has no memory of its own saved.
+    Its state is read through `frozen.reader`: a thread that still runs, if the main thread has
+    exited."""
+    at = frozen.reader
     snap = None
     try:
         with _Step(pid, "reading its memory mappings") as step:
-            entries = procfs.maps(pid) if own_memory else []  # before the injector's scratch
-            vmas = memory.describe_vmas(pid, entries, ghosts)
+            entries = procfs.maps(at) if own_memory else []  # before the injector's scratch
+            vmas = memory.describe_vmas(at, entries, ghosts)
             step.now = "reading its file descriptors"
-            fd_entries = fds.dump_fds(pid, fd_state)
+            fd_entries = fds.dump_fds(at, fd_state)
             step.now = "reading its page map"
-            stat = procfs.stat(pid)
+            stat = procfs.stat(at)
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
-            ranges = memory.select_pages(pid, vmas)
+            ranges = memory.select_pages(at, vmas)
             step.now = "asking it for its state by injected system calls"
-            inj = Injector(pid, leader)
+            inj = Injector(at, frozen.threads[at])
             try:
-                sigio.dump(inj, pid, fd_entries)
-                proc_creds = creds.dump_creds(pid, inj)
+                sigio.dump(inj, at, fd_entries)
+                proc_creds = creds.dump_creds(at, inj)
                 rlimits = creds.dump_rlimits(inj)
                 attributes = prctls.dump(inj)
                 sigactions = signals.dump_sigactions(inj)
                 itimers = signals.dump_itimers(inj)
-                timers = posix_timers.dump_timers(inj, pid, lambda tid: ids.thread(pid, tid))
+                timers = posix_timers.dump_timers(inj, at, lambda tid: ids.thread(pid, tid))
                 brk = inj.call("brk", 0)
                 xcomp_perm = threads.dump_xcomp_perm(inj)
                 thread_records = []
@@ -331,7 +339,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     record["sched"] = sched.dump(pid, tid)
                     thread_records.append((tid, thread, record))
                 if cow and sum(length for _, length in ranges) >= SNAPSHOT_MIN_BYTES:
-                    snap = snapshot.Snapshot.open(pid, inj)
+                    snap = snapshot.Snapshot.open(at, inj)
             finally:
                 inj.close()
             step.now = "reading its threads' registers"
@@ -354,21 +362,22 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             step.now = "reading its memory layout, executable and working directory"
             mm = {name: int(stat[i]) for name, i in MM_FIELDS.items()}
             mm["brk"] = brk
-            mm["auxv"] = base64.b64encode(procfs.auxv(pid)).decode()
+            mm["auxv"] = base64.b64encode(procfs.auxv(at)).decode()
             inner = ids.of(pid)
             proc = {
                 "pid": inner, "ppid": ids.parent(pid), "pgid": ids.of(pid, "NSpgid"),
                 "sid": ids.of(pid, "NSsid"),
-                "comm": procfs.comm(pid), "exe": os.readlink(procfs.path(pid, "exe")),
-                "cmdline": procfs.cmdline(pid), "creds": proc_creds,
-                "cwd": os.readlink(procfs.path(pid, "cwd")), "umask": creds.umask(pid),
-                "personality": procfs.personality(pid), "rlimits": rlimits,
+                "comm": procfs.comm(pid), "exe": os.readlink(procfs.path(at, "exe")),
+                "cmdline": procfs.cmdline(at), "creds": proc_creds,
+                "cwd": os.readlink(procfs.path(at, "cwd")), "umask": creds.umask(at),
+                "personality": procfs.personality(at), "rlimits": rlimits,
                 "mm": mm, "vmas": vmas, "pages": f"pages-{inner}.img",
                 "pagemap": f"pagemap-{inner}.bin", "nr_pages": 0, "sigactions": sigactions,
                 "itimers": itimers, "posix_timers": timers,
-                "shared_pending": signals.dump_pending(pid, shared=True),
+                "shared_pending": signals.dump_pending(at, shared=True),
                 "fds": fd_entries, "threads": [record for _, _, record in thread_records],
                 **attributes, "exit_status": None, "stopped": frozen.stopped,
+                "main_thread_exited": frozen.main_thread_exited,
                 "_xfeatures": xfeatures,
             }
     except BaseException:
@@ -377,4 +386,4 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
         raise
     if snap is not None:
         return proc, snap.batches, snap
-    return proc, list(memory.split_batches(ranges)), memory.MemoryReader(pid, unreadable)
+    return proc, list(memory.split_batches(ranges)), memory.MemoryReader(at, unreadable)

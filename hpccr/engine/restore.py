@@ -17,6 +17,7 @@ import fcntl
 import os
 import signal
 import struct
+import time
 from dataclasses import dataclass, field
 
 from hpccr import errors, native
@@ -45,7 +46,14 @@ from hpccr.engine.job import (
     fork_into_new_pid_namespace,
     forward_signals,
 )
-from hpccr.engine.tracer import ALL_SIGNALS, SYSCALL_INT3, Injector, Thread, wait_stopped_again
+from hpccr.engine.tracer import (
+    ALL_SIGNALS,
+    SYSCALL_INT3,
+    Injector,
+    Thread,
+    poke,
+    wait_stopped_again,
+)
 from hpccr.errors import (
     AccessDenied,
     FileMismatch,
@@ -65,6 +73,8 @@ AT_ENTRY = 9
 STUB_INJECT_OFFSET = 9
 MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map
 AT_FDCWD = -100
+SYS_EXIT = 60  # x86_64: the exit of one thread
+EXIT_TIMEOUT_S = 10.0
 
 
 class Context:
@@ -612,8 +622,9 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     fds.set_cloexec(inj, proc["fds"])
     locks.take_posix(inj, proc["fds"])  # after the files mapped were opened and closed
 
-    tasks = [(stub, proc["threads"][0])]
-    for saved in proc["threads"][1:]:
+    exited = proc["main_thread_exited"]  # the stub is the main thread only until the end
+    tasks = [] if exited else [(stub, proc["threads"][0])]
+    for saved in proc["threads"][len(tasks):]:
         t = Thread(threads.create_thread(inj, saved["tid"]))
         t.capture()
         tasks.append((t, saved))
@@ -630,7 +641,7 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     creds.restore_rlimits(pid, proc["rlimits"])
     # The injection page must go before credentials drop: munmap needs no privilege, but the
     # page must not outlive the restore.  Credentials come last, thread by thread.
-    for thread, _ in tasks[1:]:
+    for thread, _ in tasks[0 if exited else 1:]:
         creds.restore_creds(inj, thread, proc["creds"])
     creds.restore_creds(inj, stub, proc["creds"])
     sigio.restore(inj, proc["fds"])  # with the process's own credentials, see sigio.py
@@ -639,6 +650,8 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         if cpu.uses_amx_tiles(xstate):
             threads.touch_amx(inj, thread)
     inj.close(code_ip=proc["threads"][0]["regs"]["rip"])
+    if exited:
+        _end_main_thread(pid, stub, proc["threads"][0]["regs"]["rip"], tasks[0][0].tid)
     for (thread, saved), xstate in zip(tasks, xstates, strict=True):
         _load_cpu(thread, saved, xstate)
     for thread, saved in tasks:
@@ -648,6 +661,28 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         _load_cpu(thread, saved, sharer.ctx.reader.read_bytes(saved["xstate"]))
         native.set_sigmask(thread.tid, saved["sigmask"])
         sharer.ctx.threads = [thread.tid]
+
+
+def _end_main_thread(pid: int, stub: Thread, code_ip: int, thread: int) -> None:
+    """End the stub, the main thread of a process whose main thread had exited, by the exit
+    path of a thread (exit, not exit_group), the other threads still stopped: it becomes the
+    zombie leader the process had.  It runs a `syscall` poked at `code_ip` (through the memory
+    of `thread`, one of the others: a zombie leader has none), untraced (a traced leader's exit
+    could not be waited for while its threads live)."""
+    original = poke(thread, code_ip, SYSCALL_INT3)
+    try:
+        regs = native.new_regs()
+        native.ffi.memmove(regs, stub.regs, native.ffi.sizeof("struct user_regs_struct"))
+        regs.rip, regs.rax, regs.rdi, regs.orig_rax = code_ip, SYS_EXIT, 0, (1 << 64) - 1
+        native.set_regs(pid, regs)
+        native.detach(pid, 0)
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while procfs.state(pid) != "Z":
+            if time.monotonic() > deadline:
+                raise RestoreFailed(f"the main thread of process {pid} did not exit")
+            time.sleep(0.0005)
+    finally:
+        poke(thread, code_ip, original)
 
 
 def _rebuild_memory_sharer(inj: Injector, sharer: Task) -> tuple[Thread, dict]:
