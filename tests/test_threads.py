@@ -5,7 +5,8 @@ Threads keep their scheduling too: CPU affinity, nice value and policy.
 
 Workloads: workloads/regs.c (4 threads, AVX-512 or AVX), workloads/amx.c (2 threads, AMX tiles),
 workloads/sched.c (3 threads, each with its own CPU mask, nice value and policy),
-workloads/thread_leader_exit.c (3 workers run on after main's pthread_exit).
+workloads/thread_leader_exit.c (3 workers run on after main's pthread_exit, with a heap and a
+pipe).
 """
 
 import json
@@ -124,8 +125,15 @@ def test_main_thread_exited(cr, tmp_path):
 
 
 def test_main_thread_exited_leave_running(cr, tmp_path):
+    """A running dump (its memory snapshot taken through a worker's pidfd) warns of nothing;
+    the original passes, then the image restores and passes too."""
     workload = cr.start("thread_leader_exit", append=True)
-    cr.leave_running_then_restore(workload, tmp_path / "img")
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    cr.restore_and_pass(workload, img, passes=2)
 
 
 def test_main_thread_exited_in_a_job(tree_cr, tmp_path):

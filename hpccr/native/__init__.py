@@ -269,7 +269,7 @@ def pidfd_open(tid: int) -> int:
     try:
         return os.pidfd_open(tid)
     except OSError as exc:
-        if exc.errno != errno.EINVAL:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):  # as kernels say "not a leader"
             raise
         return os.pidfd_open(tid, PIDFD_THREAD)
 

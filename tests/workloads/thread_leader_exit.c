@@ -4,21 +4,23 @@
  *
  * usage: thread_leader_exit [SECONDS]
  *
- * Three workers, each with its name, its tid and data on its own stack; they share a block of
- * PRNG data on the heap.  Once main has exited (its /proc state is Z), worker 0 prints READY.
- * After the window each worker checks its tid, name and stack data, worker 0 checks the heap
- * block, that the leader is still a zombie and that the process still has four tasks (the
- * leader counts until the group has exited), and exits the process with the result.
+ * Three workers, each with its name, its tid and data on its own stack; they share 32 MiB of
+ * PRNG data on the heap (enough for a running dump's snapshot) and a pipe holding data.  Once
+ * main has exited (its /proc state is Z), worker 0 prints READY.  After the window each worker
+ * checks its tid, name and stack data; worker 0 checks the heap and the pipe's data, that the
+ * leader is still a zombie and that the process still has four tasks (the leader counts until
+ * the group has exited), then exits the process with the result.
  */
 #include "wl.h"
 
 #include <sys/prctl.h>
 
 #define WORKERS 3
-#define HEAP (4UL << 20)
+#define HEAP (32UL << 20)
 #define STACK_DATA 4096
 
 static char *heap;
+static int pipefd[2];
 static pthread_barrier_t checked;
 static double window;
 
@@ -71,7 +73,11 @@ static void *worker(void *arg)
 	WL_CHECK(!strcmp(name, want), "worker %ld: name '%s', not '%s'", i, name, want);
 	WL_CHECK(wl_verify(data, sizeof(data), 1000 + i) < 0, "worker %ld: stack data differs", i);
 	if (i == 0) { /* while the others wait at the barrier, alive */
+		char queued[64] = "";
+
 		WL_CHECK(wl_verify(heap, HEAP, 42) < 0, "the heap block differs");
+		WL_CHECK(read(pipefd[0], queued, sizeof(queued)) == 7 && !strcmp(queued, "queued"),
+			 "the pipe's data is not 'queued'");
 		WL_CHECK(leader_state() == 'Z', "the leader is in state %c, not a zombie",
 			 leader_state());
 		/* the zombie leader counts until the whole group has exited */
@@ -93,6 +99,8 @@ int main(int argc, char **argv)
 	if (!heap)
 		wl_die("malloc");
 	wl_fill(heap, HEAP, 42);
+	if (pipe(pipefd) || write(pipefd[1], "queued", 7) != 7)
+		wl_die("pipe");
 	pthread_barrier_init(&checked, NULL, WORKERS);
 	for (long i = 0; i < WORKERS; i++)
 		if (pthread_create(&threads[i], NULL, worker, (void *)i))
