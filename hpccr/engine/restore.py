@@ -623,6 +623,8 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     locks.take_posix(inj, proc["fds"])  # after the files mapped were opened and closed
 
     exited = proc["main_thread_exited"]  # the stub is the main thread only until the end
+    if exited:
+        threads.set_name(inj, stub, proc["comm"])  # the process's name is its main thread's
     tasks = [] if exited else [(stub, proc["threads"][0])]
     for saved in proc["threads"][len(tasks):]:
         t = Thread(threads.create_thread(inj, saved["tid"]))

@@ -8,8 +8,8 @@
  * PRNG data on the heap (enough for a running dump's snapshot) and a pipe holding data.  Once
  * main has exited (its /proc state is Z), worker 0 prints READY.  After the window each worker
  * checks its tid, name and stack data; worker 0 checks the heap and the pipe's data, that the
- * leader is still a zombie and that the process still has four tasks (the leader counts until
- * the group has exited), then exits the process with the result.
+ * leader is still a zombie, with the process's name, and that the process still has four tasks
+ * (the leader counts until the group has exited), then exits the process with the result.
  */
 #include "wl.h"
 
@@ -20,6 +20,7 @@
 #define STACK_DATA 4096
 
 static char *heap;
+static char comm[32]; /* the process's name: its main thread's */
 static int pipefd[2];
 static pthread_barrier_t checked;
 static double window;
@@ -34,6 +35,15 @@ static char leader_state(void)
 	fclose(f);
 	p = strrchr(buf, ')');
 	return p ? p[2] : '?';
+}
+
+static void read_comm(char *buf, size_t size)
+{
+	FILE *f = fopen("/proc/self/comm", "r");
+
+	if (!f || !fgets(buf, size, f))
+		wl_die("/proc/self/comm");
+	fclose(f);
 }
 
 static int status_field(const char *key)
@@ -73,13 +83,15 @@ static void *worker(void *arg)
 	WL_CHECK(!strcmp(name, want), "worker %ld: name '%s', not '%s'", i, name, want);
 	WL_CHECK(wl_verify(data, sizeof(data), 1000 + i) < 0, "worker %ld: stack data differs", i);
 	if (i == 0) { /* while the others wait at the barrier, alive */
-		char queued[64] = "";
+		char queued[64] = "", now[32];
 
 		WL_CHECK(wl_verify(heap, HEAP, 42) < 0, "the heap block differs");
 		WL_CHECK(read(pipefd[0], queued, sizeof(queued)) == 7 && !strcmp(queued, "queued"),
 			 "the pipe's data is not 'queued'");
 		WL_CHECK(leader_state() == 'Z', "the leader is in state %c, not a zombie",
 			 leader_state());
+		read_comm(now, sizeof(now));
+		WL_CHECK(!strcmp(now, comm), "the process is named %s, not %s", now, comm);
 		/* the zombie leader counts until the whole group has exited */
 		WL_CHECK(status_field("Threads") == WORKERS + 1, "%d threads, not %d",
 			 status_field("Threads"), WORKERS + 1);
@@ -95,6 +107,7 @@ int main(int argc, char **argv)
 	pthread_t threads[WORKERS];
 
 	window = argc > 1 ? atof(argv[1]) : WL_WINDOW_S;
+	read_comm(comm, sizeof(comm));
 	heap = malloc(HEAP);
 	if (!heap)
 		wl_die("malloc");
