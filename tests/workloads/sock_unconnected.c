@@ -1,13 +1,15 @@
 /*
  * Unix sockets that are neither connected nor listening: made and never bound, or bound to a
- * name and left so (stream, dgram and seqpacket each).
+ * name and left so (stream, dgram and seqpacket each); and a dgram socket connected to the
+ * bound dgram one, which is not connected back.
  *
  * usage: sock_unconnected DIR   (DIR holds the sockets bound to a path)
  *
  * After the window, each socket must have its type, its name (none, a path with its socket
  * file and mode, an abstract name) and its O_NONBLOCK flag, and still work: the bound stream
  * and seqpacket sockets listen and the unbound ones of their type connect to them and talk;
- * the unbound dgram socket sends to the bound one, which receives the datagram.
+ * the unbound dgram socket sends to the bound one, and so does the one connected to it, whose
+ * peer is still that one.
  */
 #include "wl.h"
 
@@ -22,6 +24,7 @@
 static const int types[TYPES] = { SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET };
 static const char *names[TYPES] = { "stream", "dgram", "seqpacket" };
 static int unbound[TYPES], bound[TYPES];
+static int toward; /* a dgram socket connected to the bound one, which is not connected back */
 static struct sockaddr_un addr[TYPES];
 static socklen_t addrlen[TYPES];
 
@@ -85,6 +88,9 @@ int main(int argc, char **argv)
 	}
 	if (chmod(addr[0].sun_path, 0640))
 		wl_die("chmod");
+	toward = socket(AF_UNIX, SOCK_DGRAM, 0);
+	if (toward < 0 || connect(toward, (struct sockaddr *)&addr[1], addrlen[1]))
+		wl_die("connect");
 
 	wl_ready();
 	wl_sleep(WL_WINDOW_S);
@@ -105,12 +111,21 @@ int main(int argc, char **argv)
 
 	for (int i = 0; i < TYPES; i++) {
 		if (types[i] == SOCK_DGRAM) {
+			struct sockaddr_un peer;
+			socklen_t len = sizeof(peer);
 			char buf[64];
 
 			WL_CHECK(sendto(unbound[i], "dgram", 5, 0, (struct sockaddr *)&addr[i],
 					addrlen[i]) == 5, "dgram: sendto: %s", strerror(errno));
 			WL_CHECK(recv(bound[i], buf, sizeof(buf), MSG_DONTWAIT) == 5
 				 && !memcmp(buf, "dgram", 5), "dgram: datagram lost");
+			WL_CHECK(!getpeername(toward, (struct sockaddr *)&peer, &len)
+				 && len == addrlen[i] && !memcmp(&peer, &addr[i], len),
+				 "dgram: the connected socket lost its peer");
+			WL_CHECK(send(toward, "toward", 6, 0) == 6
+				 && recv(bound[i], buf, sizeof(buf), MSG_DONTWAIT) == 6
+				 && !memcmp(buf, "toward", 6), "dgram: datagram from the connected "
+				 "socket lost");
 			continue;
 		}
 		int accepted;
