@@ -40,7 +40,7 @@ from hpccr.engine.fds import (
     tty,
     unix,
 )
-from hpccr.errors import AccessDenied, DumpFailed, RestoreFailed, UnsupportedResource, from_oserror
+from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
 KINDS = {k.NAME: k for k in (regular, memfd, tty, pty, pipe, unix, inet, eventfd, timerfd,
@@ -108,8 +108,8 @@ def dump_fds(pid: int, state: DumpState) -> list[dict]:
                      "desc": -1, "ghost": None, "mode": st.st_mode, "path": link,
                      "locks": locks.dump(pid, fd)}
             entry.update(kind.dump(pid, fd, link, st, state))
-        except OSError as exc:
-            raise from_oserror(exc, f"process {pid} fd {fd} ({kind.NAME})", DumpFailed) from exc
+        except OSError as exc:  # the dump names the process and the step
+            raise OSError(exc.errno, f"fd {fd} ({kind.NAME}): {exc.strerror}") from exc
         entries.append(entry)
     return entries
 
