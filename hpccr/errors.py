@@ -73,11 +73,15 @@ class CheckFailed(HpccrError):
     exit_code = 21
 
 
-def from_oserror(exc: OSError, what: str) -> HpccrError:
-    """Translate an OSError met while doing ``what`` into the matching hpccr error."""
+def from_oserror(exc: OSError, what: str, other: type[HpccrError]) -> HpccrError:
+    """Translate an OSError met while doing ``what`` into the matching hpccr error: ``other``
+    (DumpFailed, RestoreFailed, ImageCorrupt...) for any errno without a class of its own, so
+    that no failure ends with an exit code the README does not list."""
     reason = exc.strerror or str(exc)
+    if exc.filename is not None:
+        reason = f"{exc.filename}: {reason}"
     if exc.errno == errno.ESRCH:
         return NoSuchProcess(f"{what}: no such process")
     if exc.errno in (errno.EPERM, errno.EACCES):
         return AccessDenied(f"{what}: {reason}")
-    return HpccrError(f"{what}: {reason}")
+    return other(f"{what}: {reason}")

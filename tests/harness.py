@@ -50,12 +50,14 @@ def workload_binaries(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
+    """True while ``pid`` exists and is not a zombie; a process whose main thread has exited
+    while other threads run on (shown as a zombie too) is alive."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except (FileNotFoundError, ProcessLookupError):
         return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X") or threads > 1
 
 
 def proc_status(pid: int) -> dict[str, str]:

@@ -8,10 +8,12 @@ import json
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 import xxhash
+from harness import cli_argv, cli_env
 
 # Candidate xstate components to claim in a doctored image: APX, then bits no CPU defines yet.
 XFEATURE_CANDIDATES = [19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
@@ -168,3 +170,50 @@ def test_dump_into_unwritable_place(cr, tmp_path):
     workload.assert_untouched()
     assert workload.wait_exit() == 0, workload.output()
     workload.assert_passed()
+
+
+def test_dump_without_memory_for_its_buffers(cr, tmp_path):
+    """An errno hpccr has no error of its own for (here ENOMEM: the dumper may not map its copy
+    buffers) is still exit code 18, with the step and the resource named; the process runs on
+    untouched and nothing is left of the image."""
+    workload = cr.start("idle", 6)
+    img = tmp_path / "img"
+    res = subprocess.run(["prlimit", f"--as={128 << 20}", *cli_argv("dump", workload.pid, "-D",
+                                                                     img)],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                         env=cli_env())
+    message = cr.assert_error(res, 18)
+    assert message == (f"hpccr: error: dump of process {workload.pid}: copying its memory: "
+                       "allocating hpccr's copy buffers (64 MiB each): Cannot allocate memory")
+    assert not img.exists()
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
+def test_restore_refused_by_a_system_call(cr, tmp_path):
+    """A system call refused in the restored process (an mmap at an address not page-aligned,
+    written into the image) is exit code 19, naming the process, the step and the mapping;
+    nothing is left running, and the real image still restores."""
+    workload = cr.start("idle")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    heap = {}
+
+    def misalign(meta):
+        (vma,) = [v for v in meta["processes"][0]["vmas"] if v["kind"] == "heap"]
+        heap.update(vma)
+        vma["start"] += 0x800
+
+    def realign(meta):
+        meta["processes"][0]["vmas"] = [heap if v["kind"] == "heap" else v
+                                        for v in meta["processes"][0]["vmas"]]
+
+    rewrite_image_json(img, misalign)
+    message = cr.assert_error(cr.restore(img), 19)
+    assert message == (f"hpccr: error: restore: process {workload.pid}: rebuilding it: mapping "
+                       f"{heap['start'] + 0x800:#x}-{heap['end']:#x} (heap): mmap in "
+                       f"{workload.pid}: Invalid argument")
+    assert not workload.alive()
+    rewrite_image_json(img, realign)
+    cr.restore_and_pass(workload, img)

@@ -96,6 +96,7 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
             _thread(pid + 1, 0x405678, U64_MINUS_1, [_siginfo(signal.SIGUSR2)]),
         ],
         "child_subreaper": 0, "pdeathsig": 0, "exit_status": None, "stopped": False,
+        "main_thread_exited": False,
         "shares_with_parent": [],
     }
     return {
@@ -388,6 +389,11 @@ def _mutate(edit):
         (_mutate(lambda m: m["processes"].append(copy.deepcopy(m["processes"][0]))),
          "duplicate pid"),
         (_mutate(lambda m: m["processes"][0]["threads"].reverse()), "leader must come first"),
+        (_mutate(lambda m: m["processes"][0].update(main_thread_exited=True)),
+         "leader must come first, unless it has exited"),
+        (_mutate(lambda m: (m["processes"][0]["threads"].reverse(),
+                            m["processes"][0].update(main_thread_exited=True))),
+         "its exited main thread is listed"),
     ],
 )
 def test_bad_image_json(tmp_path, meta_bytes, message):

@@ -45,3 +45,17 @@ def test_memory_leave_running(cr, tmp_path):
     workload.proc.wait(timeout=10)
     assert "PASS" not in workload.lines()
     cr.restore_and_pass(workload, img)
+
+
+def test_memory_in_pieces(cr, tmp_path):
+    """512 MiB cut into about 1200 VMAs by single PROT_NONE and PROT_READ pages (guard pages,
+    JIT heaps): every byte and every page's protection comes back (workloads/mem_pieces.c)."""
+    workload = cr.start("mem_pieces")
+    cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_memory_in_pieces_leave_running(cr, tmp_path):
+    """The same with the copy-on-write snapshot of a running dump: the original passes, then
+    the image restores and passes too."""
+    workload = cr.start("mem_pieces", append=True)
+    cr.leave_running_then_restore(workload, tmp_path / "img")

@@ -1,12 +1,15 @@
 """Unix domain sockets between processes of the dumped tree: socketpairs (stream, seqpacket,
 dgram) with messages queued both ways, a listening socket with accepted and waiting
-connections, an epoll server with three clients; each dumped by its root pid and run as a job,
-and dumped with --leave-running (the original still passes: nothing was consumed).  A pair of a
-process run as another user keeps its peer credentials.  A socket connected to a process
-outside the dump, and data on a connection not accepted yet, are refused.
+connections, an epoll server with three clients, sockets neither connected nor listening; each
+dumped by its root pid and run as a job, and dumped with --leave-running (the original still
+passes: nothing was consumed).  A pair of a process run as another user keeps its peer
+credentials.  A socket connected to a process outside the dump, and data on a connection not
+accepted yet, are refused.
 
 Workloads: workloads/sock_pair.c stream|seqpacket|dgram, sock_listen.c DIR, sock_epoll.c,
-sock_dgram_sources.c (datagrams sent to a bound socket by a named and an unnamed socket).
+sock_dgram_sources.c (datagrams sent to a bound socket by a named and an unnamed socket),
+sock_unconnected.c DIR (sockets of each type never bound, or bound and neither listening nor
+connected).
 Each checks the exact queued messages, names, options and connections after the window.
 """
 
@@ -34,10 +37,10 @@ def start(cr, mode: str, name: str, *args):
 
 def workloads(tmp_path: Path) -> list[tuple[str, list]]:
     return [*(("sock_pair", [kind]) for kind in PAIRS), ("sock_listen", [tmp_path]),
-            ("sock_epoll", []), ("sock_dgram_sources", [])]
+            ("sock_epoll", []), ("sock_dgram_sources", []), ("sock_unconnected", [tmp_path])]
 
 
-IDS = [*PAIRS, "listen", "epoll", "dgram-sources"]
+IDS = [*PAIRS, "listen", "epoll", "dgram-sources", "unconnected"]
 
 
 @pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)

@@ -4,7 +4,9 @@ including the vector state only the xstate regset holds (zmm16-31, k0-7, AMX til
 Threads keep their scheduling too: CPU affinity, nice value and policy.
 
 Workloads: workloads/regs.c (4 threads, AVX-512 or AVX), workloads/amx.c (2 threads, AMX tiles),
-workloads/sched.c (3 threads, each with its own CPU mask, nice value and policy).
+workloads/sched.c (3 threads, each with its own CPU mask, nice value and policy),
+workloads/thread_leader_exit.c (3 workers run on after main's pthread_exit, with a heap and a
+pipe).
 """
 
 import json
@@ -105,3 +107,36 @@ def test_amx_without_checkpoint(cr):
 def test_amx_tiles(cr, tmp_path):
     workload = cr.start("amx")
     cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+
+def test_main_thread_exited(cr, tmp_path):
+    """A process whose main thread has exited while its workers run (pthread_exit in main):
+    the image lists the workers only; restored, each worker has its tid, name and stack, the
+    leader is a zombie thread again and the process has as many tasks as before (the workload
+    checks all of it)."""
+    workload = cr.start("thread_leader_exit")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    (proc,) = json.loads((img / "image.json").read_text())["processes"]
+    assert proc["main_thread_exited"]
+    assert len(proc["threads"]) == 3 and workload.pid not in [t["tid"] for t in proc["threads"]]
+    cr.restore_and_pass(workload, img)
+
+
+def test_main_thread_exited_leave_running(cr, tmp_path):
+    """A running dump (its memory snapshot taken through a worker's pidfd) warns of nothing;
+    the original passes, then the image restores and passes too."""
+    workload = cr.start("thread_leader_exit", append=True)
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    cr.restore_and_pass(workload, img, passes=2)
+
+
+def test_main_thread_exited_in_a_job(tree_cr, tmp_path):
+    """The same process as a job's (hpccr run), restored into a new pid namespace."""
+    job = tree_cr.start_job([tree_cr.binaries["thread_leader_exit"]])
+    tree_cr.checkpoint_restart(job, tmp_path / "img")

@@ -74,7 +74,7 @@ def check_target(pid: int) -> None:
         raise NoSuchProcess(f"no process with pid {pid}") from None
     if int(st["Tgid"]) != pid:
         raise NoSuchProcess(f"{pid} is a thread of process {st['Tgid']}, not a process")
-    if st["State"].startswith(("Z", "X")):
+    if st["State"].startswith(("Z", "X")) and not procfs.leader_exited(pid):
         raise NoSuchProcess(f"process {pid} is a zombie")
     if pid == os.getpid():
         raise DumpFailed("hpccr cannot dump itself")
@@ -96,7 +96,8 @@ def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
     (whatever it did meanwhile, output or messages, would happen again after a restore), and
     running while its pages are copied would gain it nothing."""
     assert mode in MODES
-    check_target(pid)
+    with _Step(pid, "looking at the process"):
+        check_target(pid)
     network = _network(pid)
     clock = _Clock()
     # Inside the job's network: its sockets are found and locked there (fds/inet.py).
@@ -152,7 +153,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
           network: netns.Spec | None) -> DumpResult:
     frozen = FrozenTree(root)
     clock.freeze()
-    with _reading(root):
+    with _Step(root, "freezing the process tree"):
         frozen.freeze()
     ids = _Ids(root)
     writer = fd_state = None
@@ -160,7 +161,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
     try:
         writer = ImageWriter(directory)
         ghosts = GhostWriter(writer)
-        fd_state = fds.DumpState(writer, ghosts, frozen.pids, ids.pidns, network is not None)
+        fd_state = fds.DumpState(writer, ghosts, [_reader(frozen, pid) for pid in frozen.pids],
+                                 ids.pidns, network is not None)
         procs, copies = [], []
         for pid in frozen.pids:
             if pid in frozen.zombies:
@@ -175,9 +177,11 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         for pid, proc in zip(frozen.pids, procs, strict=True):
             proc["shares_with_parent"] = frozen.shared_with_parent.get(pid, [])
         sharing.check(procs)
-        with _reading(root):
+        with _Step(root, "saving SysV IPC objects"):
             sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
-            fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})
+        with _Step(root, "comparing open file descriptions"):
+            fds.share_descriptions({_reader(frozen, pid): proc["fds"]
+                                    for pid, proc, _, _ in copies})
         # Processes without a snapshot are copied now, frozen; then the others, running.
         copies.sort(key=lambda copy: isinstance(copy[3], snapshot.Snapshot))
         running = False
@@ -190,7 +194,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                 clock.thaw()
                 fd_state.finish(None)
                 running = True
-            with _reading(pid), PageWriter(writer, proc["pid"]) as pages:
+            with _Step(pid, "copying its memory"), PageWriter(writer, proc["pid"]) as pages:
                 try:
                     memory.copy_pages(batches, reader, pages)
                     if cow:
@@ -217,7 +221,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         if fd_state is not None:
             fd_state.finish(None)
         if isinstance(exc, OSError):
-            raise DumpFailed(f"dump of process {root} failed: {exc}") from exc
+            raise from_oserror(exc, f"dump of process {root}", DumpFailed) from exc
         raise
     if mode == "kill":
         fd_state.before_kill()
@@ -231,6 +235,11 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
     clock.thaw()
     return DumpResult(str(path), clock.frozen(), clock.total(),
                       sum(p["nr_pages"] for p in procs))
+
+
+def _reader(frozen: FrozenTree, pid: int) -> int:
+    """The task whose /proc entries show process `pid` of the tree (FrozenProcess.reader)."""
+    return frozen.frozen[pid].reader if pid in frozen.frozen else pid
 
 
 class _Ids:
@@ -273,19 +282,29 @@ def _zombie(pid: int, ids: _Ids) -> dict:
         "pagemap": "", "nr_pages": 0, "sigactions": [],
         "itimers": {"real": [0, 0], "virtual": [0, 0], "prof": [0, 0]}, "shared_pending": [],
         "fds": [], "threads": [], "child_subreaper": 0, "pdeathsig": 0,
-        "exit_status": tree.exit_status(pid), "stopped": False, "posix_timers": [],
+        "exit_status": tree.exit_status(pid), "stopped": False, "main_thread_exited": False,
+        "posix_timers": [],
     }
 
 
-@contextlib.contextmanager
-def _reading(pid: int):
-    """Errors met while reading the target, as hpccr errors."""
-    try:
-        yield
-    except OSError as exc:
-        if not os.path.isdir(procfs.path(pid)):
-            raise NoSuchProcess(f"process {pid} exited during the dump") from None
-        raise from_oserror(exc, f"dump of process {pid}") from exc
+class _Step:
+    """What the dump of process `pid` is doing now (`now`, changed as it goes on): an OSError
+    met meanwhile becomes an hpccr error that names both, and an errno without an error class
+    of its own a DumpFailed (exit code 18)."""
+
+    def __init__(self, pid: int, now: str):
+        self.pid = pid
+        self.now = now
+
+    def __enter__(self) -> _Step:
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if not isinstance(exc, OSError):
+            return
+        if not os.path.isdir(procfs.path(self.pid)):
+            raise NoSuchProcess(f"process {self.pid} exited during the dump") from None
+        raise from_oserror(exc, f"dump of process {self.pid}: {self.now}", DumpFailed) from exc
 
 
 def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None,
@@ -308,26 +327,31 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
     """Read every piece of state of the frozen process, streaming blobs into `writer`; returns
     its record, the batches of pages to save, and their reader: a Snapshot that has already
     write-protected them if `cow` and possible, else a MemoryReader for a copy in the freeze.
-    A process whose address space is its parent's (CLONE_VM) has no memory of its own saved."""
-    leader = frozen.threads[pid]
+    A process whose address space is its parent's (CLONE_VM) has no memory of its own saved.
+    Its state is read through `frozen.reader`: a thread that still runs, if the main thread has
+    exited."""
+    at = frozen.reader
     snap = None
     try:
-        with _reading(pid):
-            entries = procfs.maps(pid) if own_memory else []  # before the injector's scratch
-            vmas = memory.describe_vmas(pid, entries, ghosts)
-            fd_entries = fds.dump_fds(pid, fd_state)
-            stat = procfs.stat(pid)
+        with _Step(pid, "reading its memory mappings") as step:
+            entries = procfs.maps(at) if own_memory else []  # before the injector's scratch
+            vmas = memory.describe_vmas(at, entries, ghosts)
+            step.now = "reading its file descriptors"
+            fd_entries = fds.dump_fds(at, fd_state)
+            step.now = "reading its page map"
+            stat = procfs.stat(at)
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
-            ranges = memory.select_pages(pid, vmas)
-            inj = Injector(pid, leader)
+            ranges = memory.select_pages(at, vmas)
+            step.now = "asking it for its state by injected system calls"
+            inj = Injector(at, frozen.threads[at])
             try:
-                sigio.dump(inj, pid, fd_entries)
-                proc_creds = creds.dump_creds(pid, inj)
+                sigio.dump(inj, at, fd_entries)
+                proc_creds = creds.dump_creds(at, inj)
                 rlimits = creds.dump_rlimits(inj)
                 attributes = prctls.dump(inj)
                 sigactions = signals.dump_sigactions(inj)
                 itimers = signals.dump_itimers(inj)
-                timers = posix_timers.dump_timers(inj, pid, lambda tid: ids.thread(pid, tid))
+                timers = posix_timers.dump_timers(inj, at, lambda tid: ids.thread(pid, tid))
                 brk = inj.call("brk", 0)
                 xcomp_perm = threads.dump_xcomp_perm(inj)
                 thread_records = []
@@ -337,9 +361,10 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     record["sched"] = sched.dump(pid, tid)
                     thread_records.append((tid, thread, record))
                 if cow and sum(length for _, length in ranges) >= SNAPSHOT_MIN_BYTES:
-                    snap = snapshot.Snapshot.open(pid, inj)
+                    snap = snapshot.Snapshot.open(at, inj)
             finally:
                 inj.close()
+            step.now = "reading its threads' registers"
             xfeatures = None
             for tid, thread, record in thread_records:
                 xstate = native.get_xstate(tid)
@@ -352,26 +377,29 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     "xcomp_perm": xcomp_perm, "sigmask": thread.sigmask,
                     "pending": signals.dump_pending(tid, shared=False),
                 })
+            step.now = "write-protecting its memory for the snapshot"
             if snap is not None and not snap.protect(vmas, ranges, unreadable):
                 snap.close()
                 snap = None
+            step.now = "reading its memory layout, executable and working directory"
             mm = {name: int(stat[i]) for name, i in MM_FIELDS.items()}
             mm["brk"] = brk
-            mm["auxv"] = base64.b64encode(procfs.auxv(pid)).decode()
+            mm["auxv"] = base64.b64encode(procfs.auxv(at)).decode()
             inner = ids.of(pid)
             proc = {
                 "pid": inner, "ppid": ids.parent(pid), "pgid": ids.of(pid, "NSpgid"),
                 "sid": ids.of(pid, "NSsid"),
-                "comm": procfs.comm(pid), "exe": os.readlink(procfs.path(pid, "exe")),
-                "cmdline": procfs.cmdline(pid), "creds": proc_creds,
-                "cwd": os.readlink(procfs.path(pid, "cwd")), "umask": creds.umask(pid),
-                "personality": procfs.personality(pid), "rlimits": rlimits,
+                "comm": procfs.comm(pid), "exe": os.readlink(procfs.path(at, "exe")),
+                "cmdline": procfs.cmdline(at), "creds": proc_creds,
+                "cwd": os.readlink(procfs.path(at, "cwd")), "umask": creds.umask(at),
+                "personality": procfs.personality(at), "rlimits": rlimits,
                 "mm": mm, "vmas": vmas, "pages": f"pages-{inner}.img",
                 "pagemap": f"pagemap-{inner}.bin", "nr_pages": 0, "sigactions": sigactions,
                 "itimers": itimers, "posix_timers": timers,
-                "shared_pending": signals.dump_pending(pid, shared=True),
+                "shared_pending": signals.dump_pending(at, shared=True),
                 "fds": fd_entries, "threads": [record for _, _, record in thread_records],
                 **attributes, "exit_status": None, "stopped": frozen.stopped,
+                "main_thread_exited": frozen.main_thread_exited,
                 "_xfeatures": xfeatures,
             }
     except BaseException:
@@ -380,4 +408,4 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
         raise
     if snap is not None:
         return proc, snap.batches, snap
-    return proc, list(memory.split_batches(ranges)), memory.MemoryReader(pid, unreadable)
+    return proc, list(memory.split_batches(ranges)), memory.MemoryReader(at, unreadable)

@@ -14,6 +14,7 @@ protections.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import mmap
@@ -77,14 +78,17 @@ def saves_pages(vma: dict) -> bool:
 
 
 def select_pages(pid: int, vmas: list[dict]) -> list[tuple[int, int]]:
-    """(address, length) of every page range to save, in address order."""
+    """(address, length) of every page range to save, in address order.  Neighbour ranges are
+    merged, unless only one of them can be read with process_vm_readv (MemoryReader)."""
     ranges: list[tuple[int, int]] = []
+    last_readable = True  # whether ranges[-1] can be read with process_vm_readv
     fd = procfs.pagemap_fd(pid)
     try:
         for vma in vmas:
             if not saves_pages(vma):
                 continue
             no_bits = 0 if vma["shared"] else PM_FILE
+            readable = vma["prot"][0] == "r"
             first = vma["start"] // PAGE
             total = (vma["end"] - vma["start"]) // PAGE
             count = 0
@@ -94,11 +98,13 @@ def select_pages(pid: int, vmas: list[dict]) -> list[tuple[int, int]]:
                 for start, pages in native.pagemap_runs(entries, PM_PRESENT | PM_SWAPPED,
                                                         no_bits):
                     addr = (first + chunk + start) * PAGE
-                    if ranges and ranges[-1][0] + ranges[-1][1] == addr:
+                    if (ranges and ranges[-1][0] + ranges[-1][1] == addr
+                            and readable == last_readable):
                         ranges[-1] = (ranges[-1][0], ranges[-1][1] + pages * PAGE)
                     else:
                         ranges.append((addr, pages * PAGE))
                     count += pages
+                    last_readable = readable
             vma["saved_pages"] = count
     finally:
         os.close(fd)
@@ -123,26 +129,39 @@ def split_batches(ranges: list[tuple[int, int]], limit: int = COPY_BATCH):
 
 
 class MemoryReader:
-    """Reads page runs of a process: one process_vm_readv per batch, or /proc/PID/mem for a batch
-    that touches an unreadable VMA (PROT_NONE, write-only), which process_vm_readv refuses."""
+    """Reads page runs of a process: process_vm_readv of as many runs at once as it can, and
+    /proc/PID/mem for the runs of unreadable VMAs (PROT_NONE, write-only), which
+    process_vm_readv refuses.  A run never spans VMAs of both kinds (select_pages())."""
 
     def __init__(self, pid: int, unreadable: list[tuple[int, int]]):
         self.pid = pid
-        self.unreadable = unreadable
+        self.unreadable = sorted(unreadable)
         self._mem = -1
 
     def read(self, batch: list[tuple[int, int]], view: memoryview) -> None:
-        if any(_inside(addr, self.unreadable) for addr, _ in batch):
-            if self._mem < 0:
-                self._mem = os.open(procfs.path(self.pid, "mem"), os.O_RDONLY)
-            offset = 0
-            for addr, length in batch:
+        groups: list[list] = []  # [view offset, size, addrs, lens] of readable runs in a row
+        offset = 0
+        for addr, length in batch:
+            if _inside(addr, self.unreadable):
+                if self._mem < 0:
+                    self._mem = os.open(procfs.path(self.pid, "mem"), os.O_RDONLY)
                 _read_exact(self._mem, view[offset:offset + length], addr)
-                offset += length
-        else:
-            addrs = native.ffi.new("unsigned long long[]", [a for a, _ in batch])
-            lens = native.ffi.new("unsigned long long[]", [n for _, n in batch])
-            native.read_ranges(self.pid, addrs, lens, len(batch), view)
+            elif groups and groups[-1][0] + groups[-1][1] == offset:
+                groups[-1][1] += length
+                groups[-1][2].append(addr)
+                groups[-1][3].append(length)
+            else:
+                groups.append([offset, length, [addr], [length]])
+            offset += length
+        for at, size, addrs, lens in groups:
+            try:
+                native.read_ranges(self.pid, native.ffi.new("unsigned long long[]", addrs),
+                                   native.ffi.new("unsigned long long[]", lens), len(addrs),
+                                   view[at:at + size])
+            except OSError as exc:
+                raise OSError(exc.errno, f"process_vm_readv of {len(addrs)} ranges in "
+                                         f"{addrs[0]:#x}-{addrs[-1] + lens[-1]:#x}: "
+                                         f"{os.strerror(exc.errno)}") from None
 
     def close(self) -> None:
         if self._mem >= 0:
@@ -157,7 +176,15 @@ def copy_pages(batches, reader, pages) -> None:
     Two buffers in turn: while one batch is written out (and hashed) by a helper thread, the next
     one is read from the target; both steps run without the GIL. The buffers are allocated here,
     after a snapshot dump has released the target: faulting fresh memory is slow."""
-    buffers = [mmap.mmap(-1, COPY_BATCH) for _ in range(2)]
+    buffers = []
+    try:
+        for _ in range(2):
+            buffers.append(mmap.mmap(-1, COPY_BATCH))
+    except OSError as exc:
+        for buf in buffers:
+            buf.close()
+        raise OSError(exc.errno, f"allocating hpccr's copy buffers ({COPY_BATCH >> 20} MiB "
+                                 f"each): {os.strerror(exc.errno)}") from None
     try:
         with ThreadPoolExecutor(1) as writer:
             in_flight: list = []
@@ -190,7 +217,9 @@ def _write_batch(pages, batch: list[tuple[int, int]], view: memoryview) -> None:
 
 
 def _inside(addr: int, spans: list[tuple[int, int]]) -> bool:
-    return any(start <= addr < end for start, end in spans)
+    """Whether `addr` is in one of the sorted, disjoint `spans`."""
+    i = bisect.bisect_right(spans, (addr, float("inf"))) - 1
+    return i >= 0 and spans[i][1] > addr
 
 
 def _read_exact(fd: int, view: memoryview, addr: int) -> None:
@@ -327,7 +356,11 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
                 flags |= MAP_GROWSDOWN
             if v["saved_pages"] * 2 * PAGE >= length:
                 flags |= MAP_POPULATE  # pre-faulting in the kernel beats faults on write
-        inj.call("mmap", v["start"], length, prot, flags, fd, offset)
+        try:
+            inj.call("mmap", v["start"], length, prot, flags, fd, offset)
+        except OSError as exc:
+            raise OSError(exc.errno, f"mapping {v['start']:#x}-{v['end']:#x} ({v['kind']}): "
+                                     f"{exc.strerror}") from None
 
 
 def _attach_sysv(inj, vma: dict) -> None:

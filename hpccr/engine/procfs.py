@@ -82,6 +82,17 @@ def state(pid: int, tid: int | None = None) -> str | None:
         return None
 
 
+def leader_exited(pid: int) -> bool:
+    """Has the main thread of `pid` exited while other threads run on (pthread_exit in main)?
+    The process then shows as a zombie, and its memory, descriptors and cwd only through the
+    other threads."""
+    try:
+        others = tids(pid)[1:]
+    except OSError:
+        return False
+    return state(pid) == "Z" and any(state(pid, tid) not in ("Z", "X", None) for tid in others)
+
+
 def comm(pid: int, tid: int | None = None) -> str:
     p = path(pid, "task", str(tid), "comm") if tid else path(pid, "comm")
     with open(p) as f:

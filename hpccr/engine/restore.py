@@ -17,6 +17,7 @@ import fcntl
 import os
 import signal
 import struct
+import time
 from dataclasses import dataclass, field
 
 from hpccr import errors, native
@@ -46,7 +47,14 @@ from hpccr.engine.job import (
     fork_into_new_pid_namespace,
     forward_signals,
 )
-from hpccr.engine.tracer import ALL_SIGNALS, SYSCALL_INT3, Injector, Thread, wait_stopped_again
+from hpccr.engine.tracer import (
+    ALL_SIGNALS,
+    SYSCALL_INT3,
+    Injector,
+    Thread,
+    poke,
+    wait_stopped_again,
+)
 from hpccr.errors import (
     AccessDenied,
     FileMismatch,
@@ -66,6 +74,8 @@ AT_ENTRY = 9
 STUB_INJECT_OFFSET = 9
 MM_MAP = struct.Struct("<11QQII")  # struct prctl_mm_map
 AT_FDCWD = -100
+SYS_EXIT = 60  # x86_64: the exit of one thread
+EXIT_TIMEOUT_S = 10.0
 
 
 class Context:
@@ -243,19 +253,22 @@ def restore_tree(directory: str, user: User | None = None,
     root restores for a user — and anything for an image only root could have written.
     With `tcp_close`, a TCP connection whose local address does not exist here comes back
     reset instead of failing the restore (fds/inet.py)."""
-    if user is None:
-        reader, meta = load(directory)
-    else:
-        with user.reading_as_user():
+    with _step("reading the image"):
+        if user is None:
             reader, meta = load(directory)
-    st = reader.stat()
+        else:
+            with user.reading_as_user():
+                reader, meta = load(directory)
+        st = reader.stat()
     if user is None and st.st_uid != 0:
         user = User.owner_of(st)
     order = plan(reader, meta, trusted=user is None)
     pidns = meta.get("pidns", False)
     spec = _network_spec(meta, pidns)
-    preflight(reader, meta, order, pidns, user)
-    network = netns.JobNetwork(spec, isolated_if_taken=True) if spec else None
+    with _step("checking the image against this machine"):
+        preflight(reader, meta, order, pidns, user)
+    with _step("making the job's network"):
+        network = netns.JobNetwork(spec, isolated_if_taken=True) if spec else None
     try:
         # Inside the job's network: its sockets are made there, and its first process forked.
         with network.entered() if network else contextlib.nullcontext():
@@ -281,44 +294,50 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
     """Create the tasks, rebuild them and let them run; or leave nothing behind."""
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order], tcp_close)
     try:
-        pool.open_all(in_job=not pidns)
-        spawn(order, pidns, pool, meta["sysv"], network)
+        with _step("opening the descriptors"):
+            pool.open_all(in_job=not pidns)
+        with _step("creating the processes"):
+            spawn(order, pidns, pool, meta["sysv"], network)
         pool.close()
         try:
             for task in order:
                 if not task.sharer:
-                    take_over(task.outer)
+                    with _step(f"process {task.proc['pid']}: taking over its new task"):
+                        take_over(task.outer)
             for task in order:
                 for sharer in task.sharers:
-                    sharer.outer = _clone_sharer(task.outer, sharer.proc)
+                    with _step(f"process {sharer.proc['pid']}: creating it in its parent"):
+                        sharer.outer = _clone_sharer(task.outer, sharer.proc)
             for task in order:
                 if task.zombie:
-                    _become_zombie(task)
+                    with _step(f"process {task.proc['pid']}: ending it as a zombie"):
+                        _become_zombie(task)
             for task in order:
                 if task.zombie or task.sharer:
                     continue
                 memory_sharers = [t for t in task.sharers if sharing.shares_memory(t.proc)]
                 for sharer in task.sharers:
                     if sharer not in memory_sharers:
-                        rebuild(sharer.ctx, sharer.outer, meta)
-                if task.sharers:
-                    _discard_sigchld(task.outer)
-                rebuild(task.ctx, task.outer, meta, memory_sharers)
-            order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
-            for task in order:
-                task.ctx.ghosts.unlink_all()
-            pool.add_late_seals()
-            pool.end_repair()
+                        with _step(f"process {sharer.proc['pid']}: rebuilding it"):
+                            rebuild(sharer.ctx, sharer.outer, meta)
+                with _step(f"process {task.proc['pid']}: rebuilding it"):
+                    if task.sharers:
+                        _discard_sigchld(task.outer)
+                    rebuild(task.ctx, task.outer, meta, memory_sharers)
+            with _step("removing the files that were deleted"):
+                order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
+                for task in order:
+                    task.ctx.ghosts.unlink_all()
+            with _step("sealing memfds and ending TCP repair"):
+                pool.add_late_seals()
+                pool.end_repair()
             # Stopped processes first: the others must not see one before it stops again.
             for task in sorted(reversed(order), key=lambda t: not t.proc["stopped"]):
                 if not task.zombie:
-                    release(task)
-        except BaseException as exc:
+                    with _step(f"process {task.proc['pid']}: letting it run"):
+                        release(task)
+        except BaseException:
             _kill_half_restored(order)
-            if isinstance(exc, HpccrError):
-                raise
-            if isinstance(exc, OSError):
-                raise RestoreFailed(f"restore failed: {exc}") from exc
             raise
     finally:
         pool.close(late=True)
@@ -327,6 +346,16 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
             task.ctx.ghosts.unlink_all()
     for lock in inet.locks_of(e for task in order for e in task.proc.get("fds", [])):
         netlock.unlock(lock)  # the connections are back: the network may move them again
+
+
+@contextlib.contextmanager
+def _step(what: str):
+    """An OSError met while doing `what` fails the restore with a message that names it, and
+    with exit code 19 (RestoreFailed) if its errno has no error class of its own."""
+    try:
+        yield
+    except OSError as exc:
+        raise errors.from_oserror(exc, f"restore: {what}", RestoreFailed) from exc
 
 
 def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
@@ -626,8 +655,11 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     fds.set_cloexec(inj, proc["fds"])
     locks.take_posix(inj, proc["fds"])  # after the files mapped were opened and closed
 
-    tasks = [(stub, proc["threads"][0])]
-    for saved in proc["threads"][1:]:
+    exited = proc["main_thread_exited"]  # the stub is the main thread only until the end
+    if exited:
+        threads.set_name(inj, stub, proc["comm"])  # the process's name is its main thread's
+    tasks = [] if exited else [(stub, proc["threads"][0])]
+    for saved in proc["threads"][len(tasks):]:
         t = Thread(threads.create_thread(inj, saved["tid"]))
         t.capture()
         tasks.append((t, saved))
@@ -644,7 +676,7 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     creds.restore_rlimits(pid, proc["rlimits"])
     # The injection page must go before credentials drop: munmap needs no privilege, but the
     # page must not outlive the restore.  Credentials come last, thread by thread.
-    for thread, _ in tasks[1:]:
+    for thread, _ in tasks[0 if exited else 1:]:
         creds.restore_creds(inj, thread, proc["creds"])
     creds.restore_creds(inj, stub, proc["creds"])
     sigio.restore(inj, proc["fds"])  # with the process's own credentials, see sigio.py
@@ -653,6 +685,8 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         if cpu.uses_amx_tiles(xstate):
             threads.touch_amx(inj, thread)
     inj.close(code_ip=proc["threads"][0]["regs"]["rip"])
+    if exited:
+        _end_main_thread(pid, stub, proc["threads"][0]["regs"]["rip"], tasks[0][0].tid)
     for (thread, saved), xstate in zip(tasks, xstates, strict=True):
         _load_cpu(thread, saved, xstate)
     for thread, saved in tasks:
@@ -662,6 +696,28 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         _load_cpu(thread, saved, sharer.ctx.reader.read_bytes(saved["xstate"]))
         native.set_sigmask(thread.tid, saved["sigmask"])
         sharer.ctx.threads = [thread.tid]
+
+
+def _end_main_thread(pid: int, stub: Thread, code_ip: int, thread: int) -> None:
+    """End the stub, the main thread of a process whose main thread had exited, by the exit
+    path of a thread (exit, not exit_group), the other threads still stopped: it becomes the
+    zombie leader the process had.  It runs a `syscall` poked at `code_ip` (through the memory
+    of `thread`, one of the others: a zombie leader has none), untraced (a traced leader's exit
+    could not be waited for while its threads live)."""
+    original = poke(thread, code_ip, SYSCALL_INT3)
+    try:
+        regs = native.new_regs()
+        native.ffi.memmove(regs, stub.regs, native.ffi.sizeof("struct user_regs_struct"))
+        regs.rip, regs.rax, regs.rdi, regs.orig_rax = code_ip, SYS_EXIT, 0, (1 << 64) - 1
+        native.set_regs(pid, regs)
+        native.detach(pid, 0)
+        deadline = time.monotonic() + EXIT_TIMEOUT_S
+        while procfs.state(pid) != "Z":
+            if time.monotonic() > deadline:
+                raise RestoreFailed(f"the main thread of process {pid} did not exit")
+            time.sleep(0.0005)
+    finally:
+        poke(thread, code_ip, original)
 
 
 def _rebuild_memory_sharer(inj: Injector, sharer: Task) -> tuple[Thread, dict]:

@@ -170,7 +170,7 @@ class Snapshot:
             return None
         uffd = -1
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = native.pidfd_open(pid)
             try:
                 uffd = native.syscall("pidfd_getfd", pidfd, remote, 0)
             finally:

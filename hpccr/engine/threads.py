@@ -69,7 +69,11 @@ def restore_thread(inj, thread, saved: dict) -> None:
     rseq = saved["rseq"]
     if rseq:
         inj.call("rseq", rseq["ptr"], rseq["len"], 0, rseq["sig"], thread=thread)
-    name = inj.put(saved["comm"].encode()[:15] + b"\0")
+    set_name(inj, thread, saved["comm"])
+
+
+def set_name(inj, thread, comm: str) -> None:
+    name = inj.put(comm.encode()[:15] + b"\0")
     inj.call("prctl", PR_SET_NAME, name, 0, 0, 0, thread=thread)
     inj.reset()
 

@@ -47,9 +47,19 @@ class FrozenProcess:
         self.pid = pid
         self.threads: dict[int, Thread] = {}
         self.stopped = False
+        # The main thread has exited while the others run on (pthread_exit in main): it cannot
+        # be traced, and its /proc entries no longer show the memory, descriptors and cwd.
+        self.main_thread_exited = False
+
+    @property
+    def reader(self) -> int:
+        """The task whose /proc entries and memory show the process: the process itself, or a
+        thread that still runs once the main thread has exited."""
+        return self.pid if self.pid in self.threads else next(iter(self.threads))
 
     def freeze(self) -> None:
         try:
+            self.main_thread_exited = procfs.leader_exited(self.pid)
             self._seize_all()
             for thread in self.threads.values():
                 thread.capture()
@@ -66,7 +76,8 @@ class FrozenProcess:
 
     def _seize_all(self) -> None:
         while True:
-            new = [t for t in procfs.tids(self.pid) if t not in self.threads]
+            new = [t for t in procfs.tids(self.pid) if t not in self.threads
+                   and not (t == self.pid and self.main_thread_exited)]
             if not new:
                 return
             for tid in new:
@@ -129,14 +140,14 @@ class FrozenProcess:
         """Make the process reap its (dead) child, as it would have: when a whole tree is
         killed, children go first and nothing is left for an init that may not reap."""
         try:
-            call_once(self.pid, self.threads[self.pid], "wait4", child, 0, WALL, 0)
+            call_once(self.reader, self.threads[self.reader], "wait4", child, 0, WALL, 0)
         except OSError:
             pass  # not its child after all: its reaper will see to it
 
     def kill(self) -> None:
         """SIGKILL the process and reap it as its tracer: other threads before the leader."""
         os.kill(self.pid, signal.SIGKILL)
-        order = [t for t in self.threads if t != self.pid] + [self.pid]
+        order = sorted(self.threads, key=lambda tid: tid == self.pid)
         for tid in order:
             while True:
                 try:

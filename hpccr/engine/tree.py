@@ -83,7 +83,7 @@ class FrozenTree:
                 if pid in self.frozen or pid in self.zombies:
                     continue
                 if pid == self.root:
-                    if procfs.state(pid) in ("Z", "X"):
+                    if procfs.state(pid) in ("Z", "X") and not procfs.leader_exited(pid):
                         raise OSError(errno.ESRCH, f"process {pid} is a zombie")
                 elif self._ended(pid):
                     continue
@@ -106,6 +106,8 @@ class FrozenTree:
         """Has `pid` ended?  A zombie is recorded as one; a process gone altogether (its parent
         does not wait for children) is left out."""
         state = procfs.state(pid)
+        if state == "Z" and procfs.leader_exited(pid):
+            return False
         if state == "Z":
             self.zombies.append(pid)
         return state in ENDED
@@ -115,15 +117,15 @@ class FrozenTree:
         inside the job), or chrooted: it would come back in the restorer's namespaces and root,
         silently seeing other files, hosts or ids.  The root's own are the job's, made again
         at restore or taken from wherever it is restored."""
-        root = _namespaces(self.root)
-        for pid in self.frozen:
-            for kind, ns in _namespaces(pid).items():
+        root = _namespaces(self.frozen[self.root].reader)
+        for pid, process in self.frozen.items():
+            for kind, ns in _namespaces(process.reader).items():
                 if ns != root[kind]:
                     raise UnsupportedResource(
                         f"process {pid} ({procfs.comm(pid)}) is in a {kind.replace('_', ' ')} "
                         f"namespace other than its job's (unshare, a container): not "
                         "supported yet")
-            if os.readlink(procfs.path(pid, "root")) != "/":
+            if os.readlink(procfs.path(process.reader, "root")) != "/":
                 raise UnsupportedResource(
                     f"process {pid} ({procfs.comm(pid)}) has a root directory of its own "
                     "(chroot): not supported yet")
@@ -135,15 +137,17 @@ class FrozenTree:
         what of it can be restored); any other sharing is refused, and the tree thawed."""
         pids = list(self.frozen)
         parent = {pid: int(procfs.status(pid)["PPid"]) for pid in pids}
+        reader = {pid: process.reader for pid, process in self.frozen.items()}
         for pid in pids:
-            kinds = [name for kind, name in PARENT_SHARED
-                     if parent[pid] in self.frozen and native.kcmp(parent[pid], pid, kind) == 0]
+            kinds = [name for kind, name in PARENT_SHARED if parent[pid] in self.frozen
+                     and native.kcmp(reader[parent[pid]], reader[pid], kind) == 0]
             if kinds:
                 self.shared_with_parent[pid] = kinds
         for i, first in enumerate(pids):
             for second in pids[i + 1:]:
                 for kind, what in SHARED_TABLES:
-                    if native.kcmp(first, second, kind) == 0 and not self._with_parent(
+                    if native.kcmp(reader[first], reader[second], kind) == 0 \
+                            and not self._with_parent(
                             first, second, kind, parent):
                         raise UnsupportedResource(
                             f"processes {first} and {second} share {what}: not supported yet")

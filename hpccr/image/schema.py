@@ -115,6 +115,7 @@ PROCESS = {
     "pdeathsig": int,
     "exit_status": (int, None),
     "stopped": bool,
+    "main_thread_exited": bool,
     "shares_with_parent": [str],
 }
 
@@ -211,6 +212,11 @@ def check_meta(meta, version: int) -> None:
     if len(set(tids)) != len(tids):
         raise _fail("processes", "duplicate thread id")
     for proc in meta["processes"]:
-        if proc["exit_status"] is None and (
-                not proc["threads"] or proc["threads"][0]["tid"] != proc["pid"]):
-            raise _fail(f"process {proc['pid']}", "the thread group leader must come first")
+        leader = [t["tid"] for t in proc["threads"][:1]] == [proc["pid"]]
+        if proc["exit_status"] is None and not proc["threads"]:
+            raise _fail(f"process {proc['pid']}", "no threads")
+        if proc["exit_status"] is None and leader == proc["main_thread_exited"]:
+            raise _fail(f"process {proc['pid']}", "the thread group leader must come first, "
+                        "unless it has exited (and is not listed)")
+        if proc["main_thread_exited"] and any(t["tid"] == proc["pid"] for t in proc["threads"]):
+            raise _fail(f"process {proc['pid']}", "its exited main thread is listed")

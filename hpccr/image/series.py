@@ -15,7 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
-from hpccr.errors import ImageNotFound, ImageWriteError, from_oserror
+from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
 
 LATEST = "latest"
 _NAME = re.compile(r"^ckpt-(\d+)$")
@@ -78,5 +78,5 @@ def resolve(directory: str | os.PathLike) -> Path:
             raise ImageNotFound(f"{path} holds checkpoints but no '{LATEST}' link to a "
                                 "complete one")
     except OSError as exc:
-        raise from_oserror(exc, f"reading {path}") from exc
+        raise from_oserror(exc, f"reading {path}", ImageCorrupt) from exc
     return path  # let the image reader say what is wrong with it

@@ -136,7 +136,8 @@ def _render_process(proc: dict) -> list[str]:
         f"  uid       {'/'.join(map(str, creds['uid']))}  (real/effective/saved/fs)",
         f"  gid       {'/'.join(map(str, creds['gid']))}",
         f"  cwd       {proc['cwd']}",
-        f"  threads   {len(proc['threads'])}",
+        f"  threads   {len(proc['threads'])}"
+        + (" (the main thread has exited)" if proc["main_thread_exited"] else ""),
     ]
     if proc["shares_with_parent"]:
         names = {"files": "descriptor table", "fs": "cwd and umask", "vm": "address space",

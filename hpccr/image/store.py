@@ -278,7 +278,7 @@ class ImageReader:
         except (FileNotFoundError, NotADirectoryError):
             raise ImageNotFound(f"no checkpoint image at {path}") from None
         except OSError as exc:
-            raise from_oserror(exc, f"reading {self.path}") from exc
+            raise from_oserror(exc, f"reading {self.path}", ImageCorrupt) from exc
         self._meta = None
         try:
             self.files = self._parse_checksums(self._read_checksums())
@@ -294,7 +294,7 @@ class ImageReader:
                 raise ImageNotFound(f"no checkpoint image at {self.path}") from None
             raise ImageCorrupt(f"{self.path}: checksums missing (image corrupted)") from None
         except OSError as exc:
-            raise from_oserror(exc, f"reading {self.path / CHECKSUMS}") from exc
+            raise from_oserror(exc, f"reading {self.path / CHECKSUMS}", ImageCorrupt) from exc
 
     def close(self) -> None:
         if self.dir_fd >= 0:
@@ -342,7 +342,7 @@ class ImageReader:
         try:
             present = set(os.listdir(self.dir_fd))
         except OSError as exc:
-            raise from_oserror(exc, f"reading {self.path}") from exc
+            raise from_oserror(exc, f"reading {self.path}", ImageCorrupt) from exc
         for name in sorted(present - set(self.files) - {CHECKSUMS}):
             yield name, f"{name}: unexpected file in image (not listed in checksums)"
         for entry in self.files.values():
@@ -400,7 +400,7 @@ class ImageReader:
         except FileNotFoundError:
             raise ImageCorrupt(f"{name} missing") from None
         except OSError as exc:
-            raise from_oserror(exc, f"reading {self.path / name}") from exc
+            raise from_oserror(exc, f"reading {self.path / name}", ImageCorrupt) from exc
 
     def read_bytes(self, name: str) -> bytes:
         with open(self.open_file(name), "rb") as f:

@@ -5,6 +5,7 @@ Every function raises OSError with the real errno; policy lives in the engine.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from importlib import resources
@@ -263,6 +264,20 @@ def fork_with_pid(pid: int, flags: int = 0) -> int:
 
 def statfs_type(path: str) -> int:
     return _check(lib.hpccr_statfs_type(path.encode()))
+
+
+PIDFD_THREAD = os.O_EXCL  # linux/pidfd.h
+
+
+def pidfd_open(tid: int) -> int:
+    """A pidfd of `tid`: of its process, or of the thread itself (PIDFD_THREAD) for a thread
+    that does not lead its group (whose main thread has exited)."""
+    try:
+        return os.pidfd_open(tid)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):  # as kernels say "not a leader"
+            raise
+        return os.pidfd_open(tid, PIDFD_THREAD)
 
 
 def kcmp(pid1: int, pid2: int, kind: int, idx1: int = 0, idx2: int = 0) -> int:

@@ -103,11 +103,14 @@ def dump_fds(pid: int, state: DumpState) -> list[dict]:
             raise UnsupportedResource(
                 f"process {pid} fd {fd} is {describe(link)}: not supported yet")
         flags = int(info["flags"], 8)
-        entry = {"fd": fd, "kind": kind.NAME, "flags": flags & ~O_CLOEXEC,
-                 "pos": int(info["pos"]), "cloexec": bool(flags & O_CLOEXEC),
-                 "desc": -1, "ghost": None, "mode": st.st_mode, "path": link,
-                 "locks": locks.dump(pid, fd)}
-        entry.update(kind.dump(pid, fd, link, st, state))
+        try:
+            entry = {"fd": fd, "kind": kind.NAME, "flags": flags & ~O_CLOEXEC,
+                     "pos": int(info["pos"]), "cloexec": bool(flags & O_CLOEXEC),
+                     "desc": -1, "ghost": None, "mode": st.st_mode, "path": link,
+                     "locks": locks.dump(pid, fd)}
+            entry.update(kind.dump(pid, fd, link, st, state))
+        except OSError as exc:  # the dump names the process and the step
+            raise OSError(exc.errno, f"fd {fd} ({kind.NAME}): {exc.strerror}") from exc
         entries.append(entry)
     return entries
 

@@ -16,7 +16,7 @@ NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY  # flags that a
 def borrowed(pid: int, fd: int) -> Iterator[int]:
     """A descriptor of this process for the open file behind `fd` of `pid` (pidfd_getfd).
     It shares the target's open file description, so only non-destructive calls are allowed."""
-    pidfd = os.pidfd_open(pid)
+    pidfd = native.pidfd_open(pid)
     try:
         copy = native.syscall("pidfd_getfd", pidfd, fd, 0)
     finally:

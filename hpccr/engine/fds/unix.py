@@ -1,6 +1,7 @@
 """Unix domain sockets whose every peer is inside the dumped processes: socketpairs, bound and
-listening sockets and the connections made through them (stream, datagram, seqpacket), with the
-data queued in each direction, the shutdown state and the options that matter.
+listening sockets and the connections made through them, sockets neither connected nor
+listening (never bound, or only bound) — stream, datagram, seqpacket — with the data queued in
+each direction, the shutdown state and the options that matter.
 
 The kernel tells what each socket is through netlink sock_diag (pyroute2): its type and state,
 bound name, peer, queue lengths, the clients waiting in a listener's accept queue and the inode
@@ -321,7 +322,11 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
             sock.close()
         limit = s["rqueue"] if kind != "dgram" else None  # sock_diag: all bytes queued
         sources: list = []
-        messages = _peek(copy, pid, fd, limit, sources) if where != "listening" else []
+        # A listener has no data queue, nor has a stream or seqpacket socket that is not
+        # connected (recv refuses it: EINVAL, ENOTCONN); an unconnected datagram socket may
+        # hold datagrams sent to its name.
+        queues = where == "connected" or where == "unconnected" and kind == "dgram"
+        messages = _peek(copy, pid, fd, limit, sources) if queues else []
     entry["sources"] = None
     if messages:
         entry["sender"] = _sender(view, ino, s, kind, pid, fd)
