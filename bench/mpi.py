@@ -1,11 +1,14 @@
 """Checkpoint and restore of a 4-rank MPI job, beside one process holding the same memory.
 
     cd /work/main
-    PYTHONPATH=. python3 bench/mpi.py [--mpi mpich|openmpi] [--per-rank 256M] [--dir /var/tmp]
+    PYTHONPATH=. python3 bench/mpi.py [--mpi mpich|openmpi] [--workload c|mpi4py]
+                                      [--per-rank 256M] [--dir /var/tmp]
 
 Needs root, the native parts built (scripts/setup.sh does it) and the MPI (scripts/setup.sh
-installs both).  The job is tests/workloads/mpi/ring.c under `hpccr run`: 4 ranks, each with
-two message buffers making --per-rank of memory, exchanging them around a ring.  It calls the
+installs both, and mpi4py built against each).  The job runs under `hpccr run` with 4 ranks:
+tests/workloads/mpi/ring.c, each rank with two message buffers making --per-rank of memory,
+exchanging them around a ring; or tests/workloads/mpi/ring.py (mpi4py: a ring exchange and an
+allreduce each step), each rank holding --per-rank of memory.  It calls the
 engine API (dump(), restore_tree()), not the `hpccr` command, so Python start-up is not
 counted.  Printed, for the MPI job and for bench/workload.c holding the job's whole memory in
 one process: the frozen time and the total of a dump that leaves it running, of a dump that
@@ -34,6 +37,7 @@ from hpccr.engine.restore import restore_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RING = REPO / "tests" / "workloads" / "mpi" / "ring.c"
+RING_PY = REPO / "tests" / "workloads" / "mpi" / "ring.py"
 RANKS = 4
 MPIS = {"mpich": ("mpicc.mpich", ["mpiexec.mpich", "-n", str(RANKS)]),
         "openmpi": ("mpicc.openmpi", ["mpirun.openmpi", "--allow-run-as-root",
@@ -52,10 +56,9 @@ def wait_for(condition, what: str) -> None:
 class MpiJob:
     """The ring under `hpccr run`, its output in a log."""
 
-    def __init__(self, binary: str, launcher: list[str], per_rank: int, work: Path):
+    def __init__(self, command: list[str], work: Path):
         self.log = work / "job.log"
-        argv = [sys.executable, "-m", "hpccr", "run", "--", *launcher, binary, "100000000",
-                str(per_rank // 2)]
+        argv = [sys.executable, "-m", "hpccr", "run", "--", *command]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=out, start_new_session=True)
@@ -81,11 +84,21 @@ def figures(label: str, run, kill, restore_s: float) -> str:
             f"{kill.frozen_s * 1e3:9.0f} {kill.dump_s * 1e3:9.0f} {restore_s * 1e3:10.0f}")
 
 
-def bench_mpi(mpi: str, per_rank: int, work: Path) -> str:
+def ring_command(mpi: str, workload: str, per_rank: int, work: Path) -> list[str]:
     compiler, launcher = MPIS[mpi]
+    if workload == "mpi4py":
+        mpi4py = REPO / ".mpi4py" / mpi
+        if not (mpi4py / "mpi4py").is_dir():
+            sys.exit(f"bench: no mpi4py for {mpi} in {mpi4py} (run scripts/setup.sh)")
+        return [*launcher, sys.executable, str(RING_PY), str(mpi4py), "100000000",
+                str(per_rank >> 20)]
     binary = str(work / "ring")
     subprocess.run([compiler, "-O2", "-o", binary, str(RING)], check=True)
-    job = MpiJob(binary, launcher, per_rank, work)
+    return [*launcher, binary, "100000000", str(per_rank // 2)]
+
+
+def bench_mpi(mpi: str, workload: str, per_rank: int, work: Path) -> str:
+    job = MpiJob(ring_command(mpi, workload, per_rank, work), work)
     try:
         job.wait_steps(2)
         run = dump(job.pid, str(work / "run.img"), mode="running")
@@ -93,17 +106,19 @@ def bench_mpi(mpi: str, per_rank: int, work: Path) -> str:
         job.proc.wait(timeout=TIMEOUT)
         done = job.steps()
         started = time.monotonic()
-        root = restore_tree(str(work / "kill.img"))
+        root, network = restore_tree(str(work / "kill.img"))
         job.wait_steps(done + 1)
         restore_s = time.monotonic() - started
         os.kill(root, signal.SIGKILL)
         os.waitpid(root, 0)
+        if network is not None:
+            network.remove()
     finally:
         if job.proc.poll() is None:
             os.killpg(job.proc.pid, signal.SIGKILL)
             job.proc.wait()
-    return figures(f"{mpi}, {RANKS} ranks x {dump_restore.human(per_rank)}", run, kill,
-                   restore_s)
+    return figures(f"{mpi} {workload}, {RANKS} ranks x {dump_restore.human(per_rank)}", run,
+                   kill, restore_s)
 
 
 def bench_single(size: int, work: Path) -> str:
@@ -126,6 +141,7 @@ def bench_single(size: int, work: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mpi", choices=sorted(MPIS), default="mpich")
+    parser.add_argument("--workload", choices=("c", "mpi4py"), default="c")
     parser.add_argument("--per-rank", type=dump_restore.parse_size, default="256M")
     parser.add_argument("--dir", default="/var/tmp")
     args = parser.parse_args()
@@ -134,7 +150,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hpccr-bench-mpi-", dir=args.dir))
     try:
         (work / "mpi").mkdir()
-        rows = [bench_mpi(args.mpi, args.per_rank, work / "mpi"),
+        rows = [bench_mpi(args.mpi, args.workload, args.per_rank, work / "mpi"),
                 bench_single(RANKS * args.per_rank, work)]
     finally:
         shutil.rmtree(work, ignore_errors=True)

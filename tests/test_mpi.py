@@ -4,20 +4,24 @@ and TCP sockets to the launcher, run by hpccr run as root; checkpointed in the m
 non-blocking messages and restored, or checkpointed while left running.  The restored run
 prints exactly the steps and the result of a run that was never interrupted.
 
-Workload: workloads/mpi/ring.c, built here with each MPI's mpicc (the harness builds the others
-with plain gcc).
+Workloads: workloads/mpi/ring.c, built here with each MPI's mpicc (the harness builds the
+others with plain gcc), and workloads/mpi/ring.py with mpi4py built against each MPI
+(scripts/setup.sh: .mpi4py/<mpi>).
 """
 
 import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from harness import TIMEOUT, describe
 
-RING = Path(__file__).parent / "workloads" / "mpi" / "ring.c"
+REPO = Path(__file__).resolve().parents[1]
+RING = REPO / "tests" / "workloads" / "mpi" / "ring.c"
+RING_PY = REPO / "tests" / "workloads" / "mpi" / "ring.py"
 RANKS, STEPS, DUMP_AFTER = 4, 400, 60
 MPIS = {  # compiler, launcher and its options
     "mpich": ("mpicc.mpich", ["mpiexec.mpich", "-n", RANKS]),
@@ -26,25 +30,33 @@ MPIS = {  # compiler, launcher and its options
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MPIS))
-def ring(request, tmp_path_factory) -> tuple[Path, list]:
-    """The workload built with one MPI, and the command that runs it."""
-    compiler, launcher = MPIS[request.param]
+@pytest.fixture(scope="module", params=[(mpi, kind) for mpi in sorted(MPIS)
+                                         for kind in ("c", "mpi4py")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def ring(request, tmp_path_factory) -> list:
+    """The command that runs the workload with one MPI, but its step count: ring.c built with
+    that MPI's mpicc, or ring.py with mpi4py built against that MPI (scripts/setup.sh)."""
+    mpi, kind = request.param
+    compiler, launcher = MPIS[mpi]
+    mpi4py = REPO / ".mpi4py" / mpi
     missing = [p for p in (compiler, launcher[0]) if not shutil.which(p)]
+    if kind == "mpi4py" and not (mpi4py / "mpi4py").is_dir():
+        missing.append(str(mpi4py))
     if missing:
-        reason = f"{request.param} not installed ({' '.join(missing)}); run scripts/setup.sh"
+        reason = f"{mpi} not installed ({' '.join(missing)}); run scripts/setup.sh"
         if os.environ.get("CI"):
             pytest.fail(reason)  # CI installs it: never skip there
         pytest.skip(reason)
-    binary = tmp_path_factory.mktemp(request.param) / "ring"
+    if kind == "mpi4py":
+        return [*launcher, sys.executable, RING_PY, mpi4py]
+    binary = tmp_path_factory.mktemp(mpi) / "ring"
     subprocess.run([compiler, "-O2", "-Wall", "-o", binary, RING], check=True,
                    capture_output=True, timeout=TIMEOUT)
-    return binary, launcher
+    return [*launcher, binary]
 
 
-def command(ring: tuple[Path, list]) -> list:
-    binary, launcher = ring
-    return [*launcher, binary, STEPS]
+def command(ring: list) -> list:
+    return [*ring, STEPS]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +72,7 @@ def printed(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith(("STEP ", "DONE "))]
 
 
-def start(cr, ring: tuple[Path, list]):
+def start(cr, ring: list):
     """The MPI job under hpccr run, once it has made DUMP_AFTER steps."""
     job = cr.start_job(command(ring), ready=False)
     cr.wait_until(lambda: len(job.values("STEP")) >= DUMP_AFTER or job.proc.poll() is not None,
