@@ -303,11 +303,12 @@ def test_srun_inside_a_checkpointed_job(site, jobs):
     assert f"step host {info['NodeList']}" in text and "srun status 0" in text, text
 
 
-RING = Path(__file__).resolve().parents[1] / "workloads" / "mpi" / "ring.c"
+WORKLOADS = Path(__file__).resolve().parents[1] / "workloads" / "mpi"
+MPI4PY = Path(__file__).resolve().parents[2] / ".mpi4py"  # scripts/setup.sh builds it
 RING_STEPS = 600
-MPI_LAUNCH = {  # compiler, and the batch script's launch line ({ring} {steps})
-    "mpich": ("mpicc.mpich", "mpiexec.mpich -n 4 {ring} {steps}"),
-    "openmpi": ("mpicc.openmpi", "mpirun.openmpi --oversubscribe -np 4 {ring} {steps}"),
+MPI_LAUNCH = {  # compiler, and the batch script's launch line, but the program
+    "mpich": ("mpicc.mpich", "mpiexec.mpich -n 4"),
+    "openmpi": ("mpicc.openmpi", "mpirun.openmpi --oversubscribe -np 4"),
 }
 
 
@@ -315,22 +316,29 @@ def mpi_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(("STEP ", "DONE "))]
 
 
+@pytest.mark.parametrize("kind", ["c", "mpi4py"])
 @pytest.mark.parametrize("mpi", sorted(MPI_LAUNCH))
-def test_mpi_job_moves_to_the_other_node(site, jobs, mpi):
-    """An MPI job (4 ranks, large non-blocking messages between them, the launcher and its
-    proxy or daemon) of an ordinary user, checkpointed every 2 s on node1, requeued, restored
-    on node2: it ends with exactly what a run never interrupted prints."""
+def test_mpi_job_moves_to_the_other_node(site, jobs, mpi, kind):
+    """An MPI job (4 ranks, large messages between them, the launcher and its proxy or daemon)
+    of an ordinary user — ring.c, or ring.py with mpi4py — checkpointed every 2 s on node1,
+    requeued, restored on node2: it ends with exactly what a run never interrupted prints."""
     compiler, launch = MPI_LAUNCH[mpi]
     if not shutil.which(compiler):
         pytest.skip(f"{mpi} not installed")
     c = site.cluster
-    ring = c.job_dir / f"ring-{mpi}"
-    subprocess.run([compiler, "-O2", "-o", ring, RING], check=True, capture_output=True)
-    line = launch.format(ring=ring, steps=RING_STEPS)
+    if kind == "c":
+        program = c.job_dir / f"ring-{mpi}"
+        subprocess.run([compiler, "-O2", "-o", program, WORKLOADS / "ring.c"], check=True,
+                       capture_output=True)
+    else:
+        if not (MPI4PY / mpi / "mpi4py").is_dir():
+            pytest.skip(f"no mpi4py for {mpi} (scripts/setup.sh builds it)")
+        program = f"/usr/bin/python3 {WORKLOADS / 'ring.py'} {MPI4PY / mpi}"
+    line = f"{launch} {program} {RING_STEPS}"
     reference = subprocess.run(["runuser", "-u", "hpcuser", "--", "bash", "-c", line],
                                capture_output=True, text=True, timeout=300, check=True)
-    out = c.job_dir / f"mpi-{mpi}.out"
-    script = write_script(site, f"mpi-{mpi}.sh", f"#!/bin/bash\n{line}\n")
+    out = c.job_dir / f"mpi-{mpi}-{kind}.out"
+    script = write_script(site, f"mpi-{mpi}-{kind}.sh", f"#!/bin/bash\n{line}\n")
     job = site.submit("--requeue", "--open-mode=append", "--checkpoint=0:02",
                       "--exclude=node2", "-o", str(out), str(script))
     jobs.append(job)
