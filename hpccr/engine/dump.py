@@ -31,6 +31,7 @@ from hpccr.engine import (
     prctls,
     procfs,
     sched,
+    sessions,
     sharing,
     sigio,
     signals,
@@ -155,6 +156,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
         for pid, proc in zip(frozen.pids, procs, strict=True):
             proc["shares_with_parent"] = frozen.shared_with_parent.get(pid, [])
         sharing.check(procs)
+        sessions.plan({proc["pid"]: proc for proc in procs}, procs[0]["pid"], ids.pidns)
         with _reading(root):
             sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
             fds.share_descriptions({pid: proc["fds"] for pid, proc, _, _ in copies})
