@@ -1,0 +1,82 @@
+/*
+ * Descriptors opened as root before privileges were dropped, as a daemon's worker does.
+ *
+ * usage: fd_setuid UID DIR
+ *
+ * The root process, as root, makes a pipe holding "before" and the FIFO DIR/private/fifo
+ * (DIR/private is root's, mode 0700), then forks "worker".  The worker, still root, opens the
+ * pipe's read end again through /dev/fd (as a program opens /dev/stdin: an open file description
+ * of its own) and the FIFO read-write (it writes "fifo" into it), then drops to UID (setresgid,
+ * setresuid, no supplementary groups): it could open neither again.  After the window the worker
+ * checks that it is still UID, and that the pipe and the FIFO hold their data and carry new data
+ * both ways.
+ */
+#include "tree.h"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/stat.h>
+
+static void check_carries(int r, int w, const char *saved, const char *name)
+{
+	char buf[16] = "";
+	size_t len = strlen(saved);
+
+	WL_CHECK(read(r, buf, sizeof(buf) - 1) == (ssize_t)len && !strcmp(buf, saved),
+		 "%s: read \"%s\", not \"%s\"", name, buf, saved);
+	memset(buf, 0, sizeof(buf));
+	WL_CHECK(write(w, "after", 5) == 5, "%s: write: %s", name, strerror(errno));
+	WL_CHECK(read(r, buf, sizeof(buf) - 1) == 5 && !strcmp(buf, "after"),
+		 "%s: read back \"%s\", not \"after\"", name, buf);
+}
+
+__attribute__((noreturn))
+static void worker(uid_t uid, int pipe_w, int pipe_r, const char *fifo_path)
+{
+	char own_end[64];
+	int r, fifo;
+
+	snprintf(own_end, sizeof(own_end), "/dev/fd/%d", pipe_r);
+	r = open(own_end, O_RDONLY);
+	fifo = open(fifo_path, O_RDWR);
+	if (r < 0 || fifo < 0 || write(fifo, "fifo", 4) != 4)
+		wl_die("opening the pipe or the FIFO");
+	close(pipe_r);
+	if (setgroups(0, NULL) || setresgid(uid, uid, uid) || setresuid(uid, uid, uid))
+		wl_die("dropping privileges");
+	if (open(fifo_path, O_RDWR) >= 0 || errno != EACCES)
+		wl_die("the FIFO can still be opened");
+	tree_ready();
+	wl_sleep(WL_WINDOW_S);
+	tree_check_place();
+	WL_CHECK(getuid() == uid && geteuid() == uid, "uid %d, euid %d, not %d", getuid(),
+		 geteuid(), uid);
+	check_carries(r, pipe_w, "before", "pipe");
+	check_carries(fifo, fifo, "fifo", "FIFO");
+	tree_exit();
+}
+
+int main(int argc, char **argv)
+{
+	char private[2048], fifo_path[4096];
+	int p[2];
+	pid_t child;
+
+	if (argc != 3)
+		wl_die("usage: fd_setuid UID DIR");
+	snprintf(private, sizeof(private), "%s/private", argv[2]);
+	snprintf(fifo_path, sizeof(fifo_path), "%s/fifo", private);
+	if (mkdir(private, 0700) || mkfifo(fifo_path, 0600) || pipe(p))
+		wl_die("mkdir, mkfifo or pipe");
+	if (write(p[1], "before", 6) != 6)
+		wl_die("write");
+	tree_start();
+	child = tree_fork("worker");
+	if (child == 0)
+		worker(atoi(argv[1]), p[1], p[0], fifo_path);
+	tree_wait_ready(1);
+	wl_sleep(WL_WINDOW_S);
+	tree_check_place();
+	tree_reap(child, "worker");
+	return wl_finish();
+}
