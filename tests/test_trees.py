@@ -11,8 +11,9 @@ shell leads), tree_zombie.c (children not reaped yet), tree_orphan.c [group] (an
 session, or only the group, of a leader that exited), tree_clone.c (memory, signal handlers and
 descriptors shared without threads; without the descriptors, refused), tree_shared_table.c (a
 descriptor table and/or cwd shared with the parent), tree_spawner.c (children forked and ending all
-the time), tree_stopped.c (a child stopped with SIGSTOP), tree_unshare.c (a child in a namespace or
-root of its own, refused).
+the time), tree_stopped.c (a child stopped with SIGSTOP), tree_procfiles.c (files under /proc of its
+own processes and threads held open), tree_unshare.c (a child in a namespace or root of its own,
+refused).
 """
 
 import contextlib
@@ -131,6 +132,29 @@ def test_started_from_a_shell(tree_cr, tmp_path, how):
     group = pid if leads_group else os.getpgid(0)
     assert shell.values("PLACE") == [f"{os.getsid(0)} {group}"], shell.output()
     assert (shell.proc.poll() is None) == (how != "shell gone")
+
+
+def test_proc_files_of_the_tree(tree_cr, tmp_path, mode):
+    """/proc/self/stat, /proc/<child>/fd and /proc/<child>/maps, /proc/thread-self/comm: the pids
+    come back, so the same paths name the same processes and thread again."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_procfiles"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_proc_file_of_a_process_outside_is_refused(tree_cr, tmp_path):
+    """/proc/PID/stat of a process that is not dumped: refused at dump (it would name another
+    process, or none, after a restore), and the process runs on."""
+    outside = subprocess.Popen(["sleep", str(TIMEOUT)])
+    try:
+        workload = tree_cr.start("tree_procfiles", "outside", outside.pid)
+        message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
+        assert f"/proc/{outside.pid}/stat" in message, message
+        workload.assert_untouched()
+        assert workload.wait_exit() == 0, workload.output()
+        workload.assert_passed()
+    finally:
+        outside.kill()
+        outside.wait()
 
 
 def test_zombies(tree_cr, tmp_path, mode):

@@ -141,7 +141,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
     try:
         writer = ImageWriter(directory)
         ghosts = GhostWriter(writer)
-        fd_state = fds.DumpState(writer, ghosts, frozen.pids, ids.pidns)
+        fd_state = fds.DumpState(writer, ghosts, frozen.pids, ids)
         procs, copies = [], []
         for pid in frozen.pids:
             if pid in frozen.zombies:

@@ -38,7 +38,7 @@ from hpccr.engine import (
     sysv,
     threads,
 )
-from hpccr.engine.fds import inet
+from hpccr.engine.fds import inet, procfile
 from hpccr.engine.ghosts import GhostFiles, SharedObjects
 from hpccr.engine.job import (
     enter_job_namespaces,
@@ -564,7 +564,6 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     sysv.remove_attached(inj, proc["vmas"], meta["sysv"])
     threads.restore_xcomp_perm(inj, proc["threads"][0]["xcomp_perm"])
     signals.restore_sigactions(inj, proc["sigactions"])
-    fds.set_cloexec(inj, proc["fds"])
     locks.take_posix(inj, proc["fds"])  # after the files mapped were opened and closed
 
     tasks = [(stub, proc["threads"][0])]
@@ -572,6 +571,10 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         t = Thread(threads.create_thread(inj, saved["tid"]))
         t.capture()
         tasks.append((t, saved))
+    image_ids = {p["pid"] for p in meta["processes"]}
+    image_ids |= {t["tid"] for p in meta["processes"] for t in p["threads"]}
+    procfile.open_late(inj, proc, image_ids)  # its threads exist: /proc/TID names them
+    fds.set_cloexec(inj, proc["fds"])
     for thread, saved in tasks:
         threads.restore_thread(inj, thread, saved)
         signals.restore_altstack(inj, thread, saved["sigaltstack"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 
-from hpccr.engine.fds import memfd
+from hpccr.engine.fds import memfd, procfile
 from hpccr.engine.fds.common import NOT_REOPENED
 from hpccr.errors import FileMismatch
 
@@ -17,7 +17,8 @@ DELETED = " (deleted)"
 
 
 def recognise(link: str, st: os.stat_result, state) -> bool:
-    if link.startswith("anon_inode:") or memfd.recognise(link, st, state):
+    if (link.startswith("anon_inode:") or memfd.recognise(link, st, state)
+            or procfile.recognise(link, st, state)):
         return False  # eventfd & co., whatever mode the kernel gives their inode; memfds
     return (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
             or (stat.S_ISCHR(st.st_mode) and link in SAFE_DEVICES))
