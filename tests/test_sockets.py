@@ -6,7 +6,9 @@ process run as another user keeps its peer credentials.  A socket connected to a
 outside the dump, and data on a connection not accepted yet, are refused.
 
 Workloads: workloads/sock_pair.c stream|seqpacket|dgram, sock_listen.c DIR, sock_epoll.c,
-sock_dgram_sources.c (datagrams sent to a bound socket by a named and an unnamed socket).
+sock_dgram_sources.c (datagrams sent to a bound socket by a named and an unnamed socket),
+sock_gone.c DIR (sockets whose name leads elsewhere or nowhere: its directory removed, its file
+unlinked after bind and connect, a newer socket bound to it).
 Each checks the exact queued messages, names, options and connections after the window.
 """
 
@@ -34,10 +36,10 @@ def start(cr, mode: str, name: str, *args):
 
 def workloads(tmp_path: Path) -> list[tuple[str, list]]:
     return [*(("sock_pair", [kind]) for kind in PAIRS), ("sock_listen", [tmp_path]),
-            ("sock_epoll", []), ("sock_dgram_sources", [])]
+            ("sock_epoll", []), ("sock_dgram_sources", []), ("sock_gone", [tmp_path])]
 
 
-IDS = [*PAIRS, "listen", "epoll", "dgram-sources"]
+IDS = [*PAIRS, "listen", "epoll", "dgram-sources", "gone"]
 
 
 @pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)
