@@ -393,52 +393,69 @@ def _bind(sock: socket.socket, e: dict, ctx, remove_later: list[tuple[object, st
     gone = e["file_mode"] is None and not name.startswith("\0")
     if gone:
         remove_later += [(ctx, d) for d in _make_dirs(os.path.dirname(name), ctx)]
-    if not name.startswith("\0") and os.path.lexists(name):
-        if not stat.S_ISSOCK(os.lstat(name).st_mode):
-            raise FileMismatch(f"{name}, where a unix socket was bound, is not a socket now")
-        with socket.socket(socket.AF_UNIX, sock.type) as probe:
-            try:
-                probe.connect(name)
-            except ConnectionRefusedError:
-                os.unlink(name)  # nobody listens: left by the checkpointed socket
-            except OSError as exc:
-                if exc.errno != errno.EPROTOTYPE:
-                    raise
-        if os.path.lexists(name):
-            raise FileMismatch(f"{name}, where a unix socket was bound, is in use by another "
-                               "running socket")
-    with ctx.owner_rights():
-        sock.bind(_address(name))
+    with ctx.owner_rights():  # or root's for a trusted image: bound before a setuid, say
+        if not name.startswith("\0"):
+            ctx.as_owner(_clear, name, sock.type)
+        ctx.as_owner(sock.bind, _address(name))
         if not gone:
             if e["file_mode"] is not None:
-                os.chmod(name, e["file_mode"])
+                ctx.as_owner(os.chmod, name, e["file_mode"])
             return _address(name)
         aside = os.path.join(os.path.dirname(name), f".hpccr-{secrets.token_hex(8)}")
-        os.rename(name, aside)
+        ctx.as_owner(os.rename, name, aside)
     remove_later.append((ctx, aside))
     return aside
 
 
+def _clear(name: str, kind: int) -> None:
+    """Remove the socket file at `name` if nobody answers on it (left by the checkpointed
+    socket); refuse a path that is not a socket or that a running socket answers on."""
+    try:
+        mode = os.lstat(name).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileMismatch(f"{name}, where a unix socket was bound, is not a socket now")
+    with socket.socket(socket.AF_UNIX, kind) as probe:
+        try:
+            probe.connect(name)
+        except ConnectionRefusedError:
+            os.unlink(name)
+        except OSError as exc:
+            if exc.errno != errno.EPROTOTYPE:
+                raise
+    if os.path.lexists(name):
+        raise FileMismatch(f"{name}, where a unix socket was bound, is in use by another "
+                           "running socket")
+
+
 def _make_dirs(directory: str, ctx) -> list[str]:
-    """The missing directories of `directory` made (mode 0700, as the owner), top first."""
+    """The missing directories of `directory` made (mode 0700, as the owner, or root for a
+    trusted image), top first."""
     missing = []
-    while not os.path.lexists(directory):
-        missing.insert(0, directory)
-        directory = os.path.dirname(directory)
     with ctx.owner_rights():
+        while not ctx.as_owner(_exists, directory):
+            missing.insert(0, directory)
+            directory = os.path.dirname(directory)
         for path in missing:
-            os.mkdir(path, 0o700)
+            ctx.as_owner(os.mkdir, path, 0o700)
     return missing
 
 
+def _exists(path: str) -> bool:
+    """Like os.path.lexists, but PermissionError where the path cannot be looked at."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _remove(remove_later: list[tuple[object, str]]) -> None:
-    """What _bind made for the while, the last made first, as its owner."""
+    """What _bind made for the while, the last made first, with the rights that made it."""
     for ctx, path in reversed(remove_later):
         with ctx.owner_rights():
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                os.rmdir(path)
-            else:
-                os.unlink(path)
+            ctx.as_owner(os.rmdir if stat.S_ISDIR(os.lstat(path).st_mode) else os.unlink, path)
 
 
 def _fill_from(writers: list[socket.socket], e: dict, data: bytes,
