@@ -668,7 +668,7 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
                 opened[key] = as_root(*key)
             return opened[key]
         if vma["kind"] == "ghost":
-            path = ctx.ghosts.path(saved, 0o600)
+            path = ctx.ghosts.path(saved, None)
         elif saved:
             ctx.shared.put_back(saved, path)
         if (path, flags) not in opened:
