@@ -30,6 +30,8 @@ FIELDS = {"proc_pid": int}
 LATE = True  # opened by the restored process itself: see open_late()
 PATH = re.compile(r"/proc/(\d+)(?:/task/(\d+))?(?:/.*)?")
 AT_FDCWD = -100
+LINKS = ("cwd", "root", "exe")  # links out of /proc/PID
+LINK_DIRS = ("fd", "map_files", "ns")  # directories of such links
 
 
 def recognise(link: str, st: os.stat_result, state) -> bool:
@@ -54,9 +56,16 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
 
 
 def check(entry: dict, ctx) -> None:
-    match = PATH.fullmatch(entry["path"])
-    if match is None or int(match[1]) != entry["proc_pid"]:
-        raise ImageCorrupt(f"fd {entry['fd']}: {entry['path']} is not a /proc file of process "
+    """The path is opened as root: it must name a file of /proc/PID itself, never one reached
+    through a link (cwd, root, exe, fd/N, map_files/RANGE, ns/NAME lead out of it) or `..`, which a
+    path the kernel showed at the dump never holds."""
+    path = entry["path"]
+    match = PATH.fullmatch(path)
+    parts = path.split("/")[3:]
+    if (match is None or int(match[1]) != entry["proc_pid"]
+            or any(part in ("", ".", "..", *LINKS) for part in parts)
+            or any(part in LINK_DIRS for part in parts[:-1])):
+        raise ImageCorrupt(f"fd {entry['fd']}: {path} is not a /proc file of process "
                            f"{entry['proc_pid']} (image corrupted)")
 
 
