@@ -453,9 +453,11 @@ def _exists(path: str) -> bool:
 
 def _remove(remove_later: list[tuple[object, str]]) -> None:
     """What _bind made for the while, the last made first, with the rights that made it."""
-    for ctx, path in reversed(remove_later):
+    while remove_later:
+        ctx, path = remove_later[-1]
         with ctx.owner_rights():
             ctx.as_owner(os.rmdir if stat.S_ISDIR(os.lstat(path).st_mode) else os.unlink, path)
+        remove_later.pop()
 
 
 def _fill_from(writers: list[socket.socket], e: dict, data: bytes,
@@ -681,6 +683,10 @@ def _create_all(pool) -> dict[int, int]:
                 socks[ino].shutdown(SHUT[e["shutdown"]])
         _remove(remove_later)
         return {ino: sock.detach() for ino, sock in socks.items()}
+    except BaseException:
+        with contextlib.suppress(OSError):  # what is left of it: the first error is the one
+            _remove(remove_later)
+        raise
     finally:
         for sock in [*socks.values(), *temporary.values()]:
             sock.close()
