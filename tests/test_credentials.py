@@ -1,8 +1,9 @@
 """Credentials: a process of uid/gid 1000, dumped and restored by root, comes back with exactly
 its ids and no capabilities (a restore never grants privileges).
 
-Workload: workloads/creds.c (checks its ids, capabilities, pgid and sid itself; waits for
-SIGUSR1 so that the test can look at the restored process from outside first).
+Workloads: workloads/creds.c (checks its ids, capabilities, pgid and sid itself; waits for
+SIGUSR1 so that the test can look at the restored process from outside first), fd_setuid.c UID
+DIR (a pipe and a root-only FIFO opened as root by a worker that then dropped to UID).
 """
 
 import os
@@ -59,3 +60,15 @@ def test_credentials(cr, tmp_path, creds_program):
     os.kill(workload.pid, signal.SIGUSR1)
     workload.wait_gone()
     workload.assert_passed()
+
+
+@pytest.mark.parametrize("mode", ["pid", "job"])
+def test_descriptors_opened_before_dropping_privileges(tree_cr, tmp_path, mode):
+    """The worker's pipe and FIFO come back though its uid could not open them again: they were
+    opened by root before the worker dropped its privileges, not by path."""
+    command = [tree_cr.binaries["fd_setuid"], 2, tmp_path]
+    if mode == "job":
+        workload = tree_cr.start_job(command)
+    else:
+        workload = tree_cr.start(*command)
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")

@@ -1,7 +1,8 @@
 """Bad inputs and refused dumps: one clear `hpccr: error:` line with the documented exit code,
 never a traceback; the image and the process are left as they were.
 
-Workloads: workloads/idle.c [SECONDS], workloads/holdfd.c KIND [SECONDS].
+Workloads: workloads/idle.c [SECONDS], workloads/holdfd.c KIND [SECONDS],
+workloads/tree_procfiles.c (files under /proc of its own processes).
 """
 
 import json
@@ -217,3 +218,23 @@ def test_restore_refused_by_a_system_call(cr, tmp_path):
     assert not workload.alive()
     rewrite_image_json(img, realign)
     cr.restore_and_pass(workload, img)
+
+
+@pytest.mark.parametrize("path", ["/proc/{pid}/cwd/etc/passwd", "/proc/{pid}/../1/environ",
+                                  "/proc/{pid}/fd/0", "/proc/{pid}/root"])
+def test_proc_file_leading_out_of_proc_is_refused(cr, tmp_path, path):
+    """An image whose /proc file (opened as root at restore) would lead out of /proc/PID, through
+    a link or `..`: refused as corrupted (13) before anything is created."""
+    workload = cr.start("tree_procfiles")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+
+    def lead_out(meta: dict) -> None:
+        for entry in meta["processes"][0]["fds"]:
+            if entry["kind"] == "procfile":
+                entry["path"] = path.format(pid=entry["proc_pid"])
+
+    rewrite_image_json(img, lead_out)
+    message = cr.assert_error(cr.restore(img), 13)
+    assert "is not a /proc file of process" in message, message
+    assert "PASS" not in workload.lines()

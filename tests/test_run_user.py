@@ -3,8 +3,9 @@ signal checkpoints the job into its series and stops it (exit 75); the restored 
 it was; a job run for hpcuser runs as hpcuser, its images are hpcuser's, and a restore never
 gives a process more than the image's owner (or --user) has.
 
-Workload: workloads/tree_counter.c STEPS STEP_MS (COUNT 0 .. STEPS-1 once each and in order,
-PASS if nothing was lost, repeated or restarted), copied where hpcuser can run it.  The job's
+Workloads: workloads/tree_counter.c STEPS STEP_MS (COUNT 0 .. STEPS-1 once each and in order,
+PASS if nothing was lost, repeated or restarted), ghost_modes.c DIR (a deleted file held
+read-write whose mode was set to 0), copied where hpcuser can run them.  The job's
 output goes to files hpcuser may write: a restored job opens them again as hpcuser.
 """
 
@@ -208,6 +209,24 @@ def test_stop_restore_stop_restore_as_user(jobs):
     assert counts(jobs.lines()) == list(range(steps)), jobs.log_text()
     assert jobs.lines()[-1] == "PASS" and jobs.lines().count("PASS") == 1, jobs.log_text()
     assert set(line for line in jobs.lines() if line.startswith("PID ")) == {"PID 2"}
+
+
+def test_deleted_file_of_mode_0_restored_for_user(jobs):
+    """hpcuser's job holds a deleted file read-write, fchmod'ed to 0 since: restore --user
+    hpcuser gives it back its descriptor, content and mode (the workload checks all three)."""
+    program = jobs.home / "ghost_modes"
+    shutil.copy(jobs.cr.binaries["ghost_modes"], program)
+    program.chmod(0o755)
+    series = jobs.home / "series"
+    argv = cli_argv("run", "-D", series, "--checkpoint-on", "USR1", "--user", USER, "--",
+                    program, jobs.home)
+    proc = jobs._start(argv)
+    jobs.cr.wait_until(lambda: "READY" in jobs.lines() or proc.poll() is not None, "READY")
+    assert "READY" in jobs.lines(), jobs.log_text()
+    jobs.stop(proc, series)
+    restored, _ = jobs.restore(series, "--user", USER)
+    assert restored.wait(TIMEOUT) == 0, jobs.log_text()
+    assert jobs.lines()[-1] == "PASS" and jobs.lines().count("PASS") == 1, jobs.log_text()
 
 
 def test_failed_stop_checkpoint_leaves_the_job_running(jobs, shared_dir):

@@ -9,7 +9,8 @@ accepted yet, are refused.
 Workloads: workloads/sock_pair.c stream|seqpacket|dgram, sock_listen.c DIR, sock_epoll.c,
 sock_dgram_sources.c (datagrams sent to a bound socket by a named and an unnamed socket),
 sock_unconnected.c DIR (sockets of each type never bound, or bound and neither listening nor
-connected).
+connected), sock_gone.c DIR (sockets whose name leads elsewhere or nowhere: its directory
+removed, its file unlinked after bind and connect, a newer socket bound to it).
 Each checks the exact queued messages, names, options and connections after the window.
 """
 
@@ -37,10 +38,11 @@ def start(cr, mode: str, name: str, *args):
 
 def workloads(tmp_path: Path) -> list[tuple[str, list]]:
     return [*(("sock_pair", [kind]) for kind in PAIRS), ("sock_listen", [tmp_path]),
-            ("sock_epoll", []), ("sock_dgram_sources", []), ("sock_unconnected", [tmp_path])]
+            ("sock_epoll", []), ("sock_dgram_sources", []), ("sock_unconnected", [tmp_path]),
+            ("sock_gone", [tmp_path])]
 
 
-IDS = [*PAIRS, "listen", "epoll", "dgram-sources", "unconnected"]
+IDS = [*PAIRS, "listen", "epoll", "dgram-sources", "unconnected", "gone"]
 
 
 @pytest.mark.parametrize("which", range(len(IDS)), ids=IDS)

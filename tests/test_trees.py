@@ -3,15 +3,17 @@ run as a job by `hpccr run` (dumped by the job's pid, restored in a fresh pid na
 process of a tree checks its own pid, parent, session and group after the restore, and its own
 piece of state; the root PASSes only if all its descendants did.
 
-Workloads: workloads/tree_pipes.c (pipes with data in flight), tree_pipeline.c (the stages of
-`sh -c 'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a process-
-shared mutex), tree_offset.c FILE (one open file description shared across fork), tree_session.c
-(setsid and setpgid), tree_zombie.c (children not reaped yet), tree_orphan.c (an orphan in the
-session of a leader that exited), tree_clone.c (memory, signal handlers and descriptors shared
-without threads; without the descriptors, refused), tree_shared_table.c (a descriptor table
-and/or cwd shared with the parent), tree_spawner.c (children forked and ending all the time),
-tree_stopped.c (a child stopped with SIGSTOP), tree_unshare.c (a child in a namespace or root of
-its own, refused).
+Workloads: workloads/tree_pipes.c (pipes with data in flight), tree_pipeline.c (the stages of `sh -c
+'produce | filter | consume'`), tree_shmem.c (a counter in shared memory under a process-shared
+mutex), tree_offset.c FILE (one open file description shared across fork), tree_session.c (setsid
+and setpgid), tree_shell_job.c (a program started from a shell, whose session and perhaps group the
+shell leads), tree_zombie.c (children not reaped yet), tree_orphan.c [group] (an orphan in the
+session, or only the group, of a leader that exited), tree_clone.c (memory, signal handlers and
+descriptors shared without threads; without the descriptors, refused), tree_shared_table.c (a
+descriptor table and/or cwd shared with the parent), tree_spawner.c (children forked and ending all
+the time), tree_stopped.c (a child stopped with SIGSTOP), tree_procfiles.c (files under /proc of its
+own processes and threads held open), tree_unshare.c (a child in a namespace or root of its own,
+refused).
 """
 
 import contextlib
@@ -95,6 +97,64 @@ def test_shared_file_offset(tree_cr, tmp_path, mode):
 def test_sessions_and_groups(tree_cr, tmp_path, mode):
     workload = start(tree_cr, mode, [tree_cr.binaries["tree_session"]])
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+# How a shell starts a program in the background: `&` without job control (the program stays in
+# the shell's group), with it (a group of its own), and nohup'ed by a shell that exits once the
+# program is READY, before the dump.
+SHELL_JOBS = {
+    "shell running": ("{binary} & sleep {TIMEOUT}", False),
+    "job control": ("set -m; {binary} & sleep {TIMEOUT}", True),
+    "shell gone": ("nohup {binary} & until grep -qx READY {log}; do sleep 0.1; done", False),
+}
+
+
+@pytest.mark.parametrize("how", SHELL_JOBS)
+def test_started_from_a_shell(tree_cr, tmp_path, how):
+    """The session (and group) of the shell is outside the dumped tree: the restored tree joins
+    the restorer's session, and its group unless the program led one, as a shell job would."""
+    script, leads_group = SHELL_JOBS[how]
+    binary = tree_cr.binaries["tree_shell_job"]
+    command = script.format(binary=binary, TIMEOUT=TIMEOUT, log=tmp_path / "bash.log")
+    shell = tree_cr.start(Path("/bin/bash"), "-c", command)
+    pid = int(shell.values("PID")[0])
+    assert ("GROUP LED" in shell.lines()) == leads_group, shell.output()
+    if how == "shell gone":
+        shell.wait_exit()
+    res = tree_cr.run("dump", pid, "-D", tmp_path / "img")
+    assert res.returncode == 0, describe(res)
+    tree_cr.wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in tree_of(pid)),
+                       f"the dumped tree of {pid} gone")
+    res = tree_cr.restore(tmp_path / "img")
+    assert res.returncode == 0, describe(res) + "\nlog:\n" + shell.output()
+    assert shell.lines()[-1] == "PASS", shell.output()
+    assert set(shell.values("PID")) == {str(pid)}, shell.output()
+    group = pid if leads_group else os.getpgid(0)
+    assert shell.values("PLACE") == [f"{os.getsid(0)} {group}"], shell.output()
+    assert (shell.proc.poll() is None) == (how != "shell gone")
+
+
+def test_proc_files_of_the_tree(tree_cr, tmp_path, mode):
+    """/proc/self/stat, /proc/<child>/fd and /proc/<child>/maps, /proc/thread-self/comm: the pids
+    come back, so the same paths name the same processes and thread again."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_procfiles"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_proc_file_of_a_process_outside_is_refused(tree_cr, tmp_path):
+    """/proc/PID/stat of a process that is not dumped: refused at dump (it would name another
+    process, or none, after a restore), and the process runs on."""
+    outside = subprocess.Popen(["sleep", str(TIMEOUT)])
+    try:
+        workload = tree_cr.start("tree_procfiles", "outside", outside.pid)
+        message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
+        assert f"/proc/{outside.pid}/stat" in message, message
+        workload.assert_untouched()
+        assert workload.wait_exit() == 0, workload.output()
+        workload.assert_passed()
+    finally:
+        outside.kill()
+        outside.wait()
 
 
 def test_zombies(tree_cr, tmp_path, mode):
@@ -236,3 +296,14 @@ def test_session_whose_leader_exited(tree_cr, tmp_path, mode):
     leader that exited: both come back, and the root is still a subreaper."""
     workload = start(tree_cr, mode, [tree_cr.binaries["tree_orphan"]])
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
+def test_group_whose_leader_exited_is_refused_at_dump(tree_cr, tmp_path):
+    """Such a group cannot be made again (not yet): the dump says so before it kills anything,
+    and the tree runs on and passes."""
+    workload = tree_cr.start(tree_cr.binaries["tree_orphan"], "group")
+    message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
+    assert "process group" in message and "leader exited" in message, message
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()

@@ -32,6 +32,7 @@ from hpccr.engine import (
     prctls,
     procfs,
     sched,
+    sessions,
     sharing,
     sigio,
     signals,
@@ -162,7 +163,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         writer = ImageWriter(directory)
         ghosts = GhostWriter(writer)
         fd_state = fds.DumpState(writer, ghosts, [_reader(frozen, pid) for pid in frozen.pids],
-                                 ids.pidns, network is not None)
+                                 ids, network is not None)
         procs, copies = [], []
         for pid in frozen.pids:
             if pid in frozen.zombies:
@@ -177,6 +178,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         for pid, proc in zip(frozen.pids, procs, strict=True):
             proc["shares_with_parent"] = frozen.shared_with_parent.get(pid, [])
         sharing.check(procs)
+        sessions.plan({proc["pid"]: proc for proc in procs}, procs[0]["pid"], ids.pidns)
         with _Step(root, "saving SysV IPC objects"):
             sysv_state = sysv.dump_namespace(root, ids.pidns, procs, writer)
         with _Step(root, "comparing open file descriptions"):

@@ -31,15 +31,22 @@ class GhostWriter:
 
 
 class GhostFiles:
-    """Restore side: materialise ghost files for the restored process, owned by its user."""
+    """Restore side: materialise ghost files for the restored process, owned by its user.
+
+    A ghost is readable and writable by its owner until every opener has it: the process held
+    it open with its own mode (O_RDWR, say) whatever mode the file had by the dump (fchmod'ed
+    to 0 after it was opened, say).  Its saved mode comes back just before it is unlinked."""
 
     def __init__(self, reader, uid: int, gid: int):
         self.reader = reader
         self.uid, self.gid = uid, gid
         self.dir: str | None = None
         self.paths: dict[str, str] = {}
+        self.modes: dict[str, int] = {}  # name -> the permission bits it had at the dump
 
-    def path(self, name: str, mode: int) -> str:
+    def path(self, name: str, mode: int | None) -> str:
+        """Where ghost `name` is, made on first use; `mode`: its st_mode at the dump, None if
+        not known (a mapping's)."""
         if name not in self.paths:
             if self.dir is None:
                 self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-")
@@ -48,12 +55,16 @@ class GhostFiles:
             with open(self.reader.open_file(name), "rb") as src, open(dest, "wb") as out:
                 shutil.copyfileobj(src, out, COPY_CHUNK)
             os.chown(dest, self.uid, self.gid)
-            os.chmod(dest, stat.S_IMODE(mode) | stat.S_IRUSR)
+            os.chmod(dest, stat.S_IRUSR | stat.S_IWUSR)
             self.paths[name] = dest
+        if mode is not None:
+            self.modes[name] = stat.S_IMODE(mode)
         return self.paths[name]
 
     def unlink_all(self) -> None:
         if self.dir:
+            for name, mode in self.modes.items():
+                os.chmod(self.paths[name], mode)
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 

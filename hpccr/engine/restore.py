@@ -33,13 +33,14 @@ from hpccr.engine import (
     prctls,
     procfs,
     sched,
+    sessions,
     sharing,
     sigio,
     signals,
     sysv,
     threads,
 )
-from hpccr.engine.fds import inet
+from hpccr.engine.fds import inet, procfile
 from hpccr.engine.ghosts import GhostFiles, SharedObjects
 from hpccr.engine.job import (
     enter_job_namespaces,
@@ -63,7 +64,6 @@ from hpccr.errors import (
     IncompatibleMachine,
     PidInUse,
     RestoreFailed,
-    UnsupportedResource,
 )
 from hpccr.image import ImageReader, PageReader
 from hpccr.image.series import resolve
@@ -142,6 +142,8 @@ class Task:
     # Children that share its descriptor table (engine/sharing.py): cloned in its stub
     sharers: list[Task] = field(default_factory=list)
     outer: int = 0  # its pid as hpccr sees it, once it exists
+    in_outside_group: bool = False  # joins the restorer's group (engine/sessions.py)
+    group: int = 0  # the process group it joins when it is created (set by spawn())
 
     @property
     def all_children(self) -> list[Task]:
@@ -175,7 +177,15 @@ def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
                 raise ImageCorrupt(f"image.json: the parent {task.proc['ppid']} of process "
                                    f"{pid} is not in the image")
             parent.children.append(task)
-    _plan_sessions(tasks, root, meta["pidns"])
+    groups = sessions.plan({pid: task.proc for pid, task in tasks.items()}, meta["root_pid"],
+                           meta["pidns"])
+    for sid, (parent_pid, members) in groups.helpers.items():
+        parent = tasks[parent_pid]
+        for pid in members:
+            parent.children.remove(tasks[pid])
+        parent.helpers[sid] = [tasks[pid] for pid in members]
+    for pid in groups.in_outside_group:
+        tasks[pid].in_outside_group = True
     sharing.check(meta["processes"])
     for task in tasks.values():
         if task.sharer:
@@ -190,46 +200,6 @@ def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
     if len(order) != len(tasks):
         raise ImageCorrupt("image.json: the processes do not form one tree")
     return order
-
-
-def _plan_sessions(tasks: dict[int, Task], root: Task, pidns: bool) -> None:
-    """Sessions and groups are rebuilt as they are inherited: a session leader calls setsid()
-    before it creates its children.  A session whose leader exited is made by a helper task with
-    the leader's pid, which calls setsid(), creates the session's topmost processes and exits:
-    they are then re-parented to their real parent, which must be the job's init or a child
-    subreaper, as it was when they were orphaned.  A group must have its leader in the image (or
-    be the group the whole tree was started in)."""
-    outside_sid, outside_pgid = root.proc["sid"], root.proc["pgid"]
-    orphaned: dict[int, list[Task]] = {}
-    for pid, task in tasks.items():
-        sid, pgid = task.proc["sid"], task.proc["pgid"]
-        if (sid != outside_sid or pid == sid) and sid not in tasks:
-            parent = tasks.get(task.proc["ppid"])
-            if parent is None or parent.proc["sid"] != sid:  # topmost in its session
-                orphaned.setdefault(sid, []).append(task)
-        elif sid != outside_sid or pid == sid:
-            ancestor = task
-            while ancestor is not None and ancestor.proc["pid"] != sid:
-                ancestor = tasks.get(ancestor.proc["ppid"])
-            if ancestor is None:
-                raise UnsupportedResource(
-                    f"process {pid} is in session {sid}, whose leader is not one of its "
-                    "ancestors in the image: not supported yet")
-        if pgid != outside_pgid and pgid not in tasks and pgid != sid:
-            raise UnsupportedResource(f"process {pid} is in process group {pgid}, whose leader "
-                                      "exited (not supported yet)")
-    for sid, members in orphaned.items():
-        parents = {m.proc["ppid"] for m in members}
-        parent = tasks.get(parents.pop()) if len(parents) == 1 else None
-        if parent is None or not (parent.proc["child_subreaper"]
-                                  or (pidns and parent is root)):
-            raise UnsupportedResource(
-                f"session {sid}, whose leader exited, has processes "
-                f"{sorted(m.proc['pid'] for m in members)} that are not all children of one "
-                "child subreaper or of the job's init: not supported yet")
-        for member in members:
-            parent.children.remove(member)
-        parent.helpers[sid] = sorted(members, key=lambda t: t.proc["pid"])
 
 
 def restore(directory: str, detach: bool = False, pidfile: str | None = None,
@@ -398,6 +368,9 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
     pid namespace (and mount and IPC namespaces, the latter with the saved SysV objects) with
     its root as pid 1; and `network`, if the job had its own."""
     root = order[0]
+    restorer_pgid = 0 if pidns else os.getpgid(0)  # the outside group is 0 in the job's pidns
+    for task in order:
+        task.group = restorer_pgid if task.in_outside_group else task.proc["pgid"]
     rd, wr = os.pipe2(os.O_CLOEXEC)
     try:
         if network:
@@ -583,8 +556,8 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
                     pass
         if proc["sid"] == proc["pid"]:
             os.setsid()  # it led its session (and group): it leads a new one
-        elif proc["pgid"] != os.getpgid(0):
-            os.setpgid(0, proc["pgid"])  # its own group, or one its leader already made
+        elif task.group != os.getpgid(0):
+            os.setpgid(0, task.group)  # its own group, or one its leader already made
         if not task.zombie:
             prctls.restore(proc)
         for child in task.children:
@@ -652,7 +625,6 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     sysv.remove_attached(inj, proc["vmas"], meta["sysv"])
     threads.restore_xcomp_perm(inj, proc["threads"][0]["xcomp_perm"])
     signals.restore_sigactions(inj, proc["sigactions"])
-    fds.set_cloexec(inj, proc["fds"])
     locks.take_posix(inj, proc["fds"])  # after the files mapped were opened and closed
 
     exited = proc["main_thread_exited"]  # the stub is the main thread only until the end
@@ -663,6 +635,10 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         t = Thread(threads.create_thread(inj, saved["tid"]))
         t.capture()
         tasks.append((t, saved))
+    image_ids = {p["pid"] for p in meta["processes"]}
+    image_ids |= {t["tid"] for p in meta["processes"] for t in p["threads"]}
+    procfile.open_late(inj, proc, image_ids)  # its threads exist: /proc/TID names them
+    fds.set_cloexec(inj, proc["fds"])
     for thread, saved in tasks:
         threads.restore_thread(inj, thread, saved)
         signals.restore_altstack(inj, thread, saved["sigaltstack"])
@@ -780,7 +756,7 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
                 opened[key] = as_root(*key)
             return opened[key]
         if vma["kind"] == "ghost":
-            path = ctx.ghosts.path(saved, 0o600)
+            path = ctx.ghosts.path(saved, None)
         elif saved:
             with ctx.owner_rights():
                 ctx.as_owner(ctx.shared.put_back, saved, path)

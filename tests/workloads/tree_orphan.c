@@ -1,19 +1,22 @@
 /*
  * An orphan in a session whose leader exited.
  *
- * usage: tree_orphan
+ * usage: tree_orphan [group]
  *
  * The root makes itself a child subreaper and forks "leader", which calls setsid(), forks
  * "orphan" and exits.  The orphan, now the root's child, stays in the dead leader's session and
  * process group.  After the window the orphan checks its place (session and group of a process
  * that no longer exists, the root as its parent) and the root that it is still a subreaper.
+ * With "group" the leader only makes a process group of its own (setpgid): the orphan stays in
+ * the root's session, in a group whose leader exited.
  */
 #include "tree.h"
 
 #include <sys/prctl.h>
 
-int main(void)
+int main(int argc, char **argv)
 {
+	int group_only = argc > 1 && !strcmp(argv[1], "group");
 	pid_t leader, orphan;
 	int is_subreaper = 0;
 	int link[2];
@@ -23,10 +26,10 @@ int main(void)
 		wl_die("setup");
 	leader = tree_fork("leader");
 	if (leader == 0) {
-		pid_t dead = getpid();
+		pid_t dead = getpid(), session = group_only ? getsid(0) : dead;
 
-		if (setsid() < 0)
-			wl_die("setsid");
+		if (group_only ? setpgid(0, 0) : setsid() < 0)
+			wl_die("setsid or setpgid");
 		orphan = tree_fork("orphan");
 		if (orphan == 0) {
 			pid_t me = getpid();
@@ -39,9 +42,9 @@ int main(void)
 			tree_ready();
 			wl_sleep(WL_WINDOW_S);
 			tree_check_place();
-			WL_CHECK(getsid(0) == dead && getpgid(0) == dead,
-				 "session %d and group %d, not the dead leader's %d", getsid(0),
-				 getpgid(0), dead);
+			WL_CHECK(getsid(0) == session && getpgid(0) == dead,
+				 "session %d and group %d, not %d and the dead leader's %d",
+				 getsid(0), getpgid(0), session, dead);
 			tree_exit();
 		}
 		_exit(0);

@@ -13,6 +13,8 @@ A kind module has
   share it; the tasks inherit the pool and put each description at its saved numbers;
 - optionally ``INSIDE_JOB = True``: its descriptions are made inside the pid namespace a job is
   restored into (by the job's first process, before it forks the others), not by the restorer;
+- optionally ``LATE = True``: not opened by the restorer but by the restored process itself,
+  once its threads exist, with ``open_late(inj, proc, image_ids)`` (restore.rebuild);
 - optionally ``finish(entry, ctx)``: runs in the task once every descriptor is at its saved
   number, for kinds that refer to other descriptors by number (an epoll set adds its watches);
   once per description, in the first process that holds it.
@@ -21,6 +23,7 @@ Adding a kind means adding a module to KINDS; the dump and restore loops below n
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -33,6 +36,7 @@ from hpccr.engine.fds import (
     inet,
     memfd,
     pipe,
+    procfile,
     pty,
     regular,
     signalfd,
@@ -43,8 +47,8 @@ from hpccr.engine.fds import (
 from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, memfd, tty, pty, pipe, unix, inet, eventfd, timerfd,
-                              signalfd, epoll)}
+KINDS = {k.NAME: k for k in (regular, procfile, memfd, tty, pty, pipe, unix, inet, eventfd,
+                              timerfd, signalfd, epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
@@ -64,16 +68,35 @@ def describe(link: str) -> str:
 class DumpState:
     """What the descriptor kinds share while one image is dumped."""
 
-    def __init__(self, writer, ghosts, pids, pidns: bool, own_network: bool = False):
+    def __init__(self, writer, ghosts, pids, ids, own_network: bool = False):
         self.writer = writer
         self.ghosts = ghosts
         self.pids = set(pids)
-        self.pidns = pidns  # the job has a pid namespace of its own: its pids are recorded
+        self.ids = ids  # pids as the image records them (dump._Ids)
+        self.pidns = ids.pidns  # the job has a pid namespace of its own: its pids are recorded
         self.own_network = own_network  # the job has a network namespace of its own
+        self._job_ids: dict[int, int] | None = None
+        self._procfs_devices: set[int] | None = None
         self.pipes: set[int] = set()  # pipes whose data an entry already carries
         self.unix = None  # unix.View of the dump's sockets, made on first use
         self.inet = None  # inet.View: network sockets, their copies and lock; on first use
         self.ptys = None  # numbers of the pseudo-terminals whose master is in the dump
+
+    def job_ids(self) -> dict[int, int]:
+        """Every pid and tid of the dump, as the image records them -> its process's pid."""
+        if self._job_ids is None:
+            self._job_ids = {self.ids.thread(pid, tid): self.ids.of(pid)
+                             for pid in self.pids for tid in procfs.tids(pid)}
+        return self._job_ids
+
+    def procfs_devices(self) -> set[int]:
+        """The devices of the /proc mounts the dumped processes see (their pid namespace's)."""
+        if self._procfs_devices is None:
+            self._procfs_devices = set()
+            for pid in self.pids:
+                with contextlib.suppress(OSError):  # a zombie has no root
+                    self._procfs_devices.add(os.stat(procfs.path(pid, "root", "proc")).st_dev)
+        return self._procfs_devices
 
     def before_kill(self) -> None:
         """The image is complete and the job is to be killed: nothing may tell the network."""
@@ -173,12 +196,13 @@ class Pool:
         the job is restored into, where the kinds that must be made inside it wait."""
         for ctx, entries in self.tables:
             for e in entries:
-                if e["desc"] in self.fds or not in_job and getattr(KINDS[e["kind"]],
-                                                                      "INSIDE_JOB", False):
+                kind = KINDS[e["kind"]]
+                if (e["desc"] in self.fds or getattr(kind, "LATE", False)
+                        or not in_job and getattr(kind, "INSIDE_JOB", False)):
                     continue
                 with ctx.owner_rights():
                     try:
-                        local = KINDS[e["kind"]].open(e, ctx, self)
+                        local = kind.open(e, ctx, self)
                     except OSError as exc:
                         error = AccessDenied if isinstance(exc, PermissionError) else \
                             RestoreFailed
@@ -228,6 +252,7 @@ class Pool:
 def install_fds(entries: list[dict], ctx, pool: Pool, keep: int) -> None:
     """In the new task: every saved descriptor at its number (from the pool), all others closed
     but `keep`.  Descriptors stay inheritable here; close-on-exec is set after the stub's exec."""
+    entries = [e for e in entries if not getattr(KINDS[e["kind"]], "LATE", False)]
     wanted = {e["fd"] for e in entries}
     for e in entries:
         os.dup2(pool.fds[e["desc"]], e["fd"], inheritable=True)

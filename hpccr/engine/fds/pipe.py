@@ -6,9 +6,9 @@ end is copied into hpccr (pidfd_getfd) and tee(2) duplicates its content into a 
 hpccr reads.  The first entry of a pipe in the image carries the data and capacity; at restore the
 first end opened creates the pipe (a FIFO is opened by its path), sets the capacity and writes the
 data back, and every other end, in whichever process, reopens that pipe through /proc/self/fd
-with its own mode.  With no read end left the data can never be read and is not saved; ends whose
-peers have all been closed stay that way (a read end sees the data and then end-of-file, a write
-end gets EPIPE).
+with its own mode (see _reopen for whose rights).  With no read end left the data can never be
+read and is not saved; ends whose peers have all been closed stay that way (a read end sees the
+data and then end-of-file, a write end gets EPIPE).
 
 Refused: a pipe or FIFO that a process outside the dump also holds — the job's stdin, stdout or
 stderr connected to its parent or to a logger, the dumper's own pipe.  Saving one side would cut
@@ -162,13 +162,18 @@ def check(entry: dict, ctx) -> None:
             raise FileMismatch(f"fd {fd}: {entry['path']} is no longer a FIFO")
 
 
-def _reopen(local: int, flags: int) -> int:
+def _reopen(local: int, flags: int, ctx) -> int:
     """A new open file description of the pipe behind `local`, with an end's mode and flags.
     A read-write helper is open meanwhile: with a reader and a writer present, opening an end
-    neither blocks nor fails (ENXIO), whatever ends the pipe has."""
-    helper = os.open(f"/proc/self/fd/{local}", os.O_RDWR | os.O_CLOEXEC)
+    neither blocks nor fails (ENXIO), whatever ends the pipe has.
+
+    As the owner, or as root for a trusted image (Context.as_owner), like the FIFO's path: a
+    pipe or FIFO opened by root before the process dropped its privileges (a FIFO of mode 0600,
+    a pipe made for a root process of the tree) is not the owner's to open again."""
+    helper = ctx.as_owner(os.open, f"/proc/self/fd/{local}", os.O_RDWR | os.O_CLOEXEC)
     try:
-        fd = os.open(f"/proc/self/fd/{helper}", flags & os.O_ACCMODE | os.O_CLOEXEC)
+        fd = ctx.as_owner(os.open, f"/proc/self/fd/{helper}",
+                          flags & os.O_ACCMODE | os.O_CLOEXEC)
     finally:
         os.close(helper)
     os.set_blocking(fd, not flags & os.O_NONBLOCK)
@@ -192,7 +197,7 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     data), later ends, of any process, reopen it."""
     ino = entry["pipe"]
     if ino in pool.pipes:
-        return _reopen(pool.pipes[ino], entry["flags"])
+        return _reopen(pool.pipes[ino], entry["flags"], ctx)
     saved = pool.entry_with(lambda e: e["kind"] == NAME and e["pipe"] == ino
                             and e["capacity"] is not None)
     if saved is None:
@@ -213,7 +218,7 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
             _fill(w, data)
         pool.pipes[ino] = (fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 0) if r == w
                            else os.open(f"/proc/self/fd/{r}", os.O_RDWR | os.O_CLOEXEC))
-        return _reopen(r, entry["flags"])
+        return _reopen(r, entry["flags"], ctx)
     finally:
         os.close(r)
         if w != r:

@@ -10,16 +10,17 @@ after the dump: a copy of the receiving socket (pidfd_getfd) is peeked with MSG_
 through the queue with SO_PEEK_OFF (put back as it was afterwards), message by message for
 datagram and seqpacket sockets so that their boundaries are kept.
 
-At restore the first socket opened creates every socket of the image at once (in the restorer,
-or in the first process of a job restored into its own pid namespace, see below):
-bound sockets bind their name again (a stale socket file left at that path is removed; a path
-some running socket answers on is refused), listeners listen; the connections made through a
-listener of the image are made again through it (connect, then accept), so that names and the
-accept queue come back; other connected pairs are socketpairs, or are connected through a
-temporary listener (see below), with the name of the listener they were accepted from if that
-listener is not in the image (closed since, or outside the dump).  The saved data is written into
-each receiving socket's peer, so that it lands in the right queue, then shutdowns are applied
-and the ends whose peers had been closed lose them again.
+At restore the first socket opened creates every socket of the image at once (in the restorer, or in
+the first process of a job restored into its own pid namespace, see below): bound sockets bind their
+name again (a stale socket file left at that path is removed; a path some running socket answers on
+is refused; a name whose file had been removed, or whose directory, is bound as _bind says, and its
+file and directories are gone again), listeners listen; the connections made through a listener of
+the image are made again through it (connect, then accept), so that names and the accept queue come
+back; other connected pairs are socketpairs, or are connected through a temporary listener (see
+below), with the name of the listener they were accepted from if that listener is not in the image
+(closed since, or outside the dump).  The saved data is written into each receiving socket's peer,
+so that it lands in the right queue, then shutdowns are applied and the ends whose peers had been
+closed lose them again.
 
 Datagrams sent to a bound socket's name by other sockets (sendto, as MPICH's ranks do) are
 sent again at restore, each from the restored socket that had sent it (by its name), or from a
@@ -50,6 +51,7 @@ import builtins
 import contextlib
 import errno
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -382,41 +384,98 @@ def _address(name: str) -> str | bytes:
     return os.fsencode(name) if name.startswith("\0") else name
 
 
-def _bind(sock: socket.socket, e: dict, ctx, unlink_later: list[str]) -> None:
-    """Bind `sock` to the entry's name; a stale socket file at that path is removed first."""
+def _bind(sock: socket.socket, e: dict, ctx, remove_later: list[tuple[object, str]]
+          ) -> str | bytes:
+    """Bind `sock` to the entry's name; returns the address that reaches it from now on.
+
+    A stale socket file at that path is removed first.  A name whose file had been removed
+    (the socket file unlinked, its directory too, and maybe a newer socket bound to the same
+    name since) is bound again with its missing directories made for the while, and its file is
+    moved aside at once, to a temporary name in the same directory: the name is the socket's
+    again (getsockname), the path is free for a newer socket, and the temporary name reaches it
+    until the restore removes that name and the directories it made (`remove_later`)."""
     name = e["name"]
-    if not name.startswith("\0") and os.path.lexists(name):
-        if not stat.S_ISSOCK(os.lstat(name).st_mode):
-            raise FileMismatch(f"{name}, where a unix socket was bound, is not a socket now")
-        with socket.socket(socket.AF_UNIX, sock.type) as probe:
-            try:
-                probe.connect(name)
-            except ConnectionRefusedError:
-                os.unlink(name)  # nobody listens: left by the checkpointed socket
-            except OSError as exc:
-                if exc.errno != errno.EPROTOTYPE:
-                    raise
-        if os.path.lexists(name):
-            raise FileMismatch(f"{name}, where a unix socket was bound, is in use by another "
-                               "running socket")
+    gone = e["file_mode"] is None and not name.startswith("\0")
+    if gone:
+        remove_later += [(ctx, d) for d in _make_dirs(os.path.dirname(name), ctx)]
+    with ctx.owner_rights():  # or root's for a trusted image: bound before a setuid, say
+        if not name.startswith("\0"):
+            ctx.as_owner(_clear, name, sock.type)
+        ctx.as_owner(sock.bind, _address(name))
+        if not gone:
+            if e["file_mode"] is not None:
+                ctx.as_owner(os.chmod, name, e["file_mode"])
+            return _address(name)
+        aside = os.path.join(os.path.dirname(name), f".hpccr-{secrets.token_hex(8)}")
+        ctx.as_owner(os.rename, name, aside)
+    remove_later.append((ctx, aside))
+    return aside
+
+
+def _clear(name: str, kind: int) -> None:
+    """Remove the socket file at `name` if nobody answers on it (left by the checkpointed
+    socket); refuse a path that is not a socket or that a running socket answers on."""
+    try:
+        mode = os.lstat(name).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileMismatch(f"{name}, where a unix socket was bound, is not a socket now")
+    with socket.socket(socket.AF_UNIX, kind) as probe:
+        try:
+            probe.connect(name)
+        except ConnectionRefusedError:
+            os.unlink(name)
+        except OSError as exc:
+            if exc.errno != errno.EPROTOTYPE:
+                raise
+    if os.path.lexists(name):
+        raise FileMismatch(f"{name}, where a unix socket was bound, is in use by another "
+                           "running socket")
+
+
+def _make_dirs(directory: str, ctx) -> list[str]:
+    """The missing directories of `directory` made (mode 0700, as the owner, or root for a
+    trusted image), top first."""
+    missing = []
     with ctx.owner_rights():
-        sock.bind(_address(name))
-        if e["file_mode"] is not None:
-            os.chmod(name, e["file_mode"])
-    if e["file_mode"] is None and not name.startswith("\0"):
-        unlink_later.append(name)  # its file had been removed: so is the new one
+        while not ctx.as_owner(_exists, directory):
+            missing.insert(0, directory)
+            directory = os.path.dirname(directory)
+        for path in missing:
+            ctx.as_owner(os.mkdir, path, 0o700)
+    return missing
 
 
-def _fill_from(writers: list[socket.socket], e: dict, data: bytes) -> None:
-    """Send the saved datagrams of entry `e` (a bound socket) to its name, each from the socket
-    that had sent it."""
+def _exists(path: str) -> bool:
+    """Like os.path.lexists, but PermissionError where the path cannot be looked at."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove(remove_later: list[tuple[object, str]]) -> None:
+    """What _bind made for the while, the last made first, with the rights that made it."""
+    while remove_later:
+        ctx, path = remove_later[-1]
+        with ctx.owner_rights():
+            ctx.as_owner(os.rmdir if stat.S_ISDIR(os.lstat(path).st_mode) else os.unlink, path)
+        remove_later.pop()
+
+
+def _fill_from(writers: list[socket.socket], e: dict, data: bytes,
+               address: str | bytes) -> None:
+    """Send the saved datagrams of entry `e` (a bound socket, reached at `address`), each from
+    the socket that had sent it."""
     messages = list(_messages(e, data))
     if len(messages) != len(writers):
         raise ImageCorrupt(f"{e['data']}: not one sender per datagram (image corrupted)")
     try:
         for writer, message in zip(writers, messages, strict=True):
             writer.setblocking(False)
-            writer.sendto(message, _address(e["name"]))
+            writer.sendto(message, address)
     except BlockingIOError:
         raise RestoreFailed(f"unix socket {e['socket']}: its saved queue does not fit "
                             "back") from None
@@ -505,7 +564,7 @@ def _effective_creds(creds: dict):
 
 
 def _pair(e: dict, ctx, peer: tuple[dict, object] | None,
-          unlink_later: list[str]) -> tuple[socket.socket, socket.socket]:
+          remove_later: list[tuple[object, str]]) -> tuple[socket.socket, socket.socket]:
     """The two connected ends of entry `e` and its `peer` (entry, context; None for a peer
     closed since, whose stand-in the restore closes again), with the peer credentials and
     names they report.
@@ -535,19 +594,19 @@ def _pair(e: dict, ctx, peer: tuple[dict, object] | None,
     else:
         server, server_ctx, client, client_ctx = other, other_ctx, e, ctx
     with socket.socket(socket.AF_UNIX, kind) as listener:
-        bound = False
+        address = None
         if named:
             try:
-                _bind(listener, server, server_ctx, unlink_later)
-                bound = True
+                address = _bind(listener, server, server_ctx, remove_later)
             except (FileMismatch, OSError):
                 pass  # in use, or not ours to make: the accepted end goes without its name
-        if not bound:
+        if address is None:
             listener.bind("")  # an abstract name the kernel picks
+            address = listener.getsockname()
         connecting = socket.socket(socket.AF_UNIX, kind)
         try:
             _as_task(server_ctx, client["peer_pid"] if client else None, listener.listen, 1)
-            _as_task(client_ctx, server["peer_pid"], connecting.connect, listener.getsockname())
+            _as_task(client_ctx, server["peer_pid"], connecting.connect, address)
             accepted, _ = listener.accept()
         except BaseException:
             connecting.close()
@@ -564,7 +623,8 @@ def _create_all(pool) -> dict[int, int]:
                 entries.setdefault(e["socket"], (e, ctx))
     socks: dict[int, socket.socket] = {}
     temporary: dict[int, socket.socket] = {}  # ino -> the other end of a closed peer
-    unlink_later: list[str] = []
+    remove_later: list[tuple[object, str]] = []  # see _bind
+    reach: dict[int, str | bytes] = {}  # a named socket's ino -> the address it is reached at
 
     def new(ino: int) -> socket.socket:
         if ino not in socks:
@@ -576,18 +636,21 @@ def _create_all(pool) -> dict[int, int]:
             peer = e["peer"]
             if peer and peer in entries and entries[peer][0]["peer"] == ino and ino not in socks \
                     and not e["listener"] and not entries[peer][0]["listener"]:
-                socks[ino], socks[peer] = _pair(e, ctx, entries[peer], unlink_later)
+                socks[ino], socks[peer] = _pair(e, ctx, entries[peer], remove_later)
             elif peer == 0 and not e["listener"]:
-                socks[ino], temporary[ino] = _pair(e, ctx, None, unlink_later)
-        for ino, (e, ctx) in entries.items():
+                socks[ino], temporary[ino] = _pair(e, ctx, None, remove_later)
+        # Names whose file had been removed first: a newer socket may have the path now.
+        for ino, (e, ctx) in sorted(entries.items(), key=lambda item: item[1][0]["file_mode"]
+                                    is not None):
             if e["name"] is not None and e["listener"] != 0:
-                _bind(new(ino), e, ctx, unlink_later)
+                reach[ino] = _bind(new(ino), e, ctx, remove_later)
+        for ino, (e, ctx) in entries.items():
             if e["state"] == "listening":
                 _as_task(ctx, e["peer_pid"], socks[ino].listen, e["backlog"])
         for ino, (e, _) in entries.items():
             if e["state"] != "listening":
                 continue
-            address = _address(e["name"])
+            address = reach[ino]
             for accepted, (a, _) in entries.items():
                 if a["listener"] == ino and a["peer"]:
                     _as_task(entries[a["peer"]][1], a["peer_pid"], new(a["peer"]).connect,
@@ -603,7 +666,7 @@ def _create_all(pool) -> dict[int, int]:
                 if entries[peer][0]["name"] is None:
                     raise RestoreFailed(f"unix socket {ino}: connected to an unnamed socket")
                 _as_task(ctx, e["peer_pid"], new(ino).connect,
-                         _address(entries[peer][0]["name"]))
+                         reach.get(peer, _address(entries[peer][0]["name"])))
             new(ino)
         for ino, (e, ctx) in entries.items():
             if e["data"]:
@@ -616,16 +679,19 @@ def _create_all(pool) -> dict[int, int]:
                                                "not in the image (image corrupted)")
                         writers = [anonymous if i == ANONYMOUS else new(i)
                                    for i in e["sources"] or []]
-                        _fill_from(writers, e, data)
+                        _fill_from(writers, e, data, reach[ino])
                     continue
                 writer = temporary[ino] if e["sender"] == 0 else socks[e["sender"]]
                 _fill(writer, e, data)
         for ino, (e, _) in entries.items():
             if e["shutdown"] and e["state"] == "connected" and ino not in temporary:
                 socks[ino].shutdown(SHUT[e["shutdown"]])
-        for name in dict.fromkeys(unlink_later):  # a name some pairs were made through, once
-            os.unlink(name)
+        _remove(remove_later)
         return {ino: sock.detach() for ino, sock in socks.items()}
+    except BaseException:
+        with contextlib.suppress(OSError):  # what is left of it: the first error is the one
+            _remove(remove_later)
+        raise
     finally:
         for sock in [*socks.values(), *temporary.values()]:
             sock.close()
