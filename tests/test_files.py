@@ -39,3 +39,16 @@ def test_missing_file_at_restore(cr, tmp_path):
     assert not workload.alive()
     ro.write_bytes(content)
     cr.restore_and_pass(workload, img)
+
+
+def test_sparse_files(cr, tmp_path):
+    """A sparse deleted file and a sparse memfd (3 GiB each, 192 KiB of data): the image holds
+    their data only, and they come back with the same data and holes, still sparse."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    workload = cr.start("ghost_sparse", workdir)
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    saved = sum(f.stat().st_size for f in img.glob("ghost-*"))
+    assert saved < 1 << 20, f"{saved} bytes saved for 384 KiB of data"
+    cr.restore_and_pass(workload, img)

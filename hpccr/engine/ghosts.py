@@ -1,15 +1,78 @@
 """Ghost files: regular files that were deleted while a process still had them open or mapped.
 Their content goes into the image; at restore they are recreated in a private directory, opened
-by the restored process, and unlinked again once every opener has them."""
+by the restored process, and unlinked again once every opener has them.
+
+A saved file is its data only: ``ghost-<n>.img`` holds the bytes of its data extents, one after
+the other (found with SEEK_DATA/SEEK_HOLE), and ``ghost-<n>.img.extents`` its size and the
+extents, ``{"size": <int>, "extents": [[offset, length], ...]}``: a sparse file costs what its
+data costs, and comes back sparse, with its holes where they were."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 import stat
 import tempfile
 
+from hpccr.errors import ImageCorrupt
+
 COPY_CHUNK = 8 << 20
+EXTENTS = ".extents"  # the suffix of a saved file's extents
+
+
+def _data_extents(fd: int, size: int) -> list[list[int]]:
+    """[offset, length] of each run of data of the file (holes left out)."""
+    extents, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from here on
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if end > start:
+            extents.append([start, end - start])
+        offset = end
+    return extents
+
+
+def layout(text: bytes, data_size: int) -> tuple[int, list[list[int]]]:
+    """The size and extents of a saved file, checked (images are untrusted input): extents in
+    order, apart, inside the size, adding up to the `data_size` bytes saved."""
+    try:
+        saved = json.loads(text)
+        size, extents = saved["size"], saved["extents"]
+    except (ValueError, TypeError, KeyError, RecursionError):
+        raise ImageCorrupt("a saved file's extents are malformed (image corrupted)") from None
+    end = 0
+    ok = type(size) is int and size >= 0 and isinstance(extents, list)
+    for extent in extents if ok else ():
+        if not (isinstance(extent, list) and len(extent) == 2
+                and all(type(n) is int for n in extent)
+                and extent[0] >= end and extent[1] > 0 and extent[0] + extent[1] <= size):
+            ok = False
+            break
+        end = extent[0] + extent[1]
+    if not ok or sum(length for _, length in extents) != data_size:
+        raise ImageCorrupt("a saved file's extents do not fit its data (image corrupted)")
+    return size, extents
+
+
+def fill(out: int, data: int, text: bytes) -> None:
+    """Write a saved file (its data at descriptor `data`, its extents `text`) into `out`,
+    holes as holes."""
+    size, extents = layout(text, os.fstat(data).st_size)
+    os.ftruncate(out, size)
+    for offset, length in extents:
+        os.lseek(out, offset, os.SEEK_SET)
+        while length:
+            sent = os.sendfile(out, data, None, min(length, COPY_CHUNK))
+            if not sent:
+                raise ImageCorrupt("a saved file ends early (image corrupted)")
+            length -= sent
 
 
 class GhostWriter:
@@ -24,8 +87,17 @@ class GhostWriter:
         if key not in self.saved:
             name = f"ghost-{len(self.saved)}.img"
             with open(path, "rb") as src, self.writer.open_stream(name) as out:
-                while chunk := src.read(COPY_CHUNK):
-                    out.write(chunk)
+                size = os.fstat(src.fileno()).st_size
+                extents = _data_extents(src.fileno(), size)
+                for offset, length in extents:
+                    while length:
+                        chunk = os.pread(src.fileno(), min(length, COPY_CHUNK), offset)
+                        if not chunk:
+                            raise OSError(errno.EIO, f"{path} shrank while it was saved")
+                        out.write(chunk)
+                        offset += len(chunk)
+                        length -= len(chunk)
+            self.writer.write_json(name + EXTENTS, {"size": size, "extents": extents})
             self.saved[key] = name
         return self.saved[key]
 
@@ -52,8 +124,7 @@ class GhostFiles:
                 self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-")
                 os.chmod(self.dir, 0o711)
             dest = os.path.join(self.dir, name)
-            with open(self.reader.open_file(name), "rb") as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out, COPY_CHUNK)
+            write_saved(self.reader, name, dest)
             os.chown(dest, self.uid, self.gid)
             os.chmod(dest, stat.S_IRUSR | stat.S_IWUSR)
             self.paths[name] = dest
@@ -107,10 +178,23 @@ class SharedObjects:
             self.put.add(path)
 
     def _copy(self, name: str, dest: str) -> None:
-        with open(self.reader.open_file(name), "rb") as src, open(dest, "wb") as out:
-            shutil.copyfileobj(src, out, COPY_CHUNK)
+        write_saved(self.reader, name, dest)
 
     def unlink_all(self) -> None:
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+
+def write_saved(reader, name: str, dest: str) -> None:
+    """Saved file `name` of the image at `reader`, written to `dest` (made or emptied)."""
+    text = reader.read_bytes(name + EXTENTS)
+    data = reader.open_file(name)
+    try:
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fill(out, data, text)
+        finally:
+            os.close(out)
+    finally:
+        os.close(data)

@@ -24,8 +24,8 @@ import functools
 import os
 import stat
 
-from hpccr.engine import procfs
-from hpccr.engine.fds.common import NOT_REOPENED, borrowed, saved_file
+from hpccr.engine import ghosts, procfs
+from hpccr.engine.fds.common import NOT_REOPENED, borrowed, saved_data, saved_file
 from hpccr.errors import ImageCorrupt
 
 NAME = "memfd"
@@ -36,7 +36,6 @@ F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20  # Linux 5.1 and 6.3; not in Pytho
 SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
          | F_SEAL_FUTURE_WRITE | F_SEAL_EXEC)
 MFD_EXEC = 0x10  # Linux 6.3: no exec seal, whatever vm.memfd_noexec says
-COPY_CHUNK = 8 << 20
 
 
 @functools.cache
@@ -101,8 +100,7 @@ def _create(entry: dict, ctx, pool) -> int:
         os.fchmod(fd, stat.S_IMODE(entry["mode"]))
         src = saved_file(ctx, entry["ghost"])
         try:
-            while os.sendfile(fd, src, None, COPY_CHUNK):
-                pass
+            ghosts.fill(fd, src, saved_data(ctx, entry["ghost"] + ghosts.EXTENTS))
         finally:
             os.close(src)
         if flags & os.MFD_ALLOW_SEALING and seals & ~late:
