@@ -42,8 +42,9 @@ def test_missing_file_at_restore(cr, tmp_path):
 
 
 def test_sparse_files(cr, tmp_path):
-    """A sparse deleted file and a sparse memfd (3 GiB each, 192 KiB of data): the image holds
-    their data only, and they come back with the same data and holes, still sparse."""
+    """A sparse deleted file of another owner and a sparse memfd (3 GiB each, 192 KiB of data):
+    the image holds their data only, and they come back with the same data and holes, still
+    sparse; the deleted file with its owner (a root image)."""
     workdir = tmp_path / "work"
     workdir.mkdir()
     workload = cr.start("ghost_sparse", workdir)

@@ -3,9 +3,9 @@ Their content goes into the image; at restore they are recreated in a private di
 by the restored process, and unlinked again once every opener has them.
 
 A saved file is its data only: ``ghost-<n>.img`` holds the bytes of its data extents, one after
-the other (found with SEEK_DATA/SEEK_HOLE), and ``ghost-<n>.img.extents`` its size and the
-extents, ``{"size": <int>, "extents": [[offset, length], ...]}``: a sparse file costs what its
-data costs, and comes back sparse, with its holes where they were."""
+the other (found with SEEK_DATA/SEEK_HOLE), and ``ghost-<n>.img.extents`` its size, the extents
+and its owner, ``{"size": <int>, "extents": [[offset, length], ...], "owner": [uid, gid]}``: a
+sparse file costs what its data costs, and comes back sparse, with its holes where they were."""
 
 from __future__ import annotations
 
@@ -39,16 +39,18 @@ def _data_extents(fd: int, size: int) -> list[list[int]]:
     return extents
 
 
-def layout(text: bytes, data_size: int) -> tuple[int, list[list[int]]]:
-    """The size and extents of a saved file, checked (images are untrusted input): extents in
-    order, apart, inside the size, adding up to the `data_size` bytes saved."""
+def layout(text: bytes, data_size: int) -> tuple[int, list[list[int]], list[int]]:
+    """The size, extents and owner of a saved file, checked (images are untrusted input):
+    extents in order, apart, inside the size, adding up to the `data_size` bytes saved."""
     try:
         saved = json.loads(text)
-        size, extents = saved["size"], saved["extents"]
+        size, extents, owner = saved["size"], saved["extents"], saved["owner"]
     except (ValueError, TypeError, KeyError, RecursionError):
         raise ImageCorrupt("a saved file's extents are malformed (image corrupted)") from None
     end = 0
-    ok = type(size) is int and size >= 0 and isinstance(extents, list)
+    ok = type(size) is int and size >= 0 and isinstance(extents, list) and \
+        isinstance(owner, list) and len(owner) == 2 and \
+        all(type(n) is int and 0 <= n < 1 << 32 for n in owner)
     for extent in extents if ok else ():
         if not (isinstance(extent, list) and len(extent) == 2
                 and all(type(n) is int for n in extent)
@@ -58,13 +60,13 @@ def layout(text: bytes, data_size: int) -> tuple[int, list[list[int]]]:
         end = extent[0] + extent[1]
     if not ok or sum(length for _, length in extents) != data_size:
         raise ImageCorrupt("a saved file's extents do not fit its data (image corrupted)")
-    return size, extents
+    return size, extents, owner
 
 
-def fill(out: int, data: int, text: bytes) -> None:
+def fill(out: int, data: int, text: bytes) -> list[int]:
     """Write a saved file (its data at descriptor `data`, its extents `text`) into `out`,
-    holes as holes."""
-    size, extents = layout(text, os.fstat(data).st_size)
+    holes as holes; returns its owner [uid, gid]."""
+    size, extents, owner = layout(text, os.fstat(data).st_size)
     os.ftruncate(out, size)
     for offset, length in extents:
         os.lseek(out, offset, os.SEEK_SET)
@@ -73,6 +75,7 @@ def fill(out: int, data: int, text: bytes) -> None:
             if not sent:
                 raise ImageCorrupt("a saved file ends early (image corrupted)")
             length -= sent
+    return owner
 
 
 class GhostWriter:
@@ -97,7 +100,8 @@ class GhostWriter:
                         out.write(chunk)
                         offset += len(chunk)
                         length -= len(chunk)
-            self.writer.write_json(name + EXTENTS, {"size": size, "extents": extents})
+            self.writer.write_json(name + EXTENTS, {"size": size, "extents": extents,
+                                                    "owner": [st.st_uid, st.st_gid]})
             self.saved[key] = name
         return self.saved[key]
 
@@ -107,14 +111,18 @@ class GhostFiles:
 
     A ghost is readable and writable by its owner until every opener has it: the process held
     it open with its own mode (O_RDWR, say) whatever mode the file had by the dump (fchmod'ed
-    to 0 after it was opened, say).  Its saved mode comes back just before it is unlinked."""
+    to 0 after it was opened, say).  Its saved mode comes back just before it is unlinked, and
+    its saved owner too, for an image only root could have written (`trusted`): a user's image
+    could claim any owner for content of its own (a setuid root file, say)."""
 
-    def __init__(self, reader, uid: int, gid: int):
+    def __init__(self, reader, uid: int, gid: int, trusted: bool = False):
         self.reader = reader
         self.uid, self.gid = uid, gid
+        self.trusted = trusted
         self.dir: str | None = None
         self.paths: dict[str, str] = {}
         self.modes: dict[str, int] = {}  # name -> the permission bits it had at the dump
+        self.owners: dict[str, list[int]] = {}  # name -> its [uid, gid] at the dump
 
     def path(self, name: str, mode: int | None) -> str:
         """Where ghost `name` is, made on first use; `mode`: its st_mode at the dump, None if
@@ -124,7 +132,7 @@ class GhostFiles:
                 self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-")
                 os.chmod(self.dir, 0o711)
             dest = os.path.join(self.dir, name)
-            write_saved(self.reader, name, dest)
+            self.owners[name] = write_saved(self.reader, name, dest)
             os.chown(dest, self.uid, self.gid)
             os.chmod(dest, stat.S_IRUSR | stat.S_IWUSR)
             self.paths[name] = dest
@@ -134,8 +142,11 @@ class GhostFiles:
 
     def unlink_all(self) -> None:
         if self.dir:
-            for name, mode in self.modes.items():
-                os.chmod(self.paths[name], mode)
+            for name, path in self.paths.items():
+                if self.trusted:
+                    os.chown(path, *self.owners[name])
+                if name in self.modes:
+                    os.chmod(path, self.modes[name])
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
 
@@ -186,14 +197,15 @@ class SharedObjects:
             self.dir = None
 
 
-def write_saved(reader, name: str, dest: str) -> None:
-    """Saved file `name` of the image at `reader`, written to `dest` (made or emptied)."""
+def write_saved(reader, name: str, dest: str) -> list[int]:
+    """Saved file `name` of the image at `reader`, written to `dest` (made or emptied); returns
+    its owner at the dump."""
     text = reader.read_bytes(name + EXTENTS)
     data = reader.open_file(name)
     try:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            fill(out, data, text)
+            return fill(out, data, text)
         finally:
             os.close(out)
     finally:

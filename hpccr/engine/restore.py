@@ -86,7 +86,7 @@ class Context:
         self.proc = proc
         self.shared = shared
         uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
-        self.ghosts = GhostFiles(reader, uid[1], gid[1])
+        self.ghosts = GhostFiles(reader, uid[1], gid[1], trusted)
         # An image only root could have written may hold what the process opened before it
         # dropped privileges (files, a cwd it can no longer reach): those are reopened as root.
         # A user's own image gets nothing its user could not open.

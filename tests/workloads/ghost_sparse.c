@@ -3,10 +3,11 @@
  *
  * usage: ghost_sparse DIR
  *
- * DIR/sparse.dat gets 64 KiB of data at 0, at 1 GiB and at 3 GiB - 4 KiB (size 3 GiB) and is
- * unlinked; a memfd gets the same.  After the window: sizes, data, that the holes read as
- * zeros, and that each file is still sparse (allocated blocks near the data's size, and
- * SEEK_HOLE finds the hole after the first extent).
+ * DIR/sparse.dat gets 64 KiB of data at 0, at 1 GiB and at 3 GiB - 64 KiB (size 3 GiB), is
+ * given to another owner (uid 4321, gid 4322: as root) and unlinked; a memfd gets the same
+ * data.  After the window: sizes, data, that the holes read as zeros, that each file is still
+ * sparse (allocated blocks near the data's size, and SEEK_HOLE finds the hole after the first
+ * extent), and the deleted file's owner.
  */
 #include "wl.h"
 
@@ -16,6 +17,8 @@
 
 #define CHUNK (64 << 10)
 #define SIZE (3ULL << 30)
+#define OWNER_UID 4321
+#define OWNER_GID 4322
 
 static const off_t offsets[] = { 0, 1LL << 30, (3LL << 30) - CHUNK };
 
@@ -58,6 +61,8 @@ int main(int argc, char **argv)
 		    pwrite(memfd, buf, CHUNK, offsets[i]) != CHUNK)
 			wl_die("writing");
 	}
+	if (geteuid() == 0 && fchown(file, OWNER_UID, OWNER_GID))
+		wl_die("fchown");
 	if (unlink(path))
 		wl_die("unlink");
 	wl_ready();
@@ -65,6 +70,12 @@ int main(int argc, char **argv)
 	wl_sleep(WL_WINDOW_S);
 
 	check(file, "deleted file");
+	if (geteuid() == 0) {
+		struct stat st;
+
+		WL_CHECK(!fstat(file, &st) && st.st_uid == OWNER_UID && st.st_gid == OWNER_GID,
+			 "deleted file owned by %u:%u", st.st_uid, st.st_gid);
+	}
 	check(memfd, "memfd");
 	return wl_finish();
 }
