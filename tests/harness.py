@@ -263,10 +263,12 @@ class Hpccr:
 
     @staticmethod
     def assert_error(res: subprocess.CompletedProcess, code: int) -> str:
-        """Exit ``code`` with one clear ``hpccr: error:`` line and no traceback; the message."""
+        """Exit ``code`` with one clear ``hpccr: error:`` line (warnings aside) and no
+        traceback; the message."""
         assert "Traceback" not in res.stdout + res.stderr, describe(res)
         assert res.returncode == code, describe(res)
-        lines = res.stderr.splitlines()
+        lines = [line for line in res.stderr.splitlines()
+                 if not line.startswith("hpccr: warning: ")]
         assert len(lines) == 1 and lines[0].startswith("hpccr: error: "), describe(res)
         return lines[0]
 

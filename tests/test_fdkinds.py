@@ -1,11 +1,13 @@
 """Descriptor kinds beyond files and terminals: eventfd, timerfd, signalfd, epoll, pipes and FIFOs
 held by one process come back with their state, and so does signal-driven I/O (O_ASYNC, owner
-and signal) and a pseudo-terminal (both ends, settings, output not read yet); pipes shared with
+and signal), a pseudo-terminal (both ends, settings, output not read yet) and POSIX message
+queues (attributes and messages, also an unlinked one); pipes shared with
 another process and epoll watches on closed descriptors are refused, and the process runs on
 untouched.
 
 Workloads: workloads/fd_eventfd.c, fd_timerfd.c, fd_signalfd.c, fd_epoll.c [stale],
-fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c, fd_pty.c.  Each checks its own state after the window.
+fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c, fd_pty.c, fd_mqueue.c NAME (POSIX message
+queues).  Each checks its own state after the window.
 """
 
 import re
@@ -15,14 +17,14 @@ import time
 import pytest
 
 KINDS = ["fd_eventfd", "fd_timerfd", "fd_signalfd", "fd_epoll", "fd_pipe", "fd_fifo", "fd_async",
-         "fd_pty"]
+         "fd_pty", "fd_mqueue"]
 # Between the kill and the restore: long enough for the timerfd workload to notice a
 # CLOCK_REALTIME absolute timer restored as a relative one (it allows 0.5 s).
 DOWNTIME_S = 1.0
 
 
 def start(cr, tmp_path, name, **kwargs):
-    args = [tmp_path] if name == "fd_fifo" else []
+    args = {"fd_fifo": [tmp_path], "fd_mqueue": [f"hpccr-test-{tmp_path.name}"]}.get(name, [])
     return cr.start(name, *args, **kwargs)
 
 
@@ -91,3 +93,12 @@ def test_epoll_watch_on_a_closed_descriptor_is_refused(cr, tmp_path):
     workload = cr.start("fd_epoll", "stale")
     fd, _ = workload.values("FD")[0].split()
     assert_refused(cr, tmp_path, workload, fd, "epoll", "closed")
+
+
+def test_message_queues_of_a_job(tree_cr, tmp_path):
+    """In a job (hpccr run: its own IPC namespace, which ends with it) the queues are made
+    again from the image, with their attributes and messages."""
+    job = tree_cr.start_job([tree_cr.binaries["fd_mqueue"], "queue"])
+    tree_cr.dump_and_kill(job, tmp_path / "img")
+    assert len(list((tmp_path / "img").glob("mqueue-*.img"))) == 2
+    tree_cr.restore_and_pass(job, tmp_path / "img")

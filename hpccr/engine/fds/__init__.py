@@ -35,6 +35,7 @@ from hpccr.engine.fds import (
     eventfd,
     inet,
     memfd,
+    mqueue,
     pipe,
     procfile,
     pty,
@@ -47,8 +48,8 @@ from hpccr.engine.fds import (
 from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
-KINDS = {k.NAME: k for k in (regular, procfile, memfd, tty, pty, pipe, unix, inet, eventfd,
-                              timerfd, signalfd, epoll)}
+KINDS = {k.NAME: k for k in (regular, procfile, memfd, mqueue, tty, pty, pipe, unix, inet,
+                              eventfd, timerfd, signalfd, epoll)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
@@ -81,6 +82,12 @@ class DumpState:
         self.unix = None  # unix.View of the dump's sockets, made on first use
         self.inet = None  # inet.View: network sockets, their copies and lock; on first use
         self.ptys = None  # numbers of the pseudo-terminals whose master is in the dump
+        self.mqueues: set[int] = set()  # message queues whose messages an entry carries
+        self.fs_types: dict[int, int] = {}  # device -> its file system's magic (statfs)
+
+    def fs_type(self, device: int) -> int | None:
+        """The file system magic of `device`, as dump_fds noted it."""
+        return self.fs_types.get(device)
 
     def job_ids(self) -> dict[int, int]:
         """Every pid and tid of the dump, as the image records them -> its process's pid."""
@@ -119,6 +126,8 @@ def dump_fds(pid: int, state: DumpState) -> list[dict]:
             link = os.readlink(fd_path)
             st = os.stat(fd_path)
             info = procfs.fdinfo(pid, fd)
+            if st.st_dev not in state.fs_types:
+                state.fs_types[st.st_dev] = native.statfs_type(fd_path)
         except FileNotFoundError:
             continue  # closed meanwhile (cannot happen while frozen, but for other threads)
         kind = next((k for k in KINDS.values() if k.recognise(link, st, state)), None)
@@ -184,6 +193,7 @@ class Pool:
         self.sockets: dict[int, int] | None = None  # unix socket inode -> descriptor, once made
         self.memfds: dict[str, int] = {}  # memfd's ghost file -> the memfd
         self.ptys: dict[int, int] = {}  # saved pseudo-terminal number -> the new pair's master
+        self.mqueues: dict[int, int] = {}  # saved message queue inode -> the new queue
         self.late_seals: list[tuple[int, int]] = []  # (a memfd, seals to add once all map it)
         self.finisher: dict[int, tuple[int, int]] = {}  # desc -> (pid, fd) that finishes it
         self.base = max([e["fd"] for _, entries in tables for e in entries] + [2]) + 64
@@ -234,7 +244,7 @@ class Pool:
         """Close what the tasks inherited; with `late`, the memfds still to seal and the
         connections still in repair mode (a failed restore: they close without a word)."""
         for fd in [*self.fds.values(), *self.pipes.values(), *(self.sockets or {}).values(),
-                   *self.memfds.values(), *self.ptys.values(),
+                   *self.memfds.values(), *self.ptys.values(), *self.mqueues.values(),
                    *(fd for fd, _ in self.late_seals if late)]:
             os.close(fd)
         if late:
@@ -246,6 +256,7 @@ class Pool:
         self.pipes.clear()
         self.memfds.clear()
         self.ptys.clear()
+        self.mqueues.clear()
         self.sockets = {}
 
 

@@ -10,7 +10,7 @@ import os
 import stat
 
 from hpccr.engine import memory
-from hpccr.engine.fds import memfd, procfile
+from hpccr.engine.fds import memfd, mqueue, procfile
 from hpccr.engine.fds.common import NOT_REOPENED
 from hpccr.errors import FileMismatch
 
@@ -22,9 +22,9 @@ DELETED = " (deleted)"
 
 def recognise(link: str, st: os.stat_result, state) -> bool:
     if (link.startswith("anon_inode:") or memfd.recognise(link, st, state)
-            or procfile.recognise(link, st, state)):
+            or procfile.recognise(link, st, state) or mqueue.recognise(link, st, state)):
         return False  # eventfd & co., whatever mode the kernel gives their inode; memfds;
-        # /proc files of the job (procfile.py)
+        # /proc files of the job (procfile.py); message queues
     return (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
             or (stat.S_ISCHR(st.st_mode) and link in SAFE_DEVICES))
 
