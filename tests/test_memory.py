@@ -59,3 +59,12 @@ def test_memory_in_pieces_leave_running(cr, tmp_path):
     the image restores and passes too."""
     workload = cr.start("mem_pieces", append=True)
     cr.leave_running_then_restore(workload, tmp_path / "img")
+
+
+def test_advice_locks_and_policies(cr, tmp_path):
+    """The madvise state (DONTFORK, WIPEONFORK, DONTDUMP, HUGEPAGE, NOHUGEPAGE), mlock (also on
+    fault) and NUMA policies (bind, interleave) of mappings come back, and a shared file
+    mapping from a descriptor opened for writing can still become writable."""
+    workload = cr.start("mem_advice", tmp_path)
+    cr.dump_and_kill(workload, tmp_path / "img")
+    cr.restore_and_pass(workload, tmp_path / "img")

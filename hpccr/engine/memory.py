@@ -19,11 +19,18 @@ import contextlib
 import errno
 import mmap
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.errors import IncompatibleMachine, RestoreFailed, UnsupportedResource
+from hpccr.errors import (
+    AccessDenied,
+    ImageCorrupt,
+    IncompatibleMachine,
+    RestoreFailed,
+    UnsupportedResource,
+)
 from hpccr.image.schema import check_part
 
 PAGE = native.PAGE_SIZE
@@ -236,10 +243,15 @@ def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dic
     it: deleted mapped files, shared memory objects, and files in memory-backed file systems
     (POSIX shared memory in /dev/shm: another node's will not have them)."""
     vmas = []
+    flags, policies = procfs.vm_flags(pid), procfs.numa_policies(pid)
     for e in entries:
         kind = kind_of(e)
+        vm = flags.get(e.start, set())
+        policy = policies.get(e.start, "default")
         vma = {"start": e.start, "end": e.end, "prot": e.perms, "shared": e.shared,
-               "kind": kind, "path": None, "offset": e.offset, "file": None, "saved_pages": 0}
+               "kind": kind, "path": None, "offset": e.offset, "file": None, "saved_pages": 0,
+               "advice": sorted(vm & ADVICE.keys()), "may_write": "mw" in vm,
+               "policy": None if policy == "default" else policy}
         if kind == "sysvshm":
             _describe_sysv(pid, e, vma)
         elif kind in ("file", "ghost", "shmem"):
@@ -266,6 +278,20 @@ def _describe_sysv(pid: int, e: procfs.MapsEntry, vma: dict) -> None:
 
 
 TMPFS_MAGIC = 0x01021994
+# VmFlags (smaps) that madvise set, and the advice that sets each again; "lo"/"lf": mlock(2)ed
+# (on fault), set again with mlock2.
+ADVICE = {"dc": 10, "wf": 18, "dd": 16, "hg": 14, "nh": 15, "mg": 12, "lo": 0, "lf": 0}
+ADVICE_NAMES = {"dc": "MADV_DONTFORK", "wf": "MADV_WIPEONFORK", "dd": "MADV_DONTDUMP",
+                "hg": "MADV_HUGEPAGE", "nh": "MADV_NOHUGEPAGE", "mg": "MADV_MERGEABLE",
+                "lo": "mlock", "lf": "mlock (MLOCK_ONFAULT)"}
+LOCKED = {"lo", "lf"}
+HINTS = {"hg", "nh", "mg"}  # no THP or KSM where restored: a warning, the memory is the same
+MLOCK_ONFAULT = 1
+# NUMA policies as numa_maps names them, and the mode mbind takes (with its flags).
+NUMA_MODES = {"prefer": 1, "bind": 2, "interleave": 3, "local": 4, "prefer(many)": 5,
+              "weighted interleave": 6}
+NUMA_FLAGS = {"": 0, "static": 1 << 15, "relative": 1 << 14}
+NODEMASK_BYTES = 128  # 1024 nodes
 
 
 def in_memory(path: str) -> bool:
@@ -408,6 +434,65 @@ def _write_batch_to(pid: int, view: memoryview, offset: int, size: int, addrs: l
     n = native.ffi.new("unsigned long long[]", lens)
     with view[offset:offset + size] as chunk:
         native.write_ranges(pid, a, n, len(addrs), chunk)
+
+
+def advise_vmas(inj, vmas: list[dict], memlock_limit: int | None) -> None:
+    """The madvise state, mlock and NUMA policy of every VMA, once its pages are in.
+    `memlock_limit`: the bytes the process may lock (None: any, for an image only root could
+    have written); more is refused."""
+    locked = sum(v["end"] - v["start"] for v in vmas if LOCKED & set(v["advice"]))
+    if memlock_limit is not None and locked > memlock_limit:
+        raise AccessDenied(f"the image locks {locked} bytes of memory, more than its "
+                           f"RLIMIT_MEMLOCK ({memlock_limit})")
+    for v in vmas:
+        if v["kind"] in (*RELOCATED, "vsyscall"):
+            continue
+        length = v["end"] - v["start"]
+        for flag in v["advice"]:
+            if flag not in ADVICE:
+                raise ImageCorrupt(f"VMA advice {flag!r} unknown (image corrupted)")
+            if flag == "lo" and "lf" in v["advice"]:
+                continue  # locked on fault: one mlock2(MLOCK_ONFAULT)
+            try:
+                if flag in LOCKED:
+                    inj.call("mlock2", v["start"], length, MLOCK_ONFAULT if flag == "lf" else 0)
+                else:
+                    inj.call("madvise", v["start"], length, ADVICE[flag])
+            except OSError as exc:
+                if flag in HINTS and exc.errno == errno.EINVAL:
+                    print(f"hpccr: warning: {v['start']:#x}-{v['end']:#x}: {ADVICE_NAMES[flag]} "
+                          "is not available here (a hint: the memory is the same)",
+                          file=sys.stderr)
+                    continue
+                raise OSError(exc.errno, f"{v['start']:#x}-{v['end']:#x}: "
+                                         f"{ADVICE_NAMES[flag]}: {exc.strerror}") from None
+        if v["policy"] is not None:
+            mode, nodes = numa_policy(v["policy"])
+            mask = inj.put(nodes.to_bytes(NODEMASK_BYTES, "little"))
+            try:
+                inj.call("mbind", v["start"], length, mode, mask, NODEMASK_BYTES * 8, 0)
+            except OSError as exc:
+                raise OSError(exc.errno, f"{v['start']:#x}-{v['end']:#x}: NUMA policy "
+                                         f"{v['policy']}: {exc.strerror}") from None
+            inj.reset()
+
+
+def numa_policy(text: str) -> tuple[int, int]:
+    """(mode with its flags, node bitmask) of a policy as numa_maps writes it."""
+    name, _, nodes = text.partition(":")
+    name, _, flag = name.partition("=")
+    if name not in NUMA_MODES or flag not in NUMA_FLAGS:
+        raise ImageCorrupt(f"NUMA policy {text!r} unknown (image corrupted)")
+    mask = 0
+    for part in filter(None, nodes.split(",")):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or last and not last.isdigit():
+            raise ImageCorrupt(f"NUMA policy {text!r}: bad nodes (image corrupted)")
+        for node in range(int(first), int(last or first) + 1):
+            if node >= NODEMASK_BYTES * 8:
+                raise ImageCorrupt(f"NUMA policy {text!r}: node {node} (image corrupted)")
+            mask |= 1 << node
+    return NUMA_MODES[name] | NUMA_FLAGS[flag], mask
 
 
 def protect_vmas(inj, vmas: list[dict]) -> None:

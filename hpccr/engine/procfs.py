@@ -41,6 +41,34 @@ class MapsEntry:
 _MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 
 
+def vm_flags(pid: int) -> dict[int, set[str]]:
+    """The VmFlags of each VMA (proc(5) smaps: "mw" may write, "dc" MADV_DONTFORK, "lo"
+    mlocked...), by start address."""
+    flags, start = {}, None
+    with open(path(pid, "smaps")) as f:
+        for line in f:
+            if line.startswith("VmFlags:"):
+                flags[start] = set(line.split()[1:])
+            elif (m := _MAPS_RE.match(line.rstrip("\n"))) is not None:
+                start = int(m.group(1), 16)
+    return flags
+
+
+def numa_policies(pid: int) -> dict[int, str]:
+    """The NUMA memory policy of each VMA as numa_maps writes it ("default", "bind:0-1",
+    "interleave=static:0,2"...), by start address."""
+    policies = {}
+    with open(path(pid, "numa_maps")) as f:
+        for line in f:
+            fields = line.split(maxsplit=2)
+            if len(fields) >= 2:
+                policy = fields[1]
+                if policy == "prefer" and len(fields) > 2 and fields[2].startswith("(many)"):
+                    policy = "prefer(many)" + fields[2].split()[0].removeprefix("(many)")
+                policies[int(fields[0], 16)] = policy
+    return policies
+
+
 def maps(pid: int) -> list[MapsEntry]:
     out = []
     with open(path(pid, "maps")) as f:

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import signal
 import struct
 import time
@@ -326,6 +327,14 @@ def _step(what: str):
         yield
     except OSError as exc:
         raise errors.from_oserror(exc, f"restore: {what}", RestoreFailed) from exc
+
+
+def _memlock_limit(proc: dict) -> int:
+    """What a user's process may lock: its saved RLIMIT_MEMLOCK, within the hard limit here."""
+    saved = proc["rlimits"].get("RLIMIT_MEMLOCK", [0, 0])[0]
+    here = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    limits = [v for v in (saved, here) if v not in (-1, resource.RLIM_INFINITY)]
+    return min(limits) if limits else 1 << 62
 
 
 def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
@@ -749,7 +758,9 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
 
     def open_file(vma: dict) -> int:
         path, saved = vma["path"], vma["file"]["ghost"]
-        flags = os.O_RDWR if vma["shared"] and vma["prot"][1] == "w" else os.O_RDONLY
+        # A shared mapping that may become writable (mprotect) needs a file opened for writing.
+        writable = vma["prot"][1] == "w" or vma["may_write"]
+        flags = os.O_RDWR if vma["shared"] and writable else os.O_RDONLY
         if vma["kind"] == "shmem":  # the restorer's own object, shared by the whole tree
             key = (ctx.shared.shmem(saved), os.O_RDWR)
             if key not in opened:
@@ -779,6 +790,7 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     if proc["nr_pages"]:
         memory.write_pages(pid, PageReader(ctx.reader, proc["pid"]))
     memory.protect_vmas(inj, proc["vmas"])
+    memory.advise_vmas(inj, proc["vmas"], None if ctx.trusted else _memlock_limit(proc))
     mm = proc["mm"]
     auxv = base64.b64decode(mm["auxv"])
     auxv_ptr = inj.put(auxv)

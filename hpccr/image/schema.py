@@ -51,6 +51,9 @@ VMA = {
     "offset": int,
     "file": ({"size": int, "mtime_ns": int, "ghost": (str, None)}, None),
     "saved_pages": int,
+    "advice": [str],
+    "may_write": bool,
+    "policy": (str, None),
 }
 
 FD = {
