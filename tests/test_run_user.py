@@ -525,3 +525,21 @@ def test_pidfile_the_user_cannot_write(jobs, tmp_path, command):
     if left:
         problems.append(f"the job runs on without hpccr: pids {left}")
     assert not problems, "\n".join(problems)
+
+
+def test_parent_death_signal_of_a_user_job(jobs):
+    """hpcuser's child with a parent-death signal keeps it after restore --user (the kernel
+    clears it when credentials change, as the restore's do)."""
+    program = jobs.home / "tree_pdeathsig"
+    shutil.copy(jobs.cr.binaries["tree_pdeathsig"], program)
+    program.chmod(0o755)
+    series = jobs.home / "series"
+    argv = cli_argv("run", "-D", series, "--checkpoint-on", "USR1", "--user", USER, "--",
+                    program)
+    proc = jobs._start(argv)
+    jobs.cr.wait_until(lambda: "READY" in jobs.lines() or proc.poll() is not None, "READY")
+    assert "READY" in jobs.lines(), jobs.log_text()
+    jobs.stop(proc, series)
+    restored, _ = jobs.restore(series, "--user", USER)
+    assert restored.wait(TIMEOUT) == 0, jobs.log_text()
+    assert jobs.lines()[-1] == "PASS" and jobs.lines().count("PASS") == 1, jobs.log_text()

@@ -665,6 +665,8 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         creds.restore_creds(inj, thread, proc["creds"])
     creds.restore_creds(inj, stub, proc["creds"])
     sigio.restore(inj, proc["fds"])  # with the process's own credentials, see sigio.py
+    if proc["pdeathsig"]:  # again: a change of credentials clears it
+        inj.call("prctl", prctls.PR_SET_PDEATHSIG, proc["pdeathsig"])
     xstates = [ctx.reader.read_bytes(saved["xstate"]) for _, saved in tasks]
     for (thread, _), xstate in zip(tasks, xstates, strict=True):
         if cpu.uses_amx_tiles(xstate):
