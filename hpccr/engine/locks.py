@@ -9,8 +9,10 @@ stays open: closing any descriptor of the file would have dropped the lock).  Le
 refused.
 
 Restore: the locks of a description are taken by the restorer as soon as it has opened the
-description again, before the tasks inherit it.  A process's POSIX locks are taken by the
-process itself, by an injected fcntl at the end of its rebuild: after its memory is mapped,
+description again, before the tasks inherit it — but an flock lock whose taker is in the image
+("holder": /proc/locks names its pid) is taken by that process itself, so that /proc/locks and
+fdinfo name it again.  A process's POSIX locks are taken by the process itself, by an injected
+fcntl (flock) at the end of its rebuild: after its memory is mapped,
 since the restore opens and closes the files it maps, and closing any descriptor of a file
 drops the process's POSIX locks on it.  Nothing waits for a lock: a file someone else has
 locked meanwhile (the checkpointed job still running, say) fails the restore, naming the file.
@@ -25,7 +27,8 @@ import struct
 from hpccr.engine import procfs
 from hpccr.errors import ImageCorrupt, RestoreFailed, UnsupportedResource
 
-FIELDS = [{"kind": str, "type": str, "start": int, "end": (int, None)}]
+# holder: this process took the lock (an flock lock names its taker)
+FIELDS = [{"kind": str, "type": str, "start": int, "end": (int, None), "holder": bool}]
 KINDS = {"FLOCK": "flock", "OFDLCK": "ofd", "POSIX": "posix"}
 TYPES = {"READ": "read", "WRITE": "write"}
 F_OFD_SETLK = 37
@@ -43,7 +46,8 @@ def dump(pid: int, fd: int) -> list[dict]:
             raise UnsupportedResource(f"process {pid} fd {fd} holds a lock of type "
                                       f"'{' '.join(fields[1:4])}': not supported yet")
         locks.append({"kind": kind, "type": type_, "start": int(fields[-2]),
-                      "end": None if fields[-1] == "EOF" else int(fields[-1])})
+                      "end": None if fields[-1] == "EOF" else int(fields[-1]),
+                      "holder": kind == "flock" and fields[4] == str(pid)})
     return locks
 
 
@@ -60,11 +64,13 @@ def _taken(entry: dict, lock: dict, exc: OSError) -> RestoreFailed:
                          f"{lock['kind']} lock back: {why}")
 
 
-def take_on_description(fd: int, entry: dict) -> None:
+def take_on_description(fd: int, entry: dict, held_in_process: bool) -> None:
     """In the restorer: the flock and OFD locks of the description `fd`, just opened for
-    `entry`."""
+    `entry`; not its flock lock if `held_in_process` (a process of the image takes it)."""
     for lock in entry["locks"]:
         try:
+            if lock["kind"] == "flock" and held_in_process:
+                continue
             if lock["kind"] == "flock":
                 op = fcntl.LOCK_EX if lock["type"] == "write" else fcntl.LOCK_SH
                 fcntl.flock(fd, op | fcntl.LOCK_NB)
@@ -75,9 +81,17 @@ def take_on_description(fd: int, entry: dict) -> None:
 
 
 def take_posix(inj, entries: list[dict]) -> None:
-    """In the rebuilt process, by injected calls: its POSIX locks."""
+    """In the rebuilt process, by injected calls: its POSIX locks, and the flock locks it
+    took."""
     for entry in entries:
         for lock in entry["locks"]:
+            if lock["kind"] == "flock" and lock["holder"]:
+                op = fcntl.LOCK_EX if lock["type"] == "write" else fcntl.LOCK_SH
+                try:
+                    inj.call("flock", entry["fd"], op | fcntl.LOCK_NB)
+                except OSError as exc:
+                    raise _taken(entry, lock, exc) from None
+                continue
             if lock["kind"] != "posix":
                 continue
             try:
@@ -92,6 +106,7 @@ def check(entry: dict) -> None:
     """Images are untrusted: only the kinds, types and ranges a dump writes."""
     for lock in entry["locks"]:
         if (lock["kind"] not in KINDS.values() or lock["type"] not in TYPES.values()
-                or lock["start"] < 0 or lock["end"] is not None and lock["end"] < lock["start"]):
+                or lock["start"] < 0 or lock["end"] is not None and lock["end"] < lock["start"]
+                or lock["holder"] and lock["kind"] != "flock"):
             raise ImageCorrupt(f"fd {entry['fd']}: a lock of unknown kind, type or range "
                                "(image corrupted)")

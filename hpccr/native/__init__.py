@@ -59,7 +59,7 @@ SYS = {
     "semget": 64, "semctl": 66, "shmdt": 67, "msgget": 68, "msgsnd": 69, "msgrcv": 70,
     "msgctl": 71, "lseek": 8, "dup3": 292, "mq_open": 240, "mq_unlink": 241,
     "mq_timedsend": 242, "mq_timedreceive": 243, "mq_getsetattr": 245, "mbind": 237,
-    "mlock2": 325,
+    "mlock2": 325, "flock": 73,
 }
 
 # KCMP types (linux/kcmp.h)

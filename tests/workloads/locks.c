@@ -10,7 +10,7 @@
  * which must not drop the locks), and an OFD write lock on DIR/ofd.  After the window a probe process (a new
  * child) must find each held: its own LOCK_EX|LOCK_NB on DIR/flock fails, F_GETLK on DIR/posix
  * reports the root's write lock on 10..19, its read lock from 30 and nothing on 20..29, and
- * F_OFD_GETLK reports the OFD write lock.  Then the child unlocks its copy of the flock
+ * F_OFD_GETLK reports the OFD write lock, and fdinfo names the root as the flock lock's taker.  Then the child unlocks its copy of the flock
  * description and exits: a second probe takes the flock lock at once, since root and child
  * held it through one description.
  */
@@ -109,6 +109,23 @@ static void probe(const char *name, pid_t root, int held)
 	tree_reap(pid, name);
 }
 
+/* fdinfo names the process that took the flock lock: this one, after a restore too. */
+static void check_flock_holder(int fd)
+{
+	char path[64], line[256];
+	int holder = -1;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", fd);
+	f = fopen(path, "r");
+	while (f && fgets(line, sizeof(line), f))
+		if (strstr(line, "FLOCK"))
+			sscanf(strstr(line, "WRITE") ? strstr(line, "WRITE") + 5 : line, "%d", &holder);
+	if (f)
+		fclose(f);
+	WL_CHECK(holder == getpid(), "the flock lock names pid %d, not %d", holder, getpid());
+}
+
 int main(int argc, char **argv)
 {
 	int flock_fd, posix_fd, ofd_fd, go[2];
@@ -147,6 +164,7 @@ int main(int argc, char **argv)
 	tree_wait_ready(1);
 	wl_sleep(WL_WINDOW_S);
 	tree_check_place();
+	check_flock_holder(flock_fd);
 	probe("probe", getpid(), 1);
 	tree_write_all(go[1], "u", 1);
 	tree_reap(child, "child");

@@ -220,11 +220,16 @@ class Pool:
                             f"process {ctx.proc['pid']}, fd {e['fd']} ({e['kind']}): cannot "
                             f"open it again as uid {ctx.fsuid}: {exc.strerror or exc}") from exc
                 try:
-                    locks.take_on_description(local, e)
+                    locks.take_on_description(local, e, self._flock_holder(e["desc"]))
                     self.fds[e["desc"]] = fcntl.fcntl(local, fcntl.F_DUPFD_CLOEXEC, self.base)
                 finally:
                     os.close(local)
                 self.finisher[e["desc"]] = (ctx.proc["pid"], e["fd"])
+
+    def _flock_holder(self, desc: int) -> bool:
+        """Does a process of the image hold description `desc`'s flock lock (and take it)?"""
+        return self.entry_with(lambda e: e["desc"] == desc and any(
+            lock["holder"] for lock in e["locks"])) is not None
 
     def add_late_seals(self) -> None:
         """Once every restored process has mapped its memfds: the seals that forbid mappings
