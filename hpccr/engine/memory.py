@@ -20,7 +20,7 @@ import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from hpccr import native
+from hpccr import faults, native
 from hpccr.engine import procfs
 from hpccr.errors import IncompatibleMachine, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
@@ -164,6 +164,7 @@ def copy_pages(batches, reader, pages) -> None:
             for i, batch in enumerate(batches):
                 if len(in_flight) == len(buffers):
                     in_flight.pop(0).result()
+                faults.point("copy")
                 view = memoryview(buffers[i % len(buffers)])[:sum(n for _, n in batch)]
                 try:
                     reader.read(batch, view)

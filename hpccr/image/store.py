@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import xxhash
 
+from hpccr import faults
 from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
 from hpccr.image.schema import check_meta
 
@@ -98,6 +99,7 @@ class StreamWriter:
         view = memoryview(buf)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
+        faults.point("write")
         self._hash.update(view)
         done = 0
         try:
