@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 import hpccr
-from hpccr import native
+from hpccr import faults, native
 from hpccr.engine import (
     cpu,
     creds,
@@ -40,7 +40,8 @@ from hpccr.engine import (
     tree,
 )
 from hpccr.engine.ghosts import GhostWriter
-from hpccr.engine.tracer import FrozenProcess, Injector
+from hpccr.engine.parasite import LiveInjector
+from hpccr.engine.tracer import FrozenProcess
 from hpccr.engine.tree import FrozenTree
 from hpccr.errors import DumpFailed, NoSuchProcess, UnsupportedResource, from_oserror
 from hpccr.image import ImageWriter, PageWriter
@@ -186,6 +187,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool) -> Dum
             fd_state.finish(None)
         writer.write_json("image.json", _header(ids, procs, sysv_state, clock.frozen(),
                                                   clock.total()))
+        faults.point("commit")
         path = writer.commit()
     except BaseException as exc:
         for reader in readers:
@@ -298,7 +300,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             stat = procfs.stat(pid)
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
             ranges = memory.select_pages(pid, vmas)
-            inj = Injector(pid, leader)
+            inj = LiveInjector(pid, leader)
             try:
                 sigio.dump(inj, pid, fd_entries)
                 proc_creds = creds.dump_creds(pid, inj)
