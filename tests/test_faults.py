@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from harness import TIMEOUT, cli_argv, cli_env, describe, pid_alive, wait_until
 
+from hpccr.engine import netlock
 from hpccr.image.store import ImageReader
 
 MIB = 64
@@ -81,11 +82,11 @@ class Job:
         assert self.workload.lines()[-1] == "PASS", self.workload.output()
 
 
-def _dump(job: Job, img: Path, mode: list[str], fault: str | None = None) -> subprocess.Popen:
+def _dump(pid: int, img: Path, mode: list[str], fault: str | None = None) -> subprocess.Popen:
     env = cli_env()
     if fault:
         env["HPCCR_FAULT"] = fault
-    return subprocess.Popen(cli_argv("dump", job.pid, "-D", img, *mode), env=env,
+    return subprocess.Popen(cli_argv("dump", pid, "-D", img, *mode), env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -107,7 +108,7 @@ def test_dump_killed_at_each_point(cr, tmp_path, mode):
     job = Job(cr, tmp_path)
     img = tmp_path / "img"
     for point, n in POINTS + (RUNNING_ONLY if mode else []):
-        dump = _dump(job, img, mode, f"{point}:{n}")
+        dump = _dump(job.pid, img, mode, f"{point}:{n}")
         out, err = dump.communicate(timeout=TIMEOUT)
         what = f"{' '.join(mode) or 'kill'} dump killed at {point}:{n}"
         assert dump.returncode == -signal.SIGKILL, f"{what}: exit {dump.returncode}: {err}"
@@ -126,7 +127,7 @@ def test_dump_killed_at_random_moments(cr, tmp_path):
     previous = None
     rng = random.Random(11)
     for i in range(RANDOM_KILLS):
-        dump = _dump(job, img, ["--leave-running"])
+        dump = _dump(job.pid, img, ["--leave-running"])
         try:
             dump.wait(timeout=rng.uniform(0.05, 1.0))
         except subprocess.TimeoutExpired:
@@ -143,6 +144,20 @@ def test_dump_killed_at_random_moments(cr, tmp_path):
             previous = current
         job.assert_unharmed(f"random kill {i}")
     _next_dump_and_restore(cr, job, img)
+
+
+@pytest.mark.parametrize("mode", [["--leave-running"], []], ids=["running", "kill"])
+def test_dump_killed_with_connections_locked(tree_cr, tmp_path, mode):
+    """A dump locks the job's TCP connections (netlock.py): killed, it leaves them working all
+    the same, its watchdog lifting the lock.  Both ends then check every byte and pass."""
+    before = set(netlock.held())
+    workload = tree_cr.start(tree_cr.binaries["net_tcp"], "v4", "flight", append=True)
+    dump = _dump(workload.pid, tmp_path / "img", mode, "inject:1")
+    out, err = dump.communicate(timeout=TIMEOUT)
+    assert dump.returncode == -signal.SIGKILL, f"exit {dump.returncode}: {err}"
+    wait_until(lambda: set(netlock.held()) <= before, "the dump's network lock to be lifted")
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
 
 
 def _contents(img: Path) -> dict[str, str]:
