@@ -25,7 +25,7 @@ MIB = 64
 # leader's return.
 POINTS = [("freeze", 1), ("freeze", 2), ("enter", 1), ("enter", 2), ("inject", 1),
           ("inject", 2), ("inject", 7), ("inject", 15), ("inject", 30), ("unmap", 1),
-          ("settle", 1), ("settle", 2), ("copy", 1), ("copy", 2), ("write", 1), ("write", 20),
+          ("settle", 1), ("settle", 2), ("copy", 1), ("copy", 2), ("write", 1), ("write", 10),
           ("commit", 1)]
 # Only in a running dump: its memory snapshot, and its release of the job once the image is
 # there.
@@ -41,6 +41,10 @@ class Job:
         self.workload = cr.start("busy", MIB, self.progress, append=True)
         self.pid = self.workload.pid
         self.fds = self.descriptors()
+        self.maps = self.mappings()
+
+    def mappings(self) -> str:
+        return Path(f"/proc/{self.pid}/maps").read_text()
 
     def descriptors(self) -> dict[str, str]:
         fds = Path(f"/proc/{self.pid}/fd")
@@ -97,6 +101,7 @@ def _next_dump_and_restore(cr, job: Job, img: Path) -> None:
     res = cr.dump(job.workload, img, "--leave-running")
     assert res.returncode == 0, describe(res)
     assert not list(img.parent.glob(".*.partial-*")), "temporary directories left behind"
+    assert job.mappings() == job.maps, "scratch areas of killed dumps left behind"
     job.assert_unharmed("after the last dump")
     job.finish()
     _restore_and_pass(cr, job, img)

@@ -27,6 +27,7 @@ from hpccr.engine import (
     creds,
     fds,
     memory,
+    parasite,
     posix_timers,
     prctls,
     procfs,
@@ -40,7 +41,6 @@ from hpccr.engine import (
     tree,
 )
 from hpccr.engine.ghosts import GhostWriter
-from hpccr.engine.parasite import LiveInjector
 from hpccr.engine.tracer import FrozenProcess
 from hpccr.engine.tree import FrozenTree
 from hpccr.errors import DumpFailed, NoSuchProcess, UnsupportedResource, from_oserror
@@ -294,13 +294,14 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
     snap = None
     try:
         with _reading(pid):
-            entries = procfs.maps(pid) if own_memory else []  # before the injector's scratch
+            entries, left_behind = (parasite.without_scratch_left(pid, procfs.maps(pid))
+                                    if own_memory else ([], []))  # before the new scratch
             vmas = memory.describe_vmas(pid, entries, ghosts)
             fd_entries = fds.dump_fds(pid, fd_state)
             stat = procfs.stat(pid)
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
             ranges = memory.select_pages(pid, vmas)
-            inj = LiveInjector(pid, leader)
+            inj = parasite.LiveInjector(pid, leader, left_behind)
             try:
                 sigio.dump(inj, pid, fd_entries)
                 proc_creds = creds.dump_creds(pid, inj)

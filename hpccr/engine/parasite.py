@@ -21,11 +21,13 @@ The trampoline first lives in the zero padding at the end of the [vdso], which t
 never executes: from there the leader maps the scratch area (data, and tails for the other
 threads) and, at close(), unmaps it again.  The padding is zeroed again when all threads are
 back.  A process without such padding (no vdso) is not dumped.  If hpccr dies while the scratch
-area is mapped, the area (a few pages, unused) stays in the process.
+area is mapped, the area (16 pages, unused) stays in the process until the next dump, which
+leaves it out of the image and unmaps it (without_scratch_left).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import struct
@@ -54,7 +56,20 @@ TAKE_FD = bytes.fromhex(
     "89c7"                          # mov %eax, %edi
     "b803000000"                    # mov $3, %eax (close), then into TRAMPOLINE
 )
-CODE = TAKE_FD + TRAMPOLINE
+# Marks a scratch area whose code hpccr did not get to write (see without_scratch_left).
+SCRATCH_MARK = b"\xcc\xcchpccr\xcc"
+# Entry of the scratch area's mmap: the area is marked at once, by the process itself if hpccr
+# is gone, so that no unmarked area is ever left behind.
+MAP_SCRATCH = bytes.fromhex(
+    "0f05"                          # syscall
+    "483d00f0ffff"                  # cmp $-4096, %rax
+    "770d"                          # ja 1f (an error: nothing to mark)
+    "48ba") + SCRATCH_MARK + bytes.fromhex(  # movabs $SCRATCH_MARK, %rdx
+    "488910"                        # mov %rdx, (%rax)
+    "eb0b"                          # 1: jmp past TAKE_FD and TRAMPOLINE's syscall
+)
+CODE = MAP_SCRATCH + TAKE_FD + TRAMPOLINE
+CALL = len(MAP_SCRATCH) + len(TAKE_FD)  # offsets in CODE of the three entries
 TAIL = bytes.fromhex("5c" "ff2500000000")  # pop %rsp; jmp *0(%rip), then the saved rip
 TAIL_SIZE = 16
 BLOCK_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
@@ -95,14 +110,38 @@ def vdso_padding(pid: int) -> int | None:
     return addr
 
 
+def without_scratch_left(pid: int, entries: list) -> tuple[list, list[int]]:
+    """`entries` (procfs.maps) less the scratch areas an hpccr killed meanwhile left in the
+    process (anonymous, rwx, starting with CODE; possibly merged with a neighbour), and the
+    addresses of those areas, for the next LiveInjector to unmap."""
+    kept, left = [], []
+    for entry in entries:
+        while (entry.perms == "rwxp" and not entry.name
+               and entry.end - entry.start >= LiveInjector.SIZE
+               and _is_scratch(native.read_mem(pid, entry.start, len(CODE)))):
+            left.append(entry.start)
+            entry = dataclasses.replace(entry, start=entry.start + LiveInjector.SIZE)
+        if entry.end > entry.start:
+            kept.append(entry)
+    return kept, left
+
+
+def _is_scratch(start: bytes) -> bool:
+    return start == CODE or start.startswith(SCRATCH_MARK)
+
+
 class LiveInjector(Injector):
     """Injector for a live process (see the module's docstring): same calls and scratch data,
     a process that resumes by itself at any moment hpccr disappears."""
 
-    def __init__(self, pid: int, leader: Thread, data_pages: int = 15):
+    SIZE = 16 * native.PAGE_SIZE  # the scratch area: code page, then data
+
+    def __init__(self, pid: int, leader: Thread, left_behind: list[int] = ()):
+        """`left_behind`: scratch areas of killed hpccrs (without_scratch_left) to unmap."""
         self.pid = pid
         self.leader = leader
-        self.size = self.CODE_SIZE + data_pages * native.PAGE_SIZE
+        self.size = self.SIZE
+        self.left_behind = list(left_behind)
         self.base = 0
         self._cursor = 0
         self._inside: dict[int, Thread] = {}  # threads whose registers point at a trampoline
@@ -115,7 +154,7 @@ class LiveInjector(Injector):
         prot = 0x7  # PROT_READ | PROT_WRITE | PROT_EXEC
         flags = 0x22  # MAP_PRIVATE | MAP_ANONYMOUS
         try:
-            self.base = self.call("mmap", 0, self.size, prot, flags, -1, 0)
+            self.base = self._run(self.leader, 0, "mmap", 0, self.size, prot, flags, -1, 0)
             native.write_mem(pid, self.base, CODE)
         except BaseException:
             self.close()
@@ -143,7 +182,7 @@ class LiveInjector(Injector):
         native.ffi.memmove(thread.injected, resume, native.ffi.sizeof("struct user_regs_struct"))
         thread.injected.rsp = block
         # Until its first call, a harmless one: getpid
-        thread.injected.rip = self._code(thread) + len(TAKE_FD)
+        thread.injected.rip = self._code(thread) + CALL
         thread.injected.rax = native.SYS["getpid"]
         native.set_regs(thread.tid, thread.injected)
         self._inside[thread.tid] = thread
@@ -156,11 +195,14 @@ class LiveInjector(Injector):
 
     def call(self, name: str, *args: int, thread: Thread | None = None) -> int:
         """Run system call `name` in `thread` (default: the leader); raise OSError on -errno."""
-        thread = thread or self.leader
+        return self._run(thread or self.leader, CALL, name, *args)
+
+    def _run(self, thread: Thread, entry: int, name: str, *args: int) -> int:
+        """Run `name` from `entry` (an offset in CODE) in `thread`, left at its exit stop."""
         if thread.tid not in self._inside:
             self._enter(thread)
-        ret = native.inject_to_exit(thread.tid, self._code(thread) + len(TAKE_FD),
-                                    thread.injected, name, *args)
+        ret = native.inject_to_exit(thread.tid, self._code(thread) + entry, thread.injected,
+                                    name, *args)
         faults.point("inject")
         return _checked(name, thread, ret)
 
@@ -171,8 +213,8 @@ class LiveInjector(Injector):
         thread = self.leader
         if thread.tid not in self._inside:
             self._enter(thread)
-        remote = native.inject_to_exit(thread.tid, self._code(thread), thread.injected, name,
-                                       *args)
+        remote = native.inject_to_exit(thread.tid, self._code(thread) + len(MAP_SCRATCH),
+                                       thread.injected, name, *args)
         faults.point("take_fd")
         try:
             _checked(name, thread, remote)
@@ -189,6 +231,8 @@ class LiveInjector(Injector):
         trampoline from the vdso.  Threads using the scratch area go back before it goes."""
         for thread in [t for t in self._inside.values() if t is not self.leader]:
             self._leave(thread)
+        while self.left_behind:
+            self.call("munmap", self.left_behind.pop(), self.SIZE)
         if self.base:
             self.call("munmap", self.base, self.size)
             self.base = 0
