@@ -68,8 +68,9 @@ MAP_SCRATCH = bytes.fromhex(
     "488910"                        # mov %rdx, (%rax)
     "eb0b"                          # 1: jmp past TAKE_FD and TRAMPOLINE's syscall
 )
+# Its entries: MAP_SCRATCH at 0, TAKE_FD after it, and every other call at CALL.
 CODE = MAP_SCRATCH + TAKE_FD + TRAMPOLINE
-CALL = len(MAP_SCRATCH) + len(TAKE_FD)  # offsets in CODE of the three entries
+CALL = len(MAP_SCRATCH) + len(TAKE_FD)
 TAIL = bytes.fromhex("5c" "ff2500000000")  # pop %rsp; jmp *0(%rip), then the saved rip
 TAIL_SIZE = 16
 BLOCK_REGS = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax", "rcx",
