@@ -21,13 +21,14 @@ import time
 from dataclasses import dataclass
 
 import hpccr
-from hpccr import native
+from hpccr import faults, native
 from hpccr.engine import (
     cpu,
     creds,
     fds,
     memory,
     netns,
+    parasite,
     posix_timers,
     prctls,
     procfs,
@@ -42,7 +43,7 @@ from hpccr.engine import (
     tree,
 )
 from hpccr.engine.ghosts import GhostWriter
-from hpccr.engine.tracer import FrozenProcess, Injector
+from hpccr.engine.tracer import FrozenProcess
 from hpccr.engine.tree import FrozenTree
 from hpccr.errors import DumpFailed, NoSuchProcess, UnsupportedResource, from_oserror
 from hpccr.image import ImageWriter, PageWriter
@@ -212,6 +213,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
             fd_state.finish(None)
         writer.write_json("image.json", _header(ids, procs, sysv_state, network,
                                                   clock.frozen(), clock.total()))
+        faults.point("commit")
         path = writer.commit()
     except BaseException as exc:
         for reader in readers:
@@ -336,7 +338,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
     snap = None
     try:
         with _Step(pid, "reading its memory mappings") as step:
-            entries = procfs.maps(at) if own_memory else []  # before the injector's scratch
+            entries, left_behind = (parasite.without_scratch_left(at, procfs.maps(at))
+                                    if own_memory else ([], []))  # before the new scratch
             vmas = memory.describe_vmas(at, entries, ghosts)
             step.now = "reading its file descriptors"
             fd_entries = fds.dump_fds(at, fd_state)
@@ -345,7 +348,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
             ranges = memory.select_pages(at, vmas)
             step.now = "asking it for its state by injected system calls"
-            inj = Injector(at, frozen.threads[at])
+            inj = parasite.LiveInjector(at, frozen.threads[at], left_behind)
             try:
                 sigio.dump(inj, at, fd_entries)
                 proc_creds = creds.dump_creds(at, inj)

@@ -22,7 +22,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from hpccr import native
+from hpccr import faults, native
 from hpccr.engine import procfs
 from hpccr.errors import (
     AccessDenied,
@@ -198,6 +198,7 @@ def copy_pages(batches, reader, pages) -> None:
             for i, batch in enumerate(batches):
                 if len(in_flight) == len(buffers):
                     in_flight.pop(0).result()
+                faults.point("copy")
                 view = memoryview(buffers[i % len(buffers)])[:sum(n for _, n in batch)]
                 try:
                     reader.read(batch, view)

@@ -27,6 +27,8 @@ import os
 import re
 import secrets
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -86,8 +88,10 @@ class Connection:
 
 
 def lock(connections: list[Connection]) -> str:
-    """Drop every packet of `connections` until unlocked; returns the lock's id."""
+    """Drop every packet of `connections` until unlocked; returns the lock's id.  A watchdog
+    lifts it should this process die first (see _watch)."""
     rules = [rule for connection in connections for rule in _drop_rules(connection)]
+    watchdog = _watch()
     with _registry() as registry:
         lock_id = _new_id(registry)
         table = TABLE_PREFIX + lock_id
@@ -113,8 +117,46 @@ def lock(connections: list[Connection]) -> str:
                 ])
         except BaseException:
             os.unlink(_record_path(registry, lock_id))
+            _end_watchdog(watchdog)
             raise
+    _watchdogs[lock_id] = watchdog
     return lock_id
+
+
+# A watchdog per unbound lock: a process of its own session (a kill of hpccr's process group
+# spares it) that waits for this process to end (a pidfd becomes readable once it is a zombie,
+# when lift_stale sees it ended), then lifts whatever locks are stale: an unbound one of a dead
+# owner, not one bound to an image.  Lifting or binding the lock ends its watchdog.
+_watchdogs: dict[str, subprocess.Popen] = {}
+_WATCHDOG = """
+import os, select, sys
+owner = int(sys.argv[1])
+try:
+    pidfd = os.pidfd_open(owner)
+    if os.getppid() == owner:  # else the owner ended before the pidfd was opened
+        select.select([pidfd], [], [])
+except ProcessLookupError:
+    pass  # the owner is gone already
+from hpccr.engine import netlock
+netlock.lift_stale()
+"""
+
+
+def _watch() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _end_watchdog(watchdog: subprocess.Popen) -> None:
+    watchdog.kill()
+    watchdog.wait()
+
+
+def _release_watchdog(lock_id: str) -> None:
+    watchdog = _watchdogs.pop(lock_id, None)
+    if watchdog is not None:
+        _end_watchdog(watchdog)
 
 
 def unlock(lock_id: str) -> None:
@@ -123,6 +165,7 @@ def unlock(lock_id: str) -> None:
         return
     with _registry() as registry, netfilter(f"cannot lift network lock {lock_id}") as nft:
         _lift(nft, registry, lock_id)
+    _release_watchdog(lock_id)
 
 
 def bind_to_image(lock_id: str, image_dir: str) -> None:
@@ -138,6 +181,7 @@ def bind_to_image(lock_id: str, image_dir: str) -> None:
             raise DumpFailed(f"network lock {lock_id} is gone: its connections are not locked")
         record["image"] = image
         _write_record(registry, lock_id, record)
+    _release_watchdog(lock_id)
 
 
 def forget(lock_id: str) -> None:

@@ -165,29 +165,15 @@ class Snapshot:
             # Without UFFD_USER_MODE_ONLY: with it, a kernel write into a protected page (a
             # read() into a buffer) would fail with EFAULT instead of waiting. So an
             # unprivileged target (vm.unprivileged_userfaultfd=0) gets EPERM and no snapshot.
-            remote = inj.call("userfaultfd", O_CLOEXEC | O_NONBLOCK)
+            uffd = inj.take_fd("userfaultfd", O_CLOEXEC | O_NONBLOCK)
         except OSError:
             return None
-        uffd = -1
         try:
-            pidfd = native.pidfd_open(pid)
-            try:
-                uffd = native.syscall("pidfd_getfd", pidfd, remote, 0)
-            finally:
-                os.close(pidfd)
             _ioctl(uffd, UFFDIO_API, UFFD_API, FEATURES, 0)
         except OSError:
-            if uffd >= 0:
-                os.close(uffd)
-            uffd = -1
-        finally:
-            try:
-                inj.call("close", remote)
-            except BaseException:
-                if uffd >= 0:
-                    os.close(uffd)
-                raise
-        return cls(pid, uffd) if uffd >= 0 else None
+            os.close(uffd)
+            return None
+        return cls(pid, uffd)
 
     def protect(self, vmas: list[dict], ranges: list[tuple[int, int]],
                 unreadable: list[tuple[int, int]]) -> bool:

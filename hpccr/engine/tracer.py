@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from hpccr import native
+from hpccr import faults, native
 from hpccr.engine import procfs
 from hpccr.errors import AccessDenied, DumpFailed, NoSuchProcess
 
@@ -31,10 +31,22 @@ class Thread:
         self.regs = None
         self.sigmask = 0
         self.regs_changed = False
+        # While a LiveInjector runs calls in it: the registers it resumes with, and those its
+        # injected calls start from.
+        self.resume = None
+        self.injected = None
 
     def capture(self) -> None:
         self.regs = native.get_regs(self.tid)
         self.sigmask = native.get_sigmask(self.tid)
+
+    def settle(self) -> None:
+        """Give a thread that ran a LiveInjector's calls its own mask, then its own registers
+        (in that order: until the second, its trampoline would restore the mask too)."""
+        native.set_sigmask(self.tid, self.sigmask)
+        faults.point("settle")
+        native.set_regs(self.tid, self.resume)
+        self.resume = self.injected = None
 
 
 class FrozenProcess:
@@ -63,8 +75,6 @@ class FrozenProcess:
             self._seize_all()
             for thread in self.threads.values():
                 thread.capture()
-                # Nothing may be delivered while we run injected calls.
-                native.set_sigmask(thread.tid, ALL_SIGNALS)
         except OSError as exc:
             self.thaw()
             if exc.errno == errno.ESRCH:
@@ -82,7 +92,8 @@ class FrozenProcess:
                 return
             for tid in new:
                 try:
-                    native.seize(tid)
+                    # TRACESYSGOOD: see parasite.py
+                    native.seize(tid, native.PTRACE_O_TRACESYSGOOD)
                 except OSError as exc:
                     if exc.errno == errno.ESRCH and tid != self.pid:
                         continue  # that thread exited meanwhile
@@ -90,6 +101,7 @@ class FrozenProcess:
                 self.threads[tid] = Thread(tid)
                 native.interrupt(tid)
                 self._wait_stopped(tid)
+                faults.point("freeze")
 
     def _wait_stopped(self, tid: int) -> None:
         retrapped = False
@@ -125,13 +137,14 @@ class FrozenProcess:
         this returns."""
         for thread in self.threads.values():
             try:
-                if thread.regs is not None:
-                    if thread.regs_changed:
-                        native.set_regs(thread.tid, thread.regs)
-                    native.set_sigmask(thread.tid, thread.sigmask)
+                if thread.resume is not None:
+                    thread.settle()
+                elif thread.regs_changed:
+                    native.set_regs(thread.tid, thread.regs)
                 native.detach(thread.tid, 0)
             except OSError:
                 pass
+            faults.point("thaw")
         if self.stopped:
             wait_stopped_again(self.pid, list(self.threads))
         self.threads.clear()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import glob
 import json
 import mmap
 import os
@@ -21,6 +23,7 @@ from typing import NamedTuple
 
 import xxhash
 
+from hpccr import faults
 from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
 from hpccr.image.schema import check_meta
 
@@ -73,6 +76,31 @@ def _exchange(a: str, b: str) -> None:
         raise OSError(err, os.strerror(err), b)
 
 
+def _locked(path: Path, how: int) -> int:
+    """A descriptor of directory `path` holding flock `how` (raises OSError if it cannot)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, how)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Remove the temporary directories of writers of image `name` that died (a killed dump):
+    a live writer holds a lock on its own."""
+    for entry in parent.glob(f".{glob.escape(name)}.partial-*"):
+        try:
+            fd = _locked(entry, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a live writer's, or gone meanwhile
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
 class StreamWriter:
     """One image file, written sequentially and hashed on the way through."""
 
@@ -98,6 +126,7 @@ class StreamWriter:
         view = memoryview(buf)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
+        faults.point("write")
         self._hash.update(view)
         done = 0
         try:
@@ -147,12 +176,15 @@ class ImageWriter:
         self._digests: dict[str, tuple[str, int]] = {}
         self._open: dict[str, StreamWriter] = {}
         self._done = False
+        self._lock = -1
         try:
             os.makedirs(parent, exist_ok=True)
             self._tmp = parent / f".{name}.partial-{secrets.token_hex(4)}"
             os.mkdir(self._tmp, 0o700)
+            self._lock = _locked(self._tmp, fcntl.LOCK_EX)
         except OSError as exc:
             raise _write_error(exc, self.final_dir) from exc
+        _remove_abandoned(parent, name)
 
     def open_stream(self, name: str) -> StreamWriter:
         if not valid_name(name):
@@ -191,6 +223,7 @@ class ImageWriter:
             self.abort()
             raise
         self._done = True
+        self._unlock()
         return self.final_dir
 
     def _seal(self) -> None:
@@ -244,11 +277,18 @@ class ImageWriter:
     def abort(self) -> None:
         """Discard everything written so far; idempotent, and a no-op after commit()."""
         if self._done:
+            self._unlock()
             return
         self._done = True
         for stream in self._open.values():
             stream.discard()
         shutil.rmtree(self._tmp, ignore_errors=True)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def __enter__(self) -> ImageWriter:
         return self

@@ -28,6 +28,7 @@ PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 PTRACE_O_TRACEFORK = 0x2
 PTRACE_O_TRACECLONE = 0x8
+PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
@@ -209,6 +210,23 @@ def inject(tid: int, ip: int, base, name: str, *args: int) -> int:
     padded = list(args) + [0] * (6 - len(args))
     ret = ffi.new("long *")
     _check(lib.hpccr_inject(tid, ip, base, SYS[name], *padded, ret))
+    return ret[0]
+
+
+def inject_to_exit(tid: int, ip: int, base, name: str, *args: int) -> int:
+    """Run system call `name` inside stopped thread `tid` and leave it stopped at the call's exit
+    (see hpccr_inject_to_exit); returns its value."""
+    padded = list(args) + [0] * (6 - len(args))
+    ret = ffi.new("long *")
+    _check(lib.hpccr_inject_to_exit(tid, ip, base, SYS[name], *padded, ret))
+    return ret[0]
+
+
+def next_syscall_exit(tid: int) -> int:
+    """Let a thread stopped at a syscall exit run to the exit of its next system call (see
+    hpccr_next_syscall_exit); returns that call's value."""
+    ret = ffi.new("long *")
+    _check(lib.hpccr_next_syscall_exit(tid, ret))
     return ret[0]
 
 

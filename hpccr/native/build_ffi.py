@@ -26,6 +26,17 @@ int hpccr_setregset(int tid, int type, void *buf, size_t len);
 int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *base, long nr,
                  long a1, long a2, long a3, long a4, long a5, long a6, long *ret);
 
+/* Like hpccr_inject, but `ip` points at a `syscall` followed by code the thread may run on its
+ * own: it is resumed with PTRACE_SYSCALL and left in the syscall-exit stop (which needs
+ * PTRACE_O_TRACESYSGOOD, so that a tracer's death there sends it no SIGTRAP). */
+int hpccr_inject_to_exit(int tid, unsigned long long ip, const struct user_regs_struct *base,
+                         long nr, long a1, long a2, long a3, long a4, long a5, long a6,
+                         long *ret);
+
+/* Resume a thread stopped at a syscall exit (as hpccr_inject_to_exit leaves it) until the exit
+ * of the next system call in its code; stores that call's return value in *ret. */
+int hpccr_next_syscall_exit(int tid, long *ret);
+
 /* Wait for a ptrace stop of `tid` (__WALL); returns the raw status or -errno. */
 int hpccr_wait(int tid, int options);
 
@@ -140,6 +151,47 @@ int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *
         return -errno;
     *ret = (long)regs.rax;
     return 0;
+}
+
+#define SYSCALL_STOP (SIGTRAP | 0x80)
+
+int hpccr_next_syscall_exit(int tid, long *ret)
+{
+    struct user_regs_struct regs;
+    for (int stop = 0; stop < 2; stop++) {  /* syscall entry, then exit */
+        if (ptrace(PTRACE_SYSCALL, tid, NULL, NULL) < 0)
+            return -errno;
+        int status = hpccr_wait(tid, 0);
+        if (status < 0)
+            return status;
+        if (!WIFSTOPPED(status))
+            return -ESRCH;
+        if (WSTOPSIG(status) != SYSCALL_STOP)
+            return -EINTR;  /* any other stop: the caller decides */
+    }
+    if (ptrace(PTRACE_GETREGS, tid, NULL, &regs) < 0)
+        return -errno;
+    *ret = (long)regs.rax;
+    return 0;
+}
+
+int hpccr_inject_to_exit(int tid, unsigned long long ip, const struct user_regs_struct *base,
+                         long nr, long a1, long a2, long a3, long a4, long a5, long a6,
+                         long *ret)
+{
+    struct user_regs_struct regs = *base;
+    regs.rax = nr;
+    regs.orig_rax = (unsigned long long)-1;
+    regs.rdi = a1;
+    regs.rsi = a2;
+    regs.rdx = a3;
+    regs.r10 = a4;
+    regs.r8 = a5;
+    regs.r9 = a6;
+    regs.rip = ip;
+    if (ptrace(PTRACE_SETREGS, tid, NULL, &regs) < 0)
+        return -errno;
+    return hpccr_next_syscall_exit(tid, ret);
 }
 
 static long move_ranges(int pid, const unsigned long long *addrs,

@@ -1,0 +1,20 @@
+"""Fault injection for the tests: HPCCR_FAULT=<point>[:N] makes hpccr SIGKILL itself the N-th
+time (default: the first) it reaches the named point, so that a test can check what a dump or
+restore interrupted exactly there leaves behind.  Unset, every point costs one dict lookup."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_wanted = os.environ.get("HPCCR_FAULT", "")
+_name, _, _count = _wanted.partition(":")
+_remaining = {_name: int(_count or 1)} if _name else {}
+
+
+def point(name: str) -> None:
+    """A place where hpccr may die; dies there if HPCCR_FAULT names it and its turn has come."""
+    if name in _remaining:
+        _remaining[name] -= 1
+        if _remaining[name] == 0:
+            os.kill(os.getpid(), signal.SIGKILL)
