@@ -233,22 +233,32 @@ def restore_tree(directory: str, user: User | None = None,
         st = reader.stat()
     if user is None and st.st_uid != 0:
         user = User.owner_of(st)
-    order = plan(reader, meta, trusted=user is None)
-    pidns = meta.get("pidns", False)
-    spec = _network_spec(meta, pidns)
-    with _step("checking the image against this machine"):
-        preflight(reader, meta, order, pidns, user)
-    with _step("making the job's network"):
-        network = netns.JobNetwork(spec, isolated_if_taken=True) if spec else None
+    network = None
     try:
+        order = plan(reader, meta, trusted=user is None)
+        pidns = meta.get("pidns", False)
+        spec = _network_spec(meta, pidns)
+        with _step("checking the image against this machine"):
+            preflight(reader, meta, order, pidns, user)
+        with _step("making the job's network"):
+            network = netns.JobNetwork(spec, isolated_if_taken=True) if spec else None
         # Inside the job's network: its sockets are made there, and its first process forked.
         with network.entered() if network else contextlib.nullcontext():
             _bring_back(order, meta, pidns, tcp_close, network)
-    except BaseException:
+    except BaseException as exc:
         if network is not None:
             network.remove()
+        if isinstance(exc, UNUSABLE_VALUE):  # what the schema lets through, the use refuses
+            raise ImageCorrupt(f"image.json holds a value hpccr cannot use ({exc}) "
+                               "(image corrupted)") from exc
         raise
     return order[0].outer, network
+
+
+# Errors from values of the right type but unusable (out of range, lists of another length,
+# data shorter than it says) met while an image is used: an image is untrusted input.
+UNUSABLE_VALUE = (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error,
+                  AttributeError)
 
 
 def _network_spec(meta: dict, pidns: bool) -> netns.Spec | None:

@@ -189,6 +189,8 @@ def _check(value, spec, where: str) -> None:
     elif spec is int:
         if type(value) is not int:
             raise _fail(where, "expected an integer")
+        if not -(1 << 63) <= value < 1 << 64:
+            raise _fail(where, "integer out of range (64 bits)")
     elif not isinstance(value, spec):
         raise _fail(where, f"expected {spec.__name__}")
 
