@@ -58,10 +58,11 @@ def fake_meta(pid: int = PID, nr_pages: int = 0) -> dict:
     vmas = [
         {"start": 0x400000, "end": 0x401000, "prot": "r-xp", "shared": False, "kind": "file",
          "path": "/usr/bin/solver", "offset": 0,
-         "file": {"size": 4096, "mtime_ns": 1, "ghost": None}, "saved_pages": 0},
+         "file": {"size": 4096, "mtime_ns": 1, "ghost": None}, "saved_pages": 0,
+         "advice": [], "may_write": False, "policy": None},
         {"start": 0x10000000, "end": 0x10000000 + nr_pages * PAGE_SIZE, "prot": "rw-p",
          "shared": False, "kind": "anon", "path": None, "offset": 0, "file": None,
-         "saved_pages": nr_pages},
+         "saved_pages": nr_pages, "advice": ["dc"], "may_write": True, "policy": "bind:0"},
     ]
     fds = [
         {"fd": 1, "kind": "tty", "path": "/dev/pts/3", "flags": os.O_RDWR, "pos": 0,

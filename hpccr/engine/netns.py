@@ -110,10 +110,19 @@ def choose(subnet: str, hint: int | None = None, hostname: str | None = None) ->
     raise HpccrError(f"no free address left in the job network {subnet}")
 
 
+def _ns_path(pid: int, kind: str) -> str:
+    """/proc path of a namespace of process `pid`, through a thread that runs (its main thread
+    may have exited: pthread_exit in main)."""
+    if procfs.leader_exited(pid):
+        live = next(tid for tid in procfs.tids(pid)[1:]
+                    if procfs.state(pid, tid) not in ("Z", "X", None))
+        return procfs.path(pid, "task", str(live), "ns", kind)
+    return procfs.path(pid, "ns", kind)
+
+
 def shares_ours(pid: int) -> bool:
     """Is process `pid` in our network namespace?"""
-    return os.stat(procfs.path(pid, "ns", "net")).st_ino == \
-        os.stat("/proc/thread-self/ns/net").st_ino
+    return os.stat(_ns_path(pid, "net")).st_ino == os.stat("/proc/thread-self/ns/net").st_ino
 
 
 def of_process(pid: int) -> Spec | None:
@@ -121,7 +130,7 @@ def of_process(pid: int) -> Spec | None:
     namespace is not a job network (no single address besides loopback's)."""
     if shares_ours(pid):
         return None
-    with _entered(procfs.path(pid, "ns", "uts"), "uts"):
+    with _entered(_ns_path(pid, "uts"), "uts"):
         hostname = socket.gethostname()
     with entered_of(pid), IPRoute() as ipr:
         addresses = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
@@ -133,7 +142,7 @@ def of_process(pid: int) -> Spec | None:
 
 def entered_of(pid: int) -> contextlib.AbstractContextManager:
     """The calling thread in the network namespace of process `pid` for the block."""
-    return _entered(procfs.path(pid, "ns", "net"), "net")
+    return _entered(_ns_path(pid, "net"), "net")
 
 
 @contextlib.contextmanager
