@@ -211,15 +211,15 @@ def test_stop_restore_stop_restore_as_user(jobs):
     assert set(line for line in jobs.lines() if line.startswith("PID ")) == {"PID 2"}
 
 
-def test_deleted_file_of_mode_0_restored_for_user(jobs):
-    """hpcuser's job holds a deleted file read-write, fchmod'ed to 0 since: restore --user
-    hpcuser gives it back its descriptor, content and mode (the workload checks all three)."""
-    program = jobs.home / "ghost_modes"
-    shutil.copy(jobs.cr.binaries["ghost_modes"], program)
+def stop_restore_and_pass(jobs, workload: str, *args) -> None:
+    """hpcuser's job running `workload` (a copy hpcuser can run), stopped by USR1 into a series
+    once READY, restored with --user: it passes."""
+    program = jobs.home / workload
+    shutil.copy(jobs.cr.binaries[workload], program)
     program.chmod(0o755)
     series = jobs.home / "series"
     argv = cli_argv("run", "-D", series, "--checkpoint-on", "USR1", "--user", USER, "--",
-                    program, jobs.home)
+                    program, *args)
     proc = jobs._start(argv)
     jobs.cr.wait_until(lambda: "READY" in jobs.lines() or proc.poll() is not None, "READY")
     assert "READY" in jobs.lines(), jobs.log_text()
@@ -227,6 +227,12 @@ def test_deleted_file_of_mode_0_restored_for_user(jobs):
     restored, _ = jobs.restore(series, "--user", USER)
     assert restored.wait(TIMEOUT) == 0, jobs.log_text()
     assert jobs.lines()[-1] == "PASS" and jobs.lines().count("PASS") == 1, jobs.log_text()
+
+
+def test_deleted_file_of_mode_0_restored_for_user(jobs):
+    """hpcuser's job holds a deleted file read-write, fchmod'ed to 0 since: restore --user
+    hpcuser gives it back its descriptor, content and mode (the workload checks all three)."""
+    stop_restore_and_pass(jobs, "ghost_modes", jobs.home)
 
 
 def test_failed_stop_checkpoint_leaves_the_job_running(jobs, shared_dir):
@@ -530,16 +536,4 @@ def test_pidfile_the_user_cannot_write(jobs, tmp_path, command):
 def test_parent_death_signal_of_a_user_job(jobs):
     """hpcuser's child with a parent-death signal keeps it after restore --user (the kernel
     clears it when credentials change, as the restore's do)."""
-    program = jobs.home / "tree_pdeathsig"
-    shutil.copy(jobs.cr.binaries["tree_pdeathsig"], program)
-    program.chmod(0o755)
-    series = jobs.home / "series"
-    argv = cli_argv("run", "-D", series, "--checkpoint-on", "USR1", "--user", USER, "--",
-                    program)
-    proc = jobs._start(argv)
-    jobs.cr.wait_until(lambda: "READY" in jobs.lines() or proc.poll() is not None, "READY")
-    assert "READY" in jobs.lines(), jobs.log_text()
-    jobs.stop(proc, series)
-    restored, _ = jobs.restore(series, "--user", USER)
-    assert restored.wait(TIMEOUT) == 0, jobs.log_text()
-    assert jobs.lines()[-1] == "PASS" and jobs.lines().count("PASS") == 1, jobs.log_text()
+    stop_restore_and_pass(jobs, "tree_pdeathsig")

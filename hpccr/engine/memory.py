@@ -135,6 +135,32 @@ def split_batches(ranges: list[tuple[int, int]], limit: int = COPY_BATCH):
         yield batch
 
 
+def read_runs(pid: int, batch: list[tuple[int, int]], view: memoryview, read_apart) -> None:
+    """Read the runs of `batch` into `view`, one after the other: `read_apart(addr, part)` reads
+    a run itself and says so, the others are read with one process_vm_readv per row of them."""
+    groups: list[list] = []  # [view offset, size, addrs, lens] of runs in a row
+    offset = 0
+    for addr, length in batch:
+        if read_apart(addr, view[offset:offset + length]):
+            pass
+        elif groups and groups[-1][0] + groups[-1][1] == offset:
+            groups[-1][1] += length
+            groups[-1][2].append(addr)
+            groups[-1][3].append(length)
+        else:
+            groups.append([offset, length, [addr], [length]])
+        offset += length
+    for at, size, addrs, lens in groups:
+        try:
+            native.read_ranges(pid, native.ffi.new("unsigned long long[]", addrs),
+                               native.ffi.new("unsigned long long[]", lens), len(addrs),
+                               view[at:at + size])
+        except OSError as exc:
+            raise OSError(exc.errno, f"process_vm_readv of {len(addrs)} ranges in "
+                                     f"{addrs[0]:#x}-{addrs[-1] + lens[-1]:#x}: "
+                                     f"{os.strerror(exc.errno)}") from None
+
+
 class MemoryReader:
     """Reads page runs of a process: process_vm_readv of as many runs at once as it can, and
     /proc/PID/mem for the runs of unreadable VMAs (PROT_NONE, write-only), which
@@ -146,29 +172,15 @@ class MemoryReader:
         self._mem = -1
 
     def read(self, batch: list[tuple[int, int]], view: memoryview) -> None:
-        groups: list[list] = []  # [view offset, size, addrs, lens] of readable runs in a row
-        offset = 0
-        for addr, length in batch:
-            if _inside(addr, self.unreadable):
-                if self._mem < 0:
-                    self._mem = os.open(procfs.path(self.pid, "mem"), os.O_RDONLY)
-                _read_exact(self._mem, view[offset:offset + length], addr)
-            elif groups and groups[-1][0] + groups[-1][1] == offset:
-                groups[-1][1] += length
-                groups[-1][2].append(addr)
-                groups[-1][3].append(length)
-            else:
-                groups.append([offset, length, [addr], [length]])
-            offset += length
-        for at, size, addrs, lens in groups:
-            try:
-                native.read_ranges(self.pid, native.ffi.new("unsigned long long[]", addrs),
-                                   native.ffi.new("unsigned long long[]", lens), len(addrs),
-                                   view[at:at + size])
-            except OSError as exc:
-                raise OSError(exc.errno, f"process_vm_readv of {len(addrs)} ranges in "
-                                         f"{addrs[0]:#x}-{addrs[-1] + lens[-1]:#x}: "
-                                         f"{os.strerror(exc.errno)}") from None
+        read_runs(self.pid, batch, view, self._read_unreadable)
+
+    def _read_unreadable(self, addr: int, part: memoryview) -> bool:
+        if not _inside(addr, self.unreadable):
+            return False
+        if self._mem < 0:
+            self._mem = os.open(procfs.path(self.pid, "mem"), os.O_RDONLY)
+        _read_exact(self._mem, part, addr)
+        return True
 
     def close(self) -> None:
         if self._mem >= 0:

@@ -235,29 +235,20 @@ class Snapshot:
     # --- the copier: memory.copy_pages() calls read() batch after batch ----------------------
 
     def read(self, batch: list[tuple[int, int]], view: memoryview) -> None:
-        groups: list[list] = []  # [view offset, size, addrs, lens] of runs read together
-        offset = 0
-        for addr, length in batch:
-            i = bisect.bisect_right(self._early, (addr, float("inf"))) - 1
-            if i >= 0 and self._early[i][1] > addr:
-                start, _, at = self._early[i]
-                view[offset:offset + length] = self._early_buf[at + addr - start:
-                                                               at + addr - start + length]
-            elif groups and groups[-1][0] + groups[-1][1] == offset:
-                groups[-1][1] += length
-                groups[-1][2].append(addr)
-                groups[-1][3].append(length)
-            else:
-                groups.append([offset, length, [addr], [length]])
-            offset += length
-        for at, size, addrs, lens in groups:
-            try:
-                native.read_ranges(self.pid, native.ffi.new("unsigned long long[]", addrs),
-                                   native.ffi.new("unsigned long long[]", lens), len(addrs),
-                                   view[at:at + size])
-            except OSError as exc:
-                raise SnapshotLost(f"reading memory: {exc.strerror}") from None
+        try:
+            memory.read_runs(self.pid, batch, view, self._read_early)
+        except OSError as exc:
+            raise SnapshotLost(f"reading memory: {exc.strerror}") from None
         self._settle(batch, view)
+
+    def _read_early(self, addr: int, part: memoryview) -> bool:
+        """A run copied inside the freeze (_copy_early) comes from that copy."""
+        i = bisect.bisect_right(self._early, (addr, float("inf"))) - 1
+        if i < 0 or self._early[i][1] <= addr:
+            return False
+        start, _, at = self._early[i]
+        part[:] = self._early_buf[at + addr - start:at + addr - start + len(part)]
+        return True
 
     def _settle(self, batch: list[tuple[int, int]], view: memoryview) -> None:
         """Put the handler's saved copies over the pages just read; un-protect the batch."""

@@ -114,8 +114,9 @@ int hpccr_wait(int tid, int options)
     }
 }
 
-int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *base, long nr,
-                 long a1, long a2, long a3, long a4, long a5, long a6, long *ret)
+/* Load `base` with a system call `nr` and its arguments, to run at `ip`. */
+static int set_call_regs(int tid, unsigned long long ip, const struct user_regs_struct *base,
+                         long nr, long a1, long a2, long a3, long a4, long a5, long a6)
 {
     struct user_regs_struct regs = *base;
     regs.rax = nr;
@@ -127,8 +128,15 @@ int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *
     regs.r8 = a5;
     regs.r9 = a6;
     regs.rip = ip;
-    if (ptrace(PTRACE_SETREGS, tid, NULL, &regs) < 0)
-        return -errno;
+    return ptrace(PTRACE_SETREGS, tid, NULL, &regs) < 0 ? -errno : 0;
+}
+
+int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *base, long nr,
+                 long a1, long a2, long a3, long a4, long a5, long a6, long *ret)
+{
+    int err = set_call_regs(tid, ip, base, nr, a1, a2, a3, a4, a5, a6);
+    if (err)
+        return err;
     if (ptrace(PTRACE_CONT, tid, NULL, NULL) < 0)
         return -errno;
     for (;;) {
@@ -179,18 +187,9 @@ int hpccr_inject_to_exit(int tid, unsigned long long ip, const struct user_regs_
                          long nr, long a1, long a2, long a3, long a4, long a5, long a6,
                          long *ret)
 {
-    struct user_regs_struct regs = *base;
-    regs.rax = nr;
-    regs.orig_rax = (unsigned long long)-1;
-    regs.rdi = a1;
-    regs.rsi = a2;
-    regs.rdx = a3;
-    regs.r10 = a4;
-    regs.r8 = a5;
-    regs.r9 = a6;
-    regs.rip = ip;
-    if (ptrace(PTRACE_SETREGS, tid, NULL, &regs) < 0)
-        return -errno;
+    int err = set_call_regs(tid, ip, base, nr, a1, a2, a3, a4, a5, a6);
+    if (err)
+        return err;
     return hpccr_next_syscall_exit(tid, ret);
 }
 
