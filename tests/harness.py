@@ -10,6 +10,7 @@ expects the restored process to print PASS with the same pid.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -440,7 +441,9 @@ class TreeHarness(Hpccr):
         """A default dump of a whole tree or job: it succeeds and every process of it is gone."""
         if not isinstance(workload, Job):
             res = super().dump_and_kill(workload, img)
-            tree = self.trees[workload.pid]
+            # The tree as it started, and as the image has it (children come and go).
+            dumped = json.loads((Path(img) / "image.json").read_text())["processes"]
+            tree = sorted(set(self.trees[workload.pid]) | {p["pid"] for p in dumped})
             wait_until(lambda: not any(map(pid_alive, tree)), f"the dumped tree {tree} killed", 10)
             # Orphans are reaped by pid 1, in its own time; a restore needs their pids free.
             wait_until(

@@ -169,9 +169,6 @@ def _contents(img: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in img.iterdir()}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known hole: a task the restore forked but has not yet seized (it waits untraced in the "
-    "stub's pause() after exec) outlives an hpccr killed then; see issue 11"))
 def test_restore_killed_at_random_moments(cr, tmp_path):
     """A restore killed anywhere leaves either nothing (no half-built process with the job's
     pid) or the whole job running; the image is untouched and the next restore works."""

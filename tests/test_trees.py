@@ -121,10 +121,11 @@ def test_started_from_a_shell(tree_cr, tmp_path, how):
     assert ("GROUP LED" in shell.lines()) == leads_group, shell.output()
     if how == "shell gone":
         shell.wait_exit()
+    tree = tree_of(pid)  # before the dump: the killed root has no children to list
     res = tree_cr.run("dump", pid, "-D", tmp_path / "img")
     assert res.returncode == 0, describe(res)
-    tree_cr.wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in tree_of(pid)),
-                       f"the dumped tree of {pid} gone")
+    tree_cr.wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in tree),
+                       f"the dumped tree {tree} gone (its orphans reaped)")
     res = tree_cr.restore(tmp_path / "img")
     assert res.returncode == 0, describe(res) + "\nlog:\n" + shell.output()
     assert shell.lines()[-1] == "PASS", shell.output()

@@ -405,7 +405,7 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
         _child(root, pool, wr, enter_namespaces=pidns, sysv_state=sysv_state,
-               network=network.spec if network else None)
+               network=network.spec if network else None, root=True)
     root.outer = pid
     os.close(wr)
     with os.fdopen(rd, "rb") as pipe:  # EOF once every task has exec'd the stub (or died)
@@ -556,7 +556,8 @@ def _become_zombie(task: Task) -> None:
 
 
 def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False,
-           sysv_state: dict | None = None, network: netns.Spec | None = None) -> None:
+           sysv_state: dict | None = None, network: netns.Spec | None = None,
+           root: bool = False) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
     Never returns."""
     proc, ctx = task.proc, task.ctx
@@ -579,6 +580,11 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
             os.setpgid(0, task.group)  # its own group, or one its leader already made
         if not task.zombie:
             prctls.restore(proc)
+        if root and not task.zombie:
+            # Until hpccr has seized it (and PTRACE_O_EXITKILL takes over), the root dies with
+            # the restorer, and with it a job's whole pid namespace: an hpccr killed then
+            # leaves no task behind.  rebuild() gives it back its own parent-death signal.
+            native.syscall("prctl", prctls.PR_SET_PDEATHSIG, signal.SIGKILL)
         for child in task.children:
             _fork_task(child, pool, errpipe)
         for sid, members in task.helpers.items():
@@ -675,8 +681,9 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         creds.restore_creds(inj, thread, proc["creds"])
     creds.restore_creds(inj, stub, proc["creds"])
     sigio.restore(inj, proc["fds"])  # with the process's own credentials, see sigio.py
-    if proc["pdeathsig"]:  # again: a change of credentials clears it
-        inj.call("prctl", prctls.PR_SET_PDEATHSIG, proc["pdeathsig"])
+    # Its own parent-death signal (none: the root's watch on the restorer, see _child, goes),
+    # again after its credentials, whose change clears it.
+    inj.call("prctl", prctls.PR_SET_PDEATHSIG, proc["pdeathsig"])
     xstates = [ctx.reader.read_bytes(saved["xstate"]) for _, saved in tasks]
     for (thread, _), xstate in zip(tasks, xstates, strict=True):
         if cpu.uses_amx_tiles(xstate):
