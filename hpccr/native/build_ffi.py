@@ -134,6 +134,7 @@ static int set_call_regs(int tid, unsigned long long ip, const struct user_regs_
 int hpccr_inject(int tid, unsigned long long ip, const struct user_regs_struct *base, long nr,
                  long a1, long a2, long a3, long a4, long a5, long a6, long *ret)
 {
+    struct user_regs_struct regs;
     int err = set_call_regs(tid, ip, base, nr, a1, a2, a3, a4, a5, a6);
     if (err)
         return err;
