@@ -33,6 +33,8 @@ import pytest
 import xxhash
 
 from hpccr import native
+from hpccr.cli import main  # imported once, with the restore: each case's child has them
+from hpccr.engine import restore  # noqa: F401
 
 CASES = int(os.environ.get("HPCCR_FUZZ_CASES", "2000"))
 SEED = int(os.environ.get("HPCCR_FUZZ_SEED", "20261204"))
@@ -165,8 +167,6 @@ def restore_in_child(img: Path, pidfile: Path) -> tuple[int | None, str]:
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.setsid()
-            from hpccr.cli import main
-
             try:
                 main(["restore", "-D", str(img), "--detach", "--pidfile", str(pidfile)])
                 code = 0
