@@ -298,4 +298,5 @@ def test_shipped_configuration_is_the_default():
     assert {"checkpoint_base": str(shipped.checkpoint_base), "keep": shipped.keep,
             "grace": shipped.grace, "log_dir": str(shipped.log_dir),
             "run_dir": str(shipped.run_dir), "tcp_close": shipped.tcp_close,
+            "job_network": shipped.job_network, "job_subnet": shipped.job_subnet,
             "hooks": shipped.hooks} == config.DEFAULTS
