@@ -10,6 +10,7 @@ fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c, fd_pty.c, fd_mqueue.c NAME (POSIX m
 queues).  Each checks its own state after the window.
 """
 
+import os
 import re
 import subprocess
 import time
@@ -24,7 +25,8 @@ DOWNTIME_S = 1.0
 
 
 def start(cr, tmp_path, name, **kwargs):
-    args = {"fd_fifo": [tmp_path], "fd_mqueue": [f"hpccr-test-{tmp_path.name}"]}.get(name, [])
+    queue = f"hpccr-test-{os.getpid()}-{tmp_path.name}"  # queues outlive a killed test
+    args = {"fd_fifo": [tmp_path], "fd_mqueue": [queue]}.get(name, [])
     return cr.start(name, *args, **kwargs)
 
 
