@@ -26,6 +26,7 @@ import random
 import select
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -167,6 +168,9 @@ def restore_in_child(img: Path, pidfile: Path) -> tuple[int | None, str]:
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.setsid()
+            # What pytest put in place of sys.stdout and sys.stderr captures, not the pipe.
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
             try:
                 main(["restore", "-D", str(img), "--detach", "--pidfile", str(pidfile)])
                 code = 0
@@ -177,6 +181,9 @@ def restore_in_child(img: Path, pidfile: Path) -> tuple[int | None, str]:
 
             traceback.print_exc()
         finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
             os._exit(code)
     os.close(wr)
     out = io.BytesIO()
