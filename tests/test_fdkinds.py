@@ -76,11 +76,11 @@ def assert_refused(cr, tmp_path, workload, fd: str, *words: str) -> None:
     workload.assert_passed()
 
 
-def test_pipe_to_a_child_is_kept(cr, tmp_path):
+def test_pipe_to_a_child_is_kept(tree_cr, tmp_path):
     """The child holding the other end is part of the dumped tree: the pipe and its data come
-    back connected to it."""
-    workload = cr.start("fd_pipe", "peer")
-    cr.checkpoint_restart(workload, tmp_path / "img")
+    back connected to it.  (A tree: the restore waits until the killed child's pid is free.)"""
+    workload = tree_cr.start("fd_pipe", "peer")
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
 
 
 def test_stdin_pipe_from_the_parent_is_refused(cr, tmp_path):
