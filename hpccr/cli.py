@@ -259,12 +259,7 @@ def run(directory: str | None, pidfile: str | None, network: str | None, interva
     with _pidfile_for(pidfile) as write_pid:
         supervision = Supervision(checkpoints)
         job_network = new_network(network)
-        try:
-            pid = start_job(list(command), user, network=job_network)
-        except BaseException:
-            if job_network is not None:
-                job_network.remove()
-            raise
+        pid = start_job(list(command), user, network=job_network)
         click.echo(f"hpccr run: job pid {pid}", err=True)
         write_pid(pid)
     sys.exit(supervision.run(pid, job_network))

@@ -60,7 +60,17 @@ def start_job(argv: list[str], user: User | None = None, env: dict[str, str] | N
               cwd: str | None = None, network: netns.JobNetwork | None = None) -> int:
     """Start hpccr-init running `argv` as pid 1 of new namespaces (as `user`, in `cwd`, with
     `env`, if given; in `network`, else in ours); returns its pid here.  hpccr itself stays
-    outside and traces the job from there."""
+    outside and traces the job from there.  If the job cannot start, `network` is removed."""
+    try:
+        return _start_job(argv, user, env, cwd, network)
+    except BaseException:
+        if network is not None:
+            network.remove()
+        raise
+
+
+def _start_job(argv: list[str], user: User | None, env: dict[str, str] | None,
+               cwd: str | None, network: netns.JobNetwork | None) -> int:
     if os.geteuid() != 0:
         raise HpccrError("hpccr run needs root for now (pid namespaces with exact pids)")
     init = init_path()

@@ -114,9 +114,7 @@ def _ns_path(pid: int, kind: str) -> str:
     """/proc path of a namespace of process `pid`, through a thread that runs (its main thread
     may have exited: pthread_exit in main)."""
     if procfs.leader_exited(pid):
-        live = next(tid for tid in procfs.tids(pid)[1:]
-                    if procfs.state(pid, tid) not in ("Z", "X", None))
-        return procfs.path(pid, "task", str(live), "ns", kind)
+        return procfs.path(pid, "task", str(procfs.running_thread(pid)), "ns", kind)
     return procfs.path(pid, "ns", kind)
 
 

@@ -114,11 +114,16 @@ def leader_exited(pid: int) -> bool:
     """Has the main thread of `pid` exited while other threads run on (pthread_exit in main)?
     The process then shows as a zombie, and its memory, descriptors and cwd only through the
     other threads."""
+    return state(pid) == "Z" and running_thread(pid) is not None
+
+
+def running_thread(pid: int) -> int | None:
+    """A thread of `pid` besides its main one that has not ended, or None."""
     try:
         others = tids(pid)[1:]
     except OSError:
-        return False
-    return state(pid) == "Z" and any(state(pid, tid) not in ("Z", "X", None) for tid in others)
+        return None
+    return next((tid for tid in others if state(pid, tid) not in ("Z", "X", None)), None)
 
 
 def comm(pid: int, tid: int | None = None) -> str:

@@ -218,12 +218,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
         supervision = Supervision(checkpoints)
         if request["op"] == "run":
             network = new_network(request["env"].get("HPCCR_JOB_NETWORK"), request["env"])
-            try:
-                pid = start_job(request["argv"], user, request["env"], request["cwd"], network)
-            except BaseException:
-                if network is not None:
-                    network.remove()
-                raise
+            pid = start_job(request["argv"], user, request["env"], request["cwd"], network)
         else:
             pid, network = restore_tree(request["dir"], user, config.load().tcp_close)
         os.write(report_wr, json.dumps({"started": pid}).encode())
