@@ -128,7 +128,7 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
         raise UnsupportedResource(f"process {pid} fd {fd} is a deleted FIFO ({link}): "
                                   "not supported yet")
     entry = {"pipe": st.st_ino, "data": None, "capacity": None, "remake": None}
-    if not link.startswith(ANONYMOUS) and memory.in_memory(procfs.path(pid, "fd", str(fd))):
+    if not link.startswith(ANONYMOUS) and state.fs_type(st.st_dev) == memory.TMPFS_MAGIC:
         entry["remake"] = stat.S_IMODE(st.st_mode)
     if st.st_ino in state.pipes:
         return entry  # its first end saved the pipe

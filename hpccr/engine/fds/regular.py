@@ -36,7 +36,7 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     if stat.S_ISREG(st.st_mode):
         if deleted:
             ghost = state.ghosts.save(f"/proc/{pid}/fd/{fd}", st)
-        elif memory.in_memory(f"/proc/{pid}/fd/{fd}"):
+        elif state.fs_type(st.st_dev) == memory.TMPFS_MAGIC:
             content = state.ghosts.save(f"/proc/{pid}/fd/{fd}", st)
     return {"path": path, "ghost": ghost, "content": content}
 
