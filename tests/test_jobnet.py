@@ -84,9 +84,10 @@ def start(tree_cr, hello, *options):
                              *options)
 
 
-def ask(peer, count: int) -> list[str]:
-    peer.write("?\n")
-    peer.flush()
+def ask(peer, count: int, asked: bool = False) -> list[str]:
+    if not asked:
+        peer.write("?\n")
+        peer.flush()
     answer = peer.readline().split()
     assert answer and int(answer[0]) == count, answer
     return answer[1:]
@@ -115,7 +116,9 @@ def test_own_network(tree_cr, hello):
 
 def test_same_network_after_restore(tree_cr, hello, tmp_path):
     """Dumped (killed) with a client on the node connected: restored, the job has the same
-    host name and address, and the same connection goes on; then nothing is left."""
+    host name and address, and the same connection goes on; then nothing is left.  The client
+    asks as soon as the restore has made the job's link, before the connection is back: no
+    reset may answer (nor its retransmissions, which meet the restore at any step)."""
     job = start(tree_cr, hello)
     hello.greeted_by()
     host, address = job.values("HOST")[0], job.values("ADDR")[0]
@@ -125,7 +128,11 @@ def test_same_network_after_restore(tree_cr, hello, tmp_path):
         tree_cr.dump_and_kill(job, tmp_path / "img")
         wait_until(lambda: netns.link_name(address) not in links(), "the job's link to go")
         proc, _ = tree_cr.start_restore(tmp_path / "img")
-        assert ask(peer, 2) == [host, address]
+        wait_until(lambda: netns.link_name(address) in links() or proc.poll() is not None,
+                   "the restore to make the job's link")
+        peer.write("?\n")
+        peer.flush()
+        assert ask(peer, 2, asked=True) == [host, address]
         peer.write("end\n")
         peer.flush()
         assert proc.wait(timeout=TIMEOUT) == 0, proc.stderr.read() if proc.stderr else ""

@@ -163,23 +163,28 @@ def _entered(path: str, kind: str) -> Iterator[None]:
 class JobNetwork:
     """The network namespace made for one job (held by a descriptor), linked to the node."""
 
-    def __init__(self, spec: Spec, isolated_if_taken: bool = False):
+    def __init__(self, spec: Spec, isolated_if_taken: bool = False, down: bool = False):
         """The job's network, linked to the node.  Where its address is taken on this node (a
         second copy of a job restored beside the first), it fails, or with `isolated_if_taken`
-        the job has its address and host name but no link: it reaches nothing outside."""
+        the job has its address and host name but no link: it reaches nothing outside.
+
+        With `down`, the node's end of the link stays down, and the node without a route to
+        the job, until `up()`: a restore brings the job's connections back first, so that no
+        packet a peer sends meanwhile (a retransmission) meets the job's address without its
+        socket and is answered with a reset.  The job's own routes are there from the start
+        (a connected socket is restored with a route to its peer)."""
         self.spec = spec
         self.link = link_name(spec.address)
         self.table = TABLE_PREFIX + self.link.removeprefix(LINK_PREFIX)
         self.linked = False
         self.fd = None
         lift_stale()
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.node_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
             native.syscall("unshare", CLONE_NEWNET)
             self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            native.syscall("setns", own, CLONE_NEWNET)
         finally:
-            os.close(own)
+            native.syscall("setns", self.node_fd, CLONE_NEWNET)
         try:
             try:
                 self._link()
@@ -196,6 +201,8 @@ class JobNetwork:
             self._configure_inside()
             if self.linked:
                 self._masquerade()
+                if not down:
+                    self.up()
         except NetlinkError as exc:
             self.remove()
             raise HpccrError(f"cannot make the job's network: {os.strerror(exc.code)}") from None
@@ -230,8 +237,6 @@ class JobNetwork:
                      peer={"ifname": JOB_LINK, "net_ns_fd": self.fd})
             node_end = ipr.link_lookup(ifname=self.link)[0]
             ipr.addr("add", index=node_end, address=GATEWAY, prefixlen=32)
-            ipr.link("set", index=node_end, state="up")
-            ipr.route("add", dst=f"{self.spec.address}/32", oif=node_end, scope=RT_SCOPE_LINK)
         with open(IP_FORWARD) as forward:
             forwarding = forward.read().strip() == "1"
         if not forwarding:
@@ -252,6 +257,21 @@ class JobNetwork:
             ipr.link("set", index=job_end, state="up")
             ipr.route("add", dst=f"{GATEWAY}/32", oif=job_end, scope=RT_SCOPE_LINK)
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=job_end)
+
+    def up(self) -> None:
+        """The node's end of the link up, with the node's route to the job (a no-op for a job
+        without a link).  Called in the job's network as well as in the node's."""
+        if not self.linked:
+            return
+        try:
+            with _entered(f"/proc/self/fd/{self.node_fd}", "net"), IPRoute() as ipr:
+                node_end = ipr.link_lookup(ifname=self.link)[0]
+                ipr.link("set", index=node_end, state="up")
+                ipr.route("add", dst=f"{self.spec.address}/32", oif=node_end,
+                          scope=RT_SCOPE_LINK)
+        except NetlinkError as exc:
+            raise HpccrError(f"cannot link the job's network to the node: "
+                             f"{os.strerror(exc.code)}") from None
 
     def _masquerade(self) -> None:
         with nftables.netfilter("cannot make the job network's NAT") as nft:
@@ -281,9 +301,10 @@ class JobNetwork:
     def release(self) -> None:
         """Let go of the namespace (the job holds it now); the link and NAT stay for the job,
         and are removed by lift_stale once it is gone."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for fd in (self.fd, self.node_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.node_fd = None
 
     def remove(self) -> None:
         """The job has ended (or never ran): remove its link, NAT and namespace."""

@@ -241,7 +241,8 @@ def restore_tree(directory: str, user: User | None = None,
         with _step("checking the image against this machine"):
             preflight(reader, meta, order, pidns, user)
         with _step("making the job's network"):
-            network = netns.JobNetwork(spec, isolated_if_taken=True) if spec else None
+            network = (netns.JobNetwork(spec, isolated_if_taken=True, down=True)
+                       if spec else None)
         # Inside the job's network: its sockets are made there, and its first process forked.
         with network.entered() if network else contextlib.nullcontext():
             _bring_back(order, meta, pidns, tcp_close, network)
@@ -312,6 +313,9 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
             with _step("sealing memfds and ending TCP repair"):
                 pool.add_late_seals()
                 pool.end_repair()
+            if network is not None:
+                with _step("bringing the job's network up"):
+                    network.up()  # its connections are back: a peer's packet finds them
             # Stopped processes first: the others must not see one before it stops again.
             for task in sorted(reversed(order), key=lambda t: not t.proc["stopped"]):
                 if not task.zombie:
