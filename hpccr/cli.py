@@ -145,7 +145,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
     from hpccr import config
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
-    from hpccr.run import Checkpoints, Supervision
+    from hpccr.run import Checkpoints, Supervision, job_nodes
 
     supervised = bool(interval or stop_signals)
     if supervised and detach:
@@ -160,7 +160,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
         supervision = None if detach else Supervision(checkpoints)
         if tcp_close is None:
             tcp_close = config.load().tcp_close
-        root, network = restore_tree(directory, user, tcp_close)
+        root, network = restore_tree(directory, user, tcp_close, job_nodes())
         checkpoints.notify("restored", path=str(resolve(directory)))
         write_pid(root)
     if supervision is None:

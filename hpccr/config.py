@@ -29,6 +29,8 @@ DEFAULTS = {
     "tcp_close": False,
     "job_network": "own",
     "job_subnet": "10.199.0.0/16",
+    "overlay_subnet": "10.198.0.0/16",
+    "overlay_ids": "4096-1048575",
     "hooks": {event: [] for event in HOOK_EVENTS},
 }
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -50,6 +52,8 @@ class Config:
     tcp_close: bool
     job_network: str  # "own" or "host"
     job_subnet: str
+    overlay_subnet: str  # a /24 of it per job on several nodes
+    overlay_ids: tuple[int, int]  # the VXLAN ids those jobs take, first and last
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
 
@@ -156,6 +160,17 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
                   f"'{values['job_subnet']}'") from None
     if subnet.prefixlen > 30:
         raise bad("job_subnet", f"'job_subnet' {subnet} is too small for jobs")
+    try:
+        overlay_subnet = ipaddress.IPv4Network(values["overlay_subnet"])
+    except ValueError:
+        raise bad("overlay_subnet", "'overlay_subnet' must be an IPv4 network (a.b.c.d/n), "
+                  f"not '{values['overlay_subnet']}'") from None
+    if overlay_subnet.prefixlen > 24:
+        raise bad("overlay_subnet", f"'overlay_subnet' {overlay_subnet} is smaller than a /24")
+    first, _, last = values["overlay_ids"].partition("-")
+    if not (first.isdigit() and last.isdigit() and 0 < int(first) <= int(last) < 1 << 24):
+        raise bad("overlay_ids", "'overlay_ids' must be a range of VXLAN ids FIRST-LAST in "
+                  f"1..{(1 << 24) - 1}, not '{values['overlay_ids']}'")
     for event, specs in values["hooks"].items():
         for spec in specs:
             module, _, attr = spec.partition(":")
@@ -164,4 +179,5 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
                           "\"module:function\"")
     return Config(Path(values["checkpoint_base"]), values["keep"], values["grace"],
                   Path(values["log_dir"]), Path(values["run_dir"]), values["tcp_close"],
-                  values["job_network"], str(subnet), values["hooks"], source)
+                  values["job_network"], str(subnet), str(overlay_subnet),
+                  (int(first), int(last)), values["hooks"], source)

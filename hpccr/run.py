@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from hpccr import config
-from hpccr.engine import netns
+from hpccr.engine import netns, overlay
 from hpccr.engine.job import (
     FORWARDED,
     enter_job_namespaces,
@@ -52,8 +52,26 @@ def new_network(choice: str | None, environ=os.environ) -> netns.JobNetwork | No
         return None
     job_id = environ.get("SLURM_JOB_ID", "")
     hint = int(job_id) if job_id.isdigit() else None
-    return netns.JobNetwork(netns.choose(cfg.job_subnet, hint,
-                                         f"job{job_id}" if hint is not None else None))
+    nodes = job_nodes(environ)
+    if nodes is None:
+        return netns.JobNetwork(netns.choose(cfg.job_subnet, hint,
+                                             f"job{job_id}" if hint is not None else None))
+    job_id = job_id or environ.get("HPCCR_JOB_ID", "")
+    slot = environ.get("HPCCR_NODE_SLOT", "")
+    if not job_id.isdigit() or not slot.isdigit():
+        raise HpccrError("a job on several nodes (HPCCR_JOB_NODES) needs its id (SLURM_JOB_ID "
+                         "or HPCCR_JOB_ID) and this part's node slot (HPCCR_NODE_SLOT)")
+    part_of = overlay.choose(cfg.overlay_subnet, cfg.overlay_ids, int(job_id), int(slot),
+                             len(nodes), f"job{job_id}")
+    spec = netns.Spec(part_of.address(), part_of.names[part_of.slot], part_of)
+    return netns.JobNetwork(spec, nodes=nodes)
+
+
+def job_nodes(environ=os.environ) -> list[str] | None:
+    """The nodes of a job on several nodes, by slot (their addresses), from HPCCR_JOB_NODES
+    (comma-separated); None for a job on one node."""
+    text = environ.get("HPCCR_JOB_NODES", "").strip()
+    return [node.strip() for node in text.split(",")] if text else None
 
 
 def start_job(argv: list[str], user: User | None = None, env: dict[str, str] | None = None,

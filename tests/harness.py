@@ -383,16 +383,20 @@ class TreeHarness(Hpccr):
         stdin: int = subprocess.DEVNULL,
         stderr: Path | None = None,
         ready: bool = True,
+        wrap: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Job:
-        """``hpccr run OPTIONS -- COMMAND``.  Its stdout goes to a log opened with O_APPEND (so
-        that restored copies of the job add to it), its stderr there too or to ``stderr``.  Waits
-        until hpccr run names the job's pid and, if ``ready``, until the job prints READY."""
-        argv = cli_argv("run", *options, "--", *command)
+        """``hpccr run OPTIONS -- COMMAND`` (under the command ``wrap``, with ``env`` added to
+        the environment).  Its stdout goes to a log opened with O_APPEND (so that restored
+        copies of the job add to it), its stderr there too or to ``stderr``.  Waits until hpccr
+        run names the job's pid and, if ``ready``, until the job prints READY."""
+        argv = [*wrap, *cli_argv("run", *options, "--", *command)]
         log = self.tmp_path / f"job{len(self.workloads)}.log"
         since = boot_ticks()
         with open(log, "ab") as out, open(stderr or log, "ab") as err:
             proc = subprocess.Popen(
-                argv, stdin=stdin, stdout=out, stderr=err, start_new_session=True, env=cli_env()
+                argv, stdin=stdin, stdout=out, stderr=err, start_new_session=True,
+                env={**cli_env(), **(env or {})}
             )
         job = Job(argv, log, proc, errors=stderr or log, since=since)
         self.workloads.append(job)
@@ -422,17 +426,19 @@ class TreeHarness(Hpccr):
             options = (*options, "--pidfile", str(pidfile))
         return super().restore(img, *options)
 
-    def start_restore(self, img: Path) -> tuple[subprocess.Popen, Path]:
-        """A foreground ``hpccr restore`` left running in the background, and its pid file."""
+    def start_restore(self, img: Path, wrap: tuple[str, ...] = (),
+                      env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+        """A foreground ``hpccr restore`` (under ``wrap``, with ``env`` added) left running in
+        the background, and its pid file."""
         pidfile = self.tmp_path / f"restore{len(self.pidfiles)}.pid"
         self.pidfiles.append(pidfile)
         proc = subprocess.Popen(
-            cli_argv("restore", "-D", img, "--pidfile", pidfile),
+            [*wrap, *cli_argv("restore", "-D", img, "--pidfile", pidfile)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=cli_env(),
+            env={**cli_env(), **(env or {})},
         )
         self.background.append(proc)
         return proc, pidfile

@@ -229,6 +229,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         raise
     if mode == "kill":
         fd_state.before_kill()
+        if network is not None:
+            netns.disconnect()
         frozen.kill()
         fd_state.finish(str(path))  # connections stay locked until the image is restored
     elif mode == "stopped":

@@ -43,7 +43,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 from pyroute2.nftables.expressions import masq
 
 from hpccr import native
-from hpccr.engine import nftables, procfs
+from hpccr.engine import nftables, overlay, procfs
 from hpccr.errors import HpccrError, ImageCorrupt
 
 CLONE_NEWNET, CLONE_NEWUTS = 0x40000000, 0x04000000
@@ -64,13 +64,22 @@ IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 @dataclass(frozen=True)
 class Spec:
-    """What the job sees of its network: its address and its host name."""
+    """What the job sees of its network: its address and its host name; for one part of a job
+    on several nodes, the job's overlay too (its address and host name are its slot's)."""
 
     address: str
     hostname: str
+    overlay: overlay.Overlay | None = None
 
     def to_image(self) -> dict:
-        return {"address": self.address, "hostname": self.hostname}
+        saved = {"address": self.address, "hostname": self.hostname}
+        if self.overlay is not None:
+            saved["overlay"] = self.overlay.to_image()
+        return saved
+
+    def hosts(self) -> list[tuple[str, str]]:
+        """(address, name) of every host the job knows by name: itself, and its other parts."""
+        return self.overlay.hosts() if self.overlay else [(self.address, self.hostname)]
 
     @classmethod
     def from_image(cls, saved: dict) -> Spec:
@@ -87,7 +96,14 @@ class Spec:
         if not HOSTNAME.fullmatch(saved["hostname"]):
             raise ImageCorrupt(f"image.json: network.hostname: {saved['hostname']!r} is not a "
                                "host name (image corrupted)")
-        return cls(str(address), saved["hostname"])
+        part_of = None
+        if saved.get("overlay") is not None:
+            part_of = overlay.Overlay.from_image(saved["overlay"])
+            if (part_of.address(), part_of.names[part_of.slot]) != (str(address),
+                                                                     saved["hostname"]):
+                raise ImageCorrupt("image.json: network: the address and host name are not "
+                                   "those of the job's node slot (image corrupted)")
+        return cls(str(address), saved["hostname"], part_of)
 
 
 def link_name(address: str) -> str:
@@ -130,12 +146,17 @@ def of_process(pid: int) -> Spec | None:
         return None
     with _entered(_ns_path(pid, "uts"), "uts"):
         hostname = socket.gethostname()
-    with entered_of(pid), IPRoute() as ipr:
-        addresses = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
-                     if not ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")).is_loopback]
+    with entered_of(pid):
+        with IPRoute() as ipr:
+            addresses = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
+                         if not ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")).is_loopback}
+        part_of = overlay.of_namespace(hostname)
     if len(addresses) != 1:
         return None
-    return Spec(addresses[0], hostname)
+    address = addresses.pop()
+    if part_of is not None and part_of.address() != address:
+        return None
+    return Spec(address, hostname, part_of)
 
 
 def entered_of(pid: int) -> contextlib.AbstractContextManager:
@@ -163,7 +184,8 @@ def _entered(path: str, kind: str) -> Iterator[None]:
 class JobNetwork:
     """The network namespace made for one job (held by a descriptor), linked to the node."""
 
-    def __init__(self, spec: Spec, isolated_if_taken: bool = False, down: bool = False):
+    def __init__(self, spec: Spec, isolated_if_taken: bool = False, down: bool = False,
+                 nodes: list[str] | None = None):
         """The job's network, linked to the node.  Where its address is taken on this node (a
         second copy of a job restored beside the first), it fails, or with `isolated_if_taken`
         the job has its address and host name but no link: it reaches nothing outside.
@@ -172,7 +194,10 @@ class JobNetwork:
         the job, until `up()`: a restore brings the job's connections back first, so that no
         packet a peer sends meanwhile (a retransmission) meets the job's address without its
         socket and is answered with a reset.  The job's own routes are there from the start
-        (a connected socket is restored with a route to its peer)."""
+        (a connected socket is restored with a route to its peer).
+
+        A part of a job on several nodes joins the job's overlay through `nodes`, the address
+        of every slot's node (this one's included), in slot order."""
         self.spec = spec
         self.link = link_name(spec.address)
         self.table = TABLE_PREFIX + self.link.removeprefix(LINK_PREFIX)
@@ -199,6 +224,8 @@ class JobNetwork:
                       "(another copy of the job?): this one runs without a link to the node",
                       file=sys.stderr, flush=True)
             self._configure_inside()
+            if spec.overlay is not None:
+                self._join_overlay(overlay.underlay(nodes or [], len(spec.overlay.names)))
             if self.linked:
                 self._masquerade()
                 if not down:
@@ -257,6 +284,11 @@ class JobNetwork:
             ipr.link("set", index=job_end, state="up")
             ipr.route("add", dst=f"{GATEWAY}/32", oif=job_end, scope=RT_SCOPE_LINK)
             ipr.route("add", dst="0.0.0.0/0", gateway=GATEWAY, oif=job_end)
+
+    def _join_overlay(self, nodes: list[str]) -> None:
+        overlay.attach(self.spec.overlay, self.fd, nodes)
+        with self.entered():
+            overlay.configure_inside(self.spec.overlay, nodes)
 
     def up(self) -> None:
         """The node's end of the link up, with the node's route to the job (a no-op for a job
@@ -317,6 +349,16 @@ class JobNetwork:
             nftables.delete_table(nft, self.table)
 
 
+def disconnect() -> None:
+    """In a job's network namespace, before its job is killed: remove its links to the outside
+    (eth0 and the overlay's device).  Once the job is gone its namespace is torn down, its
+    network locks first: a peer's packet arriving then would be answered with a reset."""
+    with IPRoute() as ipr:
+        for name in (JOB_LINK, overlay.DEVICE):
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", ifname=name)
+
+
 def lift_stale() -> list[str]:
     """Remove the NAT tables of job networks whose link is gone; returns their names."""
     removed = []
@@ -343,7 +385,7 @@ def enter(spec: Spec) -> None:
     fd, path = tempfile.mkstemp(prefix="hpccr-hosts-")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(f"{hosts}{spec.address}\t{spec.hostname}\n")
+            f.write(hosts + "".join(f"{address}\t{name}\n" for address, name in spec.hosts()))
         os.chmod(path, 0o644)
         native.mount(path, ETC_HOSTS, "", MS_BIND)
     finally:

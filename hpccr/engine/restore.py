@@ -215,15 +215,16 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None,
     return wait_for(root)
 
 
-def restore_tree(directory: str, user: User | None = None,
-                 tcp_close: bool = False) -> tuple[int, netns.JobNetwork | None]:
+def restore_tree(directory: str, user: User | None = None, tcp_close: bool = False,
+                 nodes: list[str] | None = None) -> tuple[int, netns.JobNetwork | None]:
     """Restore the image and let it run; returns the restored root's pid (our child), and the
     network made for it (the job's own; None if it has ours), to be removed when it ends.
 
     The processes may have the credentials of the image's owner and no more — of `user`'s when
     root restores for a user — and anything for an image only root could have written.
     With `tcp_close`, a TCP connection whose local address does not exist here comes back
-    reset instead of failing the restore (fds/inet.py)."""
+    reset instead of failing the restore (fds/inet.py).  A part of a job on several nodes
+    joins the job's overlay through `nodes`, the addresses of the job's new nodes by slot."""
     with _step("reading the image"):
         if user is None:
             reader, meta = load(directory)
@@ -241,7 +242,7 @@ def restore_tree(directory: str, user: User | None = None,
         with _step("checking the image against this machine"):
             preflight(reader, meta, order, pidns, user)
         with _step("making the job's network"):
-            network = (netns.JobNetwork(spec, isolated_if_taken=True, down=True)
+            network = (netns.JobNetwork(spec, isolated_if_taken=True, down=True, nodes=nodes)
                        if spec else None)
         # Inside the job's network: its sockets are made there, and its first process forked.
         with network.entered() if network else contextlib.nullcontext():

@@ -201,7 +201,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
     the job for the user and be its parent until it ends; exits with its status."""
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
-    from hpccr.run import Checkpoints, Supervision, new_network, start_job
+    from hpccr.run import Checkpoints, Supervision, job_nodes, new_network, start_job
 
     try:
         for i, fd in enumerate(fds[:3]):
@@ -220,7 +220,8 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
             network = new_network(request["env"].get("HPCCR_JOB_NETWORK"), request["env"])
             pid = start_job(request["argv"], user, request["env"], request["cwd"], network)
         else:
-            pid, network = restore_tree(request["dir"], user, config.load().tcp_close)
+            pid, network = restore_tree(request["dir"], user, config.load().tcp_close,
+                                        job_nodes(request["env"]))
         os.write(report_wr, json.dumps({"started": pid}).encode())
         os.close(report_wr)
         report_wr = -1
