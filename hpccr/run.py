@@ -105,8 +105,10 @@ def _start_job(argv: list[str], user: User | None, env: dict[str, str] | None,
                 os.chdir(cwd)
             os.closerange(3, wr)
             os.closerange(wr + 1, 1 << 16)
+            part_of = network.spec.overlay if network else None
             os.execve(init, ["hpccr-init", *argv],
-                      mpi.job_environment(os.environ if env is None else env))
+                      mpi.job_environment(os.environ if env is None else env,
+                                          part_of.names if part_of else ()))
         except BaseException as exc:  # report, then die
             os.write(wr, str(exc).encode() or b"exec failed")
         finally:

@@ -2,6 +2,7 @@
 tests/slurm has a conftest too, and two modules named conftest cannot both be imported)."""
 
 from harness import USER, cr, tree_cr, workload_binaries  # noqa: F401 - fixtures, registered here
+from multinode import nodes  # noqa: F401 - a fixture, registered here
 
 from testbed.cluster import ensure_user
 

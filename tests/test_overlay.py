@@ -2,76 +2,19 @@
 their slots' host names and addresses; dumped and killed, they are restored on the other nodes
 (the parts swapped) and their connection goes on, nothing the job sees changed.
 
-Two "nodes" made here: network namespaces joined by a bridge, as the Slurm test bed's.
-hpccr runs and restores each part inside its node's namespace (nsenter).
+Two nodes of namespaces (multinode.py).
 Workload: workloads/overlay_pair.py.
 """
 
-import ipaddress
-import os
 import random
 
-import pytest
 from harness import TIMEOUT, WORKLOADS, wait_until
-from pyroute2 import IPRoute, NetNS
-from pyroute2 import netns as named_netns
+from multinode import part_env
 
 from hpccr.engine import overlay
 
 PYTHON = "/usr/bin/python3"
 PORT = 7311
-UNDERLAY = ipaddress.IPv4Network("10.214.9.0/24")  # the nodes' own network, only on the bridge
-
-
-class Nodes:
-    """Two network namespaces on one bridge, each with an address of UNDERLAY."""
-
-    def __init__(self):
-        tag = f"{os.getpid() & 0xffff:04x}"
-        self.names = [f"hpccrtest{tag}n{i}" for i in range(2)]
-        self.addresses = [str(UNDERLAY[1 + i]) for i in range(2)]
-        self.bridge = f"ovb{tag}"
-        with IPRoute() as ipr:
-            ipr.link("add", ifname=self.bridge, kind="bridge")
-            bridge = ipr.link_lookup(ifname=self.bridge)[0]
-            ipr.link("set", index=bridge, state="up")
-            for i, (name, address) in enumerate(zip(self.names, self.addresses, strict=True)):
-                named_netns.create(name)
-                outside = f"ov{tag}p{i}"
-                ipr.link("add", ifname=outside, kind="veth",
-                         peer={"ifname": "ul0", "net_ns_fd": name})
-                end = ipr.link_lookup(ifname=outside)[0]
-                ipr.link("set", index=end, master=bridge, state="up")
-                with NetNS(name) as ns:
-                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-                    inside = ns.link_lookup(ifname="ul0")[0]
-                    ns.addr("add", index=inside, address=address,
-                            prefixlen=UNDERLAY.prefixlen)
-                    ns.link("set", index=inside, state="up")
-
-    def wrap(self, i: int) -> tuple[str, ...]:
-        """The command prefix that runs a command on node i."""
-        return ("nsenter", f"--net=/run/netns/{self.names[i]}")
-
-    def remove(self):
-        for name in self.names:
-            if os.path.exists(f"/run/netns/{name}"):
-                named_netns.remove(name)
-        with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=self.bridge):
-                ipr.link("del", ifname=self.bridge)
-
-
-@pytest.fixture
-def nodes():
-    made = Nodes()
-    yield made
-    made.remove()
-
-
-def part_env(job_id: int, slot: int, node_addresses: list[str]) -> dict[str, str]:
-    return {"HPCCR_JOB_NODES": ",".join(node_addresses), "HPCCR_NODE_SLOT": str(slot),
-            "HPCCR_JOB_ID": str(job_id)}
 
 
 def start_parts(tree_cr, nodes, control, job_id):

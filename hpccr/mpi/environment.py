@@ -11,19 +11,36 @@ where the job's own environment does not set it.
   name of its own), would start a daemon there with srun: either way processes under
   slurmstepd, outside the job, where no checkpoint reaches them.  Hydra's fork launcher and Open
   MPI's isolated launcher, with the allocation's tasks as the local slots, keep every process in
-  the job.  Jobs on several nodes are not changed (not checkpointable yet).
+  the job.
+- In a part of a job on several nodes (hpccr/engine/overlay.py), both start their daemons on
+  the other parts' nodes with hpccr-launch (hpccr/mpi/launch.py) instead of ssh or srun, and
+  Open MPI talks over the job's overlay device only.  HPCCR_JOB_HOSTS names the parts' hosts
+  (for `mpirun -host` / `mpiexec -hosts`).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
+from pathlib import Path
+
+from hpccr.engine import overlay
 
 OPEN_MPI_SESSION_DIR = "/dev/shm"
 
 
-def job_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """`env` with what MPI jobs need added (what it sets itself wins)."""
+def job_environment(env: Mapping[str, str], hosts: tuple[str, ...] = ()) -> dict[str, str]:
+    """`env` with what MPI jobs need added (what it sets itself wins); `hosts`: the host names
+    of every part of a job on several nodes."""
     added = {"OMPI_MCA_orte_tmpdir_base": OPEN_MPI_SESSION_DIR}
+    if len(hosts) > 1:
+        launcher = str(Path(sys.executable).with_name("hpccr-launch"))
+        added |= {"OMPI_MCA_plm": "rsh", "OMPI_MCA_plm_rsh_agent": launcher,
+                  "OMPI_MCA_ras": "^slurm", "OMPI_MCA_btl_tcp_if_include": overlay.DEVICE,
+                  "OMPI_MCA_oob_tcp_if_include": overlay.DEVICE,
+                  "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": launcher,
+                  "HPCCR_JOB_HOSTS": ",".join(hosts)}
+        return added | dict(env)
     if env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_NUM_NODES", "1") == "1":
         added |= {"HYDRA_LAUNCHER": "fork", "OMPI_MCA_plm": "isolated",
                   "OMPI_MCA_ras": "^slurm"}

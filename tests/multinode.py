@@ -1,0 +1,65 @@
+"""Two "nodes" on this machine for the tests of jobs on several nodes: network namespaces joined
+by a bridge, as the Slurm test bed's, each with an address of UNDERLAY.  hpccr runs and
+restores a job's part on a node inside its namespace (nsenter)."""
+
+import ipaddress
+import os
+
+import pytest
+from pyroute2 import IPRoute, NetNS
+from pyroute2 import netns as named_netns
+
+UNDERLAY = ipaddress.IPv4Network("10.214.9.0/24")  # the nodes' own network, only on the bridge
+
+
+class Nodes:
+    """Two network namespaces on one bridge, each with an address of UNDERLAY."""
+
+    def __init__(self):
+        tag = f"{os.getpid() & 0xffff:04x}"
+        self.names = [f"hpccrtest{tag}n{i}" for i in range(2)]
+        self.addresses = [str(UNDERLAY[1 + i]) for i in range(2)]
+        self.bridge = f"ovb{tag}"
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=self.bridge, kind="bridge")
+            bridge = ipr.link_lookup(ifname=self.bridge)[0]
+            ipr.link("set", index=bridge, state="up")
+            for i, (name, address) in enumerate(zip(self.names, self.addresses, strict=True)):
+                named_netns.create(name)
+                outside = f"ov{tag}p{i}"
+                ipr.link("add", ifname=outside, kind="veth",
+                         peer={"ifname": "ul0", "net_ns_fd": name})
+                end = ipr.link_lookup(ifname=outside)[0]
+                ipr.link("set", index=end, master=bridge, state="up")
+                with NetNS(name) as ns:
+                    ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+                    inside = ns.link_lookup(ifname="ul0")[0]
+                    ns.addr("add", index=inside, address=address,
+                            prefixlen=UNDERLAY.prefixlen)
+                    ns.link("set", index=inside, state="up")
+
+    def wrap(self, i: int) -> tuple[str, ...]:
+        """The command prefix that runs a command on node i."""
+        return ("nsenter", f"--net=/run/netns/{self.names[i]}")
+
+    def remove(self):
+        for name in self.names:
+            if os.path.exists(f"/run/netns/{name}"):
+                named_netns.remove(name)
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=self.bridge):
+                ipr.link("del", ifname=self.bridge)
+
+
+@pytest.fixture
+def nodes():
+    made = Nodes()
+    yield made
+    made.remove()
+
+
+def part_env(job_id: int, slot: int, node_addresses: list[str]) -> dict[str, str]:
+    """What hpccr needs in its environment to run or restore the part at `slot` of job
+    `job_id`, whose nodes (by slot) are `node_addresses`."""
+    return {"HPCCR_JOB_NODES": ",".join(node_addresses), "HPCCR_NODE_SLOT": str(slot),
+            "HPCCR_JOB_ID": str(job_id)}
