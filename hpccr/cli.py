@@ -145,7 +145,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
     from hpccr import config
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
-    from hpccr.run import Checkpoints, Supervision, job_nodes
+    from hpccr.run import Checkpoints, Supervision, job_nodes, job_part
 
     supervised = bool(interval or stop_signals)
     if supervised and detach:
@@ -154,7 +154,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
         raise click.UsageError("--interval and --checkpoint-on need -D to be a series "
                                "directory (as `hpccr run -D` writes it), not one image")
     checkpoints = Checkpoints(Series(directory), interval, keep, stop_signals,
-                              _events(events_fd))
+                              _events(events_fd), job_part())
     user = _act_for(user_spec)
     with _pidfile_for(pidfile) as write_pid:
         supervision = None if detach else Supervision(checkpoints)
@@ -249,12 +249,12 @@ def run(directory: str | None, pidfile: str | None, network: str | None, interva
     """Run COMMAND as a job in its own pid namespace, so that its checkpoints can always be
     restored with the same pids; exit with its status.  Put `--` before COMMAND."""
     from hpccr.image.series import Series
-    from hpccr.run import Checkpoints, Supervision, new_network, start_job
+    from hpccr.run import Checkpoints, Supervision, job_part, new_network, start_job
 
     if (interval or stop_signals) and not directory:
         raise click.UsageError("--interval and --checkpoint-on need -D/--images-dir")
     checkpoints = Checkpoints(Series(directory) if directory else None, interval, keep,
-                              stop_signals, _events(events_fd))
+                              stop_signals, _events(events_fd), job_part())
     user = _act_for(user_spec)
     with _pidfile_for(pidfile) as write_pid:
         supervision = Supervision(checkpoints)

@@ -17,6 +17,7 @@ import select
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -52,26 +53,47 @@ def new_network(choice: str | None, environ=os.environ) -> netns.JobNetwork | No
         return None
     job_id = environ.get("SLURM_JOB_ID", "")
     hint = int(job_id) if job_id.isdigit() else None
-    nodes = job_nodes(environ)
-    if nodes is None:
+    part = job_part(environ)
+    if part is None:
         return netns.JobNetwork(netns.choose(cfg.job_subnet, hint,
                                              f"job{job_id}" if hint is not None else None))
     job_id = job_id or environ.get("HPCCR_JOB_ID", "")
-    slot = environ.get("HPCCR_NODE_SLOT", "")
-    if not job_id.isdigit() or not slot.isdigit():
+    if not job_id.isdigit():
         raise HpccrError("a job on several nodes (HPCCR_JOB_NODES) needs its id (SLURM_JOB_ID "
-                         "or HPCCR_JOB_ID) and this part's node slot (HPCCR_NODE_SLOT)")
-    part_of = overlay.choose(cfg.overlay_subnet, cfg.overlay_ids, int(job_id), int(slot),
-                             len(nodes), f"job{job_id}")
+                         "or HPCCR_JOB_ID)")
+    part_of = overlay.choose(cfg.overlay_subnet, cfg.overlay_ids, int(job_id), part.slot,
+                             len(part.nodes), f"job{job_id}")
     spec = netns.Spec(part_of.address(), part_of.names[part_of.slot], part_of)
-    return netns.JobNetwork(spec, nodes=nodes)
+    return netns.JobNetwork(spec, nodes=part.nodes)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a job on several nodes: its node slot, and the job's nodes (their
+    addresses) by slot."""
+
+    slot: int
+    nodes: list[str]
+
+
+def job_part(environ=os.environ) -> Part | None:
+    """This part of a job on several nodes, from HPCCR_JOB_NODES (comma-separated) and
+    HPCCR_NODE_SLOT; None for a job on one node."""
+    text = environ.get("HPCCR_JOB_NODES", "").strip()
+    if not text:
+        return None
+    nodes = [node.strip() for node in text.split(",")]
+    slot = environ.get("HPCCR_NODE_SLOT", "")
+    if not slot.isdigit() or int(slot) >= len(nodes):
+        raise HpccrError(f"HPCCR_NODE_SLOT must be this part's node slot, 0 to "
+                         f"{len(nodes) - 1}, not {slot!r}")
+    return Part(int(slot), nodes)
 
 
 def job_nodes(environ=os.environ) -> list[str] | None:
-    """The nodes of a job on several nodes, by slot (their addresses), from HPCCR_JOB_NODES
-    (comma-separated); None for a job on one node."""
-    text = environ.get("HPCCR_JOB_NODES", "").strip()
-    return [node.strip() for node in text.split(",")] if text else None
+    """The nodes of a job on several nodes, by slot; None for a job on one node."""
+    part = job_part(environ)
+    return part.nodes if part else None
 
 
 def start_job(argv: list[str], user: User | None = None, env: dict[str, str] | None = None,
@@ -125,34 +147,57 @@ def _start_job(argv: list[str], user: User | None, env: dict[str, str] | None,
 class Checkpoints:
     """Where and how a supervised job is checkpointed: into `series` every `interval` seconds
     (None: only on a stop signal), keeping the newest `keep`; on one of `stop_signals` once more,
-    after which the job is stopped."""
+    after which the job is stopped.
+
+    For a `part` of a job on several nodes, the part at slot 0 takes the checkpoints of all
+    parts (hpccr/mpi/coordinate.py), and the others take part in them."""
 
     def __init__(self, series: Series | None, interval: float | None, keep: int,
-                 stop_signals: tuple[int, ...] = (), notify=None):
+                 stop_signals: tuple[int, ...] = (), notify=None, part: Part | None = None):
         if (interval or stop_signals) and series is None:
             raise HpccrError("checkpoints need a directory (-D)")
         self.series, self.interval, self.keep = series, interval, keep
         self.stop_signals = stop_signals
         self.notify = notify or (lambda event, **fields: None)  # hpccr.events.EventChannel
+        self.part = part if part and len(part.nodes) > 1 else None
+        if self.part and self.part.slot > 0:
+            self.interval = None  # the part at slot 0 says when
+
+    def member(self):
+        """The coordinate.Member that takes part in the job's checkpoints, for a part other
+        than slot 0 with a series; else None."""
+        if self.part is None or self.part.slot == 0 or self.series is None:
+            return None
+        from hpccr.mpi.coordinate import Member
+        return Member(self.series, self.part.slot, self.part.nodes[self.part.slot])
 
     def take(self, pid: int, mode: str) -> Path | None:
         """One checkpoint of the job (dump mode `mode`); its path, or None if it failed (said
         on stderr: the job runs on)."""
         from hpccr.engine.dump import dump
+        from hpccr.mpi import coordinate
         from hpccr.slurm.steps import refuse_running_steps
 
         path = self.series.next_path()
         self.notify("before_checkpoint", path=str(path))
         try:
             refuse_running_steps(pid)
-            dump(pid, str(path), mode)
-            self.series.publish(path, self.keep)
+            figures = {}
+            if self.part is None:
+                dump(pid, str(path), mode)
+                self.series.publish(path, self.keep)
+            elif self.part.slot == 0:
+                figures = coordinate.take(self.series, path, len(self.part.nodes), pid, mode,
+                                          self.keep)
+            else:
+                raise HpccrError("the checkpoints of a job on several nodes are taken by its "
+                                 "part at node slot 0")
         except HpccrError as exc:
             print(f"hpccr: checkpoint {path} failed, the job runs on: {exc}", file=sys.stderr,
                   flush=True)
             self.notify("after_checkpoint", path=str(path), ok=False, error=str(exc))
             return None
-        self.notify("after_checkpoint", path=str(path), ok=True, error=None)
+        self.notify("after_checkpoint", path=str(path), ok=True, error=None, **figures)
         return path
 
 
@@ -196,15 +241,23 @@ class Supervision:
         pidfd = os.pidfd_open(pid)
         interval = self.checkpoints.interval
         next_at = time.monotonic() + interval if interval else None
+        member = self.checkpoints.member()
+        waited = [pidfd, self.wake_rd] + ([member] if member else [])
         try:
             while True:
                 timeout = None if next_at is None else max(0.0, next_at - time.monotonic())
                 try:
-                    ready, _, _ = select.select([pidfd, self.wake_rd], [], [], timeout)
+                    ready, _, _ = select.select(waited, [], [], timeout)
                 except InterruptedError:
                     continue
                 if pidfd in ready:
                     return exit_code(os.waitpid(pid, 0)[1])
+                if member in ready:
+                    if member.serve(pid, self.checkpoints.notify) == "kill":
+                        with contextlib.suppress(ChildProcessError):
+                            os.waitpid(pid, 0)
+                        return STOPPED
+                    continue
                 if self.stop_requests:
                     if self._stop():
                         return STOPPED
@@ -212,6 +265,8 @@ class Supervision:
                 self.checkpoints.take(pid, "running")
                 next_at = time.monotonic() + interval
         finally:
+            if member is not None:
+                member.close()
             os.close(pidfd)
             os.close(self.wake_rd)
             os.close(self.wake_wr)

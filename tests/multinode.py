@@ -15,18 +15,29 @@ UNDERLAY = ipaddress.IPv4Network("10.214.9.0/24")  # the nodes' own network, onl
 class Nodes:
     """Two network namespaces on one bridge, each with an address of UNDERLAY."""
 
+    made = 0  # in this test run: each instance's names are its own
+
     def __init__(self):
-        tag = f"{os.getpid() & 0xffff:04x}"
+        Nodes.made += 1
+        tag = f"{os.getpid() & 0xfff:03x}{Nodes.made & 0xff:02x}"
         self.names = [f"hpccrtest{tag}n{i}" for i in range(2)]
         self.addresses = [str(UNDERLAY[1 + i]) for i in range(2)]
         self.bridge = f"ovb{tag}"
+        self.outside = [f"ov{tag}p{i}" for i in range(2)]  # the bridge's end of each node's link
+        try:
+            self._make()
+        except BaseException:
+            self.remove()
+            raise
+
+    def _make(self):
         with IPRoute() as ipr:
             ipr.link("add", ifname=self.bridge, kind="bridge")
             bridge = ipr.link_lookup(ifname=self.bridge)[0]
             ipr.link("set", index=bridge, state="up")
             for i, (name, address) in enumerate(zip(self.names, self.addresses, strict=True)):
                 named_netns.create(name)
-                outside = f"ov{tag}p{i}"
+                outside = self.outside[i]
                 ipr.link("add", ifname=outside, kind="veth",
                          peer={"ifname": "ul0", "net_ns_fd": name})
                 end = ipr.link_lookup(ifname=outside)[0]
@@ -43,12 +54,15 @@ class Nodes:
         return ("nsenter", f"--net=/run/netns/{self.names[i]}")
 
     def remove(self):
+        """The nodes unplugged and their names gone; a namespace itself goes with the last
+        process in it (the harness kills those after this)."""
         for name in self.names:
             if os.path.exists(f"/run/netns/{name}"):
                 named_netns.remove(name)
         with IPRoute() as ipr:
-            if ipr.link_lookup(ifname=self.bridge):
-                ipr.link("del", ifname=self.bridge)
+            for link in (*self.outside, self.bridge):
+                if ipr.link_lookup(ifname=link):
+                    ipr.link("del", ifname=link)
 
 
 @pytest.fixture

@@ -172,11 +172,14 @@ def test_children_ending_during_checkpoints(tree_cr, tmp_path, mode):
     """A tree that forks and vforks children ending at once, all the time: every checkpoint
     succeeds though it catches children as they end (a zombie of the frozen root, or gone), and
     the last one restores and runs on."""
-    workload = start(tree_cr, mode, [tree_cr.binaries["tree_spawner"], "8"])
+    stop = tmp_path / "stop"  # the tree spawns children until it exists
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_spawner"], stop])
     for i in range(8):
         res = tree_cr.dump(workload, tmp_path / f"img{i}", "--leave-running")
         assert res.returncode == 0, describe(res)
-    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+    tree_cr.dump_and_kill(workload, tmp_path / "img")
+    stop.touch()
+    tree_cr.restore_and_pass(workload, tmp_path / "img")
 
 
 def test_stopped_process(tree_cr, tmp_path, mode):

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import datetime
 import os
+import shutil
 import socket
 import sys
 import time
@@ -86,7 +87,21 @@ def check_target(pid: int) -> None:
                                   "its init (dump the job's pid 1, as hpccr run prints it)")
 
 
-def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
+class Barrier:
+    """Where a dump waits for the other parts of a job on several nodes (hpccr/mpi/coordinate.py):
+    `frozen()` once its processes are frozen and their connections locked, before anything
+    runs again; `complete()` once its image is committed, before the processes are killed,
+    stopped or unlocked.  Either raises to abort the dump: the processes run on as before."""
+
+    def frozen(self) -> None:
+        pass
+
+    def complete(self) -> None:
+        pass
+
+
+def dump(pid: int, directory: str, mode: str = "kill",
+         barrier: Barrier | None = None) -> DumpResult:
     """Checkpoint process `pid` into `directory`; `mode` says what becomes of it afterwards.
 
     A running dump takes a copy-on-write snapshot of the memory (snapshot.py) of each process
@@ -96,7 +111,11 @@ def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
     copied, say), the dump starts over with the classic copy inside the freeze. Kill and stopped
     dumps keep the classic copy: such a process must not run past the state the image holds
     (whatever it did meanwhile, output or messages, would happen again after a restore), and
-    running while its pages are copied would gain it nothing."""
+    running while its pages are copied would gain it nothing.
+
+    With a `barrier`, the parts of a job on several nodes are dumped as one: none runs again
+    before all are frozen, and none is killed before all images are complete.  A lost snapshot
+    then fails the dump (the others would not wait for a second one)."""
     assert mode in MODES
     with _Step(pid, "looking at the process"):
         check_target(pid)
@@ -106,11 +125,13 @@ def dump(pid: int, directory: str, mode: str = "kill") -> DumpResult:
     with netns.entered_of(pid) if network else contextlib.nullcontext():
         if mode == "running":
             try:
-                return _dump(pid, directory, mode, clock, True, network)
+                return _dump(pid, directory, mode, clock, True, network, barrier)
             except snapshot.SnapshotLost as lost:
+                if barrier is not None:
+                    raise DumpFailed(f"memory snapshot lost ({lost})") from None
                 print(f"hpccr: warning: memory snapshot lost ({lost}); "
                       "dumping again with the copy inside the freeze", file=sys.stderr)
-        return _dump(pid, directory, mode, clock, False, network)
+        return _dump(pid, directory, mode, clock, False, network, barrier)
 
 
 def _network(pid: int) -> netns.Spec | None:
@@ -152,7 +173,7 @@ class _Clock:
 
 
 def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
-          network: netns.Spec | None) -> DumpResult:
+          network: netns.Spec | None, barrier: Barrier | None = None) -> DumpResult:
     frozen = FrozenTree(root)
     clock.freeze()
     with _Step(root, "freezing the process tree"):
@@ -185,6 +206,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         with _Step(root, "comparing open file descriptions"):
             fds.share_descriptions({_reader(frozen, pid): proc["fds"]
                                     for pid, proc, _, _ in copies})
+        if barrier is not None:
+            barrier.frozen()
         # Processes without a snapshot are copied now, frozen; then the others, running.
         copies.sort(key=lambda copy: isinstance(copy[3], snapshot.Snapshot))
         running = False
@@ -215,6 +238,12 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                                                   clock.frozen(), clock.total()))
         faults.point("commit")
         path = writer.commit()
+        if barrier is not None:
+            try:
+                barrier.complete()
+            except BaseException:
+                shutil.rmtree(path, ignore_errors=True)
+                raise
     except BaseException as exc:
         for reader in readers:
             reader.close()  # before the thaw: no write protection left behind

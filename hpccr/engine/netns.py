@@ -190,11 +190,12 @@ class JobNetwork:
         second copy of a job restored beside the first), it fails, or with `isolated_if_taken`
         the job has its address and host name but no link: it reaches nothing outside.
 
-        With `down`, the node's end of the link stays down, and the node without a route to
-        the job, until `up()`: a restore brings the job's connections back first, so that no
-        packet a peer sends meanwhile (a retransmission) meets the job's address without its
-        socket and is answered with a reset.  The job's own routes are there from the start
-        (a connected socket is restored with a route to its peer).
+        With `down`, the node's end of the link stays down, the node without a route to the
+        job and the overlay without forwarding, until `up()`: a restore brings the job's
+        connections back first, so that no packet a peer sends meanwhile (a retransmission)
+        meets the job's address without its socket and is answered with a reset.  The job's
+        own routes are there from the start (a connected socket is restored with a route to
+        its peer).
 
         A part of a job on several nodes joins the job's overlay through `nodes`, the address
         of every slot's node (this one's included), in slot order."""
@@ -202,6 +203,7 @@ class JobNetwork:
         self.link = link_name(spec.address)
         self.table = TABLE_PREFIX + self.link.removeprefix(LINK_PREFIX)
         self.linked = False
+        self.nodes: list[str] = []  # a part's: the job's nodes, once it has joined the overlay
         self.fd = None
         lift_stale()
         self.node_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -228,8 +230,8 @@ class JobNetwork:
                 self._join_overlay(overlay.underlay(nodes or [], len(spec.overlay.names)))
             if self.linked:
                 self._masquerade()
-                if not down:
-                    self.up()
+            if not down:
+                self.up()
         except NetlinkError as exc:
             self.remove()
             raise HpccrError(f"cannot make the job's network: {os.strerror(exc.code)}") from None
@@ -288,11 +290,15 @@ class JobNetwork:
     def _join_overlay(self, nodes: list[str]) -> None:
         overlay.attach(self.spec.overlay, self.fd, nodes)
         with self.entered():
-            overlay.configure_inside(self.spec.overlay, nodes)
+            overlay.configure_inside(self.spec.overlay)
+        self.nodes = nodes
 
     def up(self) -> None:
-        """The node's end of the link up, with the node's route to the job (a no-op for a job
-        without a link).  Called in the job's network as well as in the node's."""
+        """The node's end of the link up, with the node's route to the job, and a part's
+        forwarding to the other nodes.  Called in the job's network as well as in the node's."""
+        if self.nodes:
+            with self.entered():
+                overlay.forward(self.spec.overlay, self.nodes)
         if not self.linked:
             return
         try:

@@ -17,12 +17,16 @@ changes, nothing the job sees.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from hpccr.errors import HpccrError, ImageCorrupt
 
@@ -31,6 +35,10 @@ VXLAN_PORT = 4789
 PREFIX_LEN = 24  # the job's network: a /24, so up to 254 node slots
 ALL_ZEROS = "00:00:00:00:00:00"  # the forwarding entry for every frame
 MAX_VNI = (1 << 24) - 1
+# A part killed outright (not by a dump) keeps its VXLAN id on its node until the kernel has
+# torn its namespace down, once its closing connections are gone: a part restored on that node
+# waits that long for the id.
+PREVIOUS_PART_WAIT = 180.0
 NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -120,9 +128,24 @@ def attach(overlay: Overlay, job_netns_fd: int, nodes: list[str]) -> None:
             raise HpccrError(f"this node has no address {local} (node slot {overlay.slot} of "
                              "the job's nodes)")
         temporary = f"hpccr-v{os.getpid() & 0xffffff:06x}"  # unique on the node for a moment
-        ipr.link("add", ifname=temporary, kind="vxlan", vxlan_id=overlay.vni,
-                 vxlan_local=local, vxlan_link=holders[0], vxlan_port=VXLAN_PORT,
-                 vxlan_learning=0)
+        deadline, waiting = time.monotonic() + PREVIOUS_PART_WAIT, False
+        while True:
+            try:
+                ipr.link("add", ifname=temporary, kind="vxlan", vxlan_id=overlay.vni,
+                         vxlan_local=local, vxlan_link=holders[0], vxlan_port=VXLAN_PORT,
+                         vxlan_learning=0)
+                break
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST or time.monotonic() > deadline:
+                    raise HpccrError(f"cannot make the job's overlay device (VXLAN id "
+                                     f"{overlay.vni}) on this node: {os.strerror(exc.code)}"
+                                     ) from None
+                if not waiting:
+                    print(f"hpccr: waiting for the job's VXLAN id {overlay.vni} on this node "
+                          "(a part of the job killed here is still being torn down)",
+                          file=sys.stderr, flush=True)
+                    waiting = True
+            time.sleep(0.1)  # a killed part's namespace, torn down once its sockets are
         try:
             index = ipr.link_lookup(ifname=temporary)[0]
             ipr.link("set", index=index, net_ns_fd=job_netns_fd, ifname=DEVICE)
@@ -131,16 +154,31 @@ def attach(overlay: Overlay, job_netns_fd: int, nodes: list[str]) -> None:
             raise
 
 
-def configure_inside(overlay: Overlay, nodes: list[str]) -> None:
+def configure_inside(overlay: Overlay) -> None:
     """In the part's network namespace: the device up with the part's address in the job's
-    network, and one forwarding entry per other node."""
+    network and a hardware address made of it, the same after a restore (the other parts'
+    neighbour caches stay right).  It sends nothing before `forward`."""
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=DEVICE)[0]
+        ipr.link("set", index=index, address=hardware_address(overlay.address()))
         ipr.addr("add", index=index, address=overlay.address(), prefixlen=PREFIX_LEN)
+        ipr.link("set", index=index, state="up")
+
+
+def forward(overlay: Overlay, nodes: list[str]) -> None:
+    """In the part's network namespace: one forwarding entry per other node.  A restore adds
+    them once the part's connections are back: until then whatever its kernel would answer
+    a peer (a reset, for a connection not yet there) goes nowhere."""
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=DEVICE)[0]
         for slot, node in enumerate(nodes):
             if slot != overlay.slot:
                 ipr.fdb("append", ifindex=index, lladdr=ALL_ZEROS, dst=node)
-        ipr.link("set", index=index, state="up")
+
+
+def hardware_address(address: str) -> str:
+    """A locally administered unicast MAC address holding the IPv4 `address`."""
+    return ":".join(f"{byte:02x}" for byte in (0x02, 0x68, *ipaddress.IPv4Address(address).packed))
 
 
 def of_namespace(hostname: str) -> Overlay | None:

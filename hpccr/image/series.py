@@ -4,8 +4,9 @@
     DIR/latest -> ckpt-0002             moved last, atomically, once an image is committed
 
 Older images beyond the newest `keep` are removed after `latest` has moved, so at every moment
-`latest` names a complete image.  `hpccr restore -D DIR` accepts the series directory and
-restores its latest image.
+`latest` names a complete image.  A checkpoint of a job on several nodes is a directory of one
+image per part, `ckpt-NNNN/part-<slot>` (hpccr/mpi/coordinate.py).  `hpccr restore -D DIR`
+accepts the series directory and restores its latest image.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
 
 LATEST = "latest"
+PART = "part-"  # the image of each part of a job on several nodes: part-<slot>
 _NAME = re.compile(r"^ckpt-(\d+)$")
 
 
@@ -65,18 +67,26 @@ class Series:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve(directory: str | os.PathLike) -> Path:
-    """The image to restore for `directory`: itself, or the latest image of a series."""
+def resolve(directory: str | os.PathLike, environ=os.environ) -> Path:
+    """The image to restore for `directory`: itself, or the latest image of a series.  In a
+    checkpoint of a job on several nodes (one image per part, part-<slot>), the image of the
+    part at slot HPCCR_NODE_SLOT (hpccr/mpi/coordinate.py)."""
     path = Path(directory)
     try:
-        if (path / "checksums").exists() or (path / "image.json").exists():
-            return path
-        latest = Series(path).latest()
-        if latest is not None:
-            return latest
-        if path.is_dir() and Series(path).images():
-            raise ImageNotFound(f"{path} holds checkpoints but no '{LATEST}' link to a "
-                                "complete one")
+        if not (path / "checksums").exists() and not (path / "image.json").exists():
+            latest = Series(path).latest()
+            if latest is None and path.is_dir() and Series(path).images():
+                raise ImageNotFound(f"{path} holds checkpoints but no '{LATEST}' link to a "
+                                    "complete one")
+            path = latest or path
+        if (path / f"{PART}0").is_dir():
+            slot = environ.get("HPCCR_NODE_SLOT", "")
+            if not slot.isdigit():
+                raise ImageNotFound(f"{path} is a checkpoint of a job on several nodes: "
+                                    "HPCCR_NODE_SLOT says which part to restore")
+            if not (path / f"{PART}{slot}").is_dir():
+                raise ImageNotFound(f"{path} has no part at node slot {slot}")
+            return path / f"{PART}{slot}"
     except OSError as exc:
         raise from_oserror(exc, f"reading {path}", ImageCorrupt) from exc
     return path  # let the image reader say what is wrong with it

@@ -201,7 +201,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
     the job for the user and be its parent until it ends; exits with its status."""
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
-    from hpccr.run import Checkpoints, Supervision, job_nodes, new_network, start_job
+    from hpccr.run import Checkpoints, Supervision, job_nodes, job_part, new_network, start_job
 
     try:
         for i, fd in enumerate(fds[:3]):
@@ -214,7 +214,8 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
             raise HpccrError(f"cannot join the job's cgroups: {exc}") from exc
         user.take_fs_rights()
         checkpoints = Checkpoints(Series(request["dir"]), request["interval"], request["keep"],
-                                  tuple(request["stop_signals"]), EventChannel(fds[3]))
+                                  tuple(request["stop_signals"]), EventChannel(fds[3]),
+                                  job_part(request["env"]))
         supervision = Supervision(checkpoints)
         if request["op"] == "run":
             network = new_network(request["env"].get("HPCCR_JOB_NETWORK"), request["env"])

@@ -2,9 +2,10 @@
  * A root that runs short-lived children all the time, as a job script running commands does:
  * checkpoints catch children while they end.
  *
- * usage: tree_spawner SECONDS
+ * usage: tree_spawner SECONDS | tree_spawner FILE
  *
- * After READY the root goes on for SECONDS starting children one after another, reaping each
+ * After READY the root goes on for SECONDS (or until FILE exists, checked after every child)
+ * starting children one after another, reaping each
  * and checking its status: forked ones that exit with their number (mod 128) after a few
  * hundred microseconds, and `true` run with posix_spawn (vfork and exec); then it runs 10 more,
  * and PASSes if every child ended as it should.  A restore continues the
@@ -46,16 +47,21 @@ static void run_child(void)
 
 int main(int argc, char **argv)
 {
-	double until;
+	const char *stop = NULL;
+	double until = 0;
 
 	if (argc != 2) {
-		fprintf(stderr, "usage: tree_spawner SECONDS\n");
+		fprintf(stderr, "usage: tree_spawner SECONDS | tree_spawner FILE\n");
 		return 2;
 	}
+	if (argv[1][0] == '/')
+		stop = argv[1];
+	else
+		until = atof(argv[1]);
 	tree_start();
 	tree_wait_ready(0);
-	until = wl_now() + atof(argv[1]);
-	while (wl_now() < until && !wl_failure[0])
+	until += wl_now();
+	while ((stop ? access(stop, F_OK) != 0 : wl_now() < until) && !wl_failure[0])
 		run_child();
 	tree_check_place();
 	for (int i = 0; i < 10; i++)
