@@ -299,4 +299,6 @@ def test_shipped_configuration_is_the_default():
             "grace": shipped.grace, "log_dir": str(shipped.log_dir),
             "run_dir": str(shipped.run_dir), "tcp_close": shipped.tcp_close,
             "job_network": shipped.job_network, "job_subnet": shipped.job_subnet,
+            "overlay_subnet": shipped.overlay_subnet,
+            "overlay_ids": "{}-{}".format(*shipped.overlay_ids),
             "hooks": shipped.hooks} == config.DEFAULTS
