@@ -60,9 +60,8 @@ def reliable(mpi_name: str) -> None:
     """Skips the test for an MPI whose jobs on two nodes do not reliably finish (said in
     docs/slurm.md)."""
     if mpi_name == "mpich":
-        pytest.skip("MPICH (ch4:ucx) on two nodes hangs now and then in MPI_Finalize (about one "
-                    "run in eight, one restore in three): UCX in a job part lists the node's "
-                    "network devices, not the part's (the job's /sys is the node's)")
+        pytest.skip("MPICH (ch4:ucx) on two nodes hangs now and then in MPI_Finalize, with or "
+                    "without a restore, more often under load: cause not found (docs/slurm.md)")
 
 
 def test_mpi_job_on_two_nodes(tree_cr, nodes, tmp_path, mpi):
