@@ -32,23 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import dump_restore  # noqa: E402 - bench/dump_restore.py, beside this file
+from mpi import TIMEOUT, wait_for  # noqa: E402 - bench/mpi.py, beside this file
 from multinode import Nodes, part_env  # noqa: E402 - tests/multinode.py
 
 REPO = Path(__file__).resolve().parent.parent
 RING = REPO / "tests" / "workloads" / "mpi" / "ring.c"
 LAUNCH_SERVER = [str(Path(sys.executable).with_name("hpccr-launch")), "--serve"]
 ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-TIMEOUT = 600
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not condition():
-        if time.monotonic() > deadline:
-            sys.exit(f"bench: timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def steps(log: Path) -> int:
     return sum(line.startswith("STEP ") for line in log.read_text(errors="replace").splitlines())
 
