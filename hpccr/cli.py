@@ -145,7 +145,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
     from hpccr import config
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
-    from hpccr.run import Checkpoints, Supervision, job_nodes, job_part
+    from hpccr.run import Checkpoints, Supervision, job_part
 
     supervised = bool(interval or stop_signals)
     if supervised and detach:
@@ -153,14 +153,15 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
     if supervised and resolve(directory) == Path(directory):
         raise click.UsageError("--interval and --checkpoint-on need -D to be a series "
                                "directory (as `hpccr run -D` writes it), not one image")
+    part = job_part()
     checkpoints = Checkpoints(Series(directory), interval, keep, stop_signals,
-                              _events(events_fd), job_part())
+                              _events(events_fd), part)
     user = _act_for(user_spec)
     with _pidfile_for(pidfile) as write_pid:
         supervision = None if detach else Supervision(checkpoints)
         if tcp_close is None:
             tcp_close = config.load().tcp_close
-        root, network = restore_tree(directory, user, tcp_close, job_nodes())
+        root, network = restore_tree(directory, user, tcp_close, part.nodes if part else None)
         checkpoints.notify("restored", path=str(resolve(directory)))
         write_pid(root)
     if supervision is None:

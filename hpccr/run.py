@@ -90,12 +90,6 @@ def job_part(environ=os.environ) -> Part | None:
     return Part(int(slot), nodes)
 
 
-def job_nodes(environ=os.environ) -> list[str] | None:
-    """The nodes of a job on several nodes, by slot; None for a job on one node."""
-    part = job_part(environ)
-    return part.nodes if part else None
-
-
 def start_job(argv: list[str], user: User | None = None, env: dict[str, str] | None = None,
               cwd: str | None = None, network: netns.JobNetwork | None = None) -> int:
     """Start hpccr-init running `argv` as pid 1 of new namespaces (as `user`, in `cwd`, with

@@ -21,6 +21,7 @@ import errno
 import ipaddress
 import os
 import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def attach(overlay: Overlay, job_netns_fd: int, nodes: list[str]) -> None:
     is configured inside by `configure_inside`."""
     local = nodes[overlay.slot]
     with IPRoute() as ipr:
-        holders = [a["index"] for a in ipr.get_addr(family=2, address=local)]
+        holders = [a["index"] for a in ipr.get_addr(family=socket.AF_INET, address=local)]
         if not holders:
             raise HpccrError(f"this node has no address {local} (node slot {overlay.slot} of "
                              "the job's nodes)")
@@ -194,7 +195,7 @@ def of_namespace(hostname: str) -> Overlay | None:
         vni = device.get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA").get_attr(
             "IFLA_VXLAN_ID")
         interfaces = [ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
-                      for a in ipr.get_addr(family=2, index=index)]
+                      for a in ipr.get_addr(family=socket.AF_INET, index=index)]
         peers = [entry for entry in ipr.fdb("dump", ifindex=index)
                  if entry.get_attr("NDA_LLADDR") == ALL_ZEROS and entry.get_attr("NDA_DST")]
     if len(interfaces) != 1 or interfaces[0].network.prefixlen != PREFIX_LEN:

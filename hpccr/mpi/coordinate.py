@@ -110,7 +110,7 @@ class Member:
     def serve(self, pid: int, notify) -> str | None:
         """Take the checkpoint the coordinator asks for; returns its mode once committed, or
         None (refused, failed or aborted: the part runs on)."""
-        conn, peer = self.listener.accept()
+        conn, _ = self.listener.accept()
         channel = Channel(conn, "the coordinator")
         try:
             asked = channel.receive(ANSWER_TIMEOUT)

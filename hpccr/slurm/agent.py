@@ -201,7 +201,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
     the job for the user and be its parent until it ends; exits with its status."""
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
-    from hpccr.run import Checkpoints, Supervision, job_nodes, job_part, new_network, start_job
+    from hpccr.run import Checkpoints, Supervision, job_part, new_network, start_job
 
     try:
         for i, fd in enumerate(fds[:3]):
@@ -213,16 +213,16 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
         except OSError as exc:
             raise HpccrError(f"cannot join the job's cgroups: {exc}") from exc
         user.take_fs_rights()
+        part = job_part(request["env"])
         checkpoints = Checkpoints(Series(request["dir"]), request["interval"], request["keep"],
-                                  tuple(request["stop_signals"]), EventChannel(fds[3]),
-                                  job_part(request["env"]))
+                                  tuple(request["stop_signals"]), EventChannel(fds[3]), part)
         supervision = Supervision(checkpoints)
         if request["op"] == "run":
             network = new_network(request["env"].get("HPCCR_JOB_NETWORK"), request["env"])
             pid = start_job(request["argv"], user, request["env"], request["cwd"], network)
         else:
             pid, network = restore_tree(request["dir"], user, config.load().tcp_close,
-                                        job_nodes(request["env"]))
+                                        part.nodes if part else None)
         os.write(report_wr, json.dumps({"started": pid}).encode())
         os.close(report_wr)
         report_wr = -1
