@@ -19,6 +19,7 @@ step, so that all of it is known to run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,6 +45,18 @@ MPIS = {"mpich": ("mpicc.mpich", ["mpiexec.mpich", "-n", str(RANKS)]),
         "openmpi": ("mpicc.openmpi", ["mpirun.openmpi", "--allow-run-as-root",
                                       "--oversubscribe", "-np", str(RANKS)])}
 TIMEOUT = 300
+
+
+@contextlib.contextmanager
+def scratch(prefix: str, parent: str) -> Iterator[Path]:
+    """A directory of this run's own under `parent`, removed at the end; root only."""
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root")
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def wait_for(condition, what: str) -> None:
@@ -145,15 +159,10 @@ def main() -> None:
     parser.add_argument("--per-rank", type=dump_restore.parse_size, default="256M")
     parser.add_argument("--dir", default="/var/tmp")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench: needs root")
-    work = Path(tempfile.mkdtemp(prefix="hpccr-bench-mpi-", dir=args.dir))
-    try:
+    with scratch("hpccr-bench-mpi-", args.dir) as work:
         (work / "mpi").mkdir()
         rows = [bench_mpi(args.mpi, args.workload, args.per_rank, work / "mpi"),
                 bench_single(RANKS * args.per_rank, work)]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     print(f"{'':34} {'run:frz':>9} {'run:tot':>9} {'kill:frz':>9} {'kill:tot':>9} "
           f"{'restore':>10}   (ms; images in {args.dir}, {dump_restore.fs_type(args.dir)})")
     for row in rows:

@@ -21,18 +21,16 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import dump_restore  # noqa: E402 - bench/dump_restore.py, beside this file
-from mpi import TIMEOUT, wait_for  # noqa: E402 - bench/mpi.py, beside this file
+from mpi import TIMEOUT, scratch, wait_for  # noqa: E402 - bench/mpi.py, beside this file
 from multinode import Nodes, part_env  # noqa: E402 - tests/multinode.py
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,13 +110,8 @@ def main() -> None:
     parser.add_argument("--per-rank", type=dump_restore.parse_size, default="256M")
     parser.add_argument("--dir", default="/var/tmp")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench: needs root")
-    work = Path(tempfile.mkdtemp(prefix="hpccr-bench-nodes-", dir=args.dir))
-    try:
+    with scratch("hpccr-bench-nodes-", args.dir) as work:
         bench(args.per_rank, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
