@@ -2,12 +2,14 @@
 by a bridge, as the Slurm test bed's, each with an address of UNDERLAY.  hpccr runs and
 restores a job's part on a node inside its namespace (nsenter)."""
 
+import contextlib
 import ipaddress
 import os
 
 import pytest
 from pyroute2 import IPRoute, NetNS
 from pyroute2 import netns as named_netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 UNDERLAY = ipaddress.IPv4Network("10.214.9.0/24")  # the nodes' own network, only on the bridge
 
@@ -55,14 +57,17 @@ class Nodes:
 
     def remove(self):
         """The nodes unplugged and their names gone; a namespace itself goes with the last
-        process in it (the harness kills those after this)."""
-        for name in self.names:
-            if os.path.exists(f"/run/netns/{name}"):
-                named_netns.remove(name)
+        process in it (the harness kills those after this).  The links go first: a namespace
+        without processes is torn down asynchronously once its name goes, and takes its end of
+        a veth pair, with the bridge's end, at a moment of its own."""
         with IPRoute() as ipr:
             for link in (*self.outside, self.bridge):
                 if ipr.link_lookup(ifname=link):
-                    ipr.link("del", ifname=link)
+                    with contextlib.suppress(NetlinkError):  # ENODEV: its namespace took it
+                        ipr.link("del", ifname=link)
+        for name in self.names:
+            if os.path.exists(f"/run/netns/{name}"):
+                named_netns.remove(name)
 
 
 @pytest.fixture
