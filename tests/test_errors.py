@@ -120,7 +120,7 @@ def test_image_needs_cpu_features_missing_here(cr, tmp_path):
     cr.restore_and_pass(workload, img)
 
 
-@pytest.mark.parametrize("kind", ["socket", "inotify"])
+@pytest.mark.parametrize("kind", ["socket", "userfaultfd"])
 def test_unsupported_descriptor(cr, tmp_path, kind):
     """The dump refuses (14) naming the descriptor and its kind; the process runs on untouched
     and its data is still there.  The socket is a TCP listener with a connection waiting to be

@@ -1,13 +1,12 @@
-"""Descriptor kinds beyond files and terminals: eventfd, timerfd, signalfd, epoll, pipes and FIFOs
-held by one process come back with their state, and so does signal-driven I/O (O_ASYNC, owner
-and signal), a pseudo-terminal (both ends, settings, output not read yet) and POSIX message
-queues (attributes and messages, also an unlinked one); pipes shared with
-another process and epoll watches on closed descriptors are refused, and the process runs on
-untouched.
+"""Descriptor kinds beyond files and terminals: eventfd, timerfd, signalfd, epoll, inotify, pipes
+and FIFOs held by one process come back with their state, and so does signal-driven I/O
+(O_ASYNC, owner and signal), a pseudo-terminal (both ends, settings, output not read yet) and
+POSIX message queues (attributes and messages, also an unlinked one); pipes shared with another
+process and epoll watches on closed descriptors are refused, and the process runs on untouched.
 
 Workloads: workloads/fd_eventfd.c, fd_timerfd.c, fd_signalfd.c, fd_epoll.c [stale],
-fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c, fd_pty.c, fd_mqueue.c NAME (POSIX message
-queues).  Each checks its own state after the window.
+fd_inotify.c DIR, fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c, fd_pty.c, fd_mqueue.c NAME
+(POSIX message queues).  Each checks its own state after the window.
 """
 
 import os
@@ -17,8 +16,8 @@ import time
 
 import pytest
 
-KINDS = ["fd_eventfd", "fd_timerfd", "fd_signalfd", "fd_epoll", "fd_pipe", "fd_fifo", "fd_async",
-         "fd_pty", "fd_mqueue"]
+KINDS = ["fd_eventfd", "fd_timerfd", "fd_signalfd", "fd_epoll", "fd_inotify", "fd_pipe", "fd_fifo",
+         "fd_async", "fd_pty", "fd_mqueue"]
 # Between the kill and the restore: long enough for the timerfd workload to notice a
 # CLOCK_REALTIME absolute timer restored as a relative one (it allows 0.5 s).
 DOWNTIME_S = 1.0
@@ -26,7 +25,7 @@ DOWNTIME_S = 1.0
 
 def start(cr, tmp_path, name, **kwargs):
     queue = f"hpccr-test-{os.getpid()}-{tmp_path.name}"  # queues outlive a killed test
-    args = {"fd_fifo": [tmp_path], "fd_mqueue": [queue]}.get(name, [])
+    args = {"fd_fifo": [tmp_path], "fd_inotify": [tmp_path], "fd_mqueue": [queue]}.get(name, [])
     return cr.start(name, *args, **kwargs)
 
 
@@ -43,6 +42,20 @@ def test_checkpoint_restart(cr, tmp_path, name):
     img = tmp_path / "img"
     cr.dump_and_kill(workload, img)
     time.sleep(DOWNTIME_S)
+    cr.restore_and_pass(workload, img)
+
+
+def test_inotify_image_names_the_watched_files(cr, tmp_path):
+    """hpccr show lists each watch with the file's present name (the renamed "b2", found by
+    its handle), its number and its mask."""
+    workload = start(cr, tmp_path, "fd_inotify")
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    shown = cr.run("show", img)
+    assert shown.returncode == 0, shown.stderr
+    for watch in (f"{tmp_path}/w (wd 1, mask 0x300)", f"{tmp_path}/a (wd 3, mask 0x2)",
+                  f"{tmp_path}/b2 (wd 4, mask 0x80000004)", f"{tmp_path}/a (wd 1, mask 0x8)"):
+        assert watch in shown.stdout, (watch, shown.stdout)
     cr.restore_and_pass(workload, img)
 
 

@@ -6,7 +6,7 @@ packets: the outside peer sees no reset), and the lock is lifted by the restore.
 whose local address is gone at restore (another node) fails the restore, naming it, or comes
 back reset with --tcp-close.
 
-Workloads: workloads/net_tcp.c v4|v6|mapped flight|halfclosed [inotify] (a tree: a server and
+Workloads: workloads/net_tcp.c v4|v6|mapped flight|halfclosed [userfaultfd] (a tree: a server and
 its client, with a UDP pair), net_client.c ADDRESS PORT [SOURCE] [reset] (a client of the
 test's own server), net_server.c ADDRESS (a server of the test's own client).  Each checks
 every byte received, its addresses and its options.
@@ -89,13 +89,13 @@ def test_job_restored_twice(tree_cr, tmp_path):
 
 
 def test_failed_dump_leaves_connections_working(tree_cr, tmp_path):
-    """The root also holds an inotify descriptor: the dump reads its connection, then refuses
+    """The root also holds a userfaultfd: the dump reads its connection, then refuses
     (14) and leaves everything as it was: no image, no lock, and both ends go on to pass."""
-    workload = start(tree_cr, "flight", "v4", "inotify")
+    workload = start(tree_cr, "flight", "v4", "userfaultfd")
     before = set(netlock.held())
     res = tree_cr.dump(workload, tmp_path / "img")
     message = tree_cr.assert_error(res, 14)
-    assert "inotify" in message, message
+    assert "userfaultfd" in message, message
     assert not (tmp_path / "img").exists()
     assert set(netlock.held()) <= before, "a lock outlived the dump"
     assert workload.wait_exit() == 0, workload.output()

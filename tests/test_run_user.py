@@ -5,8 +5,8 @@ gives a process more than the image's owner (or --user) has.
 
 Workloads: workloads/tree_counter.c STEPS STEP_MS (COUNT 0 .. STEPS-1 once each and in order,
 PASS if nothing was lost, repeated or restarted), ghost_modes.c DIR (a deleted file held
-read-write whose mode was set to 0), copied where hpcuser can run them.  The job's
-output goes to files hpcuser may write: a restored job opens them again as hpcuser.
+read-write whose mode was set to 0), fd_inotify.c DIR, copied where hpcuser can run them.  The
+job's output goes to files hpcuser may write: a restored job opens them again as hpcuser.
 """
 
 import json
@@ -537,3 +537,9 @@ def test_parent_death_signal_of_a_user_job(jobs):
     """hpcuser's child with a parent-death signal keeps it after restore --user (the kernel
     clears it when credentials change, as the restore's do)."""
     stop_restore_and_pass(jobs, "tree_pdeathsig")
+
+
+def test_inotify_watches_of_a_user_job(jobs):
+    """hpcuser's inotify watches come back for hpcuser, on the same files, with their numbers
+    (the restore adds them with hpcuser's file rights)."""
+    stop_restore_and_pass(jobs, "fd_inotify", jobs.home)

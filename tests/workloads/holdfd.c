@@ -1,7 +1,7 @@
 /*
  * A descriptor hpccr cannot checkpoint yet: its dump must be refused and leave us untouched.
  *
- * usage: holdfd socket|inotify [SECONDS]
+ * usage: holdfd socket|userfaultfd [SECONDS]
  *
  * Prints "FD <n> <kind>" for the descriptor the dump must name.  Data put in before READY must
  * still be there after the window (nobody drained it), and the descriptor still works.
@@ -9,7 +9,9 @@
 #include "wl.h"
 
 #include <fcntl.h>
-#include <sys/inotify.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -17,7 +19,7 @@
 int main(int argc, char **argv)
 {
 	double window = argc > 2 ? atof(argv[2]) : WL_WINDOW_S;
-	char dir[] = "/tmp/holdfd.XXXXXX", path[64], buf[512] = "";
+	char buf[512] = "";
 	int held, client = -1;
 
 	if (argc < 2)
@@ -36,10 +38,10 @@ int main(int argc, char **argv)
 		    || connect(client, (struct sockaddr *)&sin, len)
 		    || send(client, "ping", 4, 0) != 4)
 			wl_die("socket");
-	} else if (!strcmp(argv[1], "inotify")) {
-		held = inotify_init1(IN_NONBLOCK);
-		if (held < 0 || !mkdtemp(dir) || inotify_add_watch(held, dir, IN_CREATE) < 0)
-			wl_die("inotify");
+	} else if (!strcmp(argv[1], "userfaultfd")) {
+		held = syscall(SYS_userfaultfd, O_NONBLOCK);
+		if (held < 0)
+			wl_die("userfaultfd");
 	} else {
 		goto usage;
 	}
@@ -48,13 +50,12 @@ int main(int argc, char **argv)
 
 	wl_sleep(window);
 
-	if (!strcmp(argv[1], "inotify")) {
-		/* the watch still reports a file created now */
-		snprintf(path, sizeof(path), "%s/new", dir);
-		close(open(path, O_CREAT | O_WRONLY, 0600));
-		WL_CHECK(read(held, buf, sizeof(buf)) > 0, "the inotify watch is gone");
-		unlink(path);
-		rmdir(dir);
+	if (!strcmp(argv[1], "userfaultfd")) {
+		/* still the same, unused descriptor: its API handshake works once */
+		struct uffdio_api api = { .api = UFFD_API };
+
+		WL_CHECK(ioctl(held, UFFDIO_API, &api) == 0, "the userfaultfd is not new: %s",
+			 strerror(errno));
 	} else {
 		int conn = accept(held, NULL, NULL);
 
@@ -64,6 +65,6 @@ int main(int argc, char **argv)
 	}
 	return wl_finish();
 usage:
-	fprintf(stderr, "usage: holdfd socket|inotify [SECONDS]\n");
+	fprintf(stderr, "usage: holdfd socket|userfaultfd [SECONDS]\n");
 	return 2;
 }

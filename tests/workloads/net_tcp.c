@@ -2,7 +2,7 @@
  * A TCP connection between two processes of the tree, with data in flight both ways, and a
  * UDP pair beside it.
  *
- * usage: net_tcp v4|v6|mapped flight|halfclosed [inotify]
+ * usage: net_tcp v4|v6|mapped flight|halfclosed [userfaultfd]
  *
  * The root listens on loopback (127.0.0.1, ::1, or a v6 socket on ::ffff:127.0.0.1) with
  * options set (SO_REUSEADDR, TCP_NODELAY, keepalive and its intervals, buffer sizes, SO_LINGER,
@@ -18,8 +18,8 @@
  * Both: the UDP pair (the root's bound socket, the client's connected to it) passes a datagram
  * each way after the window; the listener accepts a new connection from a second child; every
  * socket still has its addresses and options.
- * inotify: the root also holds an inotify descriptor, after its connection's: a dump reads
- * that connection, then fails (inotify is not supported), and must leave everything working.
+ * userfaultfd: the root also holds a userfaultfd, after its connection's: a dump reads that
+ * connection, then fails (a userfaultfd is not supported), and must leave everything working.
  */
 #include "tree.h"
 #include "net.h"
@@ -29,7 +29,7 @@
 #include <netinet/in.h>
 #include <netinet/ip.h>
 #include <netinet/tcp.h>
-#include <sys/inotify.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 
 #define TOTAL (4 << 20)
@@ -267,8 +267,8 @@ int main(int argc, char **argv)
 	if (conn < 0)
 		wl_die("accept");
 	set_options(conn, 0);
-	if (argc > 3 && !strcmp(argv[3], "inotify") && inotify_init() < 0)
-		wl_die("inotify_init");
+	if (argc > 3 && !strcmp(argv[3], "userfaultfd") && syscall(SYS_userfaultfd, 0) < 0)
+		wl_die("userfaultfd");
 	remember(conn, &conn_names);
 	remember(udp, &udp_names);
 	if (halfclosed) {

@@ -34,6 +34,7 @@ from hpccr.engine.fds import (
     epoll,
     eventfd,
     inet,
+    inotify,
     memfd,
     mqueue,
     pipe,
@@ -49,7 +50,7 @@ from hpccr.errors import AccessDenied, RestoreFailed, UnsupportedResource
 from hpccr.image.schema import check_part
 
 KINDS = {k.NAME: k for k in (regular, procfile, memfd, mqueue, tty, pty, pipe, unix, inet,
-                              eventfd, timerfd, signalfd, epoll)}
+                              eventfd, timerfd, signalfd, epoll, inotify)}
 O_CLOEXEC = 0o2000000
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
