@@ -64,7 +64,14 @@ def test_memory_in_pieces_leave_running(cr, tmp_path):
 def test_advice_locks_and_policies(cr, tmp_path):
     """The madvise state (DONTFORK, WIPEONFORK, DONTDUMP, HUGEPAGE, NOHUGEPAGE), mlock (also on
     fault) and NUMA policies (bind, interleave) of mappings come back, and a shared file
-    mapping from a descriptor opened for writing can still become writable."""
+    mapping from a descriptor opened for writing can still become writable.  hpccr show lists
+    them with each mapping."""
     workload = cr.start("mem_advice", tmp_path)
     cr.dump_and_kill(workload, tmp_path / "img")
+    shown = cr.run("show", tmp_path / "img")
+    assert shown.returncode == 0, shown.stderr
+    for note in ("MADV_DONTFORK", "MADV_WIPEONFORK", "MADV_DONTDUMP", "MADV_HUGEPAGE",
+                 "MADV_NOHUGEPAGE", "[mlock]", "mlock (MLOCK_ONFAULT)", "NUMA policy bind:0",
+                 "NUMA policy interleave:0", "shared.dat [may become writable]"):
+        assert note in shown.stdout, (note, shown.stdout)
     cr.restore_and_pass(workload, tmp_path / "img")

@@ -15,6 +15,7 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+from hpccr.engine.memory import ADVICE_NAMES
 from hpccr.image.store import PAGE_SIZE, ImageReader
 
 NOT_IN_SYSCALL = (1 << 64) - 1
@@ -94,7 +95,12 @@ def _vma_path(vma: dict) -> str:
     path = vma["path"] or ""
     if vma["file"] and vma["file"]["ghost"]:
         path += f" (deleted, saved as {vma['file']['ghost']})"
-    return path
+    notes = [ADVICE_NAMES.get(a, a) for a in vma["advice"]]
+    if vma["policy"] is not None:
+        notes.append(f"NUMA policy {vma['policy']}")
+    if vma["shared"] and vma["may_write"] and "w" not in vma["prot"]:
+        notes.append("may become writable")
+    return f"{path} [{', '.join(notes)}]".lstrip() if notes else path
 
 
 def _endpoint(end: dict | None) -> str:
@@ -111,6 +117,9 @@ def _fd_path(fd: dict) -> str:
         if fd["remote"]:
             path += f" -> {_endpoint(fd['remote'])}"
         path += f" {fd['state']}"
+    if fd["kind"] == "inotify":
+        path += " watching " + ", ".join(f"{w['path']} (wd {w['wd']}, mask {w['mask']:#x})"
+                                         for w in fd["watches"])
     if fd["ghost"]:
         path += f" (deleted, saved as {fd['ghost']})"
     for lock in fd["locks"]:
