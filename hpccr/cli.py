@@ -150,10 +150,11 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
     supervised = bool(interval or stop_signals)
     if supervised and detach:
         raise click.UsageError("--detach cannot go with --interval or --checkpoint-on")
-    if supervised and resolve(directory) == Path(directory):
+    part = job_part()
+    slot = part.slot if part else None
+    if supervised and resolve(directory, slot) == Path(directory):
         raise click.UsageError("--interval and --checkpoint-on need -D to be a series "
                                "directory (as `hpccr run -D` writes it), not one image")
-    part = job_part()
     checkpoints = Checkpoints(Series(directory), interval, keep, stop_signals,
                               _events(events_fd), part)
     user = _act_for(user_spec)
@@ -161,8 +162,9 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
         supervision = None if detach else Supervision(checkpoints)
         if tcp_close is None:
             tcp_close = config.load().tcp_close
-        root, network = restore_tree(directory, user, tcp_close, part.nodes if part else None)
-        checkpoints.notify("restored", path=str(resolve(directory)))
+        root, network = restore_tree(directory, user, tcp_close, part.nodes if part else None,
+                                     slot)
+        checkpoints.notify("restored", path=str(resolve(directory, slot)))
         write_pid(root)
     if supervision is None:
         if network is not None:
@@ -322,6 +324,17 @@ def job(interval: int | None, directory: str | None, command: tuple[str, ...]) -
     from hpccr.slurm.job import run_job
 
     sys.exit(run_job(list(command), interval, directory))
+
+
+@slurm.command(hidden=True)
+@click.option("--checkpoint-dir", "directory", type=click.Path(), required=True)
+@click.option("--restore", is_flag=True, help="Restore this node's part of the latest checkpoint.")
+def part(directory: str, restore: bool) -> None:
+    """This node's part of a job on several nodes (started by the batch host's `hpccr slurm
+    job` with srun, on every other node of the job)."""
+    from hpccr.slurm.job import run_part
+
+    sys.exit(run_part(directory, restore))
 
 
 @main.command(context_settings={"ignore_unknown_options": True,

@@ -126,8 +126,8 @@ class Context:
                 native.syscall("setfsuid", self.fsuid)
 
 
-def load(directory: str) -> tuple[ImageReader, dict]:
-    reader = ImageReader(resolve(directory))
+def load(directory: str, slot: int | None = None) -> tuple[ImageReader, dict]:
+    reader = ImageReader(resolve(directory, slot))
     reader.verify()
     return reader, reader.meta()
 
@@ -216,21 +216,23 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None,
 
 
 def restore_tree(directory: str, user: User | None = None, tcp_close: bool = False,
-                 nodes: list[str] | None = None) -> tuple[int, netns.JobNetwork | None]:
+                 nodes: list[str] | None = None, slot: int | None = None
+                 ) -> tuple[int, netns.JobNetwork | None]:
     """Restore the image and let it run; returns the restored root's pid (our child), and the
     network made for it (the job's own; None if it has ours), to be removed when it ends.
 
     The processes may have the credentials of the image's owner and no more — of `user`'s when
     root restores for a user — and anything for an image only root could have written.
     With `tcp_close`, a TCP connection whose local address does not exist here comes back
-    reset instead of failing the restore (fds/inet.py).  A part of a job on several nodes
-    joins the job's overlay through `nodes`, the addresses of the job's new nodes by slot."""
+    reset instead of failing the restore (fds/inet.py).  The part at `slot` of a job on several
+    nodes (its image in a checkpoint of all parts) joins the job's overlay through `nodes`, the
+    addresses of the job's new nodes by slot."""
     with _step("reading the image"):
         if user is None:
-            reader, meta = load(directory)
+            reader, meta = load(directory, slot)
         else:
             with user.reading_as_user():
-                reader, meta = load(directory)
+                reader, meta = load(directory, slot)
         st = reader.stat()
     if user is None and st.st_uid != 0:
         user = User.owner_of(st)

@@ -67,10 +67,10 @@ class Series:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve(directory: str | os.PathLike, environ=os.environ) -> Path:
+def resolve(directory: str | os.PathLike, slot: int | None = None) -> Path:
     """The image to restore for `directory`: itself, or the latest image of a series.  In a
     checkpoint of a job on several nodes (one image per part, part-<slot>), the image of the
-    part at slot HPCCR_NODE_SLOT (hpccr/mpi/coordinate.py)."""
+    part at `slot` (hpccr/mpi/coordinate.py)."""
     path = Path(directory)
     try:
         if not (path / "checksums").exists() and not (path / "image.json").exists():
@@ -80,8 +80,7 @@ def resolve(directory: str | os.PathLike, environ=os.environ) -> Path:
                                     "complete one")
             path = latest or path
         if (path / f"{PART}0").is_dir():
-            slot = environ.get("HPCCR_NODE_SLOT", "")
-            if not slot.isdigit():
+            if slot is None:
                 raise ImageNotFound(f"{path} is a checkpoint of a job on several nodes: "
                                     "HPCCR_NODE_SLOT says which part to restore")
             if not (path / f"{PART}{slot}").is_dir():

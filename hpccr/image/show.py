@@ -16,7 +16,9 @@ from collections import Counter
 from pathlib import Path
 
 from hpccr.engine.memory import ADVICE_NAMES
+from hpccr.image.series import PART
 from hpccr.image.store import PAGE_SIZE, ImageReader
+from hpccr.mpi.coordinate import FIGURES
 
 NOT_IN_SYSCALL = (1 << 64) - 1
 
@@ -89,6 +91,17 @@ def _table(headers: list[str], rows: list[list[str]], indent: str) -> list[str]:
         indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in [headers, *rows]
     ]
+
+
+def _network(network: dict | None) -> str:
+    if network is None:
+        return "the node's"
+    text = f"its own: {network['address']}, host name {network['hostname']}"
+    part = network.get("overlay")
+    if part:
+        text += (f"; part at slot {part['slot']} of a job on {len(part['names'])} nodes, "
+                 f"overlay {part['network']} (VXLAN id {part['vni']})")
+    return text
 
 
 def _vma_path(vma: dict) -> str:
@@ -206,6 +219,33 @@ def _render_process(proc: dict) -> list[str]:
 
 
 def render(path: str | Path, as_json: bool = False) -> str:
+    """`path` an image, or a checkpoint of a job on several nodes (an image per part)."""
+    parts = sorted(Path(path).glob(f"{PART}*"), key=lambda p: p.name.removeprefix(PART).zfill(9))
+    if parts and not (Path(path) / "image.json").exists():
+        return _render_parts(Path(path), parts, as_json)
+    return _render_image(path, as_json)
+
+
+def _render_parts(path: Path, parts: list[Path], as_json: bool) -> str:
+    try:
+        figures = json.loads((path / FIGURES).read_text())
+    except (OSError, ValueError):
+        figures = None  # a checkpoint still being taken, or abandoned
+    if as_json:
+        return json.dumps({"path": str(path), "coordination": figures,
+                           "parts": [json.loads(_render_image(p, True)) for p in parts]},
+                          indent=2, sort_keys=True)
+    lines = [f"checkpoint  {path}: a job on {len(parts)} nodes, an image per node's part"]
+    if isinstance(figures, dict):
+        lines.append("coordinated " + ", ".join(f"{k} {v}" for k, v in sorted(figures.items())))
+    else:
+        lines.append(f"coordinated no {FIGURES}: not committed (taken now, or abandoned)")
+    for part in parts:
+        lines += ["", f"=== {part.name} ===", _render_image(part, False).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def _render_image(path: str | Path, as_json: bool) -> str:
     reader = ImageReader(path)
     meta = reader.meta()
     problems = dict(reader.iter_problems())
@@ -234,6 +274,7 @@ def render(path: str | Path, as_json: bool = False) -> str:
         f"timing      frozen {timing['frozen_s']:.3f} s, dump {timing['dump_s']:.3f} s",
         f"root pid    {meta['root_pid']}, {len(meta['processes'])} process(es)"
         + (", in a pid namespace of its own (hpccr run)" if meta["pidns"] else ""),
+        f"network     {_network(meta['network'])}",
         f"checksums   {verdict}",
     ]
     lines += [f"  {message}" for message in problems.values()]

@@ -15,7 +15,9 @@ where the job's own environment does not set it.
 - In a part of a job on several nodes (hpccr/engine/overlay.py), both start their daemons on
   the other parts' nodes with hpccr-launch (hpccr/mpi/launch.py) instead of ssh or srun, and
   Open MPI talks over the job's overlay device only.  HPCCR_JOB_HOSTS names the parts' hosts
-  (for `mpirun -host` / `mpiexec -hosts`).
+  (for `mpirun -host` / `mpiexec -hosts`); in a Slurm allocation, Open MPI's default hosts are
+  the parts' hosts with the allocation's tasks per node as their slots, so that a bare `mpirun`
+  places its ranks as it would under Slurm.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ def job_environment(env: Mapping[str, str], hosts: tuple[str, ...] = ()) -> dict
                   "OMPI_MCA_oob_tcp_if_include": overlay.DEVICE,
                   "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": launcher,
                   "HPCCR_JOB_HOSTS": ",".join(hosts)}
+        slots = tasks_per_node(env.get("SLURM_TASKS_PER_NODE", ""))
+        if len(slots) == len(hosts):
+            added["OMPI_MCA_orte_default_dash_host"] = ",".join(
+                f"{host}:{n}" for host, n in zip(hosts, slots, strict=True))
         return added | dict(env)
     if env.get("SLURM_JOB_ID") and env.get("SLURM_JOB_NUM_NODES", "1") == "1":
         added |= {"HYDRA_LAUNCHER": "fork", "OMPI_MCA_plm": "isolated",
@@ -48,3 +54,15 @@ def job_environment(env: Mapping[str, str], hosts: tuple[str, ...] = ()) -> dict
         if tasks.isdigit():
             added["OMPI_MCA_orte_set_default_slots"] = tasks
     return added | dict(env)
+
+
+def tasks_per_node(text: str) -> list[int]:
+    """Slurm's SLURM_TASKS_PER_NODE ("2(x3),1") as a count per node ([2, 2, 2, 1]); [] if it
+    cannot be read."""
+    counts = []
+    for item in filter(None, text.split(",")):
+        count, _, times = item.partition("(x")
+        if not count.isdigit() or times and not times.rstrip(")").isdigit():
+            return []
+        counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return counts

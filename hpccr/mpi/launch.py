@@ -6,7 +6,8 @@ hpccr has them call `hpccr-launch HOST COMMAND…` instead, as they would call s
 launch server of the job's part at HOST (its host name in the job's overlay) to run COMMAND
 there, through `/bin/sh -c`, as ssh would.  The command's output comes back on the agent's
 stdout and stderr, its exit status is the agent's (255 if the server cannot be reached or the
-connection breaks, as ssh's); its stdin is /dev/null.
+connection breaks, as ssh's); its stdin is /dev/null.  The parts of a job start on their nodes
+at about the same time, so an agent waits up to CONNECT_WAIT_S for a server not listening yet.
 
 The launch server (`hpccr-launch --serve`) is the process that a part on a node other than the
 first runs; it listens on PORT in the job's network, and the commands it runs are its children.
@@ -28,12 +29,15 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 PORT = 7099
 STDOUT, STDERR, EXIT = b"1", b"2", b"x"
 HEADER = struct.Struct(">cI")
 UNREACHABLE = 255  # ssh's status when it cannot run the command
 CHUNK = 65536
+CONNECT_WAIT_S = 120
+CONNECT_RETRY_S = 0.2  # a server being started on another node cannot tell us when it listens
 
 
 SSH_OPTIONS_WITH_VALUE = {"-l", "-p", "-o", "-i", "-F"}  # hydra passes -x, as to ssh
@@ -53,12 +57,17 @@ def main() -> None:
 
 def launch(host: str, command: str) -> int:
     """Run `command` on the part at `host`; returns its exit status."""
-    try:
-        conn = socket.create_connection((host, PORT))
-    except OSError as exc:
-        print(f"hpccr-launch: cannot reach the launch server of {host}: {exc.strerror or exc}",
-              file=sys.stderr)
-        return UNREACHABLE
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            conn = socket.create_connection((host, PORT))
+            break
+        except OSError as exc:
+            if isinstance(exc, socket.gaierror) or time.monotonic() > deadline:
+                print(f"hpccr-launch: cannot reach the launch server of {host}: "
+                      f"{exc.strerror or exc}", file=sys.stderr)
+                return UNREACHABLE
+            time.sleep(CONNECT_RETRY_S)
     with conn, conn.makefile("rb") as frames:
         conn.sendall(json.dumps({"command": command, "cwd": os.getcwd()}).encode() + b"\n")
         outputs = {STDOUT: sys.stdout.buffer, STDERR: sys.stderr.buffer}
@@ -78,8 +87,11 @@ def launch(host: str, command: str) -> int:
 
 
 def serve() -> None:
-    """Accept agents for ever; each is served by a child of its own."""
+    """Accept agents until SIGHUP (the job's script has ended: hpccr.slurm.job) or SIGTERM,
+    which end the server with status 0; each agent is served by a child of its own."""
     signal.signal(signal.SIGCHLD, lambda *_: _reap())
+    for ending in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(ending, lambda *_: sys.exit(0))
     listener = socket.create_server(("0.0.0.0", PORT))
     print("READY", flush=True)
     while True:

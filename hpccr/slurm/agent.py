@@ -214,6 +214,7 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
             raise HpccrError(f"cannot join the job's cgroups: {exc}") from exc
         user.take_fs_rights()
         part = job_part(request["env"])
+        slot = part.slot if part else None
         checkpoints = Checkpoints(Series(request["dir"]), request["interval"], request["keep"],
                                   tuple(request["stop_signals"]), EventChannel(fds[3]), part)
         supervision = Supervision(checkpoints)
@@ -222,12 +223,12 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
             pid = start_job(request["argv"], user, request["env"], request["cwd"], network)
         else:
             pid, network = restore_tree(request["dir"], user, config.load().tcp_close,
-                                        part.nodes if part else None)
+                                        part.nodes if part else None, slot)
         os.write(report_wr, json.dumps({"started": pid}).encode())
         os.close(report_wr)
         report_wr = -1
         if request["op"] == "restore":  # answered once the batch step knows it started
-            checkpoints.notify("restored", path=str(resolve(request["dir"])))
+            checkpoints.notify("restored", path=str(resolve(request["dir"], slot)))
         status = supervision.run(pid, network)
     except HpccrError as exc:
         if report_wr >= 0:

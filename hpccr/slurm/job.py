@@ -19,10 +19,17 @@ process stays in the foreground for the whole run:
   (hpccr.slurm.agent, started by the prolog), which holds the privileges.  Without an agent
   (no prolog, or another node's) the script runs directly, without checkpoints, and one
   warning on stderr says why.
+- A job on several nodes is one part per node (hpccr/engine/overlay.py): the batch host's, at
+  node slot 0, runs the script; one `srun` step starts `hpccr slurm part` on every other node,
+  whose part is a launch server (hpccr/mpi/launch.py) through which the job's MPI launchers
+  start their daemons there.  The part at slot 0 takes the checkpoints of all
+  (hpccr/mpi/coordinate.py); a restart restores every part of the latest one, each on the node
+  at its slot in the new allocation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import select
@@ -48,7 +55,12 @@ from hpccr.slurm.hooks import run_hooks
 STOP_SIGNALS = (signal.SIGUSR1,)
 SLURM_SCRIPT = "slurm_script"  # the batch script's name in slurmd's spool directory
 JOB_SCRIPT = "job-script"  # its copy in the job's checkpoint directory
-REQUEUE_TIMEOUT_S = 30
+SLURM_COMMAND_TIMEOUT_S = 30
+SLURM_NODES = "HPCCR_SLURM_NODES"  # the job's nodes by slot (Slurm's names), for its parts
+JOB_ERRORS = "HPCCR_JOB_ERRORS"  # the batch step's stderr file, where parts write theirs
+PARTS_STOP_S = 60  # for the other parts to end after a final checkpoint has stopped them
+PARTS_TERM_S = 30  # for the other parts to end on SIGTERM once the job's script has ended
+SIGNAL_STEPS_S = 5  # scancel retries while the job is being cancelled or requeued
 
 
 def warn(message: str) -> None:
@@ -179,18 +191,141 @@ def _checkpointed_run(cfg: config.Config, command: list[str], series: Path,
     if latest is None:
         command = _stable_script(command, series)
     run = Run(command, series, interval, cfg.keep, restore=latest is not None)
+    parts = None
     try:
+        nodes = job_nodes()
+        if nodes:
+            parts = _start_parts(nodes, run)
         status = _under_agent(cfg, run) if os.geteuid() != 0 else _under_hpccr(run)
     except HpccrError as exc:
+        _end_parts(parts, None)
         if run.restore:  # never start over on top of checkpoints that did not restore
             run_hooks("after_restore", path=str(latest), ok=False, error=str(exc))
             warn(f"job {job_id}: restoring {latest} failed, the checkpoints are kept: {exc}")
             return 1
         warn(f"job {job_id} runs without checkpoints: {exc}")
         return None
+    _end_parts(parts, status)
     if status == STOPPED and Series(series).latest() not in (None, latest):
         requeue(job_id)
     return status
+
+
+def job_nodes() -> list[str]:
+    """For a job on several nodes: its nodes, the batch host (this one) first, which slot 0
+    has; their addresses by slot and the part's slot are set in the environment for hpccr
+    (HPCCR_JOB_NODES, HPCCR_NODE_SLOT).  [] for a job on one node."""
+    if int(os.environ.get("SLURM_JOB_NUM_NODES") or 1) < 2:
+        return []
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
+    names = _slurm("scontrol", "show", "hostnames", nodelist).split()
+    here = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    if here not in names:
+        raise HpccrError(f"this node ({here}) is not in the job's node list {names}")
+    names = [here, *(name for name in names if name != here)]
+    try:
+        addresses = [socket.gethostbyname(name) for name in names]
+    except OSError as exc:
+        raise HpccrError(f"cannot find the addresses of the job's nodes: {exc}") from None
+    os.environ.update({"HPCCR_JOB_NODES": ",".join(addresses), "HPCCR_NODE_SLOT": "0",
+                       SLURM_NODES: ",".join(names)})
+    with contextlib.suppress(OSError):
+        errors = os.readlink("/proc/self/fd/2")
+        if os.path.isfile(errors):
+            os.environ[JOB_ERRORS] = errors
+    return names
+
+
+def _slurm(command: str, *args: str, timeout: float = SLURM_COMMAND_TIMEOUT_S) -> str:
+    """The output of Slurm's `command` (scontrol, scancel) with `args`."""
+    program = shutil.which(command)
+    if program is None:
+        raise HpccrError(f"{command} is not installed here")
+    try:
+        res = subprocess.run([program, *args], capture_output=True, text=True,
+                             timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HpccrError(f"`{command} {' '.join(args)}` failed: {exc}") from None
+    if res.returncode != 0:
+        raise HpccrError(f"`{command} {' '.join(args)}` failed: "
+                         f"{res.stderr.strip() or res.returncode}")
+    return res.stdout
+
+
+def _start_parts(nodes: list[str], run: Run) -> subprocess.Popen:
+    """One step with a task on each node but this one: `hpccr slurm part`, which runs (or
+    restores) that node's part of the job."""
+    srun = shutil.which("srun")
+    if srun is None:
+        raise HpccrError("srun is not installed here: the job's other nodes cannot be reached")
+    others = str(len(nodes) - 1)
+    argv = [srun, "--nodes", others, "--ntasks", others, "--ntasks-per-node=1", "--relative=1",
+            "--overlap", "--kill-on-bad-exit=0", "--export=ALL", sys.executable, "-m", "hpccr",
+            "slurm", "part", "--checkpoint-dir", str(run.series)]
+    return subprocess.Popen([*argv, "--restore"] if run.restore else argv,
+                            stdin=subprocess.DEVNULL)
+
+
+def _end_parts(parts: subprocess.Popen | None, status: int | None) -> None:
+    """The job's script has ended (or could not start): so do the other parts.  After a final
+    checkpoint (STOPPED) they stop by themselves; else their launch servers get SIGHUP, sent
+    to the job's steps (srun would end the step by force; a SIGTERM from scancel reads as a
+    cancel in the job's output), and end.  A job being cancelled or requeued cannot be
+    signalled (scancel retries): srun then ends the step."""
+    if parts is None:
+        return
+    if status == STOPPED:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            parts.wait(PARTS_STOP_S)
+    if parts.poll() is None:
+        with contextlib.suppress(HpccrError, subprocess.TimeoutExpired):
+            _slurm("scancel", "--quiet", "--signal=HUP", os.environ["SLURM_JOB_ID"],
+                   timeout=SIGNAL_STEPS_S)
+            parts.wait(PARTS_TERM_S)
+    if parts.poll() is None:  # the job is being cancelled or requeued, or a part hangs
+        parts.terminate()
+        try:
+            parts.wait(PARTS_TERM_S)
+        except subprocess.TimeoutExpired:
+            parts.kill()
+            parts.wait()
+
+
+def run_part(directory: str, restore: bool) -> int:
+    """In the job's step on a node other than the batch host: this node's part of the job
+    (its launch server; or its part of the latest checkpoint), with /dev/null as stdin and
+    stdout and the job's error file as stderr (a process of the job may hold no descriptor
+    of slurmstepd's)."""
+    names = os.environ.get(SLURM_NODES, "").split(",")
+    node = os.environ.get("SLURMD_NODENAME") or os.uname().nodename
+    if node not in names[1:]:
+        warn(f"hpccr slurm part: {node} is not one of the job's other nodes ({SLURM_NODES})")
+        return 2
+    slot = names.index(node)
+    os.environ["HPCCR_NODE_SLOT"] = str(slot)
+    _part_stdio(os.environ.get(JOB_ERRORS))
+    launch_server = [str(Path(sys.executable).with_name("hpccr-launch")), "--serve"]
+    try:
+        cfg = config.load()
+        run = Run(launch_server, Path(directory), None, cfg.keep, restore)
+        status = _under_agent(cfg, run) if os.geteuid() != 0 else _under_hpccr(run)
+    except (ConfigError, HpccrError) as exc:
+        warn(f"job {os.environ.get('SLURM_JOB_ID', '?')}: its part on {node} (slot {slot}) "
+             f"failed: {exc}")
+        return 1
+    return 0 if status == STOPPED else status  # stopped by the job's final checkpoint
+
+
+def _part_stdio(errors: str | None) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        err = os.open(errors, os.O_WRONLY | os.O_APPEND) if errors else null
+    except OSError:
+        err = null
+    for fd, target in ((0, null), (1, null), (2, err)):
+        os.dup2(target, fd)
+    for fd in {null, err}:
+        os.close(fd)
 
 
 def _stable_script(command: list[str], series: Path) -> list[str]:
@@ -245,18 +380,9 @@ def _under_hpccr(run: Run) -> int:
 
 def requeue(job_id: str) -> None:
     """Put the job back in the queue after its final checkpoint."""
-    scontrol = shutil.which("scontrol")
-    if scontrol is None:
-        warn(f"job {job_id} was checkpointed but cannot be requeued: no scontrol")
-        return
     try:
-        res = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True,
-                             timeout=REQUEUE_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        warn(f"job {job_id} was checkpointed but `scontrol requeue` failed: {exc}")
-        return
-    if res.returncode != 0:
-        warn(f"job {job_id} was checkpointed but `scontrol requeue` failed: "
-             f"{res.stderr.strip() or res.returncode}")
+        _slurm("scontrol", "requeue", job_id)
+    except HpccrError as exc:
+        warn(f"job {job_id} was checkpointed but cannot be requeued: {exc}")
     else:
         warn(f"job {job_id} requeued; it goes on from its checkpoint when it runs again")

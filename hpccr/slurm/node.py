@@ -9,7 +9,9 @@ and, in the epilog, SLURM_JOB_EXIT_CODE2.
 Every node checks itself, but only the job's batch host — where the batch script, hence
 `hpccr slurm job`, runs — makes, records and removes the job's directory (asking
 `scontrol show job` for BatchHost when the job has more than one node), so that nodes sharing
-the directory over the shared file system never race for it.
+the directory over the shared file system never race for it.  An ordinary user's job gets an
+agent on every node: on the batch host for the script's part, on the others for theirs
+(hpccr.slurm.job, a job on several nodes).
 
 Keep or remove (epilog): a requeue (scontrol requeue, preemption, the lifecycle's own requeue
 after its final checkpoint) raises the restart count before the epilog runs, so the epilog
@@ -145,6 +147,7 @@ def prolog(environ=os.environ) -> None:
     batch_host = other_batch_host(job, scontrol_job(job.job_id) if job.nodes > 1 else {})
     if batch_host:
         log(f"run {job.restart_count}: {verdict} (the job's directory is {batch_host}'s)")
+        _start_agent_for(cfg, job, log)
         return
     try:
         user_dir = jobdir.ensure_user_dir(cfg.checkpoint_base, job.uid, job.gid)
@@ -163,9 +166,14 @@ def prolog(environ=os.environ) -> None:
         return
     reuse = f" (restart, {len(found)} checkpoints)" if job.restart_count else ""
     log(f"run {job.restart_count} of {job.user}: {job_dir} ready{reuse}; {verdict}")
+    _start_agent_for(cfg, job, log)
+
+
+def _start_agent_for(cfg: config.Config, job: SlurmJob, log: SiteLog) -> None:
+    if job.uid == 0:  # root's jobs need no agent
+        return
     try:
-        if job.uid != 0:  # root's jobs need no agent
-            start_agent(cfg, job)
+        start_agent(cfg, job)
     except OSError as exc:
         log(f"no hpccr agent, the job runs without checkpoints: {exc}")
 
@@ -195,15 +203,13 @@ def stop_agent(cfg: config.Config, job: SlurmJob) -> None:
 
 
 def epilog(environ=os.environ) -> None:
-    """On the batch host: clean up after a run, record its checkpoints, and remove them once
-    the job is done."""
+    """On every node: stop the job's agent, lift stale network locks; on the batch host: clean
+    up after a run, record its checkpoints, and remove them once the job is done."""
     setup = _setup("epilog", environ)
     if setup is None:
         return
     job, cfg, log = setup
     state = scontrol_job(job.job_id)
-    if other_batch_host(job, state):
-        return
     stop_agent(cfg, job)
     try:  # those of a checkpoint killed with its agent, of images removed since
         lifted = netlock.lift_stale()
@@ -212,6 +218,8 @@ def epilog(environ=os.environ) -> None:
     else:
         if lifted:
             log(f"lifted stale network locks {' '.join(lifted)}")
+    if other_batch_host(job, state):
+        return
     job_dir = cfg.job_dir(job.user, job.job_id)
     try:
         with as_user(job.uid, job.gid):
