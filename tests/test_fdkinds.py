@@ -1,8 +1,9 @@
 """Descriptor kinds beyond files and terminals: eventfd, timerfd, signalfd, epoll, inotify, pipes
 and FIFOs held by one process come back with their state, and so does signal-driven I/O
 (O_ASYNC, owner and signal), a pseudo-terminal (both ends, settings, output not read yet) and
-POSIX message queues (attributes and messages, also an unlinked one); pipes shared with another
-process and epoll watches on closed descriptors are refused, and the process runs on untouched.
+POSIX message queues (attributes and messages, also an unlinked one), and epoll watches whose
+number was closed or holds another file since; pipes shared with another process are refused,
+and the process runs on untouched.
 
 Workloads: workloads/fd_eventfd.c, fd_timerfd.c, fd_signalfd.c, fd_epoll.c [stale],
 fd_inotify.c DIR, fd_pipe.c [peer], fd_fifo.c DIR, fd_async.c, fd_pty.c, fd_mqueue.c NAME
@@ -104,10 +105,16 @@ def test_stdin_pipe_from_the_parent_is_refused(cr, tmp_path):
     workload.proc.stdin.close()
 
 
-def test_epoll_watch_on_a_closed_descriptor_is_refused(cr, tmp_path):
-    workload = cr.start("fd_epoll", "stale")
-    fd, _ = workload.values("FD")[0].split()
-    assert_refused(cr, tmp_path, workload, fd, "epoll", "closed")
+@pytest.mark.parametrize("mode", ["kill", "leave-running"])
+def test_epoll_watches_on_closed_and_replaced_numbers(cr, tmp_path, mode):
+    """The watches of a file registered under a number closed since, or holding another file
+    now, come back (fd_epoll stale checks them): the dump finds the file through the process's
+    other descriptor of it (kcmp)."""
+    workload = cr.start("fd_epoll", "stale", append=mode != "kill")
+    if mode == "kill":
+        cr.checkpoint_restart(workload, tmp_path / "img")
+    else:
+        cr.leave_running_then_restore(workload, tmp_path / "img")
 
 
 def test_message_queues_of_a_job(tree_cr, tmp_path):

@@ -15,9 +15,9 @@ A kind module has
   restored into (by the job's first process, before it forks the others), not by the restorer;
 - optionally ``LATE = True``: not opened by the restorer but by the restored process itself,
   once its threads exist, with ``open_late(inj, proc, image_ids)`` (restore.rebuild);
-- optionally ``finish(entry, ctx)``: runs in the task once every descriptor is at its saved
-  number, for kinds that refer to other descriptors by number (an epoll set adds its watches);
-  once per description, in the first process that holds it.
+- optionally ``finish(entry, ctx, pool)``: runs in the task once every descriptor is at its
+  saved number (the pool's still open), for kinds that refer to other descriptors by number
+  (an epoll set adds its watches); once per description, in the first process that holds it.
 Adding a kind means adding a module to KINDS; the dump and restore loops below never change.
 """
 
@@ -202,6 +202,12 @@ class Pool:
     def entry_with(self, match) -> dict | None:
         return next((e for _, entries in self.tables for e in entries if match(e)), None)
 
+    def description(self, pid: int, fd: int) -> int | None:
+        """The open file description that process `pid` (as the image records it) holds as
+        `fd`, if any."""
+        return next((e["desc"] for ctx, entries in self.tables if ctx.proc["pid"] == pid
+                     for e in entries if e["fd"] == fd), None)
+
     def open_all(self, in_job: bool = True) -> None:
         """Open what is not open yet; `in_job` False: in the restorer, outside the pid namespace
         the job is restored into, where the kinds that must be made inside it wait."""
@@ -273,6 +279,10 @@ def install_fds(entries: list[dict], ctx, pool: Pool, keep: int) -> None:
     wanted = {e["fd"] for e in entries}
     for e in entries:
         os.dup2(pool.fds[e["desc"]], e["fd"], inheritable=True)
+    for e in entries:
+        finish = getattr(KINDS[e["kind"]], "finish", None)
+        if finish is not None and pool.finisher[e["desc"]] == (ctx.proc["pid"], e["fd"]):
+            finish(e, ctx, pool)
     for fd in os.listdir("/proc/self/fd"):
         n = int(fd)
         if n != keep and n not in wanted:
@@ -280,10 +290,6 @@ def install_fds(entries: list[dict], ctx, pool: Pool, keep: int) -> None:
                 os.close(n)
             except OSError:
                 pass
-    for e in entries:
-        finish = getattr(KINDS[e["kind"]], "finish", None)
-        if finish is not None and pool.finisher[e["desc"]] == (ctx.proc["pid"], e["fd"]):
-            finish(e, ctx)
 
 
 def set_cloexec(inj, entries: list[dict]) -> None:
