@@ -73,6 +73,13 @@ class CheckFailed(HpccrError):
     exit_code = 21
 
 
+class Busy(HpccrError):
+    """Another process has it: the target is traced (a debugger, another hpccr's dump), or the
+    series is being checkpointed into or restored from by another hpccr."""
+
+    exit_code = 22
+
+
 def from_oserror(exc: OSError, what: str, other: type[HpccrError]) -> HpccrError:
     """Translate an OSError met while doing ``what`` into the matching hpccr error: ``other``
     (DumpFailed, RestoreFailed, ImageCorrupt...) for any errno without a class of its own, so

@@ -30,7 +30,7 @@ from hpccr.engine.job import (
     fork_into_new_pid_namespace,
 )
 from hpccr.errors import HpccrError
-from hpccr.image.series import Series
+from hpccr.image.series import Series, in_use
 from hpccr.mpi import environment as mpi
 from hpccr.user import User
 
@@ -177,15 +177,16 @@ class Checkpoints:
         try:
             refuse_running_steps(pid)
             figures = {}
-            if self.part is None:
-                dump(pid, str(path), mode)
-                self.series.publish(path, self.keep)
-            elif self.part.slot == 0:
-                figures = coordinate.take(self.series, path, len(self.part.nodes), pid, mode,
-                                          self.keep)
-            else:
+            if self.part is not None and self.part.slot > 0:
                 raise HpccrError("the checkpoints of a job on several nodes are taken by its "
                                  "part at node slot 0")
+            with in_use(self.series.dir, exclusive=True):
+                if self.part is None:
+                    dump(pid, str(path), mode)
+                    self.series.publish(path, self.keep)
+                else:
+                    figures = coordinate.take(self.series, path, len(self.part.nodes), pid,
+                                              mode, self.keep)
         except HpccrError as exc:
             print(f"hpccr: checkpoint {path} failed, the job runs on: {exc}", file=sys.stderr,
                   flush=True)

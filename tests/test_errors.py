@@ -238,3 +238,31 @@ def test_proc_file_leading_out_of_proc_is_refused(cr, tmp_path, path):
     message = cr.assert_error(cr.restore(img), 13)
     assert "is not a /proc file of process" in message, message
     assert "PASS" not in workload.lines()
+
+
+TRACER = """import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.ptrace(0x4206, int(sys.argv[1]), 0, 0):  # PTRACE_SEIZE: it runs on, traced
+    sys.exit(1)
+print("TRACING", flush=True)
+sys.stdin.read()  # until the test closes our stdin; the tracee is let go when we exit
+"""
+
+
+def test_traced_process_is_refused(cr, tmp_path):
+    """A process traced by someone else (a debugger; another hpccr's dump): refused with 22
+    naming the tracer, no image, the process runs on traced by it alone; once let go it dumps."""
+    workload = cr.start("idle", 12)
+    tracer = subprocess.Popen(["python3", "-c", TRACER, str(workload.pid)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout.readline() == "TRACING\n"
+        message = cr.assert_error(cr.dump(workload, tmp_path / "img"), 22)
+        assert f"traced by process {tracer.pid} (python3)" in message, message
+        assert not (tmp_path / "img").exists()
+        assert workload.status()["TracerPid"] == str(tracer.pid)
+    finally:
+        tracer.stdin.close()
+        tracer.wait(timeout=30)
+    workload.assert_untouched()
+    cr.checkpoint_restart(workload, tmp_path / "img")

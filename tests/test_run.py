@@ -7,6 +7,7 @@ Workload: workloads/tree_counter.c STEPS STEP_MS (prints COUNT 0 .. STEPS-1, PAS
 every number once and in order); the rest are small sh scripts run as jobs.
 """
 
+import fcntl
 import os
 import re
 import signal
@@ -242,3 +243,37 @@ def test_same_image_restored_twice_at_once(tree_cr, tmp_path):
     first = min(new)
     assert 20 < first and sorted(new) == sorted(list(range(first, steps)) * 2), new
     assert after.count("PASS") == 2 and job.values("PID") == ["2"] * 3, job.output()
+
+
+def test_series_in_use_is_never_shared(tree_cr, tmp_path):
+    """While a restore reads a series (its shared lock, taken here), a checkpoint into it is
+    refused and the job runs on; once it is free the checkpoint is taken (the job stops, 75).
+    While a checkpoint is written into it (its exclusive lock, taken here), a restore of it is
+    refused (22) and restores nothing; once it is free the restore works."""
+    series = tmp_path / "series"
+    series.mkdir()
+    job = tree_cr.start_job([tree_cr.binaries["tree_counter"], 500, 20], "-D", series,
+                            "--checkpoint-on", "USR1")
+    tree_cr.wait_until(lambda: catches(job.proc.pid, ("USR1",)), "hpccr run's USR1 handler")
+    refused = re.compile(rf"hpccr: checkpoint {series}/ckpt-0001 failed, the job runs on: "
+                         rf"{series} is in use by another hpccr .*: cannot checkpoint")
+    held = os.open(series, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_SH)  # as a restore reading it
+        job.proc.send_signal(signal.SIGUSR1)
+        tree_cr.wait_until(lambda: any(refused.match(line) for line in job.lines()),
+                           "the refused checkpoint")
+        assert job.alive() and not checkpoints(series), job.output()
+        fcntl.flock(held, fcntl.LOCK_UN)
+        job.proc.send_signal(signal.SIGUSR1)
+        assert job.proc.wait(TIMEOUT) == 75, job.output()
+        assert checkpoints(series) == ["ckpt-0001"]
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a checkpoint being written
+        message = tree_cr.assert_error(tree_cr.restore(series), 22)
+        assert f"{series} is in use by another hpccr" in message, message
+        assert not job.alive()
+    finally:
+        os.close(held)
+    res = tree_cr.restore(series)
+    assert res.returncode == 0, describe(res) + "\nlog:\n" + job.output()
+    job.assert_passed()

@@ -67,7 +67,7 @@ from hpccr.errors import (
     RestoreFailed,
 )
 from hpccr.image import ImageReader, PageReader
-from hpccr.image.series import resolve
+from hpccr.image.series import in_use, resolve
 from hpccr.user import User
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
@@ -226,7 +226,14 @@ def restore_tree(directory: str, user: User | None = None, tcp_close: bool = Fal
     With `tcp_close`, a TCP connection whose local address does not exist here comes back
     reset instead of failing the restore (fds/inet.py).  The part at `slot` of a job on several
     nodes (its image in a checkpoint of all parts) joins the job's overlay through `nodes`, the
-    addresses of the job's new nodes by slot."""
+    addresses of the job's new nodes by slot.  An image of a series is read with the series in
+    use (series.in_use): no checkpoint into it meanwhile."""
+    with in_use(directory, exclusive=False):
+        return _restore_tree(directory, user, tcp_close, nodes, slot)
+
+
+def _restore_tree(directory: str, user: User | None, tcp_close: bool, nodes: list[str] | None,
+                  slot: int | None) -> tuple[int, netns.JobNetwork | None]:
     with _step("reading the image"):
         if user is None:
             reader, meta = load(directory, slot)

@@ -5,6 +5,7 @@ Nothing here knows about images: the dump and restore drivers use these two tool
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 from hpccr import faults, native
 from hpccr.engine import procfs
-from hpccr.errors import AccessDenied, DumpFailed, NoSuchProcess
+from hpccr.errors import AccessDenied, Busy, DumpFailed, NoSuchProcess
 
 ALL_SIGNALS = (1 << 64) - 1
 WALL = 0x40000000
@@ -80,9 +81,25 @@ class FrozenProcess:
             if exc.errno == errno.ESRCH:
                 raise NoSuchProcess(f"process {self.pid} exited while being frozen") from None
             if exc.errno == errno.EPERM:
+                tracer = self._tracer()
+                if tracer:
+                    raise Busy(f"process {self.pid} is traced by {tracer}: a debugger, or "
+                               "another hpccr checkpointing it; it runs on untouched") from None
                 raise AccessDenied(f"cannot ptrace process {self.pid}: "
                                    "operation not permitted") from None
             raise DumpFailed(f"freezing process {self.pid}: {exc.strerror}") from None
+
+    def _tracer(self) -> str:
+        """Who traces one of the process's threads ("process N (comm)"), or "": nobody."""
+        for tid in procfs.tids(self.pid):
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                tracer = int(procfs.status(self.pid, tid)["TracerPid"])
+                if tracer:
+                    name = ""
+                    with contextlib.suppress(OSError):
+                        name = f" ({procfs.comm(tracer)})"
+                    return f"process {tracer}{name}"
+        return ""
 
     def _seize_all(self) -> None:
         while True:

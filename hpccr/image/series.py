@@ -7,16 +7,25 @@ Older images beyond the newest `keep` are removed after `latest` has moved, so a
 `latest` names a complete image.  A checkpoint of a job on several nodes is a directory of one
 image per part, `ckpt-NNNN/part-<slot>` (hpccr/mpi/coordinate.py).  `hpccr restore -D DIR`
 accepts the series directory and restores its latest image.
+
+A checkpoint being written into a series holds an exclusive flock on its directory, a restore
+reading one of its images a shared one (`in_use`): two checkpoints into one series, or a
+checkpoint and a restore of it, never overlap (the rotation of old images would remove the one
+being restored); the later one is refused (Busy) and nothing of it is left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
+from hpccr.errors import Busy, ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
 
 LATEST = "latest"
 PART = "part-"  # the image of each part of a job on several nodes: part-<slot>
@@ -65,6 +74,35 @@ class Series:
         for old in self.images()[:-keep] if keep > 0 else []:
             if old != image:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def in_use(directory: str | os.PathLike, exclusive: bool) -> Iterator[None]:
+    """The series `directory` is, or holds the image `directory` names (a checkpoint of it, or
+    a part of one), is in use for the block: written into (`exclusive`) or read by a restore.
+    Nothing to hold for an image outside a series."""
+    path = Path(directory)
+    series = next((p for p in (path, path.parent, path.parent.parent)
+                   if (p / LATEST).is_symlink() or p == path and exclusive), None)
+    if series is None:
+        yield
+        return
+    try:
+        fd = os.open(series, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise from_oserror(exc, f"opening {series}", ImageNotFound) from exc
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno != errno.EWOULDBLOCK:
+                raise from_oserror(exc, f"locking {series}", ImageCorrupt) from exc
+            doing = "checkpoint the job into it" if exclusive else "restore from it"
+            raise Busy(f"{series} is in use by another hpccr (a checkpoint being written into "
+                       f"it, or a restore reading it): cannot {doing} now") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def resolve(directory: str | os.PathLike, slot: int | None = None) -> Path:
