@@ -88,9 +88,12 @@ def in_use(directory: str | os.PathLike, exclusive: bool) -> Iterator[None]:
         yield
         return
     try:
+        if exclusive:
+            os.makedirs(series, exist_ok=True)  # the first checkpoint of a series makes it
         fd = os.open(series, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise from_oserror(exc, f"opening {series}", ImageNotFound) from exc
+        error = ImageWriteError if exclusive else ImageNotFound
+        raise from_oserror(exc, f"opening {series}", error) from exc
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
