@@ -4,6 +4,8 @@ Workload: workloads/memory.c (64 MiB of PRNG data, anonymous, private and shared
 a PROT_NONE region, the brk heap; it checks everything itself and prints its checksums).
 """
 
+import pytest
+
 
 def test_memory_without_checkpoint(cr, tmp_path):
     workload = cr.start("memory", tmp_path)
@@ -75,3 +77,15 @@ def test_advice_locks_and_policies(cr, tmp_path):
                  "NUMA policy interleave:0", "shared.dat [may become writable]"):
         assert note in shown.stdout, (note, shown.stdout)
     cr.restore_and_pass(workload, tmp_path / "img")
+
+
+@pytest.mark.parametrize("mode", ["kill", "leave-running"])
+def test_descriptor_of_shared_anonymous_memory(cr, tmp_path, mode):
+    """A descriptor opened on shared anonymous memory (its map_files link) is the mapping's own
+    object again after restore, on a memory file system as before
+    (workloads/mem_shared_anon_fd.c checks both ways and fstatfs)."""
+    workload = cr.start("mem_shared_anon_fd", append=mode != "kill")
+    if mode == "kill":
+        cr.checkpoint_restart(workload, tmp_path / "img")
+    else:
+        cr.leave_running_then_restore(workload, tmp_path / "img")

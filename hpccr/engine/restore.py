@@ -117,13 +117,18 @@ class Context:
         except PermissionError:
             if not self.trusted:
                 raise
-            native.syscall("setfsuid", 0)
-            native.syscall("setfsgid", 0)
-            try:
-                return call(*args, **kwargs)
-            finally:
-                native.syscall("setfsgid", self.fsgid)
-                native.syscall("setfsuid", self.fsuid)
+            return self.as_restorer(call, *args, **kwargs)
+
+    def as_restorer(self, call, *args, **kwargs):
+        """call(*args, **kwargs) with the restorer's own (root's) file-system rights, inside
+        owner_rights: for what the restorer made itself (SharedObjects), not a user's path."""
+        native.syscall("setfsuid", 0)
+        native.syscall("setfsgid", 0)
+        try:
+            return call(*args, **kwargs)
+        finally:
+            native.syscall("setfsgid", self.fsgid)
+            native.syscall("setfsuid", self.fsuid)
 
 
 def load(directory: str, slot: int | None = None) -> tuple[ImageReader, dict]:

@@ -2,7 +2,10 @@
 reopened by path with their flags and offset; deleted files from their saved content.  Files on
 memory file systems (tmpfs: /dev/shm, an MPI library's session directory there) are saved too,
 as another node will not have them, and written back at their path (directories made) at
-restore."""
+restore.  A descriptor of shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, opened through
+/proc/PID/map_files: "/dev/zero (deleted)") reopens the object the restorer makes for that
+memory (SharedObjects), which the mappings map too: descriptor and mappings stay one object, on
+a memory file system as before."""
 
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ NAME = "file"
 FIELDS = {"content": (str, None)}  # path and ghost are common fields
 SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 DELETED = " (deleted)"
+SHARED_ANON = "/dev/zero"  # the name of shared anonymous memory, deleted
 
 
 def recognise(link: str, st: os.stat_result, state) -> bool:
@@ -49,8 +53,13 @@ def check(entry: dict, ctx) -> None:
 def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     if entry["content"] is not None:  # with the process's own file rights (Pool.open_all)
         ctx.as_owner(ctx.shared.put_back, entry["content"], entry["path"])
+    flags = entry["flags"] & ~NOT_REOPENED
+    if entry["ghost"] and entry["path"] == SHARED_ANON and stat.S_ISREG(entry["mode"]):
+        fd = ctx.as_restorer(os.open, ctx.shared.shmem(entry["ghost"]), flags)
+        os.lseek(fd, entry["pos"], os.SEEK_SET)
+        return fd
     path = ctx.ghosts.path(entry["ghost"], entry["mode"]) if entry["ghost"] else entry["path"]
-    fd = ctx.as_owner(os.open, path, entry["flags"] & ~NOT_REOPENED)
+    fd = ctx.as_owner(os.open, path, flags)
     if not stat.S_ISCHR(entry["mode"]):
         os.lseek(fd, entry["pos"], os.SEEK_SET)
     return fd
