@@ -11,6 +11,7 @@ repeated or restarted).
 import json
 import os
 import pwd
+import random
 import shutil
 import signal
 import subprocess
@@ -415,3 +416,48 @@ def test_agent_serves_only_a_process_of_its_job(agents, tmp_path):
     finally:
         for d in (job_cgroup, job_cgroup.parent, job_cgroup.parent.parent):
             d.rmdir()
+
+
+def _mutated(rng: random.Random, request: dict) -> str:
+    """`request` made wrong in a random way (or two), as text: a field with a value of another
+    type or shape, a field missing, keys no request has, or text that is not a JSON object."""
+    values = [None, True, -1, 0, 2**70, 1.5, "", "x" * 5000, "\udcff", [], [1, "a"], {},
+              {"a": [{}]}, ["../../etc"], {"PATH": None}]
+    changed = dict(request)
+    for _ in range(rng.randint(1, 2)):
+        how = rng.randrange(4)
+        key = rng.choice(sorted(request))
+        if how == 0:
+            changed[key] = rng.choice(values)
+        elif how == 1:
+            changed.pop(key, None)
+        elif how == 2:
+            changed[rng.choice(["", "op ", "signal", "\u00e9"])] = rng.choice(values)
+        else:
+            return rng.choice([" ", "{", "[]", "null", "42", '"run"', "{\"op\": \"run\"",
+                               json.dumps([request]), json.dumps(request)[:-1], "\u2603" * 300])
+    return json.dumps(changed)
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_agent_survives_fuzzed_requests(agents, home, tmp_path, seed):
+    """A request of the right user made wrong at random (seeded: reproducible) gets one answer
+    — an error with a code, or a start if the change left it valid — and the agent ends by
+    itself with no traceback; the job only starts when the request is valid."""
+    rng = random.Random(seed)
+    marker = home / "ran"
+    valid = job_request("run", home, ["/usr/bin/touch", str(marker)], [])
+    text = _mutated(rng, valid)
+    agent = agents()
+    out, err = tmp_path / "raw.out", tmp_path / "raw.err"
+    argv = ["/usr/bin/python3", "-c", RAW_CLIENT, str(agent.sock), text, str(PASSED_FDS)]
+    client = user_process(argv, out, err)
+    assert client.wait(TIMEOUT) == 0, err.read_text()
+    reply = json.loads(out.read_text())
+    assert set(reply) in ({"error", "code"}, {"started"}), (text, reply)
+    status = agent.proc.wait(TIMEOUT)
+    log = agent.log.read_text()
+    assert "Traceback" not in log and status in (0, 1), (text, status, log)
+    if "error" in reply:
+        assert isinstance(reply["code"], int) and status == 1, (text, reply)
+        assert not marker.exists(), text

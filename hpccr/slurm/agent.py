@@ -40,6 +40,7 @@ from hpccr.events import EventChannel, answer_events, receive, send
 from hpccr.slurm import cgroup
 
 IDLE_S = 120  # the batch step connects as it starts, right after the prolog
+REQUEST_TIMEOUT_S = 30  # from the connection to the request: the agent never waits for ever
 PASSED_FDS = 4  # stdin, stdout, stderr, and the socket for checkpoint events (hpccr.events)
 UCRED = struct.Struct("3i")  # pid, uid, gid
 EXIT_AGENT_FAILED = 1
@@ -137,7 +138,12 @@ def _session(conn: socket.socket, user, job_id: str) -> int:
                                                   UCRED.size))
     message, fds = None, []
     try:
-        message, fds = receive(conn, PASSED_FDS)
+        conn.settimeout(REQUEST_TIMEOUT_S)
+        try:
+            message, fds = receive(conn, PASSED_FDS)
+        except TimeoutError:
+            raise HpccrError(f"agent: no request within {REQUEST_TIMEOUT_S} s") from None
+        conn.settimeout(None)
         if message is None:
             return 0
         # Else the user could run a job outside this job's limits (another job's, none).
