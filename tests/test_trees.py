@@ -99,6 +99,13 @@ def test_sessions_and_groups(tree_cr, tmp_path, mode):
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
 
 
+def test_group_whose_leader_exited(tree_cr, tmp_path, mode):
+    """The later commands of a pipeline whose first command ended: after restore they are in
+    that command's group still, and a signal sent to the group reaches them."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_lost_group"]])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")
+
+
 # How a shell starts a program in the background: `&` without job control (the program stays in
 # the shell's group), with it (a group of its own), and nohup'ed by a shell that exits once the
 # program is READY, before the dump.
@@ -302,12 +309,9 @@ def test_session_whose_leader_exited(tree_cr, tmp_path, mode):
     tree_cr.checkpoint_restart(workload, tmp_path / "img")
 
 
-def test_group_whose_leader_exited_is_refused_at_dump(tree_cr, tmp_path):
-    """Such a group cannot be made again (not yet): the dump says so before it kills anything,
-    and the tree runs on and passes."""
-    workload = tree_cr.start(tree_cr.binaries["tree_orphan"], "group")
-    message = tree_cr.assert_error(tree_cr.dump(workload, tmp_path / "img"), 14)
-    assert "process group" in message and "leader exited" in message, message
-    workload.assert_untouched()
-    assert workload.wait_exit() == 0, workload.output()
-    workload.assert_passed()
+def test_orphan_in_a_group_whose_leader_exited(tree_cr, tmp_path, mode):
+    """An orphan (re-parented to the root, a child subreaper) in the root's session and in a
+    group whose leader exited: the group is made again (its helper, an orphan too, is the
+    subreaper's to reap) and the orphan is in it."""
+    workload = start(tree_cr, mode, [tree_cr.binaries["tree_orphan"], "group"])
+    tree_cr.checkpoint_restart(workload, tmp_path / "img")

@@ -150,6 +150,9 @@ class Task:
     outer: int = 0  # its pid as hpccr sees it, once it exists
     in_outside_group: bool = False  # joins the restorer's group (engine/sessions.py)
     group: int = 0  # the process group it joins when it is created (set by spawn())
+    makes_group: int = 0  # a group whose leader exited, which its helper makes (sessions.py)
+    group_lifetime: int = -1  # that helper's end of a pipe every task holds until it is built
+    group_spare: int = 0  # in a job's pid namespace: a pid no task needs, for its helper's parent
 
     @property
     def all_children(self) -> list[Task]:
@@ -205,6 +208,8 @@ def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
         stack.extend(reversed(sorted(task.all_children, key=lambda t: t.proc["pid"])))
     if len(order) != len(tasks):
         raise ImageCorrupt("image.json: the processes do not form one tree")
+    for pgid, members in groups.leaderless.items():
+        next(t for t in order if t.proc["pid"] in members).makes_group = pgid
     return order
 
 
@@ -377,7 +382,8 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
         if excess:
             raise AccessDenied(f"process {proc['pid']} of the image has {excess}, which "
                                f"user {user.name} does not: refused")
-        ids = [proc["pid"], *task.helpers] + [t["tid"] for t in proc["threads"]]
+        ids = [proc["pid"], *task.helpers, *([task.makes_group] if task.makes_group else [])]
+        ids += [t["tid"] for t in proc["threads"]]
         for tid in ids if not pidns else []:
             if os.path.exists(procfs.path(tid)):
                 try:
@@ -409,6 +415,17 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
     restorer_pgid = 0 if pidns else os.getpgid(0)  # the outside group is 0 in the job's pidns
     for task in order:
         task.group = restorer_pgid if task.in_outside_group else task.proc["pgid"]
+    lifetimes = []  # the pipes that keep the helpers of leaderless groups (install_fds closes)
+    spare = max(_needed_pids(order)) + 1
+    for task in order:
+        if task.makes_group:
+            if pidns:  # where any other pid may be one a task is about to be created with
+                task.group_spare, spare = spare, spare + 1
+            ends = os.pipe2(os.O_CLOEXEC)
+            lifetimes += [fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, pool.base) for end in ends]
+            for end in ends:
+                os.close(end)
+            task.group_lifetime = lifetimes[-2]
     rd, wr = os.pipe2(os.O_CLOEXEC)
     try:
         if network:
@@ -419,12 +436,14 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         else:
             pid = native.fork_with_pid(root.proc["pid"])
     except OSError as exc:
-        os.close(rd)
-        os.close(wr)
+        for fd in (rd, wr, *lifetimes):
+            os.close(fd)
         raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
         _child(root, pool, wr, enter_namespaces=pidns, sysv_state=sysv_state,
                network=network.spec if network else None, root=True)
+    for end in lifetimes:
+        os.close(end)  # the tasks hold them until they are built
     root.outer = pid
     os.close(wr)
     with os.fdopen(rd, "rb") as pipe:  # EOF once every task has exec'd the stub (or died)
@@ -449,6 +468,39 @@ def _fork(pid: int, flags: int = 0) -> int:
         return native.fork_with_pid(pid, flags)
     except OSError as exc:
         raise _fork_error(exc, pid) from None
+
+
+def _needed_pids(order: list[Task]) -> list[int]:
+    """Every pid and tid the tasks and their helpers are created with."""
+    return [pid for task in order for pid in (
+        task.proc["pid"], *task.helpers, task.makes_group,
+        *(t["tid"] for t in task.proc["threads"]))]
+
+
+def _make_leaderless_group(pgid: int, lifetime: int, spare: int) -> None:
+    """In the first task of group `pgid`, whose leader exited: a helper with the leader's pid
+    makes the group, and keeps it until every task holding the write end of the `lifetime` pipe
+    has been built (install_fds closes it).  The helper is the child of a child (with pid
+    `spare` if not 0) that exits at once: an orphan from the start, reaped as orphans are (by the
+    job's init, or a child subreaper of the tree), never a child of the task that made it."""
+    ready_rd, ready_wr = os.pipe()
+    middle = _fork(spare) if spare else os.fork()
+    if middle == 0:
+        try:
+            if _fork(pgid) == 0:
+                os.setpgid(0, 0)
+                os.write(ready_wr, b"!")
+                os.closerange(0, lifetime)
+                os.closerange(lifetime + 1, os.sysconf("SC_OPEN_MAX"))
+                os.read(lifetime, 1)  # end of file: every task is built
+        finally:
+            os._exit(0)
+    os.close(ready_wr)
+    os.waitpid(middle, 0)
+    made = os.read(ready_rd, 1)
+    os.close(ready_rd)
+    if made != b"!":
+        raise RestoreFailed(f"cannot make process group {pgid} (its leader exited) again")
 
 
 def _fork_task(task: Task, pool: fds.Pool, errpipe: int) -> None:
@@ -596,7 +648,10 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
         if proc["sid"] == proc["pid"]:
             os.setsid()  # it led its session (and group): it leads a new one
         elif task.group != os.getpgid(0):
-            os.setpgid(0, task.group)  # its own group, or one its leader already made
+            if task.makes_group:
+                _make_leaderless_group(task.makes_group, task.group_lifetime,
+                                       task.group_spare)
+            os.setpgid(0, task.group)  # its own group, or one its leader (or helper) made
         if not task.zombie:
             prctls.restore(proc)
         if root and not task.zombie:

@@ -4,7 +4,10 @@ They are rebuilt as they are inherited: a session leader calls setsid() before i
 children.  A session whose leader exited is made by a helper task with the leader's pid, which
 calls setsid(), creates the session's topmost processes and exits: they are then re-parented to
 their real parent, which must be the job's init or a child subreaper, as it was when they were
-orphaned.  A group must have its leader in the tree, or be the group the tree was started in.
+orphaned.  A group whose leader exited (a pipeline whose first command ended) is made by a
+helper with the leader's pid too, forked by the group's first process to be created: it makes
+the group, which the members join, and exits once every process of the tree exists; it is an
+orphan from the start, reaped as orphans are (by the job's init, or a child subreaper).
 
 The session and group the tree was started in (a shell's, for `./sim &` or `nohup ./sim &`) are
 outside it: after a restore they are the restoring process's, the way a shell job's would be.
@@ -27,6 +30,8 @@ class Plan:
     helpers: dict[int, tuple[int, list[int]]] = field(default_factory=dict)
     # processes in the group the tree was started in, led from outside the tree
     in_outside_group: set[int] = field(default_factory=set)
+    # pgid of a group whose leader exited (not a session's) -> its processes
+    leaderless: dict[int, list[int]] = field(default_factory=dict)
 
 
 def plan(procs: dict[int, dict], root_pid: int, pidns: bool) -> Plan:
@@ -53,8 +58,7 @@ def plan(procs: dict[int, dict], root_pid: int, pidns: bool) -> Plan:
         if pgid == outside_pgid and pgid not in procs:
             result.in_outside_group.add(pid)
         elif pgid not in procs and pgid != sid:
-            raise UnsupportedResource(f"process {pid} is in process group {pgid}, whose leader "
-                                      "exited (not supported yet)")
+            result.leaderless.setdefault(pgid, []).append(pid)
     for sid, members in orphaned.items():
         parents = {procs[m]["ppid"] for m in members}
         parent = procs.get(parents.pop()) if len(parents) == 1 else None
