@@ -252,7 +252,7 @@ sys.stdin.read()  # until the test closes our stdin; the tracee is let go when w
 def test_traced_process_is_refused(cr, tmp_path):
     """A process traced by someone else (a debugger; another hpccr's dump): refused with 22
     naming the tracer, no image, the process runs on traced by it alone; once let go it dumps."""
-    workload = cr.start("idle", 12)
+    workload = cr.start("idle", 20)
     tracer = subprocess.Popen(["python3", "-c", TRACER, str(workload.pid)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
