@@ -87,22 +87,31 @@ def in_use(directory: str | os.PathLike, exclusive: bool) -> Iterator[None]:
     if series is None:
         yield
         return
+    fd = None
     try:
         if exclusive:
             os.makedirs(series, exist_ok=True)  # the first checkpoint of a series makes it
         fd = os.open(series, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        error = ImageWriteError if exclusive else ImageNotFound
-        raise from_oserror(exc, f"opening {series}", error) from exc
+        # A restore by root for a user, on a file system that maps root to nobody, reads the
+        # image with the user's rights: the image says itself what it cannot read.
+        if exclusive or not isinstance(exc, PermissionError):
+            error = ImageWriteError if exclusive else ImageNotFound
+            raise from_oserror(exc, f"opening {series}", error) from exc
+    if fd is None:
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno != errno.EWOULDBLOCK:
+            # ENOLCK, EOPNOTSUPP: a file system without locks (NFS without its lock service)
+            if exc.errno == errno.EWOULDBLOCK:
+                doing = "checkpoint the job into it" if exclusive else "restore from it"
+                raise Busy(f"{series} is in use by another hpccr (a checkpoint being written "
+                           f"into it, or a restore reading it): cannot {doing} now") from None
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP):
                 raise from_oserror(exc, f"locking {series}", ImageCorrupt) from exc
-            doing = "checkpoint the job into it" if exclusive else "restore from it"
-            raise Busy(f"{series} is in use by another hpccr (a checkpoint being written into "
-                       f"it, or a restore reading it): cannot {doing} now") from None
         yield
     finally:
         os.close(fd)

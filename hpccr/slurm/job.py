@@ -59,7 +59,7 @@ SLURM_COMMAND_TIMEOUT_S = 30
 SLURM_NODES = "HPCCR_SLURM_NODES"  # the job's nodes by slot (Slurm's names), for its parts
 JOB_ERRORS = "HPCCR_JOB_ERRORS"  # the batch step's stderr file, where parts write theirs
 PARTS_STOP_S = 60  # for the other parts to end after a final checkpoint has stopped them
-PARTS_TERM_S = 30  # for the other parts to end on SIGTERM once the job's script has ended
+PARTS_TERM_S = 30  # for the other parts to end once told to (the job's script has ended)
 SIGNAL_STEPS_S = 5  # scancel retries while the job is being cancelled or requeued
 
 
