@@ -11,8 +11,9 @@ stays inside its Slurm job; that child talks on the batch step's own stdin, stdo
 (passed over the socket).  The batch step passes on the signals Slurm sends it, and gets the
 job's exit status back.
 
-Only the job's user can use an agent (SO_PEERCRED), for one session; an agent nobody uses
-exits after IDLE_S seconds, and the epilog stops one that is left.
+Only the job's user can use an agent (SO_PEERCRED), for one session that starts or restores
+the job; a refused request is answered and the agent listens on.  An agent whose job has not
+started within IDLE_S seconds exits, and the epilog stops one that is left.
 
 Messages are JSON, one per SOCK_SEQPACKET packet:
     batch step -> agent   {"op": "run"|"restore", "dir", "interval", "keep", "stop_signals",
@@ -31,6 +32,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 
 from hpccr import config
@@ -87,7 +89,10 @@ def _valid_request(req: dict) -> dict:
 
 
 def serve(run_dir: Path, job_id: str, node: str, uid: int) -> int:
-    """Serve one session of the job's user; returns when it is over (or nobody came)."""
+    """Serve the job's user until one session has started or restored the job, and return
+    when it is over; or return once IDLE_S seconds have passed without one.  A refused
+    request (or a client that leaves without one) is answered and the agent listens on: its
+    job's own session may still come."""
     from hpccr.user import User
 
     user = User.lookup(str(uid))
@@ -96,29 +101,34 @@ def serve(run_dir: Path, job_id: str, node: str, uid: int) -> int:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    deadline = time.monotonic() + IDLE_S
     try:
         listener.bind(str(path))
         path.chmod(0o666)  # anyone may connect; only the job's user is served
         listener.listen(4)
         pidfile.write_text(f"{os.getpid()}\n")
-        conn = _accept_user(listener, uid)
+        while (conn := _accept_user(listener, uid, deadline)) is not None:
+            with conn:
+                child = _start(conn, user, job_id)
+                if child is None:
+                    continue
+                listener.close()  # the job runs: nobody else is served
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                return _relay(conn, child)
+        return 0
     finally:
         listener.close()
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-    if conn is None:
-        pidfile.unlink(missing_ok=True)
-        return 0
-    try:
-        return _session(conn, user, job_id)
-    finally:
-        conn.close()
         pidfile.unlink(missing_ok=True)
 
 
-def _accept_user(listener: socket.socket, uid: int) -> socket.socket | None:
-    listener.settimeout(IDLE_S)
-    while True:
+def _accept_user(listener: socket.socket, uid: int, deadline: float) -> socket.socket | None:
+    """The next client of the job's user (others are answered and let go); None at the
+    deadline."""
+    while (left := deadline - time.monotonic()) > 0:
+        listener.settimeout(left)
         try:
             conn, _ = listener.accept()
         except TimeoutError:
@@ -131,9 +141,12 @@ def _accept_user(listener: socket.socket, uid: int) -> socket.socket | None:
         with contextlib.suppress(OSError):
             send(conn, {"error": "this agent serves another user's job", "code": 11})
         conn.close()
+    return None
 
 
-def _session(conn: socket.socket, user, job_id: str) -> int:
+def _start(conn: socket.socket, user, job_id: str) -> int | None:
+    """One client's request: the child that runs or restores the job (its answer sent), or
+    None if there was no valid request (the error sent)."""
     peer_pid, _, _ = UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                   UCRED.size))
     message, fds = None, []
@@ -145,7 +158,7 @@ def _session(conn: socket.socket, user, job_id: str) -> int:
             raise HpccrError(f"agent: no request within {REQUEST_TIMEOUT_S} s") from None
         conn.settimeout(None)
         if message is None:
-            return 0
+            return None  # it left without a request
         # Else the user could run a job outside this job's limits (another job's, none).
         if cgroup.job_has_cgroups(job_id) and not cgroup.in_job(peer_pid, job_id):
             raise HpccrError(f"agent: the client is not a process of job {job_id}")
@@ -159,7 +172,7 @@ def _session(conn: socket.socket, user, job_id: str) -> int:
             send(conn, {"error": str(exc), "code": code})
         for fd in fds:
             os.close(fd)
-        return EXIT_AGENT_FAILED
+        return None
     report_rd, report_wr = os.pipe2(os.O_CLOEXEC)
     child = os.fork()
     if child == 0:
@@ -171,8 +184,9 @@ def _session(conn: socket.socket, user, job_id: str) -> int:
         os.close(fd)
     with os.fdopen(report_rd, "rb") as report:
         started = json.loads(report.read() or b'{"error": "agent: the job did not start"}')
-    send(conn, started)
-    return _relay(conn, child)
+    with contextlib.suppress(OSError):  # the client may be gone: the relay sees it
+        send(conn, started)
+    return child
 
 
 def _relay(conn: socket.socket, child: int) -> int:
