@@ -46,11 +46,12 @@ def recognise(link: str, st: os.stat_result, state) -> bool:
     return link == LINK
 
 
-def _still_registered(pid: int, epfd: int, tfd: int) -> bool:
-    """True if descriptor `tfd` of `pid` is the file registered as `tfd` in epoll `epfd`."""
+def _holds_target(holder: int, fd: int, pid: int, epfd: int, tfd: int) -> bool:
+    """True if descriptor `fd` of `holder` is the file that `pid`'s epoll `epfd` watches as
+    `tfd`."""
     _slot, addr = cbuf(KCMP_EPOLL_SLOT.pack(epfd, tfd, 0))
     try:
-        return native.syscall("kcmp", pid, pid, KCMP_EPOLL_TFD, tfd, addr) == 0
+        return native.syscall("kcmp", holder, pid, KCMP_EPOLL_TFD, fd, addr) == 0
     except OSError as exc:
         if exc.errno in (errno.EBADF, errno.ENOENT):
             return False
@@ -60,16 +61,9 @@ def _still_registered(pid: int, epfd: int, tfd: int) -> bool:
 def _holder(pid: int, epfd: int, tfd: int, state) -> dict | None:
     """The process (as the image records it) and descriptor of the dump holding the file that
     `pid`'s epoll `epfd` watches as `tfd`, or None."""
-    _slot, addr = cbuf(KCMP_EPOLL_SLOT.pack(epfd, tfd, 0))
-    for holder in sorted(state.pids):
-        for fd in procfs.fds(holder):
-            try:
-                if native.syscall("kcmp", holder, pid, KCMP_EPOLL_TFD, fd, addr) == 0:
-                    return {"pid": state.ids.of(holder), "fd": fd}
-            except OSError as exc:
-                if exc.errno not in (errno.EBADF, errno.ENOENT):
-                    raise
-    return None
+    return next(({"pid": state.ids.of(holder), "fd": fd} for holder in sorted(state.pids)
+                 for fd in procfs.fds(holder) if _holds_target(holder, fd, pid, epfd, tfd)),
+                None)
 
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
@@ -78,7 +72,7 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     targets = [{"fd": int(m[1]), "events": int(m[2], 16), "data": int(m[3], 16), "file": None}
                for m in found if m]
     for target in targets:
-        if _still_registered(pid, fd, target["fd"]):
+        if _holds_target(pid, target["fd"], pid, fd, target["fd"]):
             continue
         target["file"] = _holder(pid, fd, target["fd"], state)
         if target["file"] is None:
