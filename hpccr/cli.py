@@ -162,8 +162,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
         supervision = None if detach else Supervision(checkpoints)
         if tcp_close is None:
             tcp_close = config.load().tcp_close
-        root, network = restore_tree(directory, user, tcp_close, part.nodes if part else None,
-                                     slot)
+        root, network = restore_tree(directory, user, tcp_close, part)
         checkpoints.notify("restored", path=str(resolve(directory, slot)))
         write_pid(root)
     if supervision is None:

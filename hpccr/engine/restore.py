@@ -20,6 +20,7 @@ import signal
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hpccr import errors, native
 from hpccr.engine import (
@@ -69,6 +70,9 @@ from hpccr.errors import (
 from hpccr.image import ImageReader, PageReader
 from hpccr.image.series import in_use, resolve
 from hpccr.user import User
+
+if TYPE_CHECKING:
+    from hpccr.run import Part
 
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 AT_ENTRY = 9
@@ -226,20 +230,20 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None,
 
 
 def restore_tree(directory: str, user: User | None = None, tcp_close: bool = False,
-                 nodes: list[str] | None = None, slot: int | None = None
-                 ) -> tuple[int, netns.JobNetwork | None]:
+                 part: Part | None = None) -> tuple[int, netns.JobNetwork | None]:
     """Restore the image and let it run; returns the restored root's pid (our child), and the
     network made for it (the job's own; None if it has ours), to be removed when it ends.
 
     The processes may have the credentials of the image's owner and no more — of `user`'s when
     root restores for a user — and anything for an image only root could have written.
     With `tcp_close`, a TCP connection whose local address does not exist here comes back
-    reset instead of failing the restore (fds/inet.py).  The part at `slot` of a job on several
-    nodes (its image in a checkpoint of all parts) joins the job's overlay through `nodes`, the
-    addresses of the job's new nodes by slot.  An image of a series is read with the series in
-    use (series.in_use): no checkpoint into it meanwhile."""
+    reset instead of failing the restore (fds/inet.py).  A `part` of a job on several nodes
+    restores its slot's image of a checkpoint of all parts, and joins the job's overlay through
+    the addresses of the job's new nodes.  An image of a series is read with the series in use
+    (series.in_use): no checkpoint into it meanwhile."""
     with in_use(directory, exclusive=False):
-        return _restore_tree(directory, user, tcp_close, nodes, slot)
+        return _restore_tree(directory, user, tcp_close, part.nodes if part else None,
+                             part.slot if part else None)
 
 
 def _restore_tree(directory: str, user: User | None, tcp_close: bool, nodes: list[str] | None,
@@ -382,9 +386,7 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
         if excess:
             raise AccessDenied(f"process {proc['pid']} of the image has {excess}, which "
                                f"user {user.name} does not: refused")
-        ids = [proc["pid"], *task.helpers, *([task.makes_group] if task.makes_group else [])]
-        ids += [t["tid"] for t in proc["threads"]]
-        for tid in ids if not pidns else []:
+        for tid in _task_pids(task) if not pidns else []:
             if os.path.exists(procfs.path(tid)):
                 try:
                     who = procfs.comm(tid)
@@ -416,16 +418,17 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
     for task in order:
         task.group = restorer_pgid if task.in_outside_group else task.proc["pgid"]
     lifetimes = []  # the pipes that keep the helpers of leaderless groups (install_fds closes)
-    spare = max(_needed_pids(order)) + 1
-    for task in order:
-        if task.makes_group:
-            if pidns:  # where any other pid may be one a task is about to be created with
-                task.group_spare, spare = spare, spare + 1
-            ends = os.pipe2(os.O_CLOEXEC)
-            lifetimes += [fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, pool.base) for end in ends]
-            for end in ends:
-                os.close(end)
-            task.group_lifetime = lifetimes[-2]
+    makers = [task for task in order if task.makes_group]
+    # In a pid namespace any other pid may be one a task is about to be created with.
+    spare = max(pid for task in order for pid in _task_pids(task)) + 1 if makers else 0
+    for task in makers:
+        if pidns:
+            task.group_spare, spare = spare, spare + 1
+        ends = os.pipe2(os.O_CLOEXEC)
+        lifetimes += [fcntl.fcntl(end, fcntl.F_DUPFD_CLOEXEC, pool.base) for end in ends]
+        for end in ends:
+            os.close(end)
+        task.group_lifetime = lifetimes[-2]
     rd, wr = os.pipe2(os.O_CLOEXEC)
     try:
         if network:
@@ -470,11 +473,10 @@ def _fork(pid: int, flags: int = 0) -> int:
         raise _fork_error(exc, pid) from None
 
 
-def _needed_pids(order: list[Task]) -> list[int]:
-    """Every pid and tid the tasks and their helpers are created with."""
-    return [pid for task in order for pid in (
-        task.proc["pid"], *task.helpers, task.makes_group,
-        *(t["tid"] for t in task.proc["threads"]))]
+def _task_pids(task: Task) -> list[int]:
+    """Every pid and tid the task, its threads and its helpers are created with."""
+    return [task.proc["pid"], *task.helpers, *([task.makes_group] if task.makes_group else []),
+            *(t["tid"] for t in task.proc["threads"])]
 
 
 def _make_leaderless_group(pgid: int, lifetime: int, spare: int) -> None:

@@ -234,7 +234,6 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
             raise HpccrError(f"cannot join the job's cgroups: {exc}") from exc
         user.take_fs_rights()
         part = job_part(request["env"])
-        slot = part.slot if part else None
         checkpoints = Checkpoints(Series(request["dir"]), request["interval"], request["keep"],
                                   tuple(request["stop_signals"]), EventChannel(fds[3]), part)
         supervision = Supervision(checkpoints)
@@ -242,13 +241,13 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
             network = new_network(request["env"].get("HPCCR_JOB_NETWORK"), request["env"])
             pid = start_job(request["argv"], user, request["env"], request["cwd"], network)
         else:
-            pid, network = restore_tree(request["dir"], user, config.load().tcp_close,
-                                        part.nodes if part else None, slot)
+            pid, network = restore_tree(request["dir"], user, config.load().tcp_close, part)
         os.write(report_wr, json.dumps({"started": pid}).encode())
         os.close(report_wr)
         report_wr = -1
         if request["op"] == "restore":  # answered once the batch step knows it started
-            checkpoints.notify("restored", path=str(resolve(request["dir"], slot)))
+            checkpoints.notify("restored",
+                               path=str(resolve(request["dir"], part.slot if part else None)))
         status = supervision.run(pid, network)
     except HpccrError as exc:
         if report_wr >= 0:
