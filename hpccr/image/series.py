@@ -84,20 +84,18 @@ def in_use(directory: str | os.PathLike, exclusive: bool) -> Iterator[None]:
     path = Path(directory)
     series = next((p for p in (path, path.parent, path.parent.parent)
                    if (p / LATEST).is_symlink() or p == path and exclusive), None)
-    if series is None:
-        yield
-        return
     fd = None
-    try:
-        if exclusive:
-            os.makedirs(series, exist_ok=True)  # the first checkpoint of a series makes it
-        fd = os.open(series, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        # A restore by root for a user, on a file system that maps root to nobody, reads the
-        # image with the user's rights: the image says itself what it cannot read.
-        if exclusive or not isinstance(exc, PermissionError):
-            error = ImageWriteError if exclusive else ImageNotFound
-            raise from_oserror(exc, f"opening {series}", error) from exc
+    if series is not None:
+        try:
+            if exclusive:
+                os.makedirs(series, exist_ok=True)  # the first checkpoint of a series makes it
+            fd = os.open(series, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            # A restore by root for a user, on a file system that maps root to nobody, reads
+            # the image with the user's rights: the image says itself what it cannot read.
+            if exclusive or not isinstance(exc, PermissionError):
+                error = ImageWriteError if exclusive else ImageNotFound
+                raise from_oserror(exc, f"opening {series}", error) from exc
     if fd is None:
         yield
         return
