@@ -22,11 +22,10 @@ where the job's own environment does not set it.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 from hpccr.engine import overlay
+from hpccr.mpi import launch
 
 OPEN_MPI_SESSION_DIR = "/dev/shm"
 
@@ -36,7 +35,7 @@ def job_environment(env: Mapping[str, str], hosts: tuple[str, ...] = ()) -> dict
     of every part of a job on several nodes."""
     added = {"OMPI_MCA_orte_tmpdir_base": OPEN_MPI_SESSION_DIR}
     if len(hosts) > 1:
-        launcher = str(Path(sys.executable).with_name("hpccr-launch"))
+        launcher = launch.executable()
         added |= {"OMPI_MCA_plm": "rsh", "OMPI_MCA_plm_rsh_agent": launcher,
                   "OMPI_MCA_ras": "^slurm", "OMPI_MCA_btl_tcp_if_include": overlay.DEVICE,
                   "OMPI_MCA_oob_tcp_if_include": overlay.DEVICE,

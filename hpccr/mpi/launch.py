@@ -30,6 +30,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 PORT = 7099
 STDOUT, STDERR, EXIT = b"1", b"2", b"x"
@@ -38,6 +39,11 @@ UNREACHABLE = 255  # ssh's status when it cannot run the command
 CHUNK = 65536
 CONNECT_WAIT_S = 120
 CONNECT_RETRY_S = 0.2  # a server being started on another node cannot tell us when it listens
+
+
+def executable() -> str:
+    """This installation's hpccr-launch (a console script beside its Python)."""
+    return str(Path(sys.executable).with_name("hpccr-launch"))
 
 
 SSH_OPTIONS_WITH_VALUE = {"-l", "-p", "-o", "-i", "-F"}  # hydra passes -x, as to ssh

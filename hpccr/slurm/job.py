@@ -48,6 +48,7 @@ from hpccr.engine.job import FORWARDED
 from hpccr.errors import HpccrError
 from hpccr.events import answer_events
 from hpccr.image.series import Series
+from hpccr.mpi import launch
 from hpccr.run import STOPPED
 from hpccr.slurm import agent
 from hpccr.slurm.hooks import run_hooks
@@ -304,7 +305,7 @@ def run_part(directory: str, restore: bool) -> int:
     slot = names.index(node)
     os.environ["HPCCR_NODE_SLOT"] = str(slot)
     _part_stdio(os.environ.get(JOB_ERRORS))
-    launch_server = [str(Path(sys.executable).with_name("hpccr-launch")), "--serve"]
+    launch_server = [launch.executable(), "--serve"]
     try:
         cfg = config.load()
         run = Run(launch_server, Path(directory), None, cfg.keep, restore)
