@@ -5,7 +5,8 @@ on the other node, started there through hpccr-launch and that part's launch ser
 dumped and killed in the middle of the run and restored on each other's node, or checkpointed
 together every 2 s (hpccr/mpi/coordinate.py) and restored after both were killed: the run prints
 exactly the steps and result of a run never interrupted.  A member's hpccr killed in the middle
-of a coordinated checkpoint leaves the previous one latest.  MPICH's tests are skipped (see
+of a coordinated checkpoint leaves the previous one latest.  A checkpoint that caught a 64 MiB
+message on its way between the nodes restores.  MPICH's tests are skipped (see
 `reliable`).
 
 Nodes made of namespaces (multinode.py); workload: workloads/mpi/ring.c.
@@ -18,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -37,10 +39,32 @@ MPIS = {  # compiler, launcher and its options, then how to place 2 ranks on eac
 }
 
 
+@dataclass
+class Ring:
+    """The ring of one MPI (built with its mpicc) and its launcher for 4 ranks."""
+    name: str
+    binary: Path
+    launcher: list[str]
+    option: str  # the launcher's option for the hosts, and their list for 2 ranks on each
+    hosts: str
+
+    def on(self, a: str, b: str, steps: int = STEPS, size: int = BYTES) -> list[str]:
+        """The launcher's command for 2 ranks on each of the hosts `a` and `b`."""
+        return [*self.launcher, self.option, self.hosts.format(a, b), str(self.binary),
+                str(steps), str(size)]
+
+    def printed(self, steps: int = STEPS, size: int = BYTES) -> list[str]:
+        """What a run on this node, never interrupted, prints."""
+        res = subprocess.run([*self.launcher, str(self.binary), str(steps), str(size)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=4 * TIMEOUT, env={**os.environ, **ROOT})
+        assert res.returncode == 0, describe(res)
+        return printed(res.stdout.splitlines())
+
+
 @pytest.fixture(scope="module", params=sorted(MPIS))
 def mpi(request, tmp_path_factory):
-    """The MPI's launcher of the ring (built with its mpicc) for 4 ranks on two hosts (a
-    function of their names), what a run on this node never interrupted prints, its name."""
+    """The ring of each MPI, and what its run of STEPS steps of BYTES prints."""
     compiler, launcher, option, hosts = MPIS[request.param]
     missing = [p for p in (compiler, launcher[0]) if not shutil.which(p)]
     if missing:
@@ -48,12 +72,8 @@ def mpi(request, tmp_path_factory):
     binary = tmp_path_factory.mktemp(request.param) / "ring"
     subprocess.run([compiler, "-O2", "-Wall", "-o", binary, RING], check=True,
                    capture_output=True)
-    command = [str(binary), str(STEPS), str(BYTES)]
-    res = subprocess.run([*launcher, *command], stdin=subprocess.DEVNULL, capture_output=True,
-                         text=True, timeout=4 * TIMEOUT, env={**os.environ, **ROOT})
-    assert res.returncode == 0, describe(res)
-    return (lambda a, b: [*launcher, option, hosts.format(a, b), *command],
-            printed(res.stdout.splitlines()), request.param)
+    ring = Ring(request.param, binary, launcher, option, hosts)
+    return ring, ring.printed()
 
 
 def reliable(mpi_name: str) -> None:
@@ -67,12 +87,12 @@ def reliable(mpi_name: str) -> None:
 def test_mpi_job_on_two_nodes(tree_cr, nodes, tmp_path, mpi):
     """Without checkpoints: the run on two nodes prints what the run on one node prints, and
     ends."""
-    run_on, reference, name = mpi
-    reliable(name)
+    ring, reference = mpi
+    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     tree_cr.start_job(LAUNCH_SERVER, wrap=nodes.wrap(1),
                       env={**part_env(job_id, 1, nodes.addresses), **ROOT})
-    ranks = tree_cr.start_job(run_on(f"job{job_id}-0", f"job{job_id}-1"), ready=False,
+    ranks = tree_cr.start_job(ring.on(f"job{job_id}-0", f"job{job_id}-1"), ready=False,
                               wrap=nodes.wrap(0),
                               env={**part_env(job_id, 0, nodes.addresses), **ROOT})
     assert ranks.proc.wait(timeout=4 * TIMEOUT) == 0, ranks.output()
@@ -80,12 +100,12 @@ def test_mpi_job_on_two_nodes(tree_cr, nodes, tmp_path, mpi):
 
 
 def test_mpi_job_restored_on_each_others_node(tree_cr, nodes, tmp_path, mpi):
-    run_on, reference, name = mpi
-    reliable(name)
+    ring, reference = mpi
+    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     server = tree_cr.start_job(LAUNCH_SERVER, wrap=nodes.wrap(1),
                                env={**part_env(job_id, 1, nodes.addresses), **ROOT})
-    ranks = tree_cr.start_job(run_on(f"job{job_id}-0", f"job{job_id}-1"), ready=False,
+    ranks = tree_cr.start_job(ring.on(f"job{job_id}-0", f"job{job_id}-1"), ready=False,
                               wrap=nodes.wrap(0),
                               env={**part_env(job_id, 0, nodes.addresses), **ROOT})
     wait_until(lambda: len(ranks.values("STEP")) >= DUMP_AFTER or ranks.proc.poll() is not None,
@@ -108,13 +128,13 @@ def test_mpi_job_restored_on_each_others_node(tree_cr, nodes, tmp_path, mpi):
     assert restored["server"].poll() is None, restored["server"].stderr.read()
 
 
-def start_parts(tree_cr, nodes, run_on, job_id, series, member_env=None):
+def start_parts(tree_cr, nodes, ring, job_id, series, member_env=None, **run):
     """The job's parts with checkpoints every 2 s into `series` (by the part at slot 0): the
-    launch server at slot 1, the MPI job at slot 0; once it has made DUMP_AFTER steps."""
+    launch server at slot 1, the MPI job (`ring.on` with `run`'s steps and size) at slot 0."""
     server = tree_cr.start_job(LAUNCH_SERVER, "-D", series, wrap=nodes.wrap(1),
                                env={**part_env(job_id, 1, nodes.addresses), **ROOT,
                                     **(member_env or {})})
-    ranks = tree_cr.start_job([*run_on(f"job{job_id}-0", f"job{job_id}-1")], "-D", series,
+    ranks = tree_cr.start_job(ring.on(f"job{job_id}-0", f"job{job_id}-1", **run), "-D", series,
                               "--interval", "2s", ready=False, wrap=nodes.wrap(0),
                               env={**part_env(job_id, 0, nodes.addresses), **ROOT})
     return server, ranks
@@ -152,11 +172,11 @@ def test_coordinated_checkpoints(tree_cr, nodes, tmp_path, mpi):
     """Checkpoints every 2 s of both parts as one (hpccr/mpi/coordinate.py) while the job runs
     on, with the freeze skew measured; then both parts killed, as by a node failure: the latest
     checkpoint, one image per part, restores on the nodes swapped and finishes the run."""
-    run_on, reference, name = mpi
-    reliable(name)
+    ring, reference = mpi
+    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     series = tmp_path / "series"
-    server, ranks = start_parts(tree_cr, nodes, run_on, job_id, series)
+    server, ranks = start_parts(tree_cr, nodes, ring, job_id, series)
     wait_until(lambda: (series / "latest").exists() or ranks.proc.poll() is not None,
                "a coordinated checkpoint", 4 * TIMEOUT)
     assert ranks.proc.poll() is None, ranks.output() + server.output()
@@ -172,11 +192,11 @@ def test_member_killed_in_a_checkpoint(tree_cr, nodes, tmp_path, mpi):
     """The hpccr of the part at slot 1 killed in the middle of the second checkpoint, its part
     frozen: the checkpoint is abandoned, nothing of it left, the first one still latest, and
     the job runs on; killed, the job restores from that first checkpoint."""
-    run_on, reference, name = mpi
-    reliable(name)
+    ring, reference = mpi
+    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     series = tmp_path / "series"
-    server, ranks = start_parts(tree_cr, nodes, run_on, job_id, series,
+    server, ranks = start_parts(tree_cr, nodes, ring, job_id, series,
                                 member_env={"HPCCR_FAULT": "part-frozen:2"})
     wait_until(lambda: server.proc.poll() is not None or ranks.proc.poll() is not None,
                "the member's hpccr to be killed", 4 * TIMEOUT)
@@ -189,3 +209,35 @@ def test_member_killed_in_a_checkpoint(tree_cr, nodes, tmp_path, mpi):
     wait_until(lambda: len(printed(ranks.lines())) > steps + 5, "the job to run on")
     kill_parts(ranks, server)
     restore_swapped(tree_cr, nodes, series, job_id, ranks, reference)
+
+
+def queued(checkpoint: Path) -> int:
+    """Bytes in the send and receive queues of the TCP connections of a checkpoint's parts."""
+    return sum(f.stat().st_size for f in checkpoint.glob("part-*/tcp-*.img"))
+
+
+def test_checkpoint_with_a_large_message_in_flight(tree_cr, nodes, tmp_path, mpi):
+    """64 MiB messages between the nodes every step: checkpoints every 2 s until one catches
+    more than 1 MiB in the queues of the job's connections (a message on its way between the
+    nodes; what the queues cannot hold is still in the sender's memory, as MPI's progress
+    left it); both parts killed, that checkpoint restored on the nodes swapped: the run prints
+    what a run never interrupted prints."""
+    ring, _ = mpi
+    reliable(ring.name)
+    run = {"steps": 60, "size": 64 << 20}
+    reference = ring.printed(**run)
+    job_id = random.randrange(1, 1 << 20)
+    series = tmp_path / "series"
+    server, ranks = start_parts(tree_cr, nodes, ring, job_id, series, **run)
+    caught = []
+
+    def in_flight() -> bool:
+        latest = Series(series).latest()
+        if latest is not None and queued(latest) > 1 << 20:
+            caught.append(latest)
+        return bool(caught) or ranks.proc.poll() is not None
+
+    wait_until(in_flight, "a checkpoint with a large message in flight", 4 * TIMEOUT)
+    assert ranks.proc.poll() is None, ranks.output() + server.output()
+    kill_parts(ranks, server)
+    restore_swapped(tree_cr, nodes, caught[0], job_id, ranks, reference)
