@@ -36,3 +36,12 @@ def site(slurm_cluster):
     from hpccr_site import make_site
 
     yield from make_site(slurm_cluster)
+
+
+@pytest.fixture
+def jobs(site):
+    """Job ids to cancel at the end of the test, whatever happened."""
+    submitted: list[int] = []
+    yield submitted
+    for job in submitted:
+        site.cluster.client("scancel", str(job), check=False)

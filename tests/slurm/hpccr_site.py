@@ -105,9 +105,9 @@ def write_script(site: Site, name: str, text: str) -> Path:
     return path
 
 
-def make_site(default: Cluster):
-    """Bring the site's cluster up in place of `default`; yields the Site, then gives
-    `default` back."""
+def make_site(default: Cluster, nodes: int | None = None):
+    """Bring the site's cluster up in place of `default` (with as many nodes, or `nodes`);
+    yields the Site, then gives `default` back."""
     if not PLUGIN.exists():
         reason = f"{PLUGIN.name} not built (libslurm-dev missing when hpccr was installed)"
         if os.environ.get("CI"):
@@ -132,7 +132,7 @@ def make_site(default: Cluster):
     plugstack = site_dir / "plugstack.conf"
     plugstack.write_text(f"required {PLUGIN} job={REPO}/etc/slurm/job.sh\n")
     default.down()
-    cluster = Cluster(default.dir, nodes=len(default.nodes), extra_conf=[
+    cluster = Cluster(default.dir, nodes=nodes or len(default.nodes), extra_conf=[
         f"Prolog={site_dir}/prolog", f"Epilog={site_dir}/epilog", "PrologFlags=Alloc",
         f"PlugStackConfig={plugstack}", "JobRequeue=0"]).up()
     try:

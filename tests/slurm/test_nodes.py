@@ -1,0 +1,115 @@
+"""MPI jobs on several nodes of the real cluster, given three nodes here: a job on two of them
+is checkpointed as one whole (every node's part) and, after a requeue, restarted on another
+pair, each part on the node at its slot, the node that held part 0 now holding part 1 or the
+other way round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from hpccr_site import ended, make_site, wait_for, write_script
+from test_lifecycle import (
+    MPI_LAUNCH,
+    RING_STEPS,
+    ROOT_MPI,
+    WORKLOADS,
+    checkpoints_taken,
+    completed,
+    mpi_lines,
+)
+
+NODES = ("node1", "node2", "node3")
+
+
+@pytest.fixture(scope="module")
+def site(slurm_cluster):
+    """The test site on three nodes."""
+    yield from make_site(slurm_cluster, nodes=len(NODES))
+
+
+def but(*nodes: str) -> str:
+    """The node list of every node but `nodes`."""
+    return ",".join(n for n in NODES if n not in nodes)
+
+
+@pytest.mark.parametrize("how, user, first, then", [
+    ("requeue", "hpcuser", ("node2", "node3"), ("node1", "node2")),
+    ("usr1", None, ("node1", "node2"), ("node2", "node3")),
+])
+def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, how, user, first, then):
+    """An Open MPI job on two nodes (2 ranks on each, `mpirun` with no host list: hpccr gives
+    it the allocation's), checkpointed every 2 s as one whole (both nodes' parts), stopped —
+    requeued by the operator (an ordinary user's job: it restarts from its latest periodic
+    checkpoint), or warned with USR1 (root's job: one final checkpoint of both parts, and hpccr
+    requeues it) — and restarted, while held, on another pair of nodes: each part restored on
+    the node at its slot, it ends with exactly what a run never interrupted prints.  The
+    remote ranks and their orted are in the job's part at slot 1, started through hpccr's
+    launcher, not srun."""
+    compiler, launch = MPI_LAUNCH["openmpi"]
+    if not shutil.which(compiler):
+        pytest.skip("openmpi not installed")
+    c = site.cluster
+    program = c.job_dir / "ring-openmpi-nodes"
+    subprocess.run([compiler, "-O2", "-o", program, WORKLOADS / "ring.c"], check=True,
+                   capture_output=True)
+    line = f"{launch} {program} {RING_STEPS}"
+    runner = ["runuser", "-u", user, "--"] if user else []
+    reference = subprocess.run([*runner, "bash", "-c", line], capture_output=True, text=True,
+                               timeout=300, check=True,
+                               env={**os.environ, **({} if user else ROOT_MPI)})
+    out = c.job_dir / f"mpi-two-nodes-{how}.out"
+    script = write_script(site, "mpi-two-nodes.sh", f"#!/bin/bash\n{line}\n")
+    job = site.submit("--requeue", "--open-mode=append", "--checkpoint=0:02", "--nodes=2",
+                      "--ntasks-per-node=2", f"--exclude={but(*first)}", "-o", str(out),
+                      str(script), user=user, **({} if user else ROOT_MPI))
+    jobs.append(job)
+    owner = user or "root"
+    assert c.wait_state(job, "RUNNING", 30)["NodeList"] == f"node[{first[0][-1]}-{first[1][-1]}]"
+    try:
+        wait_for(lambda: checkpoints_taken(site, job, owner) >= 2, 120,
+                 "two coordinated checkpoints")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; output:\n{out.read_text() if out.exists() else ''}") \
+            from None
+    latest = (site.job_dir(owner, job) / "latest").resolve()
+    assert sorted(p.name for p in latest.glob("part-*")) == ["part-0", "part-1"], latest
+    remote = json.loads((latest / "part-1" / "image.json").read_text())["processes"]
+    assert [p["comm"] for p in remote].count(program.name[:15]) == 2, remote
+    shown = subprocess.run([sys.executable, "-m", "hpccr", "show", latest], capture_output=True,
+                           text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    for said in (f"{latest}: a job on 2 nodes", "coordinated commit_s ", "=== part-1 ===",
+                 f"host name job{job}-1; part at slot 1 of a job on 2 nodes"):
+        assert said in shown.stdout, (said, shown.stdout)
+    # A requeued job starts again once cred_expire has passed: held before that, it is given
+    # the other pair, then let go.
+    if how == "requeue":
+        c.scontrol("requeuehold", str(job))
+    else:
+        c.client("scancel", "--batch", "--signal=USR1", str(job))
+        assert c.wait_state(job, "PENDING", 60)["Restarts"] == "1"
+        c.scontrol("hold", str(job))
+    assert c.wait_state(job, "PENDING", 60)["Restarts"] == "1"
+    ended(site, job)
+    c.scontrol("update", f"JobId={job}", f"ExcNodeList={but(*then)}")
+    c.scontrol("release", str(job))
+    info = completed(site, job, out, 300)
+    text = out.read_text()
+    assert info["ExitCode"] == "0:0", text
+    assert info["NodeList"] == f"node[{then[0][-1]}-{then[1][-1]}]", info
+    if how == "usr1":
+        assert re.search(rf"hpccr: job {job} requeued; it goes on from its checkpoint", text), text
+    before, _, after = text.partition("restoring")
+    expected = mpi_lines(reference.stdout)
+    first_run, again = mpi_lines(before), mpi_lines(after)
+    assert first_run == expected[:len(first_run)], text
+    assert again and again == expected[len(expected) - len(again):], text
+    assert len(again) < len(expected), f"started over:\n{text}"
+    assert len(expected) - len(again) <= len(first_run), f"steps were skipped:\n{text}"
