@@ -6,8 +6,8 @@ dumped and killed in the middle of the run and restored on each other's node, or
 together every 2 s (hpccr/mpi/coordinate.py) and restored after both were killed: the run prints
 exactly the steps and result of a run never interrupted.  A member's hpccr killed in the middle
 of a coordinated checkpoint leaves the previous one latest.  A checkpoint that caught a 64 MiB
-message on its way between the nodes restores.  MPICH's tests are skipped (see
-`reliable`).
+message on its way between the nodes restores.  An MPICH job may deadlock in MPI_Finalize after
+its work is done, by a bug of MPICH's own (see `job_end`).
 
 Nodes made of namespaces (multinode.py); workload: workloads/mpi/ring.c.
 """
@@ -76,32 +76,61 @@ def mpi(request, tmp_path_factory):
     return ring, ring.printed()
 
 
-def reliable(mpi_name: str) -> None:
-    """Skips the test for an MPI whose jobs on two nodes do not reliably finish (said in
-    docs/slurm.md)."""
-    if mpi_name == "mpich":
-        pytest.skip("MPICH (ch4:ucx) on two nodes hangs now and then in MPI_Finalize, with or "
-                    "without a restore, more often under load: cause not found (docs/slurm.md)")
+def finalize_deadlock(ring: Ring) -> bool:
+    """Whether a rank of `ring` shows MPICH 4.0's deadlock in MPI_Finalize over TCP
+    (docs/slurm.md): it waits in the PMI barrier (a read on its PMI socket) while one of its
+    TCP connections holds unread bytes, a peer's flush request that only this rank's progress
+    would acknowledge."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if (not proc.name.isdigit() or os.readlink(proc / "exe") != str(ring.binary)
+                    or (proc / "wchan").read_text() != "unix_stream_read_generic"):
+                continue
+            held = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            table = (proc / "net" / "tcp").read_text().splitlines()[1:]
+        except OSError:  # gone meanwhile
+            continue
+        for fields in map(str.split, table):
+            if f"socket:[{fields[9]}]" in held and int(fields[4].split(":")[1], 16):
+                return True
+    return False
+
+
+def job_end(ring: Ring, proc: subprocess.Popen, lines, *others: subprocess.Popen) -> int | None:
+    """The exit status of `proc`, the hpccr that runs or restores the MPI job's launcher, once
+    it (or one of `others`) has ended.  None for an MPICH job that printed its result (its DONE
+    line: the work is complete) and then stays in MPICH's own deadlock in MPI_Finalize, not
+    hpccr's doing (docs/slurm.md); the caller checks the output, the harness ends the job."""
+    def over() -> bool:
+        return (any(p.poll() is not None for p in (proc, *others))
+                or ring.name == "mpich" and any(line.startswith("DONE ") for line in lines())
+                and finalize_deadlock(ring))
+
+    wait_until(over, "the MPI job to end", 4 * TIMEOUT)
+    if any(p.poll() is not None for p in others):
+        return proc.poll()
+    try:  # the deadlock's signature seen: a job that still ends was not in it
+        return proc.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def test_mpi_job_on_two_nodes(tree_cr, nodes, tmp_path, mpi):
     """Without checkpoints: the run on two nodes prints what the run on one node prints, and
     ends."""
     ring, reference = mpi
-    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     tree_cr.start_job(LAUNCH_SERVER, wrap=nodes.wrap(1),
                       env={**part_env(job_id, 1, nodes.addresses), **ROOT})
     ranks = tree_cr.start_job(ring.on(f"job{job_id}-0", f"job{job_id}-1"), ready=False,
                               wrap=nodes.wrap(0),
                               env={**part_env(job_id, 0, nodes.addresses), **ROOT})
-    assert ranks.proc.wait(timeout=4 * TIMEOUT) == 0, ranks.output()
+    assert job_end(ring, ranks.proc, ranks.lines) in (0, None), ranks.output()
     assert printed(ranks.lines()) == reference, ranks.output()
 
 
 def test_mpi_job_restored_on_each_others_node(tree_cr, nodes, tmp_path, mpi):
     ring, reference = mpi
-    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     server = tree_cr.start_job(LAUNCH_SERVER, wrap=nodes.wrap(1),
                                env={**part_env(job_id, 1, nodes.addresses), **ROOT})
@@ -122,8 +151,9 @@ def test_mpi_job_restored_on_each_others_node(tree_cr, nodes, tmp_path, mpi):
                                      env=part_env(job_id, slot, swapped))[0]
         for image, slot, node in (("server", 1, 0), ("ranks", 0, 1))
     }
-    assert restored["ranks"].wait(timeout=4 * TIMEOUT) == 0, \
-        restored["ranks"].stderr.read() + ranks.output()
+    status = job_end(ring, restored["ranks"], ranks.lines, restored["server"])
+    assert restored["server"].poll() is None, restored["server"].stderr.read()
+    assert status in (0, None), restored["ranks"].stderr.read() + ranks.output()
     assert printed(ranks.lines()) == reference, ranks.output()
     assert restored["server"].poll() is None, restored["server"].stderr.read()
 
@@ -148,7 +178,7 @@ def kill_parts(*parts):
         part.proc.wait(timeout=TIMEOUT)
 
 
-def restore_swapped(tree_cr, nodes, series, job_id, ranks, reference):
+def restore_swapped(tree_cr, nodes, series, job_id, ring, ranks, reference):
     """Both parts of the latest checkpoint restored on each other's node; the run ends with
     the steps after the checkpoint printed again, the same as a run never interrupted."""
     before = printed(ranks.lines())
@@ -158,10 +188,9 @@ def restore_swapped(tree_cr, nodes, series, job_id, ranks, reference):
                                     env=part_env(job_id, slot, swapped))[0]
         for part, slot, node in (("server", 1, 0), ("ranks", 0, 1))
     }
-    wait_until(lambda: any(proc.poll() is not None for proc in restored.values()),
-               "the restored MPI job to end", 4 * TIMEOUT)
+    status = job_end(ring, restored["ranks"], ranks.lines, restored["server"])
     assert restored["server"].poll() is None, restored["server"].stderr.read()
-    assert restored["ranks"].wait() == 0, restored["ranks"].stderr.read() + ranks.output()
+    assert status in (0, None), restored["ranks"].stderr.read() + ranks.output()
     again = printed(ranks.lines())[len(before):]
     assert before == reference[:len(before)], ranks.output()
     assert again == reference[len(reference) - len(again):], ranks.output()
@@ -173,7 +202,6 @@ def test_coordinated_checkpoints(tree_cr, nodes, tmp_path, mpi):
     on, with the freeze skew measured; then both parts killed, as by a node failure: the latest
     checkpoint, one image per part, restores on the nodes swapped and finishes the run."""
     ring, reference = mpi
-    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     series = tmp_path / "series"
     server, ranks = start_parts(tree_cr, nodes, ring, job_id, series)
@@ -185,7 +213,7 @@ def test_coordinated_checkpoints(tree_cr, nodes, tmp_path, mpi):
     figures = json.loads((latest / "coordination.json").read_text())
     assert figures["parts"] == 2 and figures["freeze_skew_s"] >= 0, figures
     kill_parts(ranks, server)
-    restore_swapped(tree_cr, nodes, series, job_id, ranks, reference)
+    restore_swapped(tree_cr, nodes, series, job_id, ring, ranks, reference)
 
 
 def test_member_killed_in_a_checkpoint(tree_cr, nodes, tmp_path, mpi):
@@ -193,7 +221,6 @@ def test_member_killed_in_a_checkpoint(tree_cr, nodes, tmp_path, mpi):
     frozen: the checkpoint is abandoned, nothing of it left, the first one still latest, and
     the job runs on; killed, the job restores from that first checkpoint."""
     ring, reference = mpi
-    reliable(ring.name)
     job_id = random.randrange(1, 1 << 20)
     series = tmp_path / "series"
     server, ranks = start_parts(tree_cr, nodes, ring, job_id, series,
@@ -208,7 +235,7 @@ def test_member_killed_in_a_checkpoint(tree_cr, nodes, tmp_path, mpi):
     steps = len(printed(ranks.lines()))
     wait_until(lambda: len(printed(ranks.lines())) > steps + 5, "the job to run on")
     kill_parts(ranks, server)
-    restore_swapped(tree_cr, nodes, series, job_id, ranks, reference)
+    restore_swapped(tree_cr, nodes, series, job_id, ring, ranks, reference)
 
 
 def queued(checkpoint: Path) -> int:
@@ -223,7 +250,6 @@ def test_checkpoint_with_a_large_message_in_flight(tree_cr, nodes, tmp_path, mpi
     left it); both parts killed, that checkpoint restored on the nodes swapped: the run prints
     what a run never interrupted prints."""
     ring, _ = mpi
-    reliable(ring.name)
     run = {"steps": 60, "size": 64 << 20}
     reference = ring.printed(**run)
     job_id = random.randrange(1, 1 << 20)
@@ -240,4 +266,4 @@ def test_checkpoint_with_a_large_message_in_flight(tree_cr, nodes, tmp_path, mpi
     wait_until(in_flight, "a checkpoint with a large message in flight", 4 * TIMEOUT)
     assert ranks.proc.poll() is None, ranks.output() + server.output()
     kill_parts(ranks, server)
-    restore_swapped(tree_cr, nodes, caught[0], job_id, ranks, reference)
+    restore_swapped(tree_cr, nodes, caught[0], job_id, ring, ranks, reference)
