@@ -64,11 +64,21 @@ sys.exit(code)
 # A bare client (stdlib only): one request with the first N of its fds 0, 1, 2 and an events
 # socket, then the reply.
 RAW_CLIENT = """
-import array, json, socket, sys
+import array, json, os, socket, sys
 path, request, nfds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+kind = sys.argv[4] if len(sys.argv) > 4 else "seqpacket"
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(path)
-events, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+if kind == "seqpacket":
+    events, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+elif kind == "stream":
+    events, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+elif kind == "udp":
+    far_end = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+elif kind == "pipe":
+    far_end = open(os.pipe()[1], "wb")
+else:
+    far_end = open(kind, "rb")
 if request:
     fds = array.array("i", [0, 1, 2, far_end.fileno()][:nfds])
     s.sendmsg([request.encode()], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)] if nfds else [])
@@ -180,13 +190,16 @@ def user_process(argv: list[str], out: Path, err: Path, user=PW) -> subprocess.P
         )
 
 
-def raw_request(agent: Agent, user: str, request: dict | None, nfds: int, tmp: Path) -> dict:
-    """The agent's reply to a bare client of ``user`` sending ``request`` (None: nothing)."""
+def raw_request(agent: Agent, user: str, request: dict | None, nfds: int, tmp: Path,
+                events: str = "seqpacket") -> dict:
+    """The agent's reply to a bare client of ``user`` sending ``request`` (None: nothing), with
+    ``events`` as its events descriptor: a unix seqpacket socket, or a unix stream socket, a
+    UDP socket, a pipe, or a file of that path."""
     out, err = tmp / "raw.out", tmp / "raw.err"
     for f in (out, err):
         f.write_bytes(b"")
     argv = ["/usr/bin/python3", "-c", RAW_CLIENT, str(agent.sock)]
-    argv += [json.dumps(request) if request is not None else "", str(nfds)]
+    argv += [json.dumps(request) if request is not None else "", str(nfds), events]
     proc = user_process(argv, out, err, pwd.getpwnam(user))
     assert proc.wait(TIMEOUT) == 0, err.read_text()
     return json.loads(out.read_text())
@@ -374,6 +387,22 @@ def test_agent_rejects_malformed_requests(agents, home, tmp_path, case):
     agent = agents()
     reply = raw_request(agent, USER, request, nfds, tmp_path)
     assert error in reply.get("error", "") and isinstance(reply.get("code"), int), reply
+    assert not marker.exists()
+    serves_the_job_next(agent, home, tmp_path)
+    assert not agent.log.read_text(), agent.log.read_text()
+
+
+@pytest.mark.parametrize("events", ["stream", "udp", "pipe", "/etc/hostname"])
+def test_agent_refuses_an_events_descriptor_of_another_kind(agents, home, tmp_path, events):
+    """A request whose events descriptor is not a unix seqpacket socket is refused with one
+    line (before, a pipe or a file failed the agent's child with a traceback-like error); the
+    agent stays for its job, whose valid request it then serves."""
+    marker = home / "ran"
+    agent = agents()
+    reply = raw_request(agent, USER, job_request("run", home, ["touch", str(marker)], []),
+                        PASSED_FDS, tmp_path, events)
+    assert reply == {"error": "agent: the events descriptor must be a unix seqpacket socket",
+                     "code": 1}, reply
     assert not marker.exists()
     serves_the_job_next(agent, home, tmp_path)
     assert not agent.log.read_text(), agent.log.read_text()

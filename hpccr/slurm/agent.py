@@ -165,6 +165,7 @@ def _start(conn: socket.socket, user, job_id: str) -> int | None:
         if len(fds) != PASSED_FDS:
             raise HpccrError("agent: the request must come with stdin, stdout, stderr and an "
                              "events socket")
+        _check_events_socket(fds[3])
         request = _valid_request(message)
     except (HpccrError, OSError) as exc:
         code = exc.exit_code if isinstance(exc, HpccrError) else EXIT_AGENT_FAILED
@@ -187,6 +188,21 @@ def _start(conn: socket.socket, user, job_id: str) -> int | None:
     with contextlib.suppress(OSError):  # the client may be gone: the relay sees it
         send(conn, started)
     return child
+
+
+def _check_events_socket(fd: int) -> None:
+    """Refuse a request whose events descriptor is not what hpccr.events talks over: a unix
+    seqpacket socket (a pipe, a file or a stream socket would fail the job at its first
+    checkpoint, or mix up its events)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        kind = None
+    else:
+        kind = (sock.family, sock.type)
+        sock.detach()
+    if kind != (socket.AF_UNIX, socket.SOCK_SEQPACKET):
+        raise HpccrError("agent: the events descriptor must be a unix seqpacket socket")
 
 
 def _relay(conn: socket.socket, child: int) -> int:
