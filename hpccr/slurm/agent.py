@@ -106,7 +106,9 @@ def serve(run_dir: Path, job_id: str, node: str, uid: int) -> int:
         listener.bind(str(path))
         path.chmod(0o666)  # anyone may connect; only the job's user is served
         listener.listen(4)
-        pidfile.write_text(f"{os.getpid()}\n")
+        written = pidfile.with_name(pidfile.name + ".new")  # whole or absent to its readers
+        written.write_text(f"{os.getpid()}\n")
+        os.replace(written, pidfile)
         while (conn := _accept_user(listener, uid, deadline)) is not None:
             with conn:
                 child = _start(conn, user, job_id)
