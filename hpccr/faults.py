@@ -1,13 +1,17 @@
-"""Fault injection for the tests: HPCCR_FAULT=<point>[:N] makes hpccr SIGKILL itself the N-th
-time (default: the first) it reaches the named point, so that a test can check what a dump or
-restore interrupted exactly there leaves behind.  Unset, every point costs one dict lookup."""
+"""Fault injection for the tests: HPCCR_FAULT=<point>[:N][@R] makes hpccr SIGKILL itself the
+N-th time (default: the first) it reaches the named point, so that a test can check what a dump
+or restore interrupted exactly there leaves behind; with @R, only in run R of a Slurm job
+(SLURM_RESTART_COUNT, 0 for the first run: a requeued job keeps its environment).  Unset,
+every point costs one dict lookup."""
 
 from __future__ import annotations
 
 import os
 import signal
 
-_wanted = os.environ.get("HPCCR_FAULT", "")
+_wanted, _, _run = os.environ.get("HPCCR_FAULT", "").partition("@")
+if _run and _run != (os.environ.get("SLURM_RESTART_COUNT") or "0"):
+    _wanted = ""
 _name, _, _count = _wanted.partition(":")
 _remaining = {_name: int(_count or 1)} if _name else {}
 
