@@ -1,7 +1,8 @@
 """MPI jobs on several nodes of the real cluster, given three nodes here: a job on two of them
 is checkpointed as one whole (every node's part) and, after a requeue, restarted on another
 pair, each part on the node at its slot, the node that held part 0 now holding part 1 or the
-other way round.
+other way round; a part lost in the middle of a checkpoint leaves the previous one to restart
+from.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from test_lifecycle import (
     mpi_lines,
 )
 
+from hpccr.image.series import Series
+
 NODES = ("node1", "node2", "node3")
 
 
@@ -39,11 +42,58 @@ def but(*nodes: str) -> str:
     return ",".join(n for n in NODES if n not in nodes)
 
 
+def slurm_list(pair: tuple[str, str]) -> str:
+    """Two neighbouring nodes as Slurm writes them: node[1-2]."""
+    return f"node[{pair[0].removeprefix('node')}-{pair[1].removeprefix('node')}]"
+
+
+@pytest.fixture(scope="module")
+def ring(site):
+    """The Open MPI ring built for the cluster's jobs: its program and its launch line."""
+    compiler, launch = MPI_LAUNCH["openmpi"]
+    if not shutil.which(compiler):
+        pytest.skip("openmpi not installed")
+    program = site.cluster.job_dir / "ring-openmpi-nodes"
+    subprocess.run([compiler, "-O2", "-o", program, WORKLOADS / "ring.c"], check=True,
+                   capture_output=True)
+    return program, f"{launch} {program} {RING_STEPS}"
+
+
+def printed_alone(line: str, user: str | None) -> list[str]:
+    """What the ring prints when it runs on this machine, never interrupted."""
+    runner = ["runuser", "-u", user, "--"] if user else []
+    return mpi_lines(subprocess.run([*runner, "bash", "-c", line], capture_output=True,
+                                    text=True, timeout=300, check=True,
+                                    env={**os.environ, **({} if user else ROOT_MPI)}).stdout)
+
+
+def submit_on(site, ring, name: str, nodes: tuple[str, str], user: str | None, **env) -> int:
+    """The ring as a job on `nodes`, checkpointed every 2 s, its output in job_dir/name.out."""
+    program, line = ring
+    script = write_script(site, f"{name}.sh", f"#!/bin/bash\n{line}\n")
+    return site.submit("--requeue", "--open-mode=append", "--checkpoint=0:02", "--nodes=2",
+                       "--ntasks-per-node=2", f"--exclude={but(*nodes)}", "-o",
+                       str(site.cluster.job_dir / f"{name}.out"), str(script), user=user,
+                       **env, **({} if user else ROOT_MPI))
+
+
+def check_restored(text: str, expected: list[str]) -> None:
+    """The output of a run restored once: what it printed before is the start of what a run
+    never interrupted prints, what it printed after the restore is the end of it, and nothing
+    in between is missing."""
+    before, _, after = text.partition("restoring")
+    first_run, again = mpi_lines(before), mpi_lines(after)
+    assert first_run == expected[:len(first_run)], text
+    assert again and again == expected[len(expected) - len(again):], text
+    assert len(again) < len(expected), f"started over:\n{text}"
+    assert len(expected) - len(again) <= len(first_run), f"steps were skipped:\n{text}"
+
+
 @pytest.mark.parametrize("how, user, first, then", [
     ("requeue", "hpcuser", ("node2", "node3"), ("node1", "node2")),
     ("usr1", None, ("node1", "node2"), ("node2", "node3")),
 ])
-def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, how, user, first, then):
+def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, ring, how, user, first, then):
     """An Open MPI job on two nodes (2 ranks on each, `mpirun` with no host list: hpccr gives
     it the allocation's), checkpointed every 2 s as one whole (both nodes' parts), stopped —
     requeued by the operator (an ordinary user's job: it restarts from its latest periodic
@@ -52,26 +102,14 @@ def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, how, user, first,
     the node at its slot, it ends with exactly what a run never interrupted prints.  The
     remote ranks and their orted are in the job's part at slot 1, started through hpccr's
     launcher, not srun."""
-    compiler, launch = MPI_LAUNCH["openmpi"]
-    if not shutil.which(compiler):
-        pytest.skip("openmpi not installed")
     c = site.cluster
-    program = c.job_dir / "ring-openmpi-nodes"
-    subprocess.run([compiler, "-O2", "-o", program, WORKLOADS / "ring.c"], check=True,
-                   capture_output=True)
-    line = f"{launch} {program} {RING_STEPS}"
-    runner = ["runuser", "-u", user, "--"] if user else []
-    reference = subprocess.run([*runner, "bash", "-c", line], capture_output=True, text=True,
-                               timeout=300, check=True,
-                               env={**os.environ, **({} if user else ROOT_MPI)})
+    program, line = ring
+    reference = printed_alone(line, user)
     out = c.job_dir / f"mpi-two-nodes-{how}.out"
-    script = write_script(site, "mpi-two-nodes.sh", f"#!/bin/bash\n{line}\n")
-    job = site.submit("--requeue", "--open-mode=append", "--checkpoint=0:02", "--nodes=2",
-                      "--ntasks-per-node=2", f"--exclude={but(*first)}", "-o", str(out),
-                      str(script), user=user, **({} if user else ROOT_MPI))
+    job = submit_on(site, ring, f"mpi-two-nodes-{how}", first, user)
     jobs.append(job)
     owner = user or "root"
-    assert c.wait_state(job, "RUNNING", 30)["NodeList"] == f"node[{first[0][-1]}-{first[1][-1]}]"
+    assert c.wait_state(job, "RUNNING", 30)["NodeList"] == slurm_list(first)
     try:
         wait_for(lambda: checkpoints_taken(site, job, owner) >= 2, 120,
                  "two coordinated checkpoints")
@@ -103,13 +141,34 @@ def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, how, user, first,
     info = completed(site, job, out, 300)
     text = out.read_text()
     assert info["ExitCode"] == "0:0", text
-    assert info["NodeList"] == f"node[{then[0][-1]}-{then[1][-1]}]", info
+    assert info["NodeList"] == slurm_list(then), info
     if how == "usr1":
         assert re.search(rf"hpccr: job {job} requeued; it goes on from its checkpoint", text), text
-    before, _, after = text.partition("restoring")
-    expected = mpi_lines(reference.stdout)
-    first_run, again = mpi_lines(before), mpi_lines(after)
-    assert first_run == expected[:len(first_run)], text
-    assert again and again == expected[len(expected) - len(again):], text
-    assert len(again) < len(expected), f"started over:\n{text}"
-    assert len(expected) - len(again) <= len(first_run), f"steps were skipped:\n{text}"
+    check_restored(text, reference)
+
+
+def test_part_lost_in_a_checkpoint(site, jobs, ring):
+    """Root's Open MPI job on node1 and node2 whose part at slot 1 loses its hpccr in the middle
+    of the second coordinated checkpoint, that part frozen (HPCCR_FAULT, in the first run
+    only): the checkpoint is abandoned, nothing of it is left, ckpt-0001 stays latest.  Slurm
+    ends the step of the lost part, and the ranks there with it: the job fails.  Requeued, it
+    restarts from ckpt-0001 on both nodes and ends with exactly the output of a run never
+    interrupted."""
+    c = site.cluster
+    reference = printed_alone(ring[1], None)
+    out = c.job_dir / "mpi-part-lost.out"
+    job = submit_on(site, ring, "mpi-part-lost", ("node1", "node2"), None,
+                    HPCCR_FAULT="part-frozen:2@0")
+    jobs.append(job)
+    info = c.wait_state(job, ("FAILED", "COMPLETED", "CANCELLED"), 180)
+    text = out.read_text() if out.exists() else ""
+    assert info["JobState"] == "FAILED", (info, text)
+    series = site.job_dir("root", job)
+    assert Series(series).latest().name == "ckpt-0001", text
+    assert not (series / "ckpt-0002").exists(), text
+    ended(site, job)
+    c.scontrol("requeue", str(job))
+    info = completed(site, job, out, 300)
+    text = out.read_text()
+    assert info["ExitCode"] == "0:0" and info["NodeList"] == "node[1-2]", (info, text)
+    check_restored(text, reference)
