@@ -310,6 +310,17 @@ def mpi_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(("STEP ", "DONE "))]
 
 
+def check_mpi_continued(text: str, expected: list[str]) -> None:
+    """The output of an MPI job restored once: what it printed before is the start of what a
+    run never interrupted prints (`expected`), what it printed after the restore is the end of
+    it, and nothing in between is missing."""
+    before, _, after = text.partition("restoring")
+    first, again = mpi_lines(before), mpi_lines(after)
+    assert first == expected[:len(first)], text
+    assert again and again == expected[len(expected) - len(again):], text
+    assert len(expected) - len(again) <= len(first), f"steps were skipped:\n{text}"
+
+
 @pytest.mark.parametrize("kind", ["c", "mpi4py"])
 @pytest.mark.parametrize("mpi", sorted(MPI_LAUNCH))
 def test_mpi_job_moves_to_the_other_node(site, jobs, mpi, kind):
@@ -349,9 +360,4 @@ def test_mpi_job_moves_to_the_other_node(site, jobs, mpi, kind):
     info = completed(site, job, out, 300)
     text = out.read_text()
     assert info["NodeList"] == "node2" and info["ExitCode"] == "0:0", text
-    before, _, after = text.partition("restoring")
-    expected = mpi_lines(reference.stdout)
-    first, again = mpi_lines(before), mpi_lines(after)
-    assert first == expected[:len(first)], text
-    assert again and again == expected[len(expected) - len(again):], text
-    assert len(expected) - len(again) <= len(first), f"steps were skipped:\n{text}"
+    check_mpi_continued(text, mpi_lines(reference.stdout))

@@ -21,6 +21,7 @@ from test_lifecycle import (
     RING_STEPS,
     ROOT_MPI,
     WORKLOADS,
+    check_mpi_continued,
     checkpoints_taken,
     completed,
     mpi_lines,
@@ -78,15 +79,11 @@ def submit_on(site, ring, name: str, nodes: tuple[str, str], user: str | None, *
 
 
 def check_restored(text: str, expected: list[str]) -> None:
-    """The output of a run restored once: what it printed before is the start of what a run
-    never interrupted prints, what it printed after the restore is the end of it, and nothing
-    in between is missing."""
-    before, _, after = text.partition("restoring")
-    first_run, again = mpi_lines(before), mpi_lines(after)
-    assert first_run == expected[:len(first_run)], text
-    assert again and again == expected[len(expected) - len(again):], text
-    assert len(again) < len(expected), f"started over:\n{text}"
-    assert len(expected) - len(again) <= len(first_run), f"steps were skipped:\n{text}"
+    """The output of a run restored once continues the run (check_mpi_continued), and the
+    restore did not start it over."""
+    check_mpi_continued(text, expected)
+    assert len(mpi_lines(text.partition("restoring")[2])) < len(expected), \
+        f"started over:\n{text}"
 
 
 @pytest.mark.parametrize("how, user, first, then", [
