@@ -48,18 +48,24 @@ class Ring:
     option: str  # the launcher's option for the hosts, and their list for 2 ranks on each
     hosts: str
 
-    def on(self, a: str, b: str, steps: int = STEPS, size: int = BYTES) -> list[str]:
-        """The launcher's command for 2 ranks on each of the hosts `a` and `b`."""
+    def on(self, a: str, b: str, **run) -> list[str]:
+        """The launcher's command for 2 ranks on each of the hosts `a` and `b`, the ring's
+        arguments `run` (ring_args)."""
         return [*self.launcher, self.option, self.hosts.format(a, b), str(self.binary),
-                str(steps), str(size)]
+                *ring_args(**run)]
 
-    def printed(self, steps: int = STEPS, size: int = BYTES) -> list[str]:
+    def printed(self, **run) -> list[str]:
         """What a run on this node, never interrupted, prints."""
-        res = subprocess.run([*self.launcher, str(self.binary), str(steps), str(size)],
+        res = subprocess.run([*self.launcher, str(self.binary), *ring_args(**run)],
                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=4 * TIMEOUT, env={**os.environ, **ROOT})
         assert res.returncode == 0, describe(res)
         return printed(res.stdout.splitlines())
+
+
+def ring_args(steps: int = STEPS, size: int = BYTES, hold_ms: int = 0) -> list[str]:
+    """The ring's arguments (workloads/mpi/ring.c)."""
+    return [str(steps), str(size), *([str(hold_ms)] if hold_ms else [])]
 
 
 @pytest.fixture(scope="module", params=sorted(MPIS))
@@ -244,13 +250,15 @@ def queued(checkpoint: Path) -> int:
 
 
 def test_checkpoint_with_a_large_message_in_flight(tree_cr, nodes, tmp_path, mpi):
-    """64 MiB messages between the nodes every step: checkpoints every 2 s until one catches
-    more than 1 MiB in the queues of the job's connections (a message on its way between the
-    nodes; what the queues cannot hold is still in the sender's memory, as MPI's progress
-    left it); both parts killed, that checkpoint restored on the nodes swapped: the run prints
-    what a run never interrupted prints."""
+    """64 MiB messages between the nodes every step, held in flight for 100 ms of each step
+    (ring.c's HOLD_MS): checkpoints every 2 s until one catches more than 1 MiB in the queues
+    of the job's connections (a message on its way between the nodes; what the queues cannot
+    hold is still in the sender's memory, as MPI's progress left it); both parts killed, that
+    checkpoint restored on the nodes swapped: the run prints what a run never interrupted
+    prints.  Without the hold, a checkpoint caught a message in flight only by chance: a run
+    of 60 steps once ended with none caught."""
     ring, _ = mpi
-    run = {"steps": 60, "size": 64 << 20}
+    run = {"steps": 60, "size": 64 << 20, "hold_ms": 100}
     reference = ring.printed(**run)
     job_id = random.randrange(1, 1 << 20)
     series = tmp_path / "series"

@@ -5,7 +5,11 @@
  * "STEP <i> <sum>" every step and "DONE <state>" at the end: a run that was checkpointed and
  * restored must print exactly what an uninterrupted run prints.
  *
- * usage: ring STEPS [BYTES]
+ * With HOLD_MS, each step lets the messages get under way (MPI progress for up to 20 ms), then
+ * sleeps HOLD_MS without progress: the connections' queues stay full of the messages
+ * meanwhile, so that a checkpoint taken at any moment most likely catches them in flight.
+ *
+ * usage: ring STEPS [BYTES [HOLD_MS]]
  */
 #include <mpi.h>
 #include <stdint.h>
@@ -21,12 +25,31 @@ static uint64_t mix(uint64_t x)
 	return x;
 }
 
+static double now_ms(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+/* MPI progress on `req` for up to `ms` milliseconds, or until both are complete. */
+static void get_under_way(MPI_Request req[2], double ms)
+{
+	double until = now_ms() + ms;
+	int done = 0;
+
+	while (!done && now_ms() < until)
+		MPI_Testall(2, req, &done, MPI_STATUSES_IGNORE);
+}
+
 int main(int argc, char **argv)
 {
 	int rank, size, steps = argc > 1 ? atoi(argv[1]) : 200;
 	size_t words = (argc > 2 ? strtoul(argv[2], NULL, 0) : 4 << 20) / 8;
 	uint64_t *out = malloc(words * 8), *in = malloc(words * 8), state, total = 0;
-	struct timespec pause = { 0, 10 * 1000 * 1000 };
+	long hold_ms = argc > 3 ? atol(argv[3]) : 0;
+	struct timespec pause = { hold_ms / 1000, (hold_ms ? hold_ms % 1000 : 10) * 1000 * 1000 };
 
 	MPI_Init(&argc, &argv);
 	MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -45,6 +68,8 @@ int main(int argc, char **argv)
 			  &req[0]);
 		MPI_Isend(out, words, MPI_UINT64_T, (rank + 1) % size, step, MPI_COMM_WORLD,
 			  &req[1]);
+		if (hold_ms)
+			get_under_way(req, 20);
 		nanosleep(&pause, NULL); /* the messages are in flight meanwhile */
 		MPI_Waitall(2, req, statuses);
 		for (size_t i = 0; i < words; i += 512)
