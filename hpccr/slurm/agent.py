@@ -318,11 +318,17 @@ class AgentSession:
         self.sock.close()
         self.events.close()
 
-    def wait(self) -> int:
-        watched = [self.sock, self.events]
+    def wait(self, parts=None) -> int:
+        """The job's exit status; the job gets SIGTERM if it loses `parts` (the batch step's
+        OtherParts)."""
+        watched = [self.sock, self.events, *([parts] if parts else [])]
         try:
             while True:
                 ready, _, _ = select.select(watched, [], [])
+                if parts in ready:
+                    watched.remove(parts)
+                    if parts.lost():
+                        self._forward(signal.SIGTERM, None)
                 if self.events in ready and not answer_events(self.events, self.on_event):
                     watched.remove(self.events)
                 if self.sock not in ready:

@@ -24,7 +24,9 @@ process stays in the foreground for the whole run:
   whose part is a launch server (hpccr/mpi/launch.py) through which the job's MPI launchers
   start their daemons there.  The part at slot 0 takes the checkpoints of all
   (hpccr/mpi/coordinate.py); a restart restores every part of the latest one, each on the node
-  at its slot in the new allocation.
+  at its slot in the new allocation.  A part that ends badly while the job runs (its hpccr
+  lost, its restore failed) ends that step, and the job: it cannot run on without the ranks
+  that were there (see OtherParts).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from hpccr.errors import HpccrError
 from hpccr.events import answer_events
 from hpccr.image.series import Series
 from hpccr.mpi import launch
+from hpccr.mpi.coordinate import part_image
 from hpccr.run import STOPPED
 from hpccr.slurm import agent
 from hpccr.slurm.hooks import run_hooks
@@ -90,11 +93,12 @@ class Supervisor:
         if self.child.returncode is None:
             self.child.send_signal(signo)
 
-    def wait(self) -> int:
-        """The child's exit status, 128+N when it was killed by signal N (like a shell)."""
+    def wait(self, parts: OtherParts | None = None) -> int:
+        """The child's exit status, 128+N when it was killed by signal N (like a shell); the
+        child gets SIGTERM if the job loses `parts`."""
         try:
             if self.events is not None:
-                _answer_until_exit(self.events, self.child.pid)
+                _answer_until_exit(self.events, self.child.pid, parts)
             status = self.child.wait()
         finally:
             for sig, handler in self.previous.items():
@@ -102,9 +106,9 @@ class Supervisor:
         return 128 - status if status < 0 else status
 
 
-def _answer_until_exit(events: socket.socket, pid: int) -> None:
+def _answer_until_exit(events: socket.socket, pid: int, parts: OtherParts | None) -> None:
     pidfd = os.pidfd_open(pid)
-    watched = [pidfd, events]
+    watched = [pidfd, events, *([parts] if parts else [])]
     try:
         while True:
             try:
@@ -113,10 +117,45 @@ def _answer_until_exit(events: socket.socket, pid: int) -> None:
                 continue
             if pidfd in ready:
                 return
-            if not answer_events(events, hook_event):
+            if parts in ready:
+                watched.remove(parts)
+                if parts.lost():
+                    os.kill(pid, signal.SIGTERM)
+            if events in ready and not answer_events(events, hook_event):
                 watched.remove(events)
     finally:
         os.close(pidfd)
+
+
+class OtherParts:
+    """The step that runs the job's parts on its other nodes, watched from the batch step
+    while the job runs.  A part that ends badly ends the step (srun --kill-on-bad-exit): its
+    hpccr was lost, and Slurm ended its processes with it, or its restore failed.  The job
+    cannot run on without those ranks, and would not notice by itself that they are gone when
+    that happens in a checkpoint (their connections are locked then, so their end reaches no
+    peer): the job's supervisor gets SIGTERM, which it passes on, and the job fails, to be
+    requeued from its latest checkpoint.  A step that ends well (every part stopped by the
+    job's final checkpoint) is no loss."""
+
+    def __init__(self, step: subprocess.Popen):
+        self.step = step
+        self.pidfd = os.pidfd_open(step.pid)
+
+    def fileno(self) -> int:
+        return self.pidfd
+
+    def lost(self) -> bool:
+        """Once the step has ended: whether it ended badly, which is said in the job's
+        output."""
+        status = self.step.wait()
+        if status == 0:
+            return False
+        warn(f"job {os.environ.get('SLURM_JOB_ID', '?')} lost its part on another node (the "
+             f"step of its parts ended with status {status}): the job is ended")
+        return True
+
+    def close(self) -> None:
+        os.close(self.pidfd)
 
 
 def hook_event(event: str, fields: dict) -> None:
@@ -197,7 +236,8 @@ def _checkpointed_run(cfg: config.Config, command: list[str], series: Path,
         nodes = job_nodes()
         if nodes:
             parts = _start_parts(nodes, run)
-        status = _under_agent(cfg, run) if os.geteuid() != 0 else _under_hpccr(run)
+        status = (_under_agent(cfg, run, parts) if os.geteuid() != 0
+                  else _under_hpccr(run, parts))
     except HpccrError as exc:
         _end_parts(parts, None)
         if run.restore:  # never start over on top of checkpoints that did not restore
@@ -253,28 +293,30 @@ def _slurm(command: str, *args: str, timeout: float = SLURM_COMMAND_TIMEOUT_S) -
     return res.stdout
 
 
-def _start_parts(nodes: list[str], run: Run) -> subprocess.Popen:
+def _start_parts(nodes: list[str], run: Run) -> OtherParts:
     """One step with a task on each node but this one: `hpccr slurm part`, which runs (or
-    restores) that node's part of the job."""
+    restores) that node's part of the job; a task that ends badly ends them all."""
     srun = shutil.which("srun")
     if srun is None:
         raise HpccrError("srun is not installed here: the job's other nodes cannot be reached")
     others = str(len(nodes) - 1)
     argv = [srun, "--nodes", others, "--ntasks", others, "--ntasks-per-node=1", "--relative=1",
-            "--overlap", "--kill-on-bad-exit=0", "--export=ALL", sys.executable, "-m", "hpccr",
+            "--overlap", "--kill-on-bad-exit=1", "--export=ALL", sys.executable, "-m", "hpccr",
             "slurm", "part", "--checkpoint-dir", str(run.series)]
-    return subprocess.Popen([*argv, "--restore"] if run.restore else argv,
-                            stdin=subprocess.DEVNULL)
+    return OtherParts(subprocess.Popen([*argv, "--restore"] if run.restore else argv,
+                                       stdin=subprocess.DEVNULL))
 
 
-def _end_parts(parts: subprocess.Popen | None, status: int | None) -> None:
+def _end_parts(other: OtherParts | None, status: int | None) -> None:
     """The job's script has ended (or could not start): so do the other parts.  After a final
     checkpoint (STOPPED) they stop by themselves; else their launch servers get SIGHUP, sent
     to the job's steps (srun would end the step by force; a SIGTERM from scancel reads as a
     cancel in the job's output), and end.  A job being cancelled or requeued cannot be
     signalled (scancel retries): srun then ends the step."""
-    if parts is None:
+    if other is None:
         return
+    other.close()
+    parts = other.step
     if status == STOPPED:
         with contextlib.suppress(subprocess.TimeoutExpired):
             parts.wait(PARTS_STOP_S)
@@ -305,6 +347,11 @@ def run_part(directory: str, restore: bool) -> int:
     slot = names.index(node)
     os.environ["HPCCR_NODE_SLOT"] = str(slot)
     _part_stdio(os.environ.get(JOB_ERRORS))
+    latest = Series(Path(directory)).latest() if restore else None
+    if latest is not None and not part_image(latest, slot).exists():
+        warn(f"job {os.environ.get('SLURM_JOB_ID', '?')}: {latest} has no part for {node} "
+             f"(slot {slot}): the job runs on fewer nodes than it was given, this one idle")
+        return 0
     launch_server = [launch.executable(), "--serve"]
     try:
         cfg = config.load()
@@ -347,7 +394,7 @@ def _stable_script(command: list[str], series: Path) -> list[str]:
     return [str(copy), *command[1:]]
 
 
-def _under_agent(cfg: config.Config, run: Run) -> int:
+def _under_agent(cfg: config.Config, run: Run, parts: OtherParts | None = None) -> int:
     """The run's status under the job's agent; HpccrError if the agent could not start it.
     Once it started, the job is never started again here: an agent lost on the way ends the
     run with status 1 (Slurm then ends what is left of the job, in its cgroup)."""
@@ -358,13 +405,13 @@ def _under_agent(cfg: config.Config, run: Run) -> int:
                          "configured?)")
     session = agent.AgentSession(path, run.request(), hook_event)
     try:
-        return session.wait()
+        return session.wait(parts)
     except (HpccrError, OSError) as exc:
         warn(f"job {os.environ.get('SLURM_JOB_ID', '?')}: {exc}")
         return 1
 
 
-def _under_hpccr(run: Run) -> int:
+def _under_hpccr(run: Run, parts: OtherParts | None = None) -> int:
     """As root: `hpccr run` or `hpccr restore` as a child."""
     events, far_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with tempfile.TemporaryDirectory(prefix="hpccr-job-") as tmp, events:
@@ -372,7 +419,7 @@ def _under_hpccr(run: Run) -> int:
         argv = run.hpccr_argv(pidfile, events_fd=far_end.fileno())
         with far_end:
             supervisor = Supervisor(argv, events, pass_fds=(far_end.fileno(),))
-        status = supervisor.wait()
+        status = supervisor.wait(parts)
         if not pidfile.exists():
             raise HpccrError(f"`hpccr {'restore' if run.restore else 'run'}` could not start "
                              "the job (its error is above)")
