@@ -585,6 +585,34 @@ class Cluster:
                            f"daemons not running: {dead or 'none'}; node states: {states}\n"
                            + self.log_tails())
 
+    def restart(self, daemon: str, node: str | None = None, timeout: float = 60) -> None:
+        """Restart slurmctld, or the slurmd of `node`, as an operator would: SIGTERM (its
+        jobs' steps run on), then the same command again; returns once it serves again
+        (slurmctld answers `scontrol ping`; a slurmd has registered with the controller,
+        its node's SlurmdStartTime changed)."""
+        key = f"slurmd@{node}" if daemon == "slurmd" else daemon
+        if key not in self.daemons():
+            raise ClusterError(f"no daemon {key} in this cluster")
+        started = self._node_field(node, "SlurmdStartTime") if node else None
+        pid = self.daemons()[key]
+        if pid:
+            _stop([pid], timeout=30)
+        self._start_daemons()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if daemon == "slurmd":
+                if self._node_field(node, "SlurmdStartTime") not in (None, started):
+                    return
+            elif " is UP" in self.client("scontrol", "ping", check=False).stdout:
+                return
+            time.sleep(0.2)
+        raise ClusterError(f"{key} does not serve again after {timeout}s\n" + self.log_tails())
+
+    def _node_field(self, node: str, field: str) -> str | None:
+        proc = self.client("scontrol", "show", "node", "-o", node, check=False)
+        found = re.search(rf"\b{field}=(\S+)", proc.stdout)
+        return found.group(1) if found else None
+
     def log_tails(self, lines: int = 15) -> str:
         out = [f"logs in {self.log_dir}:"]
         for path in sorted(self.log_dir.glob("*")):

@@ -11,8 +11,10 @@ restoring …` is not step 1, and the final checksum is the one of an uninterrup
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -92,6 +94,19 @@ def completed(site: Site, job: int, out: Path, timeout: float) -> dict[str, str]
         raise AssertionError(f"job {job} did not complete: {state}\noutput:\n{text}") from None
 
 
+def running_as(uid: int, script: str) -> list[int]:
+    """The processes of `uid` that run `script`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and proc.stat().st_uid == uid \
+                    and script in (proc / "cmdline").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue  # gone meanwhile
+    return found
+
+
 def checkpoints_taken(site: Site, job: int, user: str = "hpcuser") -> int:
     latest = site.job_dir(user, job) / "latest"
     return int(latest.resolve().name.split("-")[1]) if latest.exists() else 0
@@ -150,6 +165,68 @@ def test_requeued_job_finishes_on_the_other_node(site, jobs, how, user):
     assert (before["event"], before["path"]) == ("before_restore", restored)
     assert (after["event"], after["path"], after["ok"]) == ("after_restore", restored, True)
     assert after["node"] == "node2" and after["restart_count"] == 1
+
+
+@pytest.mark.parametrize("daemon", ["slurmd", "slurmctld"])
+def test_job_outlives_a_restart_of_slurm(site, jobs, daemon):
+    """An ordinary user's checkpointed job on node1 (run by its agent there) while Slurm's
+    daemons restart: [slurmd] node1's slurmd restarted after the job's first checkpoint: the
+    job runs on and its checkpoints go on; [slurmctld] the controller restarted while the job,
+    requeued, is pending.  Either way it restarts on node2 from its latest checkpoint — not
+    from scratch, and only once — and ends with the checksum of an uninterrupted run."""
+    c = site.cluster
+    out = c.job_dir / f"outlives-{daemon}.out"
+    job = submit(site, "plugin", "--checkpoint=0:02", "--exclude=node2", "-o", str(out))
+    jobs.append(job)
+    assert c.wait_state(job, "RUNNING", 30)["NodeList"] == "node1"
+    wait_for(lambda: checkpoints_taken(site, job) >= 1, 60, "a periodic checkpoint")
+    if daemon == "slurmd":
+        c.restart("slurmd", "node1")
+        taken = checkpoints_taken(site, job)
+        wait_for(lambda: checkpoints_taken(site, job) >= taken + 2, 60,
+                 "two checkpoints after slurmd's restart")
+        assert c.job(job)["JobState"] == "RUNNING", out.read_text()
+    c.scontrol("requeuehold", str(job))
+    assert c.wait_state(job, "PENDING", 30)["Restarts"] == "1"
+    assert "kept for the restart" in ended(site, job)
+    if daemon == "slurmctld":
+        c.restart("slurmctld")
+        assert c.wait_state(job, "PENDING", 30)["Restarts"] == "1"
+    c.scontrol("update", f"JobId={job}", "ExcNodeList=node1", "StartTime=now")
+    c.scontrol("release", str(job))
+    info = completed(site, job, out, 120)
+    assert info["NodeList"] == "node2" and info["ExitCode"] == "0:0"
+    assert info["Restarts"] == "1", info
+    check_continued(out.read_text(), restarts=1)
+
+
+def test_job_whose_agent_is_killed_fails_and_restarts_from_its_checkpoint(site, jobs):
+    """The agent of an ordinary user's checkpointed job SIGKILLed after the job's first
+    checkpoint: the job fails, saying why in its output, and nothing of it runs on; its
+    checkpoints are kept, and requeued it restarts on node2 from the latest one and ends with
+    the checksum of an uninterrupted run."""
+    c = site.cluster
+    out = c.job_dir / "agent-killed.out"
+    job = submit(site, "plugin", "--checkpoint=0:02", "--exclude=node2", "-o", str(out))
+    jobs.append(job)
+    assert c.wait_state(job, "RUNNING", 30)["NodeList"] == "node1"
+    wait_for(lambda: checkpoints_taken(site, job) >= 1, 60, "a periodic checkpoint")
+    script = str(site.job_dir("hpcuser", job) / "job-script")  # what the job runs
+    uid = c.ensure_user().pw_uid
+    assert running_as(uid, script), "the job's script is not found running"
+    agent = int((site.dir / "run" / f"agent-{job}.node1.pid").read_text())
+    os.kill(agent, signal.SIGKILL)
+    info = c.wait_state(job, ("FAILED", "COMPLETED", "CANCELLED"), 60)
+    text = out.read_text()
+    assert info["JobState"] == "FAILED", (info, text)
+    assert "the hpccr agent went away before the job ended" in text, text
+    assert "kept" in ended(site, job)  # the epilog ran: the job's processes are gone
+    assert not running_as(uid, script), "the job runs on"
+    c.scontrol("requeue", str(job))
+    c.scontrol("update", f"JobId={job}", "ExcNodeList=node1", "StartTime=now")
+    info = completed(site, job, out, 120)
+    assert info["NodeList"] == "node2" and info["ExitCode"] == "0:0"
+    check_continued(out.read_text(), restarts=1)
 
 
 def test_time_limit_warning_checkpoints_and_requeues(site, jobs):
