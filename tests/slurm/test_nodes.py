@@ -1,8 +1,9 @@
 """MPI jobs on several nodes of the real cluster, given three nodes here: a job on two of them
 is checkpointed as one whole (every node's part) and, after a requeue, restarted on another
 pair, each part on the node at its slot, the node that held part 0 now holding part 1 or the
-other way round; a part lost in the middle of a checkpoint leaves the previous one to restart
-from.
+other way round (the ordinary user's job an mpi4py program, root's ring.c), or on all three
+nodes, the third one idle; a part lost in the middle of a checkpoint leaves the previous one
+to restart from.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import pytest
 from hpccr_site import ended, make_site, wait_for, write_script
 from test_lifecycle import (
+    MPI4PY,
     MPI_LAUNCH,
     RING_STEPS,
     ROOT_MPI,
@@ -49,15 +51,21 @@ def slurm_list(pair: tuple[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def ring(site):
-    """The Open MPI ring built for the cluster's jobs: its program and its launch line."""
+def rings(site):
+    """The Open MPI rings for the cluster's jobs, by kind — ring.c built, ring.py with
+    mpi4py where scripts/setup.sh built it: the name of their ranks' processes and the batch
+    script's launch line."""
     compiler, launch = MPI_LAUNCH["openmpi"]
     if not shutil.which(compiler):
         pytest.skip("openmpi not installed")
     program = site.cluster.job_dir / "ring-openmpi-nodes"
     subprocess.run([compiler, "-O2", "-o", program, WORKLOADS / "ring.c"], check=True,
                    capture_output=True)
-    return program, f"{launch} {program} {RING_STEPS}"
+    found = {"c": (program.name[:15], f"{launch} {program} {RING_STEPS}")}
+    if (MPI4PY / "openmpi" / "mpi4py").is_dir():
+        found["mpi4py"] = ("python3", f"{launch} /usr/bin/python3 {WORKLOADS / 'ring.py'} "
+                                      f"{MPI4PY / 'openmpi'} {RING_STEPS}")
+    return found
 
 
 def printed_alone(line: str, user: str | None) -> list[str]:
@@ -70,7 +78,7 @@ def printed_alone(line: str, user: str | None) -> list[str]:
 
 def submit_on(site, ring, name: str, nodes: tuple[str, str], user: str | None, **env) -> int:
     """The ring as a job on `nodes`, checkpointed every 2 s, its output in job_dir/name.out."""
-    program, line = ring
+    _, line = ring
     script = write_script(site, f"{name}.sh", f"#!/bin/bash\n{line}\n")
     return site.submit("--requeue", "--open-mode=append", "--checkpoint=0:02", "--nodes=2",
                        "--ntasks-per-node=2", f"--exclude={but(*nodes)}", "-o",
@@ -86,21 +94,25 @@ def check_restored(text: str, expected: list[str]) -> None:
         f"started over:\n{text}"
 
 
-@pytest.mark.parametrize("how, user, first, then", [
-    ("requeue", "hpcuser", ("node2", "node3"), ("node1", "node2")),
-    ("usr1", None, ("node1", "node2"), ("node2", "node3")),
+@pytest.mark.parametrize("how, user, kind, first, then", [
+    ("requeue", "hpcuser", "mpi4py", ("node2", "node3"), ("node1", "node2")),
+    ("usr1", None, "c", ("node1", "node2"), ("node2", "node3")),
 ])
-def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, ring, how, user, first, then):
+def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, rings, how, user, kind, first,
+                                                   then):
     """An Open MPI job on two nodes (2 ranks on each, `mpirun` with no host list: hpccr gives
     it the allocation's), checkpointed every 2 s as one whole (both nodes' parts), stopped —
-    requeued by the operator (an ordinary user's job: it restarts from its latest periodic
-    checkpoint), or warned with USR1 (root's job: one final checkpoint of both parts, and hpccr
-    requeues it) — and restarted, while held, on another pair of nodes: each part restored on
-    the node at its slot, it ends with exactly what a run never interrupted prints.  The
-    remote ranks and their orted are in the job's part at slot 1, started through hpccr's
-    launcher, not srun."""
+    requeued by the operator (an ordinary user's job, ring.py with mpi4py: it restarts from
+    its latest periodic checkpoint), or warned with USR1 (root's job, ring.c: one final
+    checkpoint of both parts, and hpccr requeues it) — and restarted, while held, on another
+    pair of nodes: each part restored on the node at its slot, it ends with exactly what a run
+    never interrupted prints.  The remote ranks and their orted are in the job's part at
+    slot 1, started through hpccr's launcher, not srun."""
     c = site.cluster
-    program, line = ring
+    if kind not in rings:
+        pytest.skip("no mpi4py for openmpi (scripts/setup.sh builds it)")
+    ring = rings[kind]
+    comm, line = ring
     reference = printed_alone(line, user)
     out = c.job_dir / f"mpi-two-nodes-{how}.out"
     job = submit_on(site, ring, f"mpi-two-nodes-{how}", first, user)
@@ -116,7 +128,7 @@ def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, ring, how, user, 
     latest = (site.job_dir(owner, job) / "latest").resolve()
     assert sorted(p.name for p in latest.glob("part-*")) == ["part-0", "part-1"], latest
     remote = json.loads((latest / "part-1" / "image.json").read_text())["processes"]
-    assert [p["comm"] for p in remote].count(program.name[:15]) == 2, remote
+    assert [p["comm"] for p in remote].count(comm) == 2, remote
     shown = subprocess.run([sys.executable, "-m", "hpccr", "show", latest], capture_output=True,
                            text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
@@ -144,7 +156,7 @@ def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, ring, how, user, 
     check_restored(text, reference)
 
 
-def test_part_lost_in_a_checkpoint(site, jobs, ring):
+def test_part_lost_in_a_checkpoint(site, jobs, rings):
     """Root's Open MPI job on node1 and node2 whose part at slot 1 loses its hpccr in the middle
     of the second coordinated checkpoint, that part frozen (HPCCR_FAULT, in the first run
     only): the checkpoint is abandoned, nothing of it is left, ckpt-0001 stays latest.  Slurm
@@ -153,6 +165,7 @@ def test_part_lost_in_a_checkpoint(site, jobs, ring):
     end reached no peer: their connections were locked then).  Requeued, it restarts from
     ckpt-0001 on both nodes and ends with exactly the output of a run never interrupted."""
     c = site.cluster
+    ring = rings["c"]
     reference = printed_alone(ring[1], None)
     out = c.job_dir / "mpi-part-lost.out"
     job = submit_on(site, ring, "mpi-part-lost", ("node1", "node2"), None,
@@ -171,4 +184,31 @@ def test_part_lost_in_a_checkpoint(site, jobs, ring):
     info = completed(site, job, out, 300)
     text = out.read_text()
     assert info["ExitCode"] == "0:0" and info["NodeList"] == "node[1-2]", (info, text)
+    check_restored(text, reference)
+
+
+def test_restart_on_more_nodes(site, jobs, rings):
+    """Root's Open MPI job on node2 and node3, requeued by the operator after two coordinated
+    checkpoints and given all three nodes: its two parts are restored on the first two nodes
+    of the new allocation (node1 and node2), the third node has no part to restore and says so,
+    and the job ends with exactly the output of a run never interrupted."""
+    c = site.cluster
+    ring = rings["c"]
+    reference = printed_alone(ring[1], None)
+    out = c.job_dir / "mpi-more-nodes.out"
+    job = submit_on(site, ring, "mpi-more-nodes", ("node2", "node3"), None)
+    jobs.append(job)
+    wait_for(lambda: checkpoints_taken(site, job, "root") >= 2, 120,
+             "two coordinated checkpoints")
+    c.scontrol("requeuehold", str(job))
+    assert c.wait_state(job, "PENDING", 60)["Restarts"] == "1"
+    ended(site, job)
+    latest = Series(site.job_dir("root", job)).latest()
+    c.scontrol("update", f"JobId={job}", "ExcNodeList=")
+    c.scontrol("update", f"JobId={job}", "NumNodes=3-3", "NumTasks=6")
+    c.scontrol("release", str(job))
+    info = completed(site, job, out, 300)
+    text = out.read_text()
+    assert info["ExitCode"] == "0:0" and info["NodeList"] == "node[1-3]", (info, text)
+    assert f"{latest} has no part for node3 (slot 2)" in text, text
     check_restored(text, reference)
