@@ -1,10 +1,13 @@
 """Two "nodes" on this machine for the tests of jobs on several nodes: network namespaces joined
 by a bridge, as the Slurm test bed's, each with an address of UNDERLAY.  hpccr runs and
-restores a job's part on a node inside its namespace (nsenter)."""
+restores a job's part on a node inside its namespace (nsenter).  Also the sign of MPICH's own
+deadlock in MPI_Finalize, which the tests of MPI jobs on several nodes (here and under Slurm)
+take for a finished job."""
 
 import contextlib
 import ipaddress
 import os
+from pathlib import Path
 
 import pytest
 from pyroute2 import IPRoute, NetNS
@@ -82,3 +85,23 @@ def part_env(job_id: int, slot: int, node_addresses: list[str]) -> dict[str, str
     `job_id`, whose nodes (by slot) are `node_addresses`."""
     return {"HPCCR_JOB_NODES": ",".join(node_addresses), "HPCCR_NODE_SLOT": str(slot),
             "HPCCR_JOB_ID": str(job_id)}
+
+
+def finalize_deadlock(binary: Path) -> bool:
+    """Whether a rank running `binary` shows MPICH 4.0's deadlock in MPI_Finalize over TCP
+    (docs/slurm.md): it waits in the PMI barrier (a read on its PMI socket) while one of its
+    TCP connections holds unread bytes, a peer's flush request that only this rank's progress
+    would acknowledge."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if (not proc.name.isdigit() or os.readlink(proc / "exe") != str(binary)
+                    or (proc / "wchan").read_text() != "unix_stream_read_generic"):
+                continue
+            held = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
+            table = (proc / "net" / "tcp").read_text().splitlines()[1:]
+        except OSError:  # gone meanwhile
+            continue
+        for fields in map(str.split, table):
+            if f"socket:[{fields[9]}]" in held and int(fields[4].split(":")[1], 16):
+                return True
+    return False

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from harness import TIMEOUT, describe, wait_until
-from multinode import part_env
+from multinode import finalize_deadlock, part_env
 from test_mpi import RING, printed
 
 from hpccr.image.series import Series
@@ -82,26 +82,6 @@ def mpi(request, tmp_path_factory):
     return ring, ring.printed()
 
 
-def finalize_deadlock(ring: Ring) -> bool:
-    """Whether a rank of `ring` shows MPICH 4.0's deadlock in MPI_Finalize over TCP
-    (docs/slurm.md): it waits in the PMI barrier (a read on its PMI socket) while one of its
-    TCP connections holds unread bytes, a peer's flush request that only this rank's progress
-    would acknowledge."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if (not proc.name.isdigit() or os.readlink(proc / "exe") != str(ring.binary)
-                    or (proc / "wchan").read_text() != "unix_stream_read_generic"):
-                continue
-            held = {os.readlink(fd) for fd in (proc / "fd").iterdir()}
-            table = (proc / "net" / "tcp").read_text().splitlines()[1:]
-        except OSError:  # gone meanwhile
-            continue
-        for fields in map(str.split, table):
-            if f"socket:[{fields[9]}]" in held and int(fields[4].split(":")[1], 16):
-                return True
-    return False
-
-
 def job_end(ring: Ring, proc: subprocess.Popen, lines, *others: subprocess.Popen) -> int | None:
     """The exit status of `proc`, the hpccr that runs or restores the MPI job's launcher, once
     it (or one of `others`) has ended.  None for an MPICH job that printed its result (its DONE
@@ -110,7 +90,7 @@ def job_end(ring: Ring, proc: subprocess.Popen, lines, *others: subprocess.Popen
     def over() -> bool:
         return (any(p.poll() is not None for p in (proc, *others))
                 or ring.name == "mpich" and any(line.startswith("DONE ") for line in lines())
-                and finalize_deadlock(ring))
+                and finalize_deadlock(ring.binary))
 
     wait_until(over, "the MPI job to end", 4 * TIMEOUT)
     if any(p.poll() is not None for p in others):

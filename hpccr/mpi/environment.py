@@ -40,7 +40,7 @@ def job_environment(env: Mapping[str, str], hosts: tuple[str, ...] = ()) -> dict
                   "OMPI_MCA_ras": "^slurm", "OMPI_MCA_btl_tcp_if_include": overlay.DEVICE,
                   "OMPI_MCA_oob_tcp_if_include": overlay.DEVICE,
                   "HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": launcher,
-                  "HPCCR_JOB_HOSTS": ",".join(hosts)}
+                  launch.JOB_HOSTS: ",".join(hosts)}
         slots = tasks_per_node(env.get("SLURM_TASKS_PER_NODE", ""))
         if len(slots) == len(hosts):
             added["OMPI_MCA_orte_default_dash_host"] = ",".join(

@@ -8,6 +8,10 @@ there, through `/bin/sh -c`, as ssh would.  The command's output comes back on t
 stdout and stderr, its exit status is the agent's (255 if the server cannot be reached or the
 connection breaks, as ssh's); its stdin is /dev/null.  The parts of a job start on their nodes
 at about the same time, so an agent waits up to CONNECT_WAIT_S for a server not listening yet.
+HOST may also be the Slurm name of one of the job's nodes (hydra's Slurm resource manager
+names the allocation's nodes so): that node's part is meant (HPCCR_SLURM_NODES and
+HPCCR_JOB_HOSTS, both by slot), and where that is the agent's own part the command runs right
+there, as ssh to the same host would.
 
 The launch server (`hpccr-launch --serve`) is the process that a part on a node other than the
 first runs; it listens on PORT in the job's network, and the commands it runs are its children.
@@ -41,6 +45,10 @@ CONNECT_WAIT_S = 120
 CONNECT_RETRY_S = 0.2  # a server being started on another node cannot tell us when it listens
 
 
+SLURM_NODES = "HPCCR_SLURM_NODES"  # the job's nodes by slot (Slurm's names), for its parts
+JOB_HOSTS = "HPCCR_JOB_HOSTS"  # the host names of the job's parts, by slot
+
+
 def executable() -> str:
     """This installation's hpccr-launch (a console script beside its Python)."""
     return str(Path(sys.executable).with_name("hpccr-launch"))
@@ -58,7 +66,22 @@ def main() -> None:
     if len(args) < 2:
         print("usage: hpccr-launch HOST COMMAND... | hpccr-launch --serve", file=sys.stderr)
         sys.exit(2)
-    sys.exit(launch(args[0], " ".join(args[1:])))
+    host, command = part_host(args[0]), " ".join(args[1:])
+    sys.exit(run_here(command) if host == socket.gethostname() else launch(host, command))
+
+
+def part_host(host: str) -> str:
+    """The host name of the job's part that `host` means: a Slurm node name of the job is the
+    part at that node's slot; any other name stays as it is."""
+    names = os.environ.get(SLURM_NODES, "").split(",")
+    hosts = os.environ.get(JOB_HOSTS, "").split(",")
+    return hosts[names.index(host)] if host in names and len(names) == len(hosts) else host
+
+
+def run_here(command: str) -> int:
+    """Run `command` in this part, as the launch server would; its exit status."""
+    status = subprocess.run(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL).returncode
+    return status if status >= 0 else 128 - status
 
 
 def launch(host: str, command: str) -> int:
