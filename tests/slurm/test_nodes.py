@@ -146,8 +146,9 @@ def test_mpi_job_restarts_on_another_pair_of_nodes(site, jobs, rings, how, user,
     ring = rings[kind]
     comm, line = ring
     reference = printed_alone(line, user)
-    out = c.job_dir / f"mpi-two-nodes-{how}.out"
-    job = submit_on(site, ring, f"mpi-two-nodes-{how}", first, user)
+    name = f"mpi-two-nodes-{how}-{kind}"  # one output file per case: a user cannot append to root's
+    out = c.job_dir / f"{name}.out"
+    job = submit_on(site, ring, name, first, user)
     jobs.append(job)
     owner = user or "root"
     assert c.wait_state(job, "RUNNING", 30)["NodeList"] == slurm_list(first)
