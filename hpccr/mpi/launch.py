@@ -98,18 +98,23 @@ def launch(host: str, command: str) -> int:
                 return UNREACHABLE
             time.sleep(CONNECT_RETRY_S)
     with conn, conn.makefile("rb") as frames:
-        conn.sendall(json.dumps({"command": command, "cwd": os.getcwd()}).encode() + b"\n")
-        outputs = {STDOUT: sys.stdout.buffer, STDERR: sys.stderr.buffer}
-        while header := frames.read(HEADER.size):
-            if len(header) < HEADER.size:
-                break
-            kind, length = HEADER.unpack(header)
-            data = frames.read(length)
-            if kind == EXIT:
-                return int(data)
-            if kind in outputs:
-                outputs[kind].write(data)
-                outputs[kind].flush()
+        try:
+            conn.sendall(json.dumps({"command": command, "cwd": os.getcwd()}).encode() + b"\n")
+            outputs = {STDOUT: sys.stdout.buffer, STDERR: sys.stderr.buffer}
+            while header := frames.read(HEADER.size):
+                if len(header) < HEADER.size:
+                    break
+                kind, length = HEADER.unpack(header)
+                data = frames.read(length)
+                if kind == EXIT:
+                    return int(data)
+                if kind in outputs:
+                    outputs[kind].write(data)
+                    outputs[kind].flush()
+        except OSError as exc:
+            print(f"hpccr-launch: the connection to {host} broke before the command ended: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            return UNREACHABLE
     print(f"hpccr-launch: the connection to {host} ended before the command did",
           file=sys.stderr)
     return UNREACHABLE

@@ -31,6 +31,7 @@ from test_lifecycle import (
     mpi_lines,
 )
 
+from hpccr.engine.netns import LINK_PREFIX
 from hpccr.image.series import Series
 
 NODES = ("node1", "node2", "node3")
@@ -114,6 +115,14 @@ def submit_on(site, ring, name: str, nodes: tuple[str, str], user: str | None, *
                        "--ntasks-per-node=2", f"--exclude={but(*nodes)}", "-o",
                        str(site.cluster.job_dir / f"{name}.out"), str(script), user=user,
                        **env, **({} if user else ROOT_MPI))
+
+
+def job_links(cluster, node: str) -> list[str]:
+    """The links of jobs' networks on `node` (hpccr/engine/netns.py: one per job or part)."""
+    shown = subprocess.run(["ip", "-o", "-netns", Path(cluster.netns(node)).name, "link"],
+                           capture_output=True, text=True, check=True).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in shown.splitlines()
+            if f": {LINK_PREFIX}" in line]
 
 
 def check_restored(text: str, expected: list[str]) -> None:
@@ -213,7 +222,14 @@ def test_part_lost_in_a_checkpoint(site, jobs, rings):
     assert Series(series).latest().name == "ckpt-0001", text
     assert not (series / "ckpt-0002").exists(), text
     ended(site, job)
-    c.scontrol("requeue", str(job))
+    # Not done yet: restored on a node while the previous run's part there is still being torn
+    # down (its network namespace lives on with its closing sockets, a minute or more after a
+    # part was lost), the job failed again, in a rehearsal (docs/slurm.md).  The test holds the
+    # requeued job until the previous run has left the nodes.
+    c.scontrol("requeuehold", str(job))
+    wait_for(lambda: not any(job_links(c, node) for node in NODES), 300,
+             "the previous run's parts to leave the nodes")
+    c.scontrol("release", str(job))
     info = completed(site, job, out, 300)
     text = out.read_text()
     assert info["ExitCode"] == "0:0" and info["NodeList"] == "node[1-2]", (info, text)
