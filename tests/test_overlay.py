@@ -6,10 +6,15 @@ Two nodes of namespaces (multinode.py).
 Workload: workloads/overlay_pair.py.
 """
 
+import os
 import random
+import subprocess
+import sys
 
 from harness import TIMEOUT, WORKLOADS, wait_until
 from multinode import part_env
+from pyroute2 import NetNS
+from pyroute2 import netns as named_netns
 
 from hpccr.engine import overlay
 
@@ -83,6 +88,61 @@ def test_parts_restored_on_each_others_node(tree_cr, nodes, tmp_path):
     assert {(host, address) for _, host, address in seen} == \
         {(client.values("HOST")[0], client.values("ADDR")[0])}
     assert seen[-1][0] >= before + 40
+
+
+def test_part_restored_beside_what_its_killed_hpccr_left(tree_cr, nodes, tmp_path):
+    """Both parts dumped and killed; then, on the client's node, what a part whose hpccr was
+    killed leaves there: its job network (made by hpccr for the same slot: link, address,
+    overlay device with the job's VXLAN id), no process in it, the namespace kept (a mount
+    here; closing connections whose peers are gone, after a real loss).  Restored at once on
+    the same nodes, the client's part gets its link and VXLAN id without waiting, the leftover
+    loses both (the server's packets must not reach it), and the connection goes on."""
+    job_id = random.randrange(1, 1 << 20)
+    server, client = start_parts(tree_cr, nodes, tmp_path, job_id)
+    wait_until(lambda: counted(client) >= 20, "the client's first answers")
+    tree_cr.dump_and_kill(server, tmp_path / "server")
+    tree_cr.dump_and_kill(client, tmp_path / "client")
+    before = counted(client)
+    leftover = f"{nodes.names[1]}left"
+    part = overlay.choose("10.198.0.0/16", (4096, 1048575), job_id, 1, 2, f"job{job_id}")
+    make = (
+        "import os, subprocess, sys\n"
+        "from hpccr.engine import netns, overlay\n"
+        f"part = overlay.Overlay({part.vni}, {part.network!r}, 1, {part.names!r})\n"
+        "net = netns.JobNetwork(netns.Spec(part.address(), part.names[1], part), "
+        f"nodes={nodes.addresses!r})\n"
+        f"open('/run/netns/{leftover}', 'w').close()\n"
+        f"subprocess.run(['mount', '--bind', f'/proc/{{os.getpid()}}/fd/{{net.fd}}', "
+        f"'/run/netns/{leftover}'], check=True)\n"
+        "net.release()\n")
+    try:
+        subprocess.run([*nodes.wrap(1), sys.executable, "-c", make], check=True, timeout=TIMEOUT)
+        assert "hpccr0" in links_of(leftover)
+        restores = [
+            tree_cr.start_restore(tmp_path / image, wrap=nodes.wrap(node),
+                                  env=part_env(job_id, slot, nodes.addresses))[0]
+            for image, slot, node in (("server", 0, 0), ("client", 1, 1))
+        ]
+        wait_until(lambda: counted(client) >= before + 40 or "FAIL" in client.output()
+                   or any(r.poll() is not None for r in restores),
+                   "the restored client's answers")
+        assert links_of(leftover) == ["lo"]
+        (tmp_path / "stop").touch()
+        for restore in restores:
+            assert restore.wait(timeout=TIMEOUT) == 0, restore.stderr.read()
+            assert restore.stderr.read() == ""  # no "address taken", no wait for the VXLAN id
+        client.assert_passed()
+        server.assert_passed()
+        assert counted(client) >= before + 40
+    finally:
+        if os.path.exists(f"/run/netns/{leftover}"):
+            named_netns.remove(leftover)
+
+
+def links_of(namespace: str) -> list[str]:
+    """The names of the links in the network namespace mounted as /run/netns/`namespace`."""
+    with NetNS(namespace) as ns:
+        return [link.get_attr("IFLA_IFNAME") for link in ns.get_links()]
 
 
 def test_fewer_nodes_than_slots_is_refused(tree_cr, nodes, tmp_path):

@@ -11,8 +11,10 @@ the job sends elsewhere.  The node forwards IPv4 (net.ipv4.ip_forward is turned 
 on the node reaches the job at its address.
 
 Nothing outlives the job: the kernel removes the veth pair (and its routes) with the job's
-namespace, whoever waits for the job removes both at its end, and ``lift_stale`` removes the
-NAT tables whose link is gone (before each new job network, and in the Slurm epilog).
+namespace, whoever waits for the job removes both at its end, ``clear_leftovers`` removes the
+links of a namespace that outlives its processes (closing connections keep it) when nobody
+waited for them (hpccr killed), and ``lift_stale`` removes the NAT tables whose link is gone
+(both before each new job network, and in the Slurm epilog).
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ class JobNetwork:
         self.linked = False
         self.nodes: list[str] = []  # a part's: the job's nodes, once it has joined the overlay
         self.fd = None
+        clear_leftovers(self.link)  # a previous run's, here, whose hpccr was killed
         lift_stale()
         self.node_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -345,7 +348,12 @@ class JobNetwork:
         self.fd = self.node_fd = None
 
     def remove(self) -> None:
-        """The job has ended (or never ran): remove its link, NAT and namespace."""
+        """The job has ended (or never ran): remove its link, overlay device, NAT and
+        namespace.  The namespace may outlive this for a while (closing connections): without
+        its links it holds no VXLAN id and no packet reaches it."""
+        if self.nodes and self.fd is not None:
+            with self.entered(), IPRoute() as ipr, contextlib.suppress(NetlinkError):
+                ipr.link("del", ifname=overlay.DEVICE)
         self.release()
         if not self.linked:
             return  # the link and NAT of that address, if any, are another job's
@@ -363,6 +371,62 @@ def disconnect() -> None:
         for name in (JOB_LINK, overlay.DEVICE):
             with contextlib.suppress(NetlinkError):
                 ipr.link("del", ifname=name)
+
+
+def clear_leftovers(link: str | None = None) -> list[str]:
+    """Remove what is left of job networks whose processes are gone but whose namespace lives
+    on (a part or job whose hpccr was killed: nothing removed its links, and closing
+    connections whose peers are gone keep the namespace for minutes): the node's end of its
+    link, and inside, its overlay device.  That device keeps the job's VXLAN id on the node (a
+    restore of the job there could not make its own), and the job's other parts, restored
+    elsewhere, would reach those closing connections through it and be reset by them.  Only
+    `link` if given; returns the links removed.  A namespace is in use while a thread is in it
+    or a process holds a descriptor of it (hpccr does, while it makes one)."""
+    with IPRoute() as ipr:
+        candidates = {}  # the namespace's id here -> the node's end of its link
+        indices = ipr.link_lookup(ifname=link) if link else []
+        for found in (ipr.get_links(*indices) if indices else [] if link else ipr.get_links()):
+            name, nsid = found.get_attr("IFLA_IFNAME"), found.get_attr("IFLA_LINK_NETNSID")
+            if name.startswith(LINK_PREFIX) and nsid is not None:
+                candidates[nsid] = found
+        if candidates:
+            for nsid in _namespaces_in_use(ipr):
+                candidates.pop(nsid, None)
+        for nsid, node_end in candidates.items():
+            with contextlib.suppress(NetlinkError):  # none: not a part, or removed already
+                for device in ipr.link("get", ifname=overlay.DEVICE, IFLA_IF_NETNSID=nsid):
+                    ipr.link("del", index=device["index"], IFLA_IF_NETNSID=nsid)
+            with contextlib.suppress(NetlinkError):  # gone with its namespace meanwhile
+                ipr.link("del", index=node_end["index"])
+    return [node_end.get_attr("IFLA_IFNAME") for node_end in candidates.values()]
+
+
+def _namespaces_in_use(ipr: IPRoute) -> set[int]:
+    """The ids, as this network namespace knows them, of the network namespaces that a thread
+    is in or a process holds a descriptor of."""
+    paths: dict[int, str] = {}  # inode -> a path that opens it
+    for pid in procfs.pids():
+        try:
+            for tid in procfs.tids(pid):
+                path = procfs.path(pid, "task", str(tid), "ns", "net")
+                paths.setdefault(os.stat(path).st_ino, path)
+            for fd in procfs.fds(pid):
+                target = os.readlink(procfs.path(pid, "fd", str(fd)))
+                if target.startswith("net:["):
+                    paths.setdefault(int(target[5:-1]), procfs.path(pid, "fd", str(fd)))
+        except OSError:
+            continue  # ended meanwhile, or a zombie: in no namespace
+    used = set()
+    for path in paths.values():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            used.add(ipr.get_netnsid(fd=fd)["nsid"])
+        finally:
+            os.close(fd)
+    return used
 
 
 def lift_stale() -> list[str]:

@@ -13,6 +13,11 @@ def path(pid: int, *parts: str) -> str:
     return os.path.join(PROC, str(pid), *parts)
 
 
+def pids() -> list[int]:
+    """Every process visible here."""
+    return [int(entry.name) for entry in os.scandir(PROC) if entry.name.isdigit()]
+
+
 def tids(pid: int) -> list[int]:
     """Thread ids of process `pid`, the leader first."""
     found = sorted(int(t) for t in os.listdir(path(pid, "task")))

@@ -33,9 +33,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from hpccr import config
 from hpccr.config import DEFAULTS, ConfigError
-from hpccr.engine import netlock
+from hpccr.engine import netlock, netns
 from hpccr.errors import HpccrError
 from hpccr.slurm import agent, jobdir
 from hpccr.slurm.jobdir import Record, as_user
@@ -203,8 +205,10 @@ def stop_agent(cfg: config.Config, job: SlurmJob) -> None:
 
 
 def epilog(environ=os.environ) -> None:
-    """On every node: stop the job's agent, lift stale network locks; on the batch host: clean
-    up after a run, record its checkpoints, and remove them once the job is done."""
+    """On every node: stop the job's agent, lift stale network locks, clear what is left of
+    job networks whose hpccr was killed (before the node takes the job's next run: it would
+    find its part's address and VXLAN id taken); on the batch host: clean up after a run,
+    record its checkpoints, and remove them once the job is done."""
     setup = _setup("epilog", environ)
     if setup is None:
         return
@@ -218,6 +222,13 @@ def epilog(environ=os.environ) -> None:
     else:
         if lifted:
             log(f"lifted stale network locks {' '.join(lifted)}")
+    try:
+        cleared = netns.clear_leftovers()
+    except (OSError, NetlinkError) as exc:
+        log(f"cannot clear what is left of job networks: {exc}")
+    else:
+        if cleared:
+            log(f"cleared what was left of job networks {' '.join(cleared)}")
     if other_batch_host(job, state):
         return
     job_dir = cfg.job_dir(job.user, job.job_id)
