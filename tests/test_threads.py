@@ -6,7 +6,7 @@ Threads keep their scheduling too: CPU affinity, nice value and policy.
 Workloads: workloads/regs.c (4 threads, AVX-512 or AVX), workloads/amx.c (2 threads, AMX tiles),
 workloads/sched.c (3 threads, each with its own CPU mask, nice value and policy),
 workloads/thread_leader_exit.c (3 workers run on after main's pthread_exit, with a heap and a
-pipe).
+pipe), workloads/thread_churn.c (threads created and joined all the time).
 """
 
 import json
@@ -140,3 +140,19 @@ def test_main_thread_exited_in_a_job(tree_cr, tmp_path):
     """The same process as a job's (hpccr run), restored into a new pid namespace."""
     job = tree_cr.start_job([tree_cr.binaries["thread_leader_exit"]])
     tree_cr.checkpoint_restart(job, tmp_path / "img")
+
+
+def test_threads_created_during_checkpoints(cr, tmp_path):
+    """Two threads create and join short-lived threads all the time: checkpoints catch threads
+    being created (a clone in flight while the process is frozen) and exiting; each one
+    succeeds and the process runs on, and the last one restores and runs on, every worker's
+    result checked."""
+    stop = tmp_path / "stop"  # the spawners go on until it exists
+    workload = cr.start("thread_churn", stop)
+    for i in range(8):
+        res = cr.dump(workload, tmp_path / f"img{i}", "--leave-running")
+        assert res.returncode == 0, res.stderr
+        assert workload.alive(), workload.output()
+    cr.dump_and_kill(workload, tmp_path / "img")
+    stop.touch()
+    cr.restore_and_pass(workload, tmp_path / "img")

@@ -116,9 +116,29 @@ class FrozenProcess:
                         continue  # that thread exited meanwhile
                     raise
                 self.threads[tid] = Thread(tid)
-                native.interrupt(tid)
-                self._wait_stopped(tid)
+                if not self._stop(tid):
+                    del self.threads[tid]  # a thread that ended before it stopped
+                    continue
                 faults.point("freeze")
+
+    def _stop(self, tid: int) -> bool:
+        """Stop the seized thread `tid`; False if it exited first (a thread of a process that
+        creates and ends threads all the time), which only the main thread may not."""
+        try:
+            native.interrupt(tid)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH or tid == self.pid:
+                raise
+            with contextlib.suppress(OSError):  # dead and ours to reap, as our tracee
+                native.wait(tid)
+            return False
+        try:
+            self._wait_stopped(tid)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH or tid == self.pid:
+                raise
+            return False
+        return True
 
     def _wait_stopped(self, tid: int) -> None:
         retrapped = False
