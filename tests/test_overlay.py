@@ -60,25 +60,39 @@ def test_parts_talk_by_name_over_the_overlay(tree_cr, nodes, tmp_path):
     server.assert_passed()
 
 
+def dumped_parts(tree_cr, nodes, tmp_path, job_id):
+    """The job's two parts, dumped and killed (images tmp_path/server and tmp_path/client) once
+    they talk; returns them and how many answers the client had then."""
+    server, client = start_parts(tree_cr, nodes, tmp_path, job_id)
+    wait_until(lambda: counted(client) >= 20, "the client's first answers")
+    tree_cr.dump_and_kill(server, tmp_path / "server")
+    tree_cr.dump_and_kill(client, tmp_path / "client")
+    return server, client, counted(client)
+
+
+def restore_parts(tree_cr, nodes, tmp_path, job_id, client, before, swapped):
+    """Restore both parts (images tmp_path/server and tmp_path/client), each on the node of its
+    slot or, `swapped`, on the other one; returns the restores once the client has got 40
+    answers more than `before` (or failed, or a restore ended)."""
+    where = nodes.addresses[::-1] if swapped else nodes.addresses
+    restores = [
+        tree_cr.start_restore(tmp_path / image, wrap=nodes.wrap(slot ^ swapped),
+                              env=part_env(job_id, slot, where))[0]
+        for image, slot in (("server", 0), ("client", 1))
+    ]
+    wait_until(lambda: counted(client) >= before + 40 or "FAIL" in client.output()
+               or any(r.poll() is not None for r in restores),
+               "the restored client's answers")
+    return restores
+
+
 def test_parts_restored_on_each_others_node(tree_cr, nodes, tmp_path):
     """Both parts dumped and killed while talking; the server restored on node 1 and the client
     on node 0 (the overlay re-pointed: slot 0's node is now node 1): the same connection goes
     on with the same host names and addresses, every answer checked."""
     job_id = random.randrange(1, 1 << 20)
-    server, client = start_parts(tree_cr, nodes, tmp_path, job_id)
-    wait_until(lambda: counted(client) >= 20, "the client's first answers")
-    tree_cr.dump_and_kill(server, tmp_path / "server")
-    tree_cr.dump_and_kill(client, tmp_path / "client")
-    before = counted(client)
-    swapped = nodes.addresses[::-1]
-    restores = [
-        tree_cr.start_restore(tmp_path / image, wrap=nodes.wrap(node),
-                              env=part_env(job_id, slot, swapped))[0]
-        for image, slot, node in (("server", 0, 1), ("client", 1, 0))
-    ]
-    wait_until(lambda: counted(client) >= before + 40 or "FAIL" in client.output()
-               or any(r.poll() is not None for r in restores),
-               "the restored client's answers")
+    server, client, before = dumped_parts(tree_cr, nodes, tmp_path, job_id)
+    restores = restore_parts(tree_cr, nodes, tmp_path, job_id, client, before, swapped=True)
     (tmp_path / "stop").touch()
     for restore in restores:
         assert restore.wait(timeout=TIMEOUT) == 0, restore.stderr.read()
@@ -98,11 +112,7 @@ def test_part_restored_beside_what_its_killed_hpccr_left(tree_cr, nodes, tmp_pat
     the same nodes, the client's part gets its link and VXLAN id without waiting, the leftover
     loses both (the server's packets must not reach it), and the connection goes on."""
     job_id = random.randrange(1, 1 << 20)
-    server, client = start_parts(tree_cr, nodes, tmp_path, job_id)
-    wait_until(lambda: counted(client) >= 20, "the client's first answers")
-    tree_cr.dump_and_kill(server, tmp_path / "server")
-    tree_cr.dump_and_kill(client, tmp_path / "client")
-    before = counted(client)
+    server, client, before = dumped_parts(tree_cr, nodes, tmp_path, job_id)
     leftover = f"{nodes.names[1]}left"
     part = overlay.choose("10.198.0.0/16", (4096, 1048575), job_id, 1, 2, f"job{job_id}")
     make = (
@@ -118,14 +128,8 @@ def test_part_restored_beside_what_its_killed_hpccr_left(tree_cr, nodes, tmp_pat
     try:
         subprocess.run([*nodes.wrap(1), sys.executable, "-c", make], check=True, timeout=TIMEOUT)
         assert "hpccr0" in links_of(leftover)
-        restores = [
-            tree_cr.start_restore(tmp_path / image, wrap=nodes.wrap(node),
-                                  env=part_env(job_id, slot, nodes.addresses))[0]
-            for image, slot, node in (("server", 0, 0), ("client", 1, 1))
-        ]
-        wait_until(lambda: counted(client) >= before + 40 or "FAIL" in client.output()
-                   or any(r.poll() is not None for r in restores),
-                   "the restored client's answers")
+        restores = restore_parts(tree_cr, nodes, tmp_path, job_id, client, before,
+                                 swapped=False)
         assert links_of(leftover) == ["lo"]
         (tmp_path / "stop").touch()
         for restore in restores:
