@@ -13,6 +13,7 @@ import json
 import os
 import pwd
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -363,6 +364,38 @@ def test_restore_refuses_a_priority_the_owner_may_not_have(jobs, tree_cr, name):
     message = tree_cr.assert_error(res, REFUSED)
     assert "real-time policy or a negative nice value" in message, message
     assert "PASS" not in jobs.lines()
+
+
+def test_restore_never_raises_a_users_hard_limit(jobs, tmp_path):
+    """hpcuser's image edited so that its processes' hard limit of open files is far above the
+    restore's own (prlimit gives the restore 1024:2048): they come back with the restore's hard
+    limit, which is what a job started by it would get, not the image's (root, which restores,
+    could raise it where it holds CAP_SYS_RESOURCE: a user's image never gets more than that),
+    a warning says so, and the job runs to its end.  Where root lacks CAP_SYS_RESOURCE (the
+    development machine) the kernel refuses the raise anyway: there this passes either way."""
+
+    def edit(proc: dict) -> None:
+        for name in proc["rlimits"]:  # RLIMIT_NOFILE, and its old name RLIMIT_OFILE
+            if getattr(resource, name, None) == resource.RLIMIT_NOFILE:
+                proc["rlimits"][name] = [1024, 1 << 20]
+
+    copy = edited_copy(image_of_user_job(jobs, steps=400), tmp_path / "limits",
+                       lambda creds: None, edit)
+    pidfile = tmp_path / "restored.pid"
+    restore = subprocess.Popen(
+        ["prlimit", "--nofile=1024:2048", *cli_argv("restore", "-D", copy, "--pidfile", pidfile)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=cli_env())
+    try:
+        jobs.cr.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip()
+                           or restore.poll() is not None, "the restored job's pid")
+        limits = Path(f"/proc/{int(pidfile.read_text())}/limits").read_text()
+        assert re.search(r"Max open files\s+1024\s+2048\s", limits), limits
+    finally:
+        _, err = restore.communicate(timeout=TIMEOUT)
+    assert restore.returncode == 0, err
+    assert "RLIMIT_NOFILE hard limit 1048576 cannot be raised here; kept at 2048" in err, err
+    assert counts(jobs.lines()) == list(range(400)) and jobs.lines()[-1] == "PASS"
 
 
 def test_edited_copy_of_an_image_restores(jobs, tmp_path):

@@ -92,20 +92,30 @@ def dump_rlimits(inj) -> dict[str, list[int]]:
     return limits
 
 
-def restore_rlimits(pid: int, limits: dict[str, list[int]]) -> None:
-    """prlimit from outside.  Raising a hard limit needs CAP_SYS_RESOURCE: where it is not
-    granted the limit is kept at the current hard value and a warning says so."""
+def restore_rlimits(pid: int, limits: dict[str, list[int]], raise_hard: bool) -> None:
+    """prlimit from outside.  A hard limit above the new task's (the restorer's, what a job
+    started here gets) is raised only with `raise_hard` (an image only root could have
+    written: a user's image never gets more than that) and where CAP_SYS_RESOURCE is granted;
+    otherwise it is kept at the current hard value and a warning says so."""
     for name, (soft, hard) in limits.items():
         res = RLIMITS.get(name)
         if res is None:
             continue
         want = tuple(resource.RLIM_INFINITY if v == -1 else v for v in (soft, hard))
-        try:
-            resource.prlimit(pid, res, want)
-        except (PermissionError, ValueError):
-            cur_hard = resource.prlimit(pid, res)[1]
-            soft_ok = cur_hard == resource.RLIM_INFINITY or (
-                want[0] != resource.RLIM_INFINITY and want[0] <= cur_hard)
-            resource.prlimit(pid, res, (want[0] if soft_ok else cur_hard, cur_hard))
-            print(f"hpccr: warning: {name} hard limit {hard} cannot be raised here; "
-                  f"kept at {_limit(cur_hard)}", file=sys.stderr)
+        cur_hard = resource.prlimit(pid, res)[1]
+        if raise_hard or not _above(want[1], cur_hard):
+            try:
+                resource.prlimit(pid, res, want)
+                continue
+            except (PermissionError, ValueError):
+                pass
+        resource.prlimit(pid, res, (cur_hard if _above(want[0], cur_hard) else want[0], cur_hard))
+        print(f"hpccr: warning: {name} hard limit {hard} cannot be raised here; "
+              f"kept at {_limit(cur_hard)}", file=sys.stderr)
+
+
+def _above(limit: int, other: int) -> bool:
+    """Is resource limit `limit` above `other` (RLIM_INFINITY above all)?"""
+    if limit == resource.RLIM_INFINITY:
+        return other != resource.RLIM_INFINITY
+    return other != resource.RLIM_INFINITY and limit > other

@@ -750,7 +750,7 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     for thread, saved in tasks:
         signals.queue_pending(inj, proc["pid"], saved["pending"], thread, saved["tid"])
     sharers = [(sharer, *_rebuild_memory_sharer(inj, sharer)) for sharer in memory_sharers]
-    creds.restore_rlimits(pid, proc["rlimits"])
+    creds.restore_rlimits(pid, proc["rlimits"], ctx.trusted)
     # The injection page must go before credentials drop: munmap needs no privilege, but the
     # page must not outlive the restore.  Credentials come last, thread by thread.
     for thread, _ in tasks[0 if exited else 1:]:
@@ -817,7 +817,7 @@ def _rebuild_memory_sharer(inj: Injector, sharer: Task) -> tuple[Thread, dict]:
     signals.restore_itimers(inj, proc["itimers"], thread)
     signals.queue_pending(inj, proc["pid"], proc["shared_pending"], thread, proc["pid"])
     signals.queue_pending(inj, proc["pid"], saved["pending"], thread, saved["tid"])
-    creds.restore_rlimits(sharer.outer, proc["rlimits"])
+    creds.restore_rlimits(sharer.outer, proc["rlimits"], sharer.ctx.trusted)
     creds.restore_creds(inj, thread, proc["creds"])
     return thread, saved
 
