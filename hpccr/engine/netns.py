@@ -384,8 +384,12 @@ def clear_leftovers(link: str | None = None) -> list[str]:
     or a process holds a descriptor of it (hpccr does, while it makes one)."""
     with IPRoute() as ipr:
         candidates = {}  # the namespace's id here -> the node's end of its link
-        indices = ipr.link_lookup(ifname=link) if link else []
-        for found in (ipr.get_links(*indices) if indices else [] if link else ipr.get_links()):
+        if link is None:
+            links = ipr.get_links()
+        else:
+            links = [found for index in ipr.link_lookup(ifname=link)
+                     for found in ipr.get_links(index)]
+        for found in links:
             name, nsid = found.get_attr("IFLA_IFNAME"), found.get_attr("IFLA_LINK_NETNSID")
             if name.startswith(LINK_PREFIX) and nsid is not None:
                 candidates[nsid] = found
