@@ -129,8 +129,11 @@ def resolve(directory: str | os.PathLike, slot: int | None = None) -> Path:
             path = latest or path
         if (path / f"{PART}0").is_dir():
             if slot is None:
-                raise ImageNotFound(f"{path} is a checkpoint of a job on several nodes: "
-                                    "HPCCR_NODE_SLOT says which part to restore")
+                nodes = len(list(path.glob(f"{PART}*")))
+                raise ImageNotFound(f"{path} is a checkpoint of a job on {nodes} nodes, "
+                                    "restored here as a job on one node (no HPCCR_NODE_SLOT): "
+                                    "a job cannot run on fewer nodes than it was "
+                                    "checkpointed on")
             if not (path / f"{PART}{slot}").is_dir():
                 raise ImageNotFound(f"{path} has no part at node slot {slot}")
             return path / f"{PART}{slot}"

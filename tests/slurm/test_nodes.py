@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hpccr_site import ended, make_site, wait_for, write_script
+from hpccr_site import ended, log_lines, make_site, wait_for, write_script
 from multinode import finalize_deadlock
 from test_lifecycle import (
     MPI4PY,
@@ -245,3 +245,32 @@ def test_restart_on_more_nodes(site, jobs, rings):
     assert info["ExitCode"] == "0:0" and info["NodeList"] == "node[1-3]", (info, text)
     assert f"{latest} has no part for node3 (slot 2)" in text, text
     check_restored(text, reference)
+
+
+def test_restart_on_fewer_nodes_is_refused(site, jobs, rings):
+    """Root's Open MPI job on node1 and node2, requeued by the operator after a coordinated
+    checkpoint and given one node: it cannot run on fewer nodes than its checkpoint has parts,
+    so the restart fails saying so in the job's output — never started over — and the
+    checkpoints are kept for a restart on two nodes."""
+    c = site.cluster
+    out = c.job_dir / "mpi-fewer-nodes.out"
+    job = submit_on(site, rings["c"], "mpi-fewer-nodes", ("node1", "node2"), None)
+    jobs.append(job)
+    wait_for(lambda: checkpoints_taken(site, job, "root") >= 1, 120, "a coordinated checkpoint")
+    c.scontrol("requeuehold", str(job))
+    assert c.wait_state(job, "PENDING", 60)["Restarts"] == "1"
+    ended(site, job)
+    latest = Series(site.job_dir("root", job)).latest()
+    c.scontrol("update", f"JobId={job}", "NumNodes=1-1", "NumTasks=2", "NumCPUs=2")
+    c.scontrol("release", str(job))
+    info = c.wait_state(job, ("FAILED", "COMPLETED", "CANCELLED"), 120)
+    text = out.read_text()
+    assert info["JobState"] == "FAILED" and info["NodeList"] in ("node1", "node2"), (info, text)
+    assert f"restoring {latest} failed, the checkpoints are kept" in text, text
+    assert (f"{latest} is a checkpoint of a job on 2 nodes, restored here as a job on one node "
+            "(no HPCCR_NODE_SLOT): a job cannot run on fewer nodes than it was checkpointed "
+            "on") in text, text
+    assert len(mpi_lines(text.partition("restoring")[2])) == 0, text  # not started over
+    second_run = wait_for(lambda: [line for line in log_lines(site, job) if " ended: " in line][1:],
+                          what="the epilog of the job's second run")[0]
+    assert "kept" in second_run and Series(site.job_dir("root", job)).latest() == latest
