@@ -13,8 +13,8 @@ on the node reaches the job at its address.
 Nothing outlives the job: the kernel removes the veth pair (and its routes) with the job's
 namespace, whoever waits for the job removes both at its end, ``clear_leftovers`` removes the
 links of a namespace that outlives its processes (closing connections keep it) when nobody
-waited for them (hpccr killed), and ``lift_stale`` removes the NAT tables whose link is gone
-(both before each new job network, and in the Slurm epilog).
+waited for them (hpccr killed; before each new job network, and in the Slurm epilog), and
+``lift_stale`` removes the NAT tables whose link is gone (before each new job network).
 """
 
 from __future__ import annotations
@@ -351,9 +351,9 @@ class JobNetwork:
         """The job has ended (or never ran): remove its link, overlay device, NAT and
         namespace.  The namespace may outlive this for a while (closing connections): without
         its links it holds no VXLAN id and no packet reaches it."""
-        if self.nodes and self.fd is not None:
-            with self.entered(), IPRoute() as ipr, contextlib.suppress(NetlinkError):
-                ipr.link("del", ifname=overlay.DEVICE)
+        if self.fd is not None:
+            with self.entered():
+                disconnect()
         self.release()
         if not self.linked:
             return  # the link and NAT of that address, if any, are another job's
