@@ -134,7 +134,7 @@ class FrozenProcess:
             return False
         try:
             self._wait_stopped(tid)
-        except OSError as exc:
+        except OSError as exc:  # reaped by that wait: its tid may be anyone's now
             if exc.errno != errno.ESRCH or tid == self.pid:
                 raise
             return False
