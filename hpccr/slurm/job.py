@@ -427,10 +427,10 @@ def _under_hpccr(run: Run, parts: OtherParts | None = None) -> int:
 
 
 def requeue(job_id: str) -> None:
-    """Put the job back in the queue after its final checkpoint."""
+    """Put the job back in the queue after its final checkpoint.  Said before it is done: the
+    requeue ends this batch step, maybe before a line written after it reaches the output."""
+    warn(f"job {job_id} requeued; it goes on from its checkpoint when it runs again")
     try:
         _slurm("scontrol", "requeue", job_id)
     except HpccrError as exc:
         warn(f"job {job_id} was checkpointed but cannot be requeued: {exc}")
-    else:
-        warn(f"job {job_id} requeued; it goes on from its checkpoint when it runs again")
