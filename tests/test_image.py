@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError
+from hpccr.errors import AccessDenied, ImageCorrupt, ImageNotFound, ImageWriteError
 from hpccr.image import (
     PAGE_SIZE,
     ImageReader,
@@ -318,6 +318,54 @@ def test_symlink_instead_of_file(image):
         ImageReader(image).verify()
     with pytest.raises(ImageCorrupt, match="not a regular file"):
         ImageReader(image).read_bytes(f"xstate-{PID}.bin")
+
+
+def test_hard_link_to_another_owners_file(image, tmp_path):
+    """An image file that is a hard link to a file of another uid (with the very content and
+    checksum the image lists: a user who could link but not read it could still know it) is
+    refused (11) on verify and on open, before a byte of it is read."""
+    name = f"xstate-{PID}.bin"
+    theirs = tmp_path / "theirs"
+    theirs.write_bytes((image / name).read_bytes())
+    os.chown(theirs, 12345, 12345)
+    os.unlink(image / name)
+    os.link(theirs, image / name)
+    message = rf"{name} belongs to uid 12345, not to the image's owner \(uid 0\): refused"
+    with pytest.raises(AccessDenied, match=message):
+        ImageReader(image).verify()
+    with pytest.raises(AccessDenied, match=message):
+        ImageReader(image).read_bytes(name)
+
+
+def test_file_replaced_after_it_was_checked(image, tmp_path):
+    """Time of check, time of use: a file renamed over a checked one (same name, same content
+    even), or one rewritten in place, after verify() is refused when it is opened for use."""
+    name = f"xstate-{PID}.bin"
+    reader = ImageReader(image)
+    reader.verify()
+    (tmp_path / "new").write_bytes((image / name).read_bytes())
+    os.rename(tmp_path / "new", image / name)
+    with pytest.raises(ImageCorrupt, match=f"{name} was replaced or changed after it was checked"):
+        reader.read_bytes(name)
+    reader = ImageReader(image)
+    reader.verify()
+    content = (image / "image.json").read_bytes()
+    with open(image / "image.json", "r+b") as f:
+        f.write(content)  # the same bytes: only the file's change time tells
+    with pytest.raises(ImageCorrupt, match="image.json was replaced or changed after"):
+        reader.meta()
+    assert ImageReader(image).meta()["hostname"] == "new"  # checked afresh, it reads
+
+
+def test_directory_swapped_after_it_was_opened(image, tmp_path):
+    """The image directory is opened once: renamed away and replaced by another image after
+    that, the reader still reads and verifies the directory it opened, not the new one."""
+    reader = ImageReader(image)
+    os.rename(image, tmp_path / "moved")
+    write_image(image, tag="swapped")
+    reader.verify()
+    assert reader.meta()["hostname"] == "new"
+    assert ImageReader(image).meta()["hostname"] == "swapped"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import xxhash
 
 from hpccr import faults
-from hpccr.errors import ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
+from hpccr.errors import AccessDenied, ImageCorrupt, ImageNotFound, ImageWriteError, from_oserror
 from hpccr.image.schema import check_meta
 
 FORMAT_VERSION = 1
@@ -182,6 +182,7 @@ class ImageWriter:
             self._tmp = parent / f".{name}.partial-{secrets.token_hex(4)}"
             os.mkdir(self._tmp, 0o700)
             self._lock = _locked(self._tmp, fcntl.LOCK_EX)
+            self.dir_stat = os.fstat(self._lock)  # its owner is the image's: what it may restore
         except OSError as exc:
             raise _write_error(exc, self.final_dir) from exc
         _remove_abandoned(parent, name)
@@ -297,6 +298,12 @@ class ImageWriter:
         self.abort()
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file apart from another, or from itself rewritten (any write or link
+    change moves the change time, which its owner cannot set back)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns
+
+
 class ImageFile(NamedTuple):
     name: str
     size: int
@@ -308,7 +315,10 @@ class ImageReader:
 
     The directory is opened once, here, with the rights of the caller at that moment, and every
     file is opened relative to it: renaming or re-linking paths afterwards cannot make the
-    reader read another directory."""
+    reader read another directory.  Every file must be the directory owner's (a hard link to
+    someone else's file is refused), and a file opened after verify() must be the very file
+    verify() checked, unchanged since (same inode, size and change time): an image swapped or
+    rewritten in the meantime is refused, not read."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -320,6 +330,8 @@ class ImageReader:
         except OSError as exc:
             raise from_oserror(exc, f"reading {self.path}", ImageCorrupt) from exc
         self._meta = None
+        self._owner = os.fstat(self.dir_fd).st_uid
+        self._checked: dict[str, tuple[int, int, int, int]] = {}  # name -> identity at verify()
         try:
             self.files = self._parse_checksums(self._read_checksums())
         except BaseException:
@@ -360,16 +372,28 @@ class ImageReader:
         return files
 
     def _open(self, name: str) -> int:
-        """Open an image file for reading; it must be a regular file, not a symlink."""
+        """Open an image file for reading: a regular file, not a symlink, the image owner's,
+        and the file verify() checked if it checked one by that name."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise ImageCorrupt(f"{name}: not a regular file") from None
             raise
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageCorrupt(f"{name}: not a regular file")
+            if st.st_uid != self._owner:
+                raise AccessDenied(f"{self.path}: {name} belongs to uid {st.st_uid}, not to "
+                                   f"the image's owner (uid {self._owner}): refused")
+            checked = self._checked.get(name)
+            if checked is not None and checked != _identity(st):
+                raise ImageCorrupt(f"{self.path}: {name} was replaced or changed after it was "
+                                   "checked: refused")
+        except BaseException:
             os.close(fd)
-            raise ImageCorrupt(f"{name}: not a regular file")
+            raise
         return fd
 
     def _read_file(self, name: str) -> bytes:
@@ -401,7 +425,8 @@ class ImageReader:
         except OSError as exc:
             return f"{entry.name}: {exc.strerror}"
         with open(fd, "rb", buffering=0):  # owns fd
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             if size < entry.size:
                 return f"{entry.name}: truncated ({size} of {entry.size} bytes)"
             if size > entry.size:
@@ -412,8 +437,11 @@ class ImageReader:
                     with memoryview(mapped) as view:
                         for offset in range(0, size, _VERIFY_CHUNK):
                             hasher.update(view[offset:offset + _VERIFY_CHUNK])
+            if _identity(os.fstat(fd)) != _identity(st):
+                return f"{entry.name}: changed while it was checked"
         if hasher.hexdigest() != entry.digest:
             return f"{entry.name}: checksum mismatch (image corrupted)"
+        self._checked[entry.name] = _identity(st)
         return None
 
     def stat(self) -> os.stat_result:
