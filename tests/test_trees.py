@@ -19,6 +19,7 @@ refused).
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -140,6 +141,35 @@ def test_started_from_a_shell(tree_cr, tmp_path, how):
     group = pid if leads_group else os.getpgid(0)
     assert shell.values("PLACE") == [f"{os.getsid(0)} {group}"], shell.output()
     assert (shell.proc.poll() is None) == (how != "shell gone")
+
+
+def test_program_rebuilt_while_it_ran(tree_cr, tmp_path):
+    """The program's file replaced while it runs, as a rebuild replaces it (the old file
+    unlinked, a new one written at its path): its /proc/PID/exe names a deleted file.  The
+    restored processes run the image's copy of the old program again — /proc/PID/exe is a
+    deleted file with the old program's bytes, not the new file — and the counter passes."""
+    program = tmp_path / "tree_counter"
+    shutil.copy(tree_cr.binaries["tree_counter"], program)
+    old = program.read_bytes()
+    workload = tree_cr.start(program, 1000, 20)
+    program.unlink()
+    program.write_text("#!/bin/sh\nexit 3\n")
+    program.chmod(0o755)
+    exe = f"/proc/{workload.pid}/exe"
+    assert os.readlink(exe) == f"{program} (deleted)"
+    tree_cr.dump_and_kill(workload, tmp_path / "img")
+    restore = tree_cr.restore_in_background(tmp_path / "img")
+
+    def runs_the_old_program() -> bool:
+        assert restore.poll() is None, restore.communicate()
+        with contextlib.suppress(OSError):
+            return os.readlink(exe).endswith(" (deleted)") and Path(exe).read_bytes() == old
+        return False
+
+    tree_cr.wait_until(runs_the_old_program, "the restored process running the old program")
+    out, err = restore.communicate(timeout=TIMEOUT)
+    assert restore.returncode == 0, err
+    workload.assert_passed()
 
 
 def test_proc_files_of_the_tree(tree_cr, tmp_path, mode):

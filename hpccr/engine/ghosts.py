@@ -140,6 +140,12 @@ class GhostFiles:
             self.modes[name] = stat.S_IMODE(mode)
         return self.paths[name]
 
+    def executable(self, name: str) -> str:
+        """Ghost `name` as the process's executable (the kernel sets only one it may run)."""
+        path = self.path(name, None)
+        os.chmod(path, stat.S_IRWXU)
+        return path
+
     def unlink_all(self) -> None:
         if self.dir:
             for name, path in self.paths.items():

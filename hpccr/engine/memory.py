@@ -268,7 +268,7 @@ def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dic
         if kind == "sysvshm":
             _describe_sysv(pid, e, vma)
         elif kind in ("file", "ghost", "shmem"):
-            name = e.name[: -len(" (deleted)")] if e.deleted else e.name
+            name = e.name[: -len(procfs.DELETED)] if e.deleted else e.name
             link = procfs.path(pid, "map_files", f"{e.start:x}-{e.end:x}")
             st = os.stat(link)
             keep = kind != "file" or (e.shared and in_memory(link))
@@ -286,7 +286,7 @@ def _describe_sysv(pid: int, e: procfs.MapsEntry, vma: dict) -> None:
         raise UnsupportedResource(f"process {pid} maps part of SysV shared memory segment "
                                   f"{e.inode} at {e.start:#x} (partly unmapped or protected "
                                   "apart): not supported yet")
-    vma["path"] = e.name[: -len(" (deleted)")] if e.deleted else e.name
+    vma["path"] = e.name[: -len(procfs.DELETED)] if e.deleted else e.name
     vma["shmid"] = e.inode
 
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 PROC = "/proc"
+DELETED = " (deleted)"  # how a link of /proc names a file deleted since it was opened
 
 
 def path(pid: int, *parts: str) -> str:
@@ -40,7 +41,7 @@ class MapsEntry:
 
     @property
     def deleted(self) -> bool:
-        return self.name.endswith(" (deleted)")
+        return self.name.endswith(DELETED)
 
 
 _MAPS_RE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")

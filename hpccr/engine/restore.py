@@ -836,7 +836,9 @@ def release(task: Task) -> None:
 def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     proc = ctx.proc
     cr = proc["creds"]
-    exe_fd = _open_in_target(inj, proc["exe"], os.O_RDONLY)  # as root: only a link is set
+    ghost = _deleted_executable(proc)
+    exe = ctx.ghosts.executable(ghost) if ghost else proc["exe"]
+    exe_fd = _open_in_target(inj, exe, os.O_RDONLY)  # as root: only a link is set
     inj.call("setgroups", 0, 0)
     inj.call("setfsgid", cr["gid"][1])
     inj.call("setfsuid", cr["uid"][1])
@@ -902,6 +904,19 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     inj.call("setfsuid", 0)
     inj.call("setfsgid", 0)
     inj.reset()
+
+
+def _deleted_executable(proc: dict) -> str | None:
+    """The saved copy of a process's executable deleted since it started (a program rebuilt
+    while it ran): its mapping's ghost, which the restored process runs again; else None."""
+    if not proc["exe"].endswith(procfs.DELETED):
+        return None
+    path = proc["exe"][:-len(procfs.DELETED)]
+    for v in proc["vmas"]:
+        if v["kind"] == "ghost" and v["path"] == path and v["file"]:
+            return v["file"]["ghost"]
+    raise ImageCorrupt(f"process {proc['pid']}: its executable {path} was deleted and the "
+                       "image holds no copy of it (image corrupted)")
 
 
 def _open_in_target(inj: Injector, path: str, flags: int) -> int:

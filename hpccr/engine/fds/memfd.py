@@ -31,7 +31,6 @@ from hpccr.errors import ImageCorrupt
 NAME = "memfd"
 FIELDS = {"path": str, "ghost": str, "seals": int}  # path and ghost never null here
 PREFIX = "/memfd:"
-DELETED = " (deleted)"
 F_SEAL_FUTURE_WRITE, F_SEAL_EXEC = 0x10, 0x20  # Linux 5.1 and 6.3; not in Python 3.11's fcntl
 SEALS = (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
          | F_SEAL_FUTURE_WRITE | F_SEAL_EXEC)
@@ -50,13 +49,13 @@ def _memfd_device() -> int:
 
 def recognise(link: str, st: os.stat_result, state) -> bool:
     return (stat.S_ISREG(st.st_mode) and st.st_nlink == 0 and link.startswith(PREFIX)
-            and link.endswith(DELETED) and st.st_dev == _memfd_device())
+            and link.endswith(procfs.DELETED) and st.st_dev == _memfd_device())
 
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     with borrowed(pid, fd) as copy:
         seals = fcntl.fcntl(copy, fcntl.F_GET_SEALS)
-    return {"path": link[:-len(DELETED)], "seals": seals,
+    return {"path": link[:-len(procfs.DELETED)], "seals": seals,
             "ghost": state.ghosts.save(procfs.path(pid, "fd", str(fd)), st)}
 
 

@@ -22,6 +22,7 @@ import secrets
 import struct
 
 from hpccr import native
+from hpccr.engine import procfs
 from hpccr.engine.fds.common import NOT_REOPENED, cbuf, saved_data
 from hpccr.errors import ImageCorrupt, UnsupportedResource
 
@@ -30,7 +31,6 @@ INSIDE_JOB = True  # a job's queues live in its own IPC namespace
 FIELDS = {"queue": int, "name": str, "deleted": bool, "maxmsg": int, "msgsize": int,
           "messages": (str, None)}
 MQUEUE_MAGIC = 0x19800202
-DELETED = " (deleted)"
 ATTR = struct.Struct("8q")  # struct mq_attr: flags, maxmsg, msgsize, curmsgs, 4 reserved
 HEADER = struct.Struct("<II")  # a saved message: priority, length
 PAST = struct.Struct("qq").pack(0, 0)  # an absolute timeout long gone: never block
@@ -49,8 +49,8 @@ def _attr(fd: int) -> tuple[int, ...]:
 
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
-    deleted = link.endswith(DELETED)
-    name = link[: -len(DELETED)] if deleted else link
+    deleted = link.endswith(procfs.DELETED)
+    name = link[: -len(procfs.DELETED)] if deleted else link
     entry = {"queue": st.st_ino, "name": name, "deleted": deleted, "maxmsg": 0, "msgsize": 0,
              "messages": None}
     own = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)

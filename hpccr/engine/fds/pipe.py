@@ -35,7 +35,6 @@ NAME = "pipe"
 # where it is gone (another node, an MPI session directory removed since).
 FIELDS = {"pipe": int, "data": (str, None), "capacity": (int, None), "remake": (int, None)}
 ANONYMOUS = "pipe:"
-DELETED = " (deleted)"
 STDIO = {0: " (stdin)", 1: " (stdout)", 2: " (stderr)"}
 SPLICE_F_NONBLOCK = 2
 
@@ -124,7 +123,7 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     if flags & os.O_DIRECT:
         raise UnsupportedResource(f"process {pid} fd {fd} is a packet-mode pipe (O_DIRECT): "
                                   "not supported yet")
-    if link.endswith(DELETED):
+    if link.endswith(procfs.DELETED):
         raise UnsupportedResource(f"process {pid} fd {fd} is a deleted FIFO ({link}): "
                                   "not supported yet")
     entry = {"pipe": st.st_ino, "data": None, "capacity": None, "remake": None}

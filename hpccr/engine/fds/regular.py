@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from hpccr.engine import memory
+from hpccr.engine import memory, procfs
 from hpccr.engine.fds import memfd, mqueue, procfile
 from hpccr.engine.fds.common import NOT_REOPENED
 from hpccr.errors import FileMismatch
@@ -20,7 +20,6 @@ from hpccr.errors import FileMismatch
 NAME = "file"
 FIELDS = {"content": (str, None)}  # path and ghost are common fields
 SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
-DELETED = " (deleted)"
 SHARED_ANON = "/dev/zero"  # the name of shared anonymous memory, deleted
 
 
@@ -34,8 +33,8 @@ def recognise(link: str, st: os.stat_result, state) -> bool:
 
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
-    deleted = link.endswith(DELETED) and st.st_nlink == 0
-    path = link[: -len(DELETED)] if deleted else link
+    deleted = link.endswith(procfs.DELETED) and st.st_nlink == 0
+    path = link[: -len(procfs.DELETED)] if deleted else link
     ghost = content = None
     if stat.S_ISREG(st.st_mode):
         if deleted:
