@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import grp
 import json
 import os
 import pwd
@@ -32,6 +33,7 @@ from pathlib import Path
 
 DEFAULT_DIR = Path(os.environ.get("HPCCR_TESTBED_DIR", "/tmp/hpccr-testbed"))
 DEFAULT_USER = "hpcuser"
+SHARED_GROUP = "users"  # Debian's, gid 100
 PREFERRED_UID = 1000
 
 # The subnet exists only on this machine, on the bridge below; nodes have no default route.
@@ -237,12 +239,18 @@ def _remove_cgroup_tree(top: str, timeout: float = 10) -> list[str]:
 # --- the job user ------------------------------------------------------------------------------
 
 def ensure_user(name: str = DEFAULT_USER) -> pwd.struct_passwd:
-    """Create the job user (uid 1000 if free) with a home directory if it is missing."""
+    """Create the job user (uid 1000 if free) with a home directory if it is missing, in the
+    supplementary group SHARED_GROUP (what a project group gives its members, tests check)."""
     try:
-        return pwd.getpwnam(name)
+        pw = pwd.getpwnam(name)
     except KeyError:
         pass
-    cmd = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group"]
+    else:
+        if name not in grp.getgrnam(SHARED_GROUP).gr_mem:
+            _run(["usermod", "--append", "--groups", SHARED_GROUP, name])
+        return pw
+    cmd = ["useradd", "--create-home", "--shell", "/bin/bash", "--user-group",
+           "--groups", SHARED_GROUP]
     try:
         pwd.getpwuid(PREFERRED_UID)
     except KeyError:

@@ -9,6 +9,7 @@ read-write whose mode was set to 0), fd_inotify.c DIR, copied where hpcuser can 
 job's output goes to files hpcuser may write: a restored job opens them again as hpcuser.
 """
 
+import grp
 import json
 import os
 import pwd
@@ -39,6 +40,8 @@ from harness import (  # noqa: F401 - the fixtures shared_dir and user_python
     tree_of,
     user_python_fixture,
 )
+
+from testbed.cluster import SHARED_GROUP
 
 STOPPED = 75
 REFUSED = 11
@@ -413,6 +416,26 @@ def test_edited_copy_of_an_image_restores(jobs, tmp_path):
     )
     assert res.returncode == 0, describe(res)
     assert counts(jobs.lines()) == list(range(100)) and jobs.lines()[-1] == "PASS"
+
+
+def test_program_the_user_may_run_through_a_group(jobs, tmp_path):
+    """hpcuser's job runs a program that only members of a supplementary group of hpcuser's
+    may run (root's, mode 0750, group SHARED_GROUP: a project's software directory): the
+    restore maps it and sets it as the executable with hpcuser's groups, not without them, and
+    the job goes on to its end."""
+    group = grp.getgrnam(SHARED_GROUP).gr_gid
+    assert group in os.getgrouplist(USER, GID)
+    os.chown(jobs.counter, 0, group)
+    jobs.counter.chmod(0o750)
+    for options in ([], ["--user", USER]):
+        jobs.log.write_text("")  # a new job: it and hpccr append to these
+        jobs.err.write_text("")
+        image = image_of_user_job(jobs, steps=100)
+        restore = subprocess.run(cli_argv("restore", "-D", image, *options),
+                                 stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                 timeout=TIMEOUT, env=cli_env())
+        assert restore.returncode == 0, describe(restore)
+        assert counts(jobs.lines()) == list(range(100)) and jobs.lines()[-1] == "PASS"
 
 
 def test_root_image_restored_for_user_fails_cleanly(tree_cr, tmp_path, shared_dir):

@@ -839,7 +839,8 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     ghost = _deleted_executable(proc)
     exe = ctx.ghosts.executable(ghost) if ghost else proc["exe"]
     exe_fd = _open_in_target(inj, exe, os.O_RDONLY)  # as root: only a link is set
-    inj.call("setgroups", 0, 0)
+    groups = cr["groups"]
+    inj.call("setgroups", len(groups), inj.put(struct.pack(f"{len(groups)}I", *groups)))
     inj.call("setfsgid", cr["gid"][1])
     inj.call("setfsuid", cr["uid"][1])
     opened: dict[tuple[str, int], int] = {}
