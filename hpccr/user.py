@@ -14,10 +14,11 @@ import contextlib
 import grp
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 
 from hpccr import native
-from hpccr.errors import AccessDenied, HpccrError
+from hpccr.errors import AccessDenied, FileMismatch, HpccrError
 
 NO_CAPS = 0
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -76,6 +77,59 @@ class User:
         finally:
             _set_read_override(True)
 
+    @contextlib.contextmanager
+    def file_rights(self):
+        """This user's file-system rights and no more, for a while, in a root process (one
+        whose rights take_fs_rights() set, or root's own, which come back after)."""
+        saved_groups = os.getgroups()
+        os.setgroups(list(self.groups))
+        saved_fsgid = native.syscall("setfsgid", self.gid)
+        saved_fsuid = native.syscall("setfsuid", self.uid)
+        _set_read_override(False)
+        try:
+            yield
+        finally:
+            native.syscall("setfsuid", saved_fsuid)
+            native.syscall("setfsgid", saved_fsgid)
+            os.setgroups(saved_groups)
+            _set_read_override(True)
+
+    def check_executable(self, pid: int, exe: str) -> tuple[int, int]:
+        """The file (st_dev, st_ino) that process `pid` of an image of this user runs, if this
+        user may run it: a file they may execute, through directories they may search, and no
+        set-user-ID, set-group-ID or file-capability program that would give another's rights
+        (a process restored with it would carry that program's name, which other programs
+        trust, around memory the user wrote)."""
+        try:
+            with self.file_rights():
+                fd = os.open(exe, os.O_PATH | os.O_CLOEXEC)
+                try:
+                    st = os.fstat(fd)
+                    link = f"/proc/self/fd/{fd}"
+                    executable = os.access(link, os.X_OK, effective_ids=True)
+                    privileged = _file_capabilities(link)
+                finally:
+                    os.close(fd)
+        except PermissionError:
+            executable = False
+        except OSError as exc:
+            raise FileMismatch(f"the executable {exe} of process {pid}: "
+                               f"{os.strerror(exc.errno)}") from None
+        what = f"process {pid} runs {exe}"
+        if not executable or not stat.S_ISREG(st.st_mode):
+            raise AccessDenied(f"{what}, which user {self.name} may not execute: refused")
+        if st.st_mode & stat.S_ISUID and st.st_uid != self.uid:
+            raise AccessDenied(f"{what}, a set-user-ID program of uid {st.st_uid}: refused "
+                               f"for user {self.name}")
+        if (st.st_mode & stat.S_ISGID and st.st_mode & stat.S_IXGRP
+                and st.st_gid not in {self.gid, *self.groups}):
+            raise AccessDenied(f"{what}, a set-group-ID program of {_group_name(st.st_gid)}: "
+                               f"refused for user {self.name}")
+        if privileged:
+            raise AccessDenied(f"{what}, a program with file capabilities: refused for user "
+                               f"{self.name}")
+        return st.st_dev, st.st_ino
+
     def become(self) -> None:
         """Drop every privilege for good and become the user (in a child about to exec)."""
         os.setgroups(list(self.groups))
@@ -95,6 +149,13 @@ class User:
             if int(creds[field], 16) != NO_CAPS:
                 return f"capabilities ({field} {creds[field]})"
         return None
+
+
+def _file_capabilities(path: str) -> bool:
+    try:
+        return bool(os.getxattr(path, "security.capability"))
+    except OSError:  # ENODATA: none (and a file system without xattrs has none either)
+        return False
 
 
 def _set_read_override(on: bool) -> None:

@@ -495,9 +495,10 @@ def private_dir(shared_dir: Path) -> Path:
 
 def test_restore_opens_the_jobs_files_as_the_owner(jobs, tree_cr, shared_dir, tmp_path):
     """hpcuser's image edited so that the job's stdout is a file only root may write, or its
-    program one only root may read (same size and time, so that only the rights differ): a
-    restore, plain or --user hpcuser, opens neither as root; it fails cleanly (exit code 11,
-    permission denied) and the file is untouched."""
+    program's mappings or its executable (/proc/PID/exe, which hpcuser could read) one only
+    root may reach (same size and time, so that only the rights differ): a restore, plain or
+    --user hpcuser, opens none of them as root; it fails cleanly (exit code 11, permission
+    denied) and the file is untouched."""
     image = image_of_user_job(jobs, steps=100)
     private = private_dir(shared_dir)
     secret = private / "secret"
@@ -515,11 +516,15 @@ def test_restore_opens_the_jobs_files_as_the_owner(jobs, tree_cr, shared_dir, tm
         for vma in proc["vmas"]:
             if vma.get("path") == str(jobs.counter):
                 vma["path"] = str(program)
-        proc["exe"] = str(program)
+
+    def to_executable(proc: dict) -> None:
+        if proc["exe"] == str(jobs.counter):
+            proc["exe"] = str(program)
 
     for name, edit, says in (
         ("fd", to_secret, "cannot open it again as uid"),
         ("vma", to_program, f"cannot open mapped file {program}"),
+        ("exe", to_executable, f"runs {program}, which user {USER} may not execute: refused"),
     ):
         copy = edited_copy(image, jobs.home / name, lambda creds: None, edit)
         for options in ([], ["--user", USER]):
@@ -527,6 +532,57 @@ def test_restore_opens_the_jobs_files_as_the_owner(jobs, tree_cr, shared_dir, tm
             assert says in tree_cr.assert_error(res, 11)  # permission denied
     assert secret.read_text() == "root's\n"
     assert "PASS" not in jobs.lines()
+
+
+def set_user_id_copy(program: Path, shared_dir: Path) -> Path:
+    """A copy of ``program`` that is root's and set-user-ID, where hpcuser may run it."""
+    where = shared_dir / "suid"
+    where.mkdir(mode=0o755)
+    copy = where / program.name
+    shutil.copy2(program, copy)
+    copy.chmod(0o4755)
+    return copy
+
+
+def test_restore_refuses_a_set_user_id_program(jobs, tree_cr, shared_dir):
+    """hpcuser's image edited so that its processes run a set-user-ID root program (a copy of
+    their own, same size and time), their credentials still hpcuser's: restored, they would
+    have that program's name, which other programs trust, around memory hpcuser wrote.  A
+    restore, plain or --user hpcuser, refuses it (exit 11) before any process exists."""
+    image = image_of_user_job(jobs, steps=100)
+    program = set_user_id_copy(jobs.counter, shared_dir)
+
+    def to_program(proc: dict) -> None:
+        if proc["exe"] == str(jobs.counter):
+            proc["exe"] = str(program)
+
+    copy = edited_copy(image, jobs.home / "suid", lambda creds: None, to_program)
+    for options in ([], ["--user", USER]):
+        res = tree_cr.restore(copy, *options, "--pidfile", str(jobs.home / "no.pid"))
+        message = tree_cr.assert_error(res, REFUSED)
+        assert f"runs {program}, a set-user-ID program of uid 0: refused for user {USER}" \
+            in message, message
+    assert "PASS" not in jobs.lines()
+
+
+def test_checkpoint_of_a_set_user_id_program_is_refused(jobs, shared_dir):
+    """hpcuser's job runs a set-user-ID root program (a copy of the counter), so its processes
+    have root's effective uid: an image of it, hpcuser's, could not be restored, so USR1's
+    checkpoint is refused at the dump and the job runs on untouched, to its end."""
+    series = jobs.home / "series"
+    jobs.counter = set_user_id_copy(jobs.counter, shared_dir)
+    job = jobs.run(150, "-D", series, "--checkpoint-on", "USR1", "--user", USER)
+    jobs.wait_count(10, job.pid)
+    jobs.cr.wait_until(lambda: catches(job.proc.pid, signal.SIGUSR1), "hpccr's USR1 handler")
+    job.proc.send_signal(signal.SIGUSR1)
+    failed = f"hpccr: checkpoint {series}/ckpt-0001 failed, the job runs on: "
+    jobs.cr.wait_until(lambda: any(line.startswith(failed) for line in jobs.errors()),
+                       "the refused checkpoint's message")
+    said = next(line for line in jobs.errors() if line.startswith(failed))
+    assert f"which user {USER}, whose image it would be, does not" in said, said
+    assert job.proc.wait(TIMEOUT) == 0, jobs.log_text()
+    assert counts(jobs.lines()) == list(range(150)) and jobs.lines()[-1] == "PASS"
+    assert not list(series.glob("ckpt-*"))
 
 
 def test_restore_for_user_reads_with_the_users_rights(jobs, tree_cr, shared_dir):

@@ -19,16 +19,26 @@ RLIM64_INFINITY = (1 << 64) - 1
 RLIMITS = {name: getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
 
 
-def dump_creds(pid: int, inj) -> dict:
-    st = procfs.status(pid)
-    if st.get("Seccomp", "0") != "0":
-        raise UnsupportedResource(f"process {pid} runs under a seccomp filter (not supported)")
+def ids(pid: int) -> dict:
+    """The ids, groups and capabilities of process `pid`, as an image records them."""
+    return _ids(procfs.status(pid))
+
+
+def _ids(st: dict) -> dict:
     return {
         "uid": [int(x) for x in st["Uid"].split()],
         "gid": [int(x) for x in st["Gid"].split()],
         "groups": [int(x) for x in st.get("Groups", "").split()],
         "cap_inh": st["CapInh"], "cap_prm": st["CapPrm"], "cap_eff": st["CapEff"],
         "cap_bnd": st["CapBnd"], "cap_amb": st["CapAmb"],
+    }
+
+
+def dump_creds(pid: int, inj) -> dict:
+    st = procfs.status(pid)
+    if st.get("Seccomp", "0") != "0":
+        raise UnsupportedResource(f"process {pid} runs under a seccomp filter (not supported)")
+    return _ids(st) | {
         "no_new_privs": int(st.get("NoNewPrivs", "0")),
         "dumpable": inj.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0),
     }

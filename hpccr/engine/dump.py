@@ -46,8 +46,15 @@ from hpccr.engine import (
 from hpccr.engine.ghosts import GhostWriter
 from hpccr.engine.tracer import FrozenProcess
 from hpccr.engine.tree import FrozenTree
-from hpccr.errors import DumpFailed, NoSuchProcess, UnsupportedResource, from_oserror
+from hpccr.errors import (
+    AccessDenied,
+    DumpFailed,
+    NoSuchProcess,
+    UnsupportedResource,
+    from_oserror,
+)
 from hpccr.image import ImageWriter, PageWriter
+from hpccr.user import User
 
 MODES = ("kill", "running", "stopped")
 # A process with less memory to save is copied inside the freeze even by a running dump: that
@@ -187,14 +194,19 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         fd_state = fds.DumpState(writer, ghosts, [_reader(frozen, pid) for pid in frozen.pids],
                                  ids, network is not None)
         procs, copies = [], []
+        owner = None if writer.dir_stat.st_uid == 0 else User.owner_of(writer.dir_stat)
         for pid in frozen.pids:
             if pid in frozen.zombies:
                 procs.append(_zombie(pid, ids))
                 continue
+            if owner is not None:
+                _check_owner_may_restore(frozen.frozen[pid].reader, owner)
             own_memory = "vm" not in frozen.shared_with_parent.get(pid, [])
             proc, batches, reader = _collect(pid, frozen.frozen[pid], writer, cow, ghosts,
                                              fd_state, ids, own_memory)
             readers.append(reader)
+            if owner is not None:
+                sched.check(proc, trusted=False)  # what a restore for the owner refuses
             procs.append(proc)
             copies.append((pid, proc, batches, reader))
         for pid, proc in zip(frozen.pids, procs, strict=True):
@@ -270,6 +282,18 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
     clock.thaw()
     return DumpResult(str(path), clock.frozen(), clock.total(),
                       sum(p["nr_pages"] for p in procs))
+
+
+def _check_owner_may_restore(pid: int, owner: User) -> None:
+    """An image that is not root's restores only what its owner may have (hpccr.user): what
+    such a restore would refuse is refused now, with the job running on, not found out then."""
+    excess = owner.excess(creds.ids(pid))
+    if excess:
+        raise AccessDenied(f"process {pid} has {excess}, which user {owner.name}, whose image "
+                           "it would be, does not: a restore would refuse it")
+    exe = os.readlink(procfs.path(pid, "exe"))
+    if not exe.endswith(procfs.DELETED):  # else the restore runs the image's copy
+        owner.check_executable(pid, exe)
 
 
 def _reader(frozen: FrozenTree, pid: int) -> int:

@@ -97,6 +97,7 @@ class Context:
         # A user's own image gets nothing its user could not open.
         self.trusted = trusted
         self.fsuid, self.fsgid = uid[1], gid[1]
+        self.exe: tuple[int, int] | None = None  # a user's image: the executable checked
         self.threads: list[int] = []  # as hpccr sees them, once rebuilt
 
     @contextlib.contextmanager
@@ -386,6 +387,8 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
         if excess:
             raise AccessDenied(f"process {proc['pid']} of the image has {excess}, which "
                                f"user {user.name} does not: refused")
+        if user is not None and proc["exe"] and _deleted_executable(proc) is None:
+            task.ctx.exe = user.check_executable(proc["pid"], proc["exe"])
         for tid in _task_pids(task) if not pidns else []:
             if os.path.exists(procfs.path(tid)):
                 try:
@@ -839,6 +842,10 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     ghost = _deleted_executable(proc)
     exe = ctx.ghosts.executable(ghost) if ghost else proc["exe"]
     exe_fd = _open_in_target(inj, exe, os.O_RDONLY)  # as root: only a link is set
+    if ctx.exe is not None:  # a user's image: the file preflight checked, or none
+        st = os.stat(procfs.path(pid, "fd", str(exe_fd)))
+        if (st.st_dev, st.st_ino) != ctx.exe:
+            raise AccessDenied(f"{proc['exe']} was replaced after it was checked: refused")
     groups = cr["groups"]
     inj.call("setgroups", len(groups), inj.put(struct.pack(f"{len(groups)}I", *groups)))
     inj.call("setfsgid", cr["gid"][1])
