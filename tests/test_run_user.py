@@ -168,7 +168,8 @@ def assert_runs_as_user(pid: int) -> None:
         status = proc_status(task)
         assert status["Uid"].split() == [str(UID)] * 4, (task, status["Uid"])
         assert status["Gid"].split() == [str(GID)] * 4, (task, status["Gid"])
-        assert status["Groups"].split() == [str(g) for g in os.getgrouplist(USER, GID)]
+        groups = sorted(int(g) for g in status["Groups"].split())  # the kernel sorts them
+        assert groups == sorted(os.getgrouplist(USER, GID)), status["Groups"]
         assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0, status["CapEff"]
 
 
