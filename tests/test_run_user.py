@@ -370,6 +370,29 @@ def test_restore_refuses_a_priority_the_owner_may_not_have(jobs, tree_cr, name):
     assert "PASS" not in jobs.lines()
 
 
+def test_restore_refuses_a_proc_file_of_a_process_outside_the_image(jobs, tree_cr):
+    """hpcuser's image edited so that the job's stdout is /proc/N/environ of a process that is
+    not the job's (N: none of the image's pids): the restore refuses it (13) in its checks,
+    before any process exists, plain and --user alike."""
+    image = image_of_user_job(jobs, steps=400)
+    meta = json.loads((image / "image.json").read_text())
+    outside = 1 + max(t["tid"] for p in meta["processes"] for t in p["threads"])
+
+    def to_proc_file(proc: dict) -> None:
+        for fd in proc["fds"]:
+            if fd.get("path") == str(jobs.log):
+                fd.pop("content", None)
+                fd.update(kind="procfile", path=f"/proc/{outside}/environ", proc_pid=outside,
+                          flags=os.O_RDONLY, pos=0)
+
+    copy = edited_copy(image, jobs.home / "procfile", lambda creds: None, to_proc_file)
+    for options in ([], ["--user", USER]):
+        res = tree_cr.restore(copy, *options, "--pidfile", str(jobs.home / "no.pid"))
+        message = tree_cr.assert_error(res, 13)
+        assert f"/proc/{outside}/environ names a process that is not in the image" in message
+    assert "PASS" not in jobs.lines()
+
+
 def test_restore_never_raises_a_users_hard_limit(jobs, tmp_path):
     """hpcuser's image edited so that its processes' hard limit of open files is far above the
     restore's own (prlimit gives the restore 1024:2048): they come back with the restore's hard

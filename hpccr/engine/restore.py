@@ -381,6 +381,8 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
     """Everything that can be checked before a task exists."""
     if os.geteuid() != 0:
         raise AccessDenied("restoring exact pids needs root (CAP_CHECKPOINT_RESTORE)")
+    image_ids = {p["pid"] for p in meta["processes"]}
+    image_ids |= {t["tid"] for p in meta["processes"] for t in p["threads"]}
     for task in order:
         proc = task.proc
         excess = user.excess(proc["creds"]) if user is not None else None
@@ -407,6 +409,7 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
             if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
                 raise FileMismatch(f"mapped file {v['path']} changed since the checkpoint")
         fds.check_fds(proc["fds"], None)
+        procfile.check_pids(proc, image_ids)
         sched.check(proc, trusted=user is None)
 
 
@@ -739,9 +742,7 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
         t = Thread(threads.create_thread(inj, saved["tid"]))
         t.capture()
         tasks.append((t, saved))
-    image_ids = {p["pid"] for p in meta["processes"]}
-    image_ids |= {t["tid"] for p in meta["processes"] for t in p["threads"]}
-    procfile.open_late(inj, proc, image_ids)  # its threads exist: /proc/TID names them
+    procfile.open_late(inj, proc)  # its threads exist: /proc/TID names them
     fds.set_cloexec(inj, proc["fds"])
     for thread, saved in tasks:
         threads.restore_thread(inj, thread, saved)

@@ -12,7 +12,8 @@ not exist yet when the file is opened again: not supported yet).
 Restore: opened late, by the restored process itself (an injected openat, in its own mount
 namespace, whose /proc is its pid namespace's), once its threads exist and while it still has
 root's credentials (another process may still be a stub, whose /proc files only root may open);
-the pid is checked against the image's first, so an image cannot open another process's files.
+the pids are checked against the image's before anything is created, so an image cannot open
+another process's files.
 The offset is set again.  Each process opens its own open file description: one shared with
 another process comes back as two.
 """
@@ -69,18 +70,26 @@ def check(entry: dict, ctx) -> None:
                            f"{entry['proc_pid']} (image corrupted)")
 
 
-def open_late(inj, proc: dict, image_ids: set[int]) -> None:
-    """Open the /proc files of `proc` inside it (by `inj`) at their numbers and offsets.
-    `image_ids`: every pid and tid of the image; every pid in the path must be one of them."""
+def check_pids(proc: dict, image_ids: set[int]) -> None:
+    """Before anything is created, after check(): every pid the /proc paths of `proc` name is
+    one of `image_ids` (every pid and tid of the image), so an image cannot open another
+    process's files."""
+    for entry in proc["fds"]:
+        if entry["kind"] != NAME:
+            continue
+        named = {int(n) for n in PATH.fullmatch(entry["path"]).groups() if n is not None}
+        if not named <= image_ids:
+            raise ImageCorrupt(f"process {proc['pid']} fd {entry['fd']}: {entry['path']} names "
+                               "a process that is not in the image (image corrupted)")
+
+
+def open_late(inj, proc: dict) -> None:
+    """Open the /proc files of `proc` inside it (by `inj`) at their numbers and offsets."""
     opened: dict[int, int] = {}  # desc -> the number it was opened at
     for entry in proc["fds"]:
         if entry["kind"] != NAME:
             continue
         path, number = entry["path"], entry["fd"]
-        named = {int(n) for n in PATH.fullmatch(path).groups() if n is not None}
-        if not named <= image_ids:
-            raise ImageCorrupt(f"process {proc['pid']} fd {number}: {path} names a process "
-                               "that is not in the image (image corrupted)")
         if entry["desc"] in opened:
             inj.call("dup3", opened[entry["desc"]], number, 0)
             continue
