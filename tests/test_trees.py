@@ -151,7 +151,7 @@ def test_program_rebuilt_while_it_ran(tree_cr, tmp_path):
     program = tmp_path / "tree_counter"
     shutil.copy(tree_cr.binaries["tree_counter"], program)
     old = program.read_bytes()
-    workload = tree_cr.start(program, 1000, 20)
+    workload = tree_cr.start(program, 400, 20)
     program.unlink()
     program.write_text("#!/bin/sh\nexit 3\n")
     program.chmod(0o755)
@@ -167,6 +167,34 @@ def test_program_rebuilt_while_it_ran(tree_cr, tmp_path):
         return False
 
     tree_cr.wait_until(runs_the_old_program, "the restored process running the old program")
+    out, err = restore.communicate(timeout=TIMEOUT)
+    assert restore.returncode == 0, err
+    workload.assert_passed()
+
+
+def test_working_directory_deleted_while_it_ran(tree_cr, tmp_path):
+    """The tree's working directory removed while it runs (`rm -r` of its run directory): its
+    /proc/PID/cwd names a deleted directory.  The restored processes are in a deleted, empty
+    directory again (nothing can be created in it, as in the old one), and the counter
+    passes."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    workload = tree_cr.start("tree_counter", 400, 20, cwd=run_dir)
+    run_dir.rmdir()
+    cwd = f"/proc/{workload.pid}/cwd"
+    assert os.readlink(cwd) == f"{run_dir} (deleted)"
+    tree_cr.dump_and_kill(workload, tmp_path / "img")
+    counted = len(workload.values("COUNT"))
+    restore = tree_cr.restore_in_background(tmp_path / "img")
+
+    def counting_again() -> bool:
+        assert restore.poll() is None, restore.communicate()
+        return len(workload.values("COUNT")) > counted + 5
+
+    tree_cr.wait_until(counting_again, "the restored counter counting")
+    assert os.readlink(cwd).endswith(" (deleted)")
+    with pytest.raises(FileNotFoundError):
+        Path(cwd, "new").touch()
     out, err = restore.communicate(timeout=TIMEOUT)
     assert restore.returncode == 0, err
     workload.assert_passed()

@@ -128,9 +128,7 @@ class GhostFiles:
         """Where ghost `name` is, made on first use; `mode`: its st_mode at the dump, None if
         not known (a mapping's)."""
         if name not in self.paths:
-            if self.dir is None:
-                self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-")
-                os.chmod(self.dir, 0o711)
+            self._make_dir()
             dest = os.path.join(self.dir, name)
             self.owners[name] = write_saved(self.reader, name, dest)
             os.chown(dest, self.uid, self.gid)
@@ -140,11 +138,24 @@ class GhostFiles:
             self.modes[name] = stat.S_IMODE(mode)
         return self.paths[name]
 
+    def directory(self) -> str:
+        """An empty directory of the process's owner: a working directory deleted since it
+        was entered comes back as one, deleted in turn before the process runs."""
+        self._make_dir()
+        path = tempfile.mkdtemp(prefix="cwd-", dir=self.dir)
+        os.chown(path, self.uid, self.gid)
+        return path
+
     def executable(self, name: str) -> str:
         """Ghost `name` as the process's executable (the kernel sets only one it may run)."""
         path = self.path(name, None)
         os.chmod(path, stat.S_IRWXU)
         return path
+
+    def _make_dir(self) -> None:
+        if self.dir is None:
+            self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-")
+            os.chmod(self.dir, 0o711)
 
     def unlink_all(self) -> None:
         if self.dir:

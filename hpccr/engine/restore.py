@@ -98,6 +98,7 @@ class Context:
         self.trusted = trusted
         self.fsuid, self.fsgid = uid[1], gid[1]
         self.exe: tuple[int, int] | None = None  # a user's image: the executable checked
+        self.cwd = proc["cwd"]  # where it enters, made by _deleted_working_directories
         self.threads: list[int] = []  # as hpccr sees them, once rebuilt
 
     @contextlib.contextmanager
@@ -301,6 +302,7 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
     """Create the tasks, rebuild them and let them run; or leave nothing behind."""
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order], tcp_close)
     try:
+        _deleted_working_directories(order)
         with _step("opening the descriptors"):
             pool.open_all(in_job=not pidns)
         with _step("creating the processes"):
@@ -356,6 +358,15 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
             task.ctx.ghosts.unlink_all()
     for lock in inet.locks_of(e for task in order for e in task.proc.get("fds", [])):
         netlock.unlock(lock)  # the connections are back: the network may move them again
+
+
+def _deleted_working_directories(order: list[Task]) -> None:
+    """A process whose working directory was deleted while it ran (`rm -r` of its run
+    directory) gets an empty one again, removed before it runs, as its was: nothing can be
+    created in it, as in the old one (the name in /proc/PID/cwd is another)."""
+    for task in order:
+        if not task.zombie and task.proc["cwd"].endswith(procfs.DELETED):
+            task.ctx.cwd = task.ctx.ghosts.directory()
 
 
 @contextlib.contextmanager
@@ -683,7 +694,7 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
             os.setgroups(proc["creds"]["groups"])
             native.syscall("setfsgid", gid[1])
             native.syscall("setfsuid", uid[1])
-            ctx.as_owner(os.chdir, proc["cwd"])
+            ctx.as_owner(os.chdir, ctx.cwd)
             fds.install_fds(proc["fds"], ctx, pool, errpipe)
             native.syscall("setfsuid", 0)
             native.syscall("setfsgid", 0)
