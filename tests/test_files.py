@@ -2,7 +2,8 @@
 and sharing; a deleted-but-open file comes back with its content; cwd, umask and RLIMIT_NOFILE
 are kept.
 
-Workload: workloads/files.c DIR (works in DIR, checks everything itself after the window).
+Workloads: workloads/files.c DIR (works in DIR, checks everything itself after the window),
+deleted_dirs.py DIR (its working directory and a directory it holds open, both removed).
 """
 
 
@@ -53,3 +54,21 @@ def test_sparse_files(cr, tmp_path):
     saved = sum(f.stat().st_size for f in img.glob("ghost-*"))
     assert saved < 1 << 20, f"{saved} bytes saved for 384 KiB of data"
     cr.restore_and_pass(workload, img)
+
+
+def test_directories_deleted_while_in_use(cr, tmp_path):
+    """The working directory and a directory held open, both removed while the process runs
+    (`rm -r` of its run directory; workloads/deleted_dirs.py): restored, both are empty deleted
+    directories again, in which nothing can be created, as before the checkpoint — the workload
+    checks it itself (control: it passes without a checkpoint)."""
+    control = tmp_path / "control"
+    control.mkdir()
+    workload = cr.start("deleted_dirs.py", control)
+    (control / "go").touch()
+    assert workload.wait_exit() == 0, workload.output()
+    top = tmp_path / "top"
+    top.mkdir()
+    workload = cr.start("deleted_dirs.py", top)
+    cr.dump_and_kill(workload, tmp_path / "img")
+    (top / "go").touch()
+    cr.restore_and_pass(workload, tmp_path / "img")

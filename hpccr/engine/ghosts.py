@@ -139,10 +139,10 @@ class GhostFiles:
         return self.paths[name]
 
     def directory(self) -> str:
-        """An empty directory of the process's owner: a working directory deleted since it
-        was entered comes back as one, deleted in turn before the process runs."""
+        """An empty directory of the process's owner: a working directory or a directory
+        descriptor deleted since comes back as one, deleted in turn before the process runs."""
         self._make_dir()
-        path = tempfile.mkdtemp(prefix="cwd-", dir=self.dir)
+        path = tempfile.mkdtemp(prefix="dir-", dir=self.dir)
         os.chown(path, self.uid, self.gid)
         return path
 

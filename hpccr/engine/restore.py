@@ -366,7 +366,8 @@ def _deleted_working_directories(order: list[Task]) -> None:
     created in it, as in the old one (the name in /proc/PID/cwd is another)."""
     for task in order:
         if not task.zombie and task.proc["cwd"].endswith(procfs.DELETED):
-            task.ctx.cwd = task.ctx.ghosts.directory()
+            with task.ctx.owner_rights():  # as the process's deleted files are made
+                task.ctx.cwd = task.ctx.ghosts.directory()
 
 
 @contextlib.contextmanager

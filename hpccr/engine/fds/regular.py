@@ -1,5 +1,6 @@
 """Regular files, directories and the harmless character devices (/dev/null and friends):
-reopened by path with their flags and offset; deleted files from their saved content.  Files on
+reopened by path with their flags and offset; deleted files from their saved content, a deleted
+directory as an empty directory deleted in turn.  Files on
 memory file systems (tmpfs: /dev/shm, an MPI library's session directory there) are saved too,
 as another node will not have them, and written back at their path (directories made) at
 restore.  A descriptor of shared anonymous memory (MAP_SHARED|MAP_ANONYMOUS, opened through
@@ -34,7 +35,8 @@ def recognise(link: str, st: os.stat_result, state) -> bool:
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     deleted = link.endswith(procfs.DELETED) and st.st_nlink == 0
-    path = link[: -len(procfs.DELETED)] if deleted else link
+    # A deleted directory keeps its mark: it comes back as an empty deleted one (open()).
+    path = link[: -len(procfs.DELETED)] if deleted and not stat.S_ISDIR(st.st_mode) else link
     ghost = content = None
     if stat.S_ISREG(st.st_mode):
         if deleted:
@@ -45,8 +47,13 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
 
 
 def check(entry: dict, ctx) -> None:
-    if entry["ghost"] is None and entry["content"] is None and not os.path.exists(entry["path"]):
+    if (entry["ghost"] is None and entry["content"] is None and not _deleted_directory(entry)
+            and not os.path.exists(entry["path"])):
         raise FileMismatch(f"fd {entry['fd']}: {entry['path']} no longer exists")
+
+
+def _deleted_directory(entry: dict) -> bool:
+    return stat.S_ISDIR(entry["mode"]) and entry["path"].endswith(procfs.DELETED)
 
 
 def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
@@ -57,7 +64,12 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
         fd = ctx.as_restorer(os.open, ctx.shared.shmem(entry["ghost"]), flags)
         os.lseek(fd, entry["pos"], os.SEEK_SET)
         return fd
-    path = ctx.ghosts.path(entry["ghost"], entry["mode"]) if entry["ghost"] else entry["path"]
+    if entry["ghost"]:
+        path = ctx.ghosts.path(entry["ghost"], entry["mode"])
+    elif _deleted_directory(entry):
+        path = ctx.ghosts.directory()  # empty, and deleted before the process runs
+    else:
+        path = entry["path"]
     fd = ctx.as_owner(os.open, path, flags)
     if not stat.S_ISCHR(entry["mode"]):
         os.lseek(fd, entry["pos"], os.SEEK_SET)
