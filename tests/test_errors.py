@@ -134,6 +134,20 @@ def test_unsupported_descriptor(cr, tmp_path, kind):
     workload.assert_passed()
 
 
+def test_file_that_lives_on_under_another_name(cr, tmp_path):
+    """A file opened by one of its two names (hard links), that name then removed: /proc shows
+    it deleted, yet it is not — the other name still reaches it, and writes through the
+    descriptor must stay visible there.  A copy would break that and the name cannot be found:
+    the dump refuses (14) naming the descriptor, and the process runs on untouched."""
+    workload = cr.start("holdfd", "linked", 6)
+    fd, _ = workload.values("FD")[0].split()
+    message = cr.assert_error(cr.dump(workload, tmp_path / "img"), 14)
+    assert f"fd {fd} is " in message and "lives on under another (a hard link)" in message
+    workload.assert_untouched()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+
+
 def test_restore_exits_with_the_restored_status(cr, tmp_path):
     """Without --detach, hpccr restore ends as the restored process does: 128+N if killed."""
     workload = cr.start("idle", 30)

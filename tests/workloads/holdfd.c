@@ -1,10 +1,13 @@
 /*
  * A descriptor hpccr cannot checkpoint yet: its dump must be refused and leave us untouched.
  *
- * usage: holdfd socket|userfaultfd [SECONDS]
+ * usage: holdfd socket|userfaultfd|linked [SECONDS]
  *
  * Prints "FD <n> <kind>" for the descriptor the dump must name.  Data put in before READY must
  * still be there after the window (nobody drained it), and the descriptor still works.
+ * linked: a file opened by one of its two names (hard links, in a new directory under /tmp),
+ * the name it was opened by then removed: written through the descriptor, read through the
+ * other name.
  */
 #include "wl.h"
 
@@ -19,7 +22,7 @@
 int main(int argc, char **argv)
 {
 	double window = argc > 2 ? atof(argv[2]) : WL_WINDOW_S;
-	char buf[512] = "";
+	char buf[512] = "", dir[] = "/tmp/holdfd-XXXXXX", opened[64], other[64];
 	int held, client = -1;
 
 	if (argc < 2)
@@ -42,6 +45,14 @@ int main(int argc, char **argv)
 		held = syscall(SYS_userfaultfd, O_NONBLOCK);
 		if (held < 0)
 			wl_die("userfaultfd");
+	} else if (!strcmp(argv[1], "linked")) {
+		if (!mkdtemp(dir))
+			wl_die("mkdtemp");
+		snprintf(opened, sizeof(opened), "%s/opened", dir);
+		snprintf(other, sizeof(other), "%s/other", dir);
+		held = open(opened, O_RDWR | O_CREAT | O_EXCL, 0600);
+		if (held < 0 || link(opened, other) || unlink(opened))
+			wl_die("linked");
 	} else {
 		goto usage;
 	}
@@ -50,7 +61,17 @@ int main(int argc, char **argv)
 
 	wl_sleep(window);
 
-	if (!strcmp(argv[1], "userfaultfd")) {
+	if (!strcmp(argv[1], "linked")) {
+		/* the descriptor and the other name are one file */
+		int again;
+
+		WL_CHECK(pwrite(held, "ping", 4, 0) == 4, "writing: %s", strerror(errno));
+		again = open(other, O_RDONLY);
+		WL_CHECK(again >= 0 && read(again, buf, 4) == 4 && !memcmp(buf, "ping", 4),
+			 "the other name is another file now");
+		unlink(other);
+		rmdir(dir);
+	} else if (!strcmp(argv[1], "userfaultfd")) {
 		/* still the same, unused descriptor: its API handshake works once */
 		struct uffdio_api api = { .api = UFFD_API };
 
@@ -65,6 +86,6 @@ int main(int argc, char **argv)
 	}
 	return wl_finish();
 usage:
-	fprintf(stderr, "usage: holdfd socket|userfaultfd [SECONDS]\n");
+	fprintf(stderr, "usage: holdfd socket|userfaultfd|linked [SECONDS]\n");
 	return 2;
 }

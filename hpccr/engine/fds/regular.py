@@ -16,7 +16,7 @@ import stat
 from hpccr.engine import memory, procfs
 from hpccr.engine.fds import memfd, mqueue, procfile
 from hpccr.engine.fds.common import NOT_REOPENED
-from hpccr.errors import FileMismatch
+from hpccr.errors import FileMismatch, UnsupportedResource
 
 NAME = "file"
 FIELDS = {"content": (str, None)}  # path and ghost are common fields
@@ -35,6 +35,11 @@ def recognise(link: str, st: os.stat_result, state) -> bool:
 
 def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     deleted = link.endswith(procfs.DELETED) and st.st_nlink == 0
+    if link.endswith(procfs.DELETED) and not deleted and not _named(link, st):
+        raise UnsupportedResource(
+            f"process {pid} fd {fd} is {link}: a file removed under the name it was opened by "
+            "that lives on under another (a hard link), which hpccr cannot find: not "
+            "supported yet")
     # A deleted directory keeps its mark: it comes back as an empty deleted one (open()).
     path = link[: -len(procfs.DELETED)] if deleted and not stat.S_ISDIR(st.st_mode) else link
     ghost = content = None
@@ -44,6 +49,15 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
         elif state.fs_type(st.st_dev) == memory.TMPFS_MAGIC:
             content = state.ghosts.save(f"/proc/{pid}/fd/{fd}", st)
     return {"path": path, "ghost": ghost, "content": content}
+
+
+def _named(path: str, st: os.stat_result) -> bool:
+    """Whether `path` (one that ends as a deleted one's does) names the file `st` itself."""
+    try:
+        here = os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (st.st_dev, st.st_ino)
 
 
 def check(entry: dict, ctx) -> None:
