@@ -3,7 +3,8 @@ and sharing; a deleted-but-open file comes back with its content; cwd, umask and
 are kept.
 
 Workloads: workloads/files.c DIR (works in DIR, checks everything itself after the window),
-deleted_dirs.py DIR (its working directory and a directory it holds open, both removed).
+deleted_dirs.py DIR (its working directory and a directory it holds open, both removed),
+unnamed_files.py DIR (O_TMPFILE files and O_PATH descriptors).
 """
 
 
@@ -72,3 +73,22 @@ def test_directories_deleted_while_in_use(cr, tmp_path):
     cr.dump_and_kill(workload, tmp_path / "img")
     (top / "go").touch()
     cr.restore_and_pass(workload, tmp_path / "img")
+
+
+def test_unnamed_files_and_path_descriptors(cr, tmp_path):
+    """What tmpfile(3) makes (O_TMPFILE | O_EXCL), an O_TMPFILE file that may still be given a
+    name, and O_PATH descriptors of a directory and of a deleted file (workloads/
+    unnamed_files.py): restored, the unnamed files hold their data at their offsets, the second
+    can still be named in its directory, and the O_PATH descriptors lead where they did — the
+    workload checks it itself (control: it passes without a checkpoint)."""
+    for checkpointed in (False, True):
+        top = tmp_path / f"top-{checkpointed}"
+        top.mkdir()
+        workload = cr.start("unnamed_files.py", top)
+        if checkpointed:
+            cr.dump_and_kill(workload, tmp_path / "img")
+            (top / "go").touch()
+            cr.restore_and_pass(workload, tmp_path / "img")
+        else:
+            (top / "go").touch()
+            assert workload.wait_exit() == 0, workload.output()

@@ -138,6 +138,22 @@ class GhostFiles:
             self.modes[name] = stat.S_IMODE(mode)
         return self.paths[name]
 
+    def unnamed(self, name: str, directory: str, flags: int, mode: int) -> int:
+        """Ghost `name` made again as a file without a name in `directory` (O_TMPFILE: one
+        that may still be given a name there, linkat), opened with `flags` (writable); OSError
+        where that cannot be (the directory gone, a file system without O_TMPFILE)."""
+        fd = os.open(directory, flags | os.O_TMPFILE, stat.S_IMODE(mode))
+        try:
+            data = self.reader.open_file(name)
+            try:
+                fill(fd, data, self.reader.read_bytes(name + EXTENTS))
+            finally:
+                os.close(data)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def directory(self) -> str:
         """An empty directory of the process's owner: a working directory or a directory
         descriptor deleted since comes back as one, deleted in turn before the process runs."""

@@ -10,6 +10,7 @@ a memory file system as before."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -22,6 +23,7 @@ NAME = "file"
 FIELDS = {"content": (str, None)}  # path and ghost are common fields
 SAFE_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 SHARED_ANON = "/dev/zero"  # the name of shared anonymous memory, deleted
+UNNAMED = os.O_TMPFILE & ~os.O_DIRECTORY  # the flag of a file made by O_TMPFILE
 
 
 def recognise(link: str, st: os.stat_result, state) -> bool:
@@ -78,6 +80,13 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
         fd = ctx.as_restorer(os.open, ctx.shared.shmem(entry["ghost"]), flags)
         os.lseek(fd, entry["pos"], os.SEEK_SET)
         return fd
+    if entry["ghost"] and entry["flags"] & UNNAMED:  # made by O_TMPFILE, never named
+        flags &= ~os.O_TMPFILE
+        with contextlib.suppress(OSError):  # made so again, it may still be given a name
+            fd = ctx.ghosts.unnamed(entry["ghost"], os.path.dirname(entry["path"]), flags,
+                                    entry["mode"])
+            os.lseek(fd, entry["pos"], os.SEEK_SET)
+            return fd
     if entry["ghost"]:
         path = ctx.ghosts.path(entry["ghost"], entry["mode"])
     elif _deleted_directory(entry):
@@ -85,6 +94,6 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
     else:
         path = entry["path"]
     fd = ctx.as_owner(os.open, path, flags)
-    if not stat.S_ISCHR(entry["mode"]):
+    if not stat.S_ISCHR(entry["mode"]) and not flags & os.O_PATH:  # O_PATH: no offset
         os.lseek(fd, entry["pos"], os.SEEK_SET)
     return fd
