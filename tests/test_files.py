@@ -4,7 +4,8 @@ are kept.
 
 Workloads: workloads/files.c DIR (works in DIR, checks everything itself after the window),
 deleted_dirs.py DIR (its working directory and a directory it holds open, both removed),
-unnamed_files.py DIR (O_TMPFILE files and O_PATH descriptors).
+unnamed_files.py DIR (O_TMPFILE files and O_PATH descriptors), many_fds.py DIR (1500 descriptions
+of /dev/null and 500 dups).
 """
 
 
@@ -85,6 +86,24 @@ def test_unnamed_files_and_path_descriptors(cr, tmp_path):
         top = tmp_path / f"top-{checkpointed}"
         top.mkdir()
         workload = cr.start("unnamed_files.py", top)
+        if checkpointed:
+            cr.dump_and_kill(workload, tmp_path / "img")
+            (top / "go").touch()
+            cr.restore_and_pass(workload, tmp_path / "img")
+        else:
+            (top / "go").touch()
+            assert workload.wait_exit() == 0, workload.output()
+
+
+def test_thousands_of_descriptors_on_one_inode(cr, tmp_path):
+    """1500 opens of /dev/null and 500 dups of them (workloads/many_fds.py): the dump tells
+    the descriptions apart (kcmp, by binary search in its order) and the restored process
+    still has 1500 descriptions, each dup one with its original — it checks this itself
+    (control: it passes without a checkpoint)."""
+    for checkpointed in (False, True):
+        top = tmp_path / f"top-{checkpointed}"
+        top.mkdir()
+        workload = cr.start("many_fds.py", top)
         if checkpointed:
             cr.dump_and_kill(workload, tmp_path / "img")
             (top / "go").touch()

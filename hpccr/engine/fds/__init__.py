@@ -24,6 +24,7 @@ Adding a kind means adding a module to KINDS; the dump and restore loops below n
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import re
@@ -52,6 +53,7 @@ from hpccr.image.schema import check_part
 KINDS = {k.NAME: k for k in (regular, procfile, memfd, mqueue, tty, pty, pipe, unix, inet,
                               eventfd, timerfd, signalfd, epoll, inotify)}
 O_CLOEXEC = 0o2000000
+KCMP_EQUAL, KCMP_LESS, KCMP_GREATER = 0, 1, 2  # kcmp(2): the first object is … the second
 _ANON = re.compile(r"anon_inode:\[?([^\]]+)\]?")
 
 
@@ -151,21 +153,33 @@ def dump_fds(pid: int, state: DumpState) -> list[dict]:
 def share_descriptions(fd_tables: dict[int, list[dict]]) -> None:
     """Number every open file description: equal `desc` numbers mean one description shared by
     several descriptors or processes (dup, fork, SCM_RIGHTS).  kcmp(KCMP_FILE) decides, among
-    descriptors on the same inode."""
-    holders: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    descriptors on the same inode; it also orders descriptions, so each is looked up by binary
+    search among those already seen (thousands of descriptors on one inode — /dev/null, a file
+    every rank opened — cost thousands of calls, not millions)."""
+    seen: dict[tuple[int, int], list[tuple[int, dict]]] = {}  # per inode, in kcmp's order
     count = 0
     for pid, entries in fd_tables.items():
         for entry in entries:
             st = os.stat(procfs.path(pid, "fd", str(entry["fd"])))
-            same_inode = holders.setdefault((st.st_dev, st.st_ino), [])
-            for other_pid, other in same_inode:
-                if native.kcmp(pid, other_pid, native.KCMP_FILE, entry["fd"], other["fd"]) == 0:
+            same_inode = seen.setdefault((st.st_dev, st.st_ino), [])
+            low, high = 0, len(same_inode)
+            while low < high:
+                middle = (low + high) // 2
+                other_pid, other = same_inode[middle]
+                order = native.kcmp(pid, other_pid, native.KCMP_FILE, entry["fd"], other["fd"])
+                if order == KCMP_EQUAL:
                     entry["desc"] = other["desc"]
                     break
+                if order == KCMP_LESS:
+                    high = middle
+                elif order == KCMP_GREATER:
+                    low = middle + 1
+                else:
+                    raise OSError(errno.ENOTSUP, "kcmp gives descriptions no order")
             else:
                 entry["desc"] = count
                 count += 1
-            same_inode.append((pid, entry))
+                same_inode.insert(low, (pid, entry))
 
 
 def check_fds(entries: list[dict], ctx) -> None:
