@@ -82,6 +82,7 @@ class DumpState:
         self._job_ids: dict[int, int] | None = None
         self._procfs_devices: set[int] | None = None
         self.pipes: set[int] = set()  # pipes whose data an entry already carries
+        self.pipe_holders = None  # pipe.Holders: who holds each pipe, made on first use
         self.unix = None  # unix.View of the dump's sockets, made on first use
         self.inet = None  # inet.View: network sockets, their copies and lock; on first use
         self.ptys = None  # numbers of the pseudo-terminals whose master is in the dump

@@ -43,47 +43,57 @@ def recognise(link: str, st: os.stat_result, state) -> bool:
     return stat.S_ISFIFO(st.st_mode)
 
 
-def _same(path: str, st: os.stat_result) -> bool:
-    try:
-        other = os.stat(path)
-    except OSError:
-        return False
-    return (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino)
+class Holders:
+    """Who holds each pipe and FIFO: the ends among the dump's processes, and one holder
+    outside them, each found in one pass over the descriptors (not one pass per pipe: a job
+    with a thousand pipes was frozen for seconds)."""
 
+    def __init__(self, pids):
+        self.pids = pids
+        self.ends: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for pid in pids:
+            for fd in procfs.fds(pid):
+                try:
+                    st = os.stat(procfs.path(pid, "fd", str(fd)))
+                except OSError:
+                    continue
+                if stat.S_ISFIFO(st.st_mode):
+                    self.ends.setdefault((st.st_dev, st.st_ino), []).append((pid, fd))
+        self._outside: dict[str | tuple[int, int], tuple[int, int]] | None = None
 
-def _ends(pids, st: os.stat_result) -> list[tuple[int, int]]:
-    """(process, descriptor) of every end of this pipe among `pids`."""
-    return [(pid, fd) for pid in pids for fd in procfs.fds(pid)
-            if _same(procfs.path(pid, "fd", str(fd)), st)]
+    def outside(self, link: str, st: os.stat_result) -> tuple[int, int] | None:
+        """(process, descriptor) of a process outside the dump holding this pipe, if any."""
+        if self._outside is None:
+            self._outside = self._scan_outside()
+        key = link if link.startswith(ANONYMOUS) else (st.st_dev, st.st_ino)
+        return self._outside.get(key)
 
-
-def _other_holder(pids, link: str, st: os.stat_result) -> tuple[int, int] | None:
-    """(process, descriptor) of a process outside `pids` holding this pipe, if any."""
-    named = not link.startswith(ANONYMOUS)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) in pids:
-            continue
-        try:
-            fds = os.listdir(os.path.join(entry.path, "fd"))
-        except OSError:
-            continue  # gone, or not ours to look at
-        for fd in fds:
-            path = os.path.join(entry.path, "fd", fd)
-            try:
-                other = os.readlink(path)
-            except OSError:
+    def _scan_outside(self) -> dict[str | tuple[int, int], tuple[int, int]]:
+        """Anonymous pipes by their link (pipefs inode numbers are unique), FIFOs by inode."""
+        found: dict[str | tuple[int, int], tuple[int, int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) in self.pids:
                 continue
-            if named:
-                found = other.startswith("/") and _same(path, st)
-            else:
-                found = other == link  # pipefs inode numbers are unique
-            if found:
-                return int(entry.name), int(fd)
-    return None
+            try:
+                fds = os.listdir(os.path.join(entry.path, "fd"))
+            except OSError:
+                continue  # gone, or not ours to look at
+            for fd in fds:
+                path = os.path.join(entry.path, "fd", fd)
+                try:
+                    link = os.readlink(path)
+                    if link.startswith(ANONYMOUS):
+                        found.setdefault(link, (int(entry.name), int(fd)))
+                    elif link.startswith("/") and stat.S_ISFIFO((st := os.stat(path)).st_mode):
+                        found.setdefault((st.st_dev, st.st_ino), (int(entry.name), int(fd)))
+                except OSError:
+                    continue
+        return found
 
 
-def _refuse_if_shared(pid: int, fd: int, link: str, st: os.stat_result, pids) -> None:
-    holder = _other_holder(pids, link, st)
+def _refuse_if_shared(pid: int, fd: int, link: str, st: os.stat_result,
+                      holders: Holders) -> None:
+    holder = holders.outside(link, st)
     if holder is None:
         return
     other, other_fd = holder
@@ -132,8 +142,10 @@ def dump(pid: int, fd: int, link: str, st: os.stat_result, state) -> dict:
     if st.st_ino in state.pipes:
         return entry  # its first end saved the pipe
     state.pipes.add(st.st_ino)
-    _refuse_if_shared(pid, fd, link, st, state.pids)
-    readers = [(p, n) for p, n in _ends(state.pids, st)
+    if state.pipe_holders is None:
+        state.pipe_holders = Holders(state.pids)
+    _refuse_if_shared(pid, fd, link, st, state.pipe_holders)
+    readers = [(p, n) for p, n in state.pipe_holders.ends.get((st.st_dev, st.st_ino), [])
                if int(procfs.fdinfo(p, n)["flags"], 8) & os.O_ACCMODE != os.O_WRONLY]
     with borrowed(*(readers[0] if readers else (pid, fd))) as copy:
         entry["capacity"] = fcntl.fcntl(copy, fcntl.F_GETPIPE_SZ)
