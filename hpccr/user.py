@@ -15,6 +15,7 @@ import grp
 import os
 import pwd
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hpccr import native
@@ -81,18 +82,12 @@ class User:
     def file_rights(self):
         """This user's file-system rights and no more, for a while, in a root process (one
         whose rights take_fs_rights() set, or root's own, which come back after)."""
-        saved_groups = os.getgroups()
-        os.setgroups(list(self.groups))
-        saved_fsgid = native.syscall("setfsgid", self.gid)
-        saved_fsuid = native.syscall("setfsuid", self.uid)
-        _set_read_override(False)
-        try:
-            yield
-        finally:
-            native.syscall("setfsuid", saved_fsuid)
-            native.syscall("setfsgid", saved_fsgid)
-            os.setgroups(saved_groups)
-            _set_read_override(True)
+        with fs_rights(self.uid, self.gid, self.groups):
+            _set_read_override(False)
+            try:
+                yield
+            finally:
+                _set_read_override(True)
 
     def check_executable(self, pid: int, exe: str) -> tuple[int, int]:
         """The file (st_dev, st_ino) that process `pid` of an image of this user runs, if this
@@ -149,6 +144,22 @@ class User:
             if int(creds[field], 16) != NO_CAPS:
                 return f"capabilities ({field} {creds[field]})"
         return None
+
+
+@contextlib.contextmanager
+def fs_rights(uid: int, gid: int, groups) -> Iterator[None]:
+    """The file-system rights of `uid`, `gid` and `groups` in this (root) process, for a while
+    (what it had comes back after)."""
+    saved_groups = os.getgroups()
+    os.setgroups(list(groups))
+    saved_fsgid = native.syscall("setfsgid", gid)
+    saved_fsuid = native.syscall("setfsuid", uid)
+    try:
+        yield
+    finally:
+        native.syscall("setfsuid", saved_fsuid)
+        native.syscall("setfsgid", saved_fsgid)
+        os.setgroups(saved_groups)
 
 
 def _file_capabilities(path: str) -> bool:

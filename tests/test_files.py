@@ -58,22 +58,28 @@ def test_sparse_files(cr, tmp_path):
     cr.restore_and_pass(workload, img)
 
 
+def passes_with_and_without_a_checkpoint(cr, tmp_path, workload: str) -> None:
+    """`workload` DIR, which checks itself once DIR/go exists: run through (the control), then
+    dumped (killed), told to go and restored; it passes both times."""
+    for checkpointed in (False, True):
+        top = tmp_path / f"top-{checkpointed}"
+        top.mkdir()
+        started = cr.start(workload, top)
+        if checkpointed:
+            cr.dump_and_kill(started, tmp_path / "img")
+            (top / "go").touch()
+            cr.restore_and_pass(started, tmp_path / "img")
+        else:
+            (top / "go").touch()
+            assert started.wait_exit() == 0, started.output()
+
+
 def test_directories_deleted_while_in_use(cr, tmp_path):
     """The working directory and a directory held open, both removed while the process runs
     (`rm -r` of its run directory; workloads/deleted_dirs.py): restored, both are empty deleted
     directories again, in which nothing can be created, as before the checkpoint — the workload
     checks it itself (control: it passes without a checkpoint)."""
-    control = tmp_path / "control"
-    control.mkdir()
-    workload = cr.start("deleted_dirs.py", control)
-    (control / "go").touch()
-    assert workload.wait_exit() == 0, workload.output()
-    top = tmp_path / "top"
-    top.mkdir()
-    workload = cr.start("deleted_dirs.py", top)
-    cr.dump_and_kill(workload, tmp_path / "img")
-    (top / "go").touch()
-    cr.restore_and_pass(workload, tmp_path / "img")
+    passes_with_and_without_a_checkpoint(cr, tmp_path, "deleted_dirs.py")
 
 
 def test_unnamed_files_and_path_descriptors(cr, tmp_path):
@@ -82,17 +88,7 @@ def test_unnamed_files_and_path_descriptors(cr, tmp_path):
     unnamed_files.py): restored, the unnamed files hold their data at their offsets, the second
     can still be named in its directory, and the O_PATH descriptors lead where they did — the
     workload checks it itself (control: it passes without a checkpoint)."""
-    for checkpointed in (False, True):
-        top = tmp_path / f"top-{checkpointed}"
-        top.mkdir()
-        workload = cr.start("unnamed_files.py", top)
-        if checkpointed:
-            cr.dump_and_kill(workload, tmp_path / "img")
-            (top / "go").touch()
-            cr.restore_and_pass(workload, tmp_path / "img")
-        else:
-            (top / "go").touch()
-            assert workload.wait_exit() == 0, workload.output()
+    passes_with_and_without_a_checkpoint(cr, tmp_path, "unnamed_files.py")
 
 
 def test_thousands_of_descriptors_on_one_inode(cr, tmp_path):
@@ -100,14 +96,4 @@ def test_thousands_of_descriptors_on_one_inode(cr, tmp_path):
     the descriptions apart (kcmp, by binary search in its order) and the restored process
     still has 1500 descriptions, each dup one with its original — it checks this itself
     (control: it passes without a checkpoint)."""
-    for checkpointed in (False, True):
-        top = tmp_path / f"top-{checkpointed}"
-        top.mkdir()
-        workload = cr.start("many_fds.py", top)
-        if checkpointed:
-            cr.dump_and_kill(workload, tmp_path / "img")
-            (top / "go").touch()
-            cr.restore_and_pass(workload, tmp_path / "img")
-        else:
-            (top / "go").touch()
-            assert workload.wait_exit() == 0, workload.output()
+    passes_with_and_without_a_checkpoint(cr, tmp_path, "many_fds.py")

@@ -69,7 +69,7 @@ from hpccr.errors import (
 )
 from hpccr.image import ImageReader, PageReader
 from hpccr.image.series import in_use, resolve
-from hpccr.user import User
+from hpccr.user import User, fs_rights
 
 if TYPE_CHECKING:
     from hpccr.run import Part
@@ -101,19 +101,9 @@ class Context:
         self.cwd = proc["cwd"]  # where it enters, made by _deleted_working_directories
         self.threads: list[int] = []  # as hpccr sees them, once rebuilt
 
-    @contextlib.contextmanager
     def owner_rights(self):
         """File-system rights of the process's user in this (root) process, for a while."""
-        saved_groups = os.getgroups()
-        os.setgroups(self.proc["creds"]["groups"])
-        saved_fsgid = native.syscall("setfsgid", self.fsgid)
-        saved_fsuid = native.syscall("setfsuid", self.fsuid)
-        try:
-            yield
-        finally:
-            native.syscall("setfsuid", saved_fsuid)
-            native.syscall("setfsgid", saved_fsgid)
-            os.setgroups(saved_groups)
+        return fs_rights(self.fsuid, self.fsgid, self.proc["creds"]["groups"])
 
     def as_owner(self, call, *args, **kwargs):
         """call(*args, **kwargs) with the file-system rights of the process's user (set by the

@@ -8,8 +8,21 @@ import os
 from collections.abc import Iterator
 
 from hpccr import native
+from hpccr.engine import procfs
 
 NOT_REOPENED = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY  # flags that acted at open
+
+
+def held_files(pids) -> Iterator[tuple[int, int, os.stat_result]]:
+    """(process, descriptor, the file's stat) of every descriptor of `pids`, in pid order
+    (those that close meanwhile left out): what a kind that must know every holder of its
+    files reads once per dump."""
+    for pid in sorted(pids):
+        for fd in procfs.fds(pid):
+            try:
+                yield pid, fd, os.stat(procfs.path(pid, "fd", str(fd)))
+            except OSError:
+                continue
 
 
 @contextlib.contextmanager

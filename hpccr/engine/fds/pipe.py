@@ -27,7 +27,7 @@ import termios
 
 from hpccr import native
 from hpccr.engine import memory, procfs
-from hpccr.engine.fds.common import borrowed, saved_data
+from hpccr.engine.fds.common import borrowed, held_files, saved_data
 from hpccr.errors import DumpFailed, FileMismatch, ImageCorrupt, UnsupportedResource
 
 NAME = "pipe"
@@ -51,14 +51,9 @@ class Holders:
     def __init__(self, pids):
         self.pids = pids
         self.ends: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for pid in pids:
-            for fd in procfs.fds(pid):
-                try:
-                    st = os.stat(procfs.path(pid, "fd", str(fd)))
-                except OSError:
-                    continue
-                if stat.S_ISFIFO(st.st_mode):
-                    self.ends.setdefault((st.st_dev, st.st_ino), []).append((pid, fd))
+        for pid, fd, st in held_files(pids):
+            if stat.S_ISFIFO(st.st_mode):
+                self.ends.setdefault((st.st_dev, st.st_ino), []).append((pid, fd))
         self._outside: dict[str | tuple[int, int], tuple[int, int]] | None = None
 
     def outside(self, link: str, st: os.stat_result) -> tuple[int, int] | None:

@@ -23,9 +23,8 @@ import stat
 import struct
 import termios
 
-from hpccr.engine import procfs
 from hpccr.engine.fds import tty
-from hpccr.engine.fds.common import borrowed, saved_data
+from hpccr.engine.fds.common import borrowed, held_files, saved_data
 from hpccr.errors import ImageCorrupt, UnsupportedResource
 
 NAME = "pty"
@@ -52,16 +51,10 @@ def _ioctl_uint(fd: int, request: int) -> int:
 def _masters(pids) -> set[int]:
     """The numbers of the pseudo-terminals whose master a process of the dump holds."""
     found = set()
-    for pid in pids:
-        for fd in procfs.fds(pid):
-            try:
-                st = os.stat(procfs.path(pid, "fd", str(fd)))
-            except OSError:
-                continue
-            if stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev),
-                                              os.minor(st.st_rdev)) == PTMX:
-                with borrowed(pid, fd) as copy:
-                    found.add(_ioctl_uint(copy, TIOCGPTN))
+    for pid, fd, st in held_files(pids):
+        if stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == PTMX:
+            with borrowed(pid, fd) as copy:
+                found.add(_ioctl_uint(copy, TIOCGPTN))
     return found
 
 

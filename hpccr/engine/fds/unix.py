@@ -68,7 +68,7 @@ from pyroute2.netlink.diag import (
 
 from hpccr import native
 from hpccr.engine import procfs
-from hpccr.engine.fds.common import borrowed, saved_data
+from hpccr.engine.fds.common import borrowed, held_files, saved_data
 from hpccr.errors import FileMismatch, ImageCorrupt, RestoreFailed, UnsupportedResource
 
 NAME = "unix"
@@ -150,14 +150,9 @@ class View:
     def __init__(self, pids):
         self.table = _diag()
         self.held: dict[int, tuple[int, int]] = {}
-        for pid in sorted(pids):
-            for fd in procfs.fds(pid):
-                try:
-                    st = os.stat(procfs.path(pid, "fd", str(fd)))
-                except OSError:
-                    continue
-                if stat.S_ISSOCK(st.st_mode):
-                    self.held.setdefault(st.st_ino, (pid, fd))
+        for pid, fd, st in held_files(pids):
+            if stat.S_ISSOCK(st.st_mode):
+                self.held.setdefault(st.st_ino, (pid, fd))
         self.saved: set[int] = set()  # sockets whose data file is written
 
     def listener_of(self, s: dict) -> int | None:
