@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import TIMEOUT, describe, pid_alive, tree_of
+from harness import TIMEOUT, cli_argv, cli_env, describe, pid_alive, tree_of
 
 PIPELINE_BYTES = 1 << 20
 
@@ -169,6 +169,29 @@ def test_program_rebuilt_while_it_ran(tree_cr, tmp_path):
     tree_cr.wait_until(runs_the_old_program, "the restored process running the old program")
     out, err = restore.communicate(timeout=TIMEOUT)
     assert restore.returncode == 0, err
+    workload.assert_passed()
+
+
+def test_program_rebuilt_restored_where_tmp_is_noexec(tree_cr, tmp_path):
+    """The same, restored with TMPDIR on a file system mounted noexec, as /tmp often is on
+    compute nodes: the copy of the old program, which the process maps to run, is made where
+    programs may run (/var/tmp here), and the counter passes."""
+    program = tmp_path / "tree_counter"
+    shutil.copy(tree_cr.binaries["tree_counter"], program)
+    workload = tree_cr.start(program, 400, 20)
+    program.unlink()
+    tree_cr.dump_and_kill(workload, tmp_path / "img")
+    noexec = tmp_path / "noexec"
+    noexec.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=64m", "tmpfs", noexec],
+                   check=True)
+    try:
+        res = subprocess.run(cli_argv("restore", "-D", tmp_path / "img"),
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=TIMEOUT, env=cli_env() | {"TMPDIR": str(noexec)})
+    finally:
+        subprocess.run(["umount", "--lazy", noexec], check=True)
+    assert res.returncode == 0, describe(res)
     workload.assert_passed()
 
 

@@ -170,7 +170,7 @@ class GhostFiles:
 
     def _make_dir(self) -> None:
         if self.dir is None:
-            self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-")
+            self.dir = tempfile.mkdtemp(prefix="hpccr-ghosts-", dir=_executable_tmp())
             os.chmod(self.dir, 0o711)
 
     def unlink_all(self) -> None:
@@ -182,6 +182,20 @@ class GhostFiles:
                     os.chmod(path, self.modes[name])
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
+
+
+def _executable_tmp() -> str:
+    """A temporary directory whose file system lets programs run: a ghost may be a deleted
+    program or library that the process maps to execute, and /tmp is often mounted noexec on
+    compute nodes (the mapping would be refused)."""
+    candidates = [tempfile.gettempdir(), "/var/tmp", "/dev/shm"]
+    for directory in candidates:
+        try:
+            if not os.statvfs(directory).f_flag & os.ST_NOEXEC:
+                return directory
+        except OSError:
+            continue
+    return candidates[0]
 
 
 class SharedObjects:
