@@ -34,20 +34,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from pyroute2.netlink.nfnetlink.nftsocket import (
-    NFPROTO_IPV4,
-    NFPROTO_IPV6,
-    NFT_MSG_NEWRULE,
-    NFT_MSG_NEWTABLE,
-    Meta,
-    nft_rule_msg,
-    nft_table_msg,
-)
-from pyroute2.nftables.expressions import verdict
-from pyroute2.nftables.main import NFTables
-
 from hpccr import native
-from hpccr.engine import procfs
+from hpccr.engine import netlink, procfs
 from hpccr.engine.nftables import (
     APPEND,
     CREATE,
@@ -70,7 +58,7 @@ PRIORITY_RAW = -300  # before conntrack (-200): a dropped packet leaves no trace
 HOOKS = {"input": 1, "output": 3}  # NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT
 NETWORK_HEADER, TRANSPORT_HEADER = 1, 2  # NFT_PAYLOAD_NETWORK_HEADER, ..._TRANSPORT_HEADER
 # By address length: the netfilter protocol, and the offsets of saddr and daddr in its header.
-NFPROTO = {4: NFPROTO_IPV4, 16: NFPROTO_IPV6}
+NFPROTO = {4: netlink.NFPROTO_IPV4, 16: netlink.NFPROTO_IPV6}
 ADDRESS_OFFSETS = {4: (12, 16), 16: (8, 24)}
 SPORT_OFFSET, DPORT_OFFSET = 0, 2
 ENDED = ("Z", "X")  # a zombie owner is gone too: it will never lift its lock
@@ -106,11 +94,11 @@ def lock(connections: list[Connection]) -> str:
         try:
             with netfilter("cannot lock the TCP connections", DumpFailed) as nft:
                 transaction(nft, [
-                    message(nft_table_msg, NFT_MSG_NEWTABLE,
+                    message(netlink.nft_table_msg, netlink.NFT_MSG_NEWTABLE,
                             {"name": table, "userdata": registry}, CREATE),
                     *(chain_message(table, chain, hook, PRIORITY_RAW)
                       for chain, hook in HOOKS.items()),
-                    *(message(nft_rule_msg, NFT_MSG_NEWRULE,
+                    *(message(netlink.nft_rule_msg, netlink.NFT_MSG_NEWRULE,
                               {"table": table, "chain": chain, "expressions": expressions},
                               APPEND)
                       for chain, expressions in rules),
@@ -317,13 +305,13 @@ def _write_record(registry: str, lock_id: str, record: dict) -> None:
         raise
 
 
-def _tables(nft: NFTables) -> dict[str, str | None]:
+def _tables(nft: netlink.NFTables) -> dict[str, str | None]:
     """The lock tables in this network namespace: id -> the registry the table names."""
     return {name.removeprefix(TABLE_PREFIX): registry
             for name, registry in table_names(nft, TABLE_PREFIX).items()}
 
 
-def _lift(nft: NFTables, registry: str, lock_id: str) -> None:
+def _lift(nft: netlink.NFTables, registry: str, lock_id: str) -> None:
     delete_table(nft, TABLE_PREFIX + lock_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_record_path(registry, lock_id))
@@ -358,11 +346,13 @@ def _tcp_match(source: bytes, sport: int, destination: bytes, dport: int) -> lis
     """Expressions dropping the TCP packets from source:sport to destination:dport."""
     saddr_offset, daddr_offset = ADDRESS_OFFSETS[len(source)]
     return [
-        *load_and_compare("meta", {"key": Meta.NFT_META_NFPROTO}, bytes([NFPROTO[len(source)]])),
-        *load_and_compare("meta", {"key": Meta.NFT_META_L4PROTO}, bytes([socket.IPPROTO_TCP])),
+        *load_and_compare("meta", {"key": netlink.Meta.NFT_META_NFPROTO},
+                          bytes([NFPROTO[len(source)]])),
+        *load_and_compare("meta", {"key": netlink.Meta.NFT_META_L4PROTO},
+                          bytes([socket.IPPROTO_TCP])),
         *payload_equals(NETWORK_HEADER, saddr_offset, source),
         *payload_equals(NETWORK_HEADER, daddr_offset, destination),
         *payload_equals(TRANSPORT_HEADER, SPORT_OFFSET, sport.to_bytes(2, "big")),
         *payload_equals(TRANSPORT_HEADER, DPORT_OFFSET, dport.to_bytes(2, "big")),
-        *verdict(NF_DROP),
+        *netlink.verdict(NF_DROP),
     ]

@@ -31,21 +31,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nftsocket import (
-    NFPROTO_IPV4,
-    NFT_MSG_NEWRULE,
-    NFT_MSG_NEWTABLE,
-    Cmp,
-    Meta,
-    nft_rule_msg,
-    nft_table_msg,
-)
-from pyroute2.nftables.expressions import masq
-
 from hpccr import native
-from hpccr.engine import nftables, overlay, procfs
+from hpccr.engine import netlink, nftables, overlay, procfs
 from hpccr.errors import HpccrError, ImageCorrupt
 
 CLONE_NEWNET, CLONE_NEWUTS = 0x40000000, 0x04000000
@@ -119,7 +106,7 @@ def choose(subnet: str, hint: int | None = None, hostname: str | None = None) ->
     net = ipaddress.IPv4Network(subnet)
     count = net.num_addresses - 2
     start = (hint if hint is not None else secrets.randbelow(count)) % count
-    with IPRoute() as ipr:
+    with netlink.IPRoute() as ipr:
         for i in range(count):
             address = str(net[1 + (start + i) % count])
             if not ipr.link_lookup(ifname=link_name(address)):
@@ -149,7 +136,7 @@ def of_process(pid: int) -> Spec | None:
     with _entered(_ns_path(pid, "uts"), "uts"):
         hostname = socket.gethostname()
     with entered_of(pid):
-        with IPRoute() as ipr:
+        with netlink.IPRoute() as ipr:
             addresses = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET)
                          if not ipaddress.IPv4Address(a.get_attr("IFA_ADDRESS")).is_loopback}
         part_of = overlay.of_namespace(hostname)
@@ -219,7 +206,7 @@ class JobNetwork:
             try:
                 self._link()
                 self.linked = True
-            except NetlinkError as exc:
+            except netlink.NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
                 if not isolated_if_taken:
@@ -235,7 +222,7 @@ class JobNetwork:
                 self._masquerade()
             if not down:
                 self.up()
-        except NetlinkError as exc:
+        except netlink.NetlinkError as exc:
             self.remove()
             raise HpccrError(f"cannot make the job's network: {os.strerror(exc.code)}") from None
         except OSError as exc:
@@ -264,7 +251,7 @@ class JobNetwork:
 
     def _link(self) -> None:
         """The veth pair, the node's end with the gateway address and a route to the job."""
-        with IPRoute() as ipr:
+        with netlink.IPRoute() as ipr:
             ipr.link("add", ifname=self.link, kind="veth",
                      peer={"ifname": JOB_LINK, "net_ns_fd": self.fd})
             node_end = ipr.link_lookup(ifname=self.link)[0]
@@ -278,7 +265,7 @@ class JobNetwork:
     def _configure_inside(self) -> None:
         """Loopback up; the job's address on eth0 with the default route through the node, or
         (not linked) on loopback."""
-        with self.entered(), IPRoute() as ipr:
+        with self.entered(), netlink.IPRoute() as ipr:
             lo = ipr.link_lookup(ifname="lo")[0]
             ipr.link("set", index=lo, state="up")
             if not self.linked:
@@ -305,23 +292,23 @@ class JobNetwork:
         if not self.linked:
             return
         try:
-            with _entered(f"/proc/self/fd/{self.node_fd}", "net"), IPRoute() as ipr:
+            with _entered(f"/proc/self/fd/{self.node_fd}", "net"), netlink.IPRoute() as ipr:
                 node_end = ipr.link_lookup(ifname=self.link)[0]
                 ipr.link("set", index=node_end, state="up")
                 ipr.route("add", dst=f"{self.spec.address}/32", oif=node_end,
                           scope=RT_SCOPE_LINK)
-        except NetlinkError as exc:
+        except netlink.NetlinkError as exc:
             raise HpccrError(f"cannot link the job's network to the node: "
                              f"{os.strerror(exc.code)}") from None
 
     def _masquerade(self) -> None:
         with nftables.netfilter("cannot make the job network's NAT") as nft:
             nftables.transaction(nft, [
-                nftables.message(nft_table_msg, NFT_MSG_NEWTABLE, {"name": self.table},
-                                 nftables.CREATE),
+                nftables.message(netlink.nft_table_msg, netlink.NFT_MSG_NEWTABLE,
+                                 {"name": self.table}, nftables.CREATE),
                 nftables.chain_message(self.table, "postrouting", POSTROUTING, PRIORITY_SRCNAT,
                                        kind="nat"),
-                nftables.message(nft_rule_msg, NFT_MSG_NEWRULE, {
+                nftables.message(netlink.nft_rule_msg, netlink.NFT_MSG_NEWRULE, {
                     "table": self.table, "chain": "postrouting",
                     "expressions": self._masquerade_rule()}, nftables.APPEND),
             ])
@@ -329,14 +316,14 @@ class JobNetwork:
     def _masquerade_rule(self) -> list:
         """What the job sends out of the node, but not to the job: from the node's address."""
         return [
-            *nftables.load_and_compare("meta", {"key": Meta.NFT_META_NFPROTO},
-                                       bytes([NFPROTO_IPV4])),
+            *nftables.load_and_compare("meta", {"key": netlink.Meta.NFT_META_NFPROTO},
+                                       bytes([netlink.NFPROTO_IPV4])),
             *nftables.payload_equals(1, SADDR_OFFSET,
                                      ipaddress.IPv4Address(self.spec.address).packed),
-            *nftables.load_and_compare("meta", {"key": Meta.NFT_META_OIFNAME},
+            *nftables.load_and_compare("meta", {"key": netlink.Meta.NFT_META_OIFNAME},
                                        self.link.encode().ljust(IFNAMSIZ, b"\0"),
-                                       op=Cmp.NFT_CMP_NEQ),
-            *masq(),
+                                       op=netlink.Cmp.NFT_CMP_NEQ),
+            *netlink.masq(),
         ]
 
     def release(self) -> None:
@@ -357,7 +344,7 @@ class JobNetwork:
         self.release()
         if not self.linked:
             return  # the link and NAT of that address, if any, are another job's
-        with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+        with netlink.IPRoute() as ipr, contextlib.suppress(netlink.NetlinkError):
             ipr.link("del", ifname=self.link)
         with nftables.netfilter(f"cannot remove the job network's NAT {self.table}") as nft:
             nftables.delete_table(nft, self.table)
@@ -367,9 +354,9 @@ def disconnect() -> None:
     """In a job's network namespace, before its job is killed: remove its links to the outside
     (eth0 and the overlay's device).  Once the job is gone its namespace is torn down, its
     network locks first: a peer's packet arriving then would be answered with a reset."""
-    with IPRoute() as ipr:
+    with netlink.IPRoute() as ipr:
         for name in (JOB_LINK, overlay.DEVICE):
-            with contextlib.suppress(NetlinkError):
+            with contextlib.suppress(netlink.NetlinkError):
                 ipr.link("del", ifname=name)
 
 
@@ -382,7 +369,7 @@ def clear_leftovers(link: str | None = None) -> list[str]:
     elsewhere, would reach those closing connections through it and be reset by them.  Only
     `link` if given; returns the links removed.  A namespace is in use while a thread is in it
     or a process holds a descriptor of it (hpccr does, while it makes one)."""
-    with IPRoute() as ipr:
+    with netlink.IPRoute() as ipr:
         candidates = {}  # the namespace's id here -> the node's end of its link
         if link is None:
             links = ipr.get_links()
@@ -397,15 +384,15 @@ def clear_leftovers(link: str | None = None) -> list[str]:
             for nsid in _namespaces_in_use(ipr):
                 candidates.pop(nsid, None)
         for nsid, node_end in candidates.items():
-            with contextlib.suppress(NetlinkError):  # none: not a part, or removed already
+            with contextlib.suppress(netlink.NetlinkError):  # none: not a part, or removed already
                 for device in ipr.link("get", ifname=overlay.DEVICE, IFLA_IF_NETNSID=nsid):
                     ipr.link("del", index=device["index"], IFLA_IF_NETNSID=nsid)
-            with contextlib.suppress(NetlinkError):  # gone with its namespace meanwhile
+            with contextlib.suppress(netlink.NetlinkError):  # gone with its namespace meanwhile
                 ipr.link("del", index=node_end["index"])
     return [node_end.get_attr("IFLA_IFNAME") for node_end in candidates.values()]
 
 
-def _namespaces_in_use(ipr: IPRoute) -> set[int]:
+def _namespaces_in_use(ipr: netlink.IPRoute) -> set[int]:
     """The ids, as this network namespace knows them, of the network namespaces that a thread
     is in or a process holds a descriptor of."""
     paths: dict[int, str] = {}  # inode -> a path that opens it
@@ -436,7 +423,7 @@ def _namespaces_in_use(ipr: IPRoute) -> set[int]:
 def lift_stale() -> list[str]:
     """Remove the NAT tables of job networks whose link is gone; returns their names."""
     removed = []
-    with nftables.netfilter("cannot remove stale job networks") as nft, IPRoute() as ipr:
+    with nftables.netfilter("cannot remove stale job networks") as nft, netlink.IPRoute() as ipr:
         for table in nftables.table_names(nft, TABLE_PREFIX):
             if not ipr.link_lookup(ifname=LINK_PREFIX + table.removeprefix(TABLE_PREFIX)):
                 nftables.delete_table(nft, table)

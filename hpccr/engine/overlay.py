@@ -26,9 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from hpccr.engine import netlink
 from hpccr.errors import HpccrError, ImageCorrupt
 
 DEVICE = "hpccr0"  # in the part's namespace
@@ -123,7 +121,7 @@ def attach(overlay: Overlay, job_netns_fd: int, nodes: list[str]) -> None:
     the part's network namespace (`job_netns_fd`); called in the node's namespace.  The device
     is configured inside by `configure_inside`."""
     local = nodes[overlay.slot]
-    with IPRoute() as ipr:
+    with netlink.IPRoute() as ipr:
         holders = [a["index"] for a in ipr.get_addr(family=socket.AF_INET, address=local)]
         if not holders:
             raise HpccrError(f"this node has no address {local} (node slot {overlay.slot} of "
@@ -136,7 +134,7 @@ def attach(overlay: Overlay, job_netns_fd: int, nodes: list[str]) -> None:
                          vxlan_local=local, vxlan_link=holders[0], vxlan_port=VXLAN_PORT,
                          vxlan_learning=0)
                 break
-            except NetlinkError as exc:
+            except netlink.NetlinkError as exc:
                 if exc.code != errno.EEXIST or time.monotonic() > deadline:
                     raise HpccrError(f"cannot make the job's overlay device (VXLAN id "
                                      f"{overlay.vni}) on this node: {os.strerror(exc.code)}"
@@ -159,7 +157,7 @@ def configure_inside(overlay: Overlay) -> None:
     """In the part's network namespace: the device up with the part's address in the job's
     network and a hardware address made of it, the same after a restore (the other parts'
     neighbour caches stay right).  It sends nothing before `forward`."""
-    with IPRoute() as ipr:
+    with netlink.IPRoute() as ipr:
         index = ipr.link_lookup(ifname=DEVICE)[0]
         ipr.link("set", index=index, address=hardware_address(overlay.address()))
         ipr.addr("add", index=index, address=overlay.address(), prefixlen=PREFIX_LEN)
@@ -170,7 +168,7 @@ def forward(overlay: Overlay, nodes: list[str]) -> None:
     """In the part's network namespace: one forwarding entry per other node.  A restore adds
     them once the part's connections are back: until then whatever its kernel would answer
     a peer (a reset, for a connection not yet there) goes nowhere."""
-    with IPRoute() as ipr:
+    with netlink.IPRoute() as ipr:
         index = ipr.link_lookup(ifname=DEVICE)[0]
         for slot, node in enumerate(nodes):
             if slot != overlay.slot:
@@ -186,7 +184,7 @@ def of_namespace(hostname: str) -> Overlay | None:
     """The overlay of the part whose network namespace the calling thread is in and whose host
     name is `hostname`, read back from the kernel (its device, address and forwarding
     entries); None if it has no overlay device."""
-    with IPRoute() as ipr:
+    with netlink.IPRoute() as ipr:
         found = ipr.link_lookup(ifname=DEVICE)
         if not found:
             return None

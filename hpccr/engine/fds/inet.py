@@ -44,11 +44,7 @@ import stat
 import struct
 import termios
 
-from pyroute2 import DiagSocket
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-from pyroute2.netlink.diag import SOCK_DESTROY, SS_ALL, SS_SYN_RECV, SS_TIME_WAIT, inet_diag_req
-
-from hpccr.engine import netlock, procfs
+from hpccr.engine import netlink, netlock, procfs
 from hpccr.engine.fds.common import borrowed, saved_data
 from hpccr.errors import ImageCorrupt, RestoreFailed, UnsupportedResource
 
@@ -85,7 +81,8 @@ FIN_SENT = {"fin_wait1", "fin_wait2", "closing", "last_ack"}
 FIN_RECEIVED = {"close_wait", "closing", "last_ack"}
 CONNECTED = {"established"} | FIN_SENT | FIN_RECEIVED
 # Sockets with a descriptor: not TIME_WAIT or SYN_RECV (kernel-only mini sockets).
-DIAG_STATES = SS_ALL & ~((1 << SS_TIME_WAIT) | (1 << SS_SYN_RECV) | (1 << 12))
+DIAG_STATES = netlink.SS_ALL & ~((1 << netlink.SS_TIME_WAIT) | (1 << netlink.SS_SYN_RECV)
+                                 | (1 << 12))
 
 # linux/tcp.h
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS = 19, 20, 21, 22
@@ -109,7 +106,7 @@ def _diag() -> dict[int, dict]:
     """Every TCP and UDP socket of this network namespace that a descriptor can hold, by
     inode."""
     table = {}
-    with DiagSocket() as ds:
+    with netlink.DiagSocket() as ds:
         ds.bind()
         for family in FAMILIES:
             for proto in PROTOCOLS:
@@ -408,22 +405,23 @@ def _clear_time_wait(entry: dict) -> None:
     the one of its 4-tuple for a connection), when it ran on here after its checkpoint and
     closed them: they would keep the restored ones from binding or connecting for a minute."""
     family, local, remote = FAMILY_NUMBERS[entry["family"]], entry["local"], entry["remote"]
-    with DiagSocket() as ds:
+    with netlink.DiagSocket() as ds:
         ds.bind()
         for m in ds.get_sock_stats(family=family, protocol=socket.IPPROTO_TCP,
-                                   states=1 << SS_TIME_WAIT):
+                                   states=1 << netlink.SS_TIME_WAIT):
             if (m["idiag_src"], m["idiag_sport"]) != (local["addr"], local["port"]) or \
                     remote and (m["idiag_dst"], m["idiag_dport"]) != (remote["addr"],
                                                                     remote["port"]):
                 continue
-            req = inet_diag_req()
+            req = netlink.inet_diag_req()
             req["sdiag_family"], req["sdiag_protocol"] = family, socket.IPPROTO_TCP
-            req["idiag_states"] = 1 << SS_TIME_WAIT
+            req["idiag_states"] = 1 << netlink.SS_TIME_WAIT
             req["idiag_sport"], req["idiag_dport"] = m["idiag_sport"], m["idiag_dport"]
             req["idiag_src"] = _words(family, m["idiag_src"])
             req["idiag_dst"] = _words(family, m["idiag_dst"])
             req["idiag_if"], req["idiag_cookie"] = 0, (1 << 64) - 1  # any cookie
-            list(ds.nlm_request(req, SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK))
+            list(ds.nlm_request(req, netlink.SOCK_DESTROY,
+                                netlink.NLM_F_REQUEST | netlink.NLM_F_ACK))
 
 
 def _words(family: int, address: str) -> tuple[int, ...]:

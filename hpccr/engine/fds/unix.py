@@ -56,18 +56,8 @@ import socket
 import stat
 import struct
 
-from pyroute2 import DiagSocket
-from pyroute2.netlink.diag import (
-    SS_ALL,
-    UDIAG_SHOW_ICONS,
-    UDIAG_SHOW_NAME,
-    UDIAG_SHOW_PEER,
-    UDIAG_SHOW_RQLEN,
-    UDIAG_SHOW_VFS,
-)
-
 from hpccr import native
-from hpccr.engine import procfs
+from hpccr.engine import netlink, procfs
 from hpccr.engine.fds.common import borrowed, held_files, saved_data
 from hpccr.errors import FileMismatch, ImageCorrupt, RestoreFailed, UnsupportedResource
 
@@ -94,8 +84,8 @@ TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "dgram",
          socket.SOCK_SEQPACKET: "seqpacket"}
 SOCK_TYPES = {name: number for number, name in TYPES.items()}
 STATES = {1: "connected", 7: "unconnected", 10: "listening"}
-SHOW = (UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN | UDIAG_SHOW_ICONS
-        | UDIAG_SHOW_VFS)
+SHOW = (netlink.UDIAG_SHOW_NAME | netlink.UDIAG_SHOW_PEER | netlink.UDIAG_SHOW_RQLEN
+        | netlink.UDIAG_SHOW_ICONS | netlink.UDIAG_SHOW_VFS)
 SO_PEEK_OFF = 42
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 RCV_SHUTDOWN, SEND_SHUTDOWN = 1, 2
@@ -113,9 +103,9 @@ ANONYMOUS = -1  # in `sources`: a sender without a name
 
 def _diag() -> dict[int, dict]:
     """Every unix socket of this network namespace, by inode."""
-    with DiagSocket() as ds:
+    with netlink.DiagSocket() as ds:
         ds.bind()
-        msgs = ds.get_sock_stats(family=socket.AF_UNIX, states=SS_ALL, show=SHOW)
+        msgs = ds.get_sock_stats(family=socket.AF_UNIX, states=netlink.SS_ALL, show=SHOW)
     table = {}
     for m in msgs:
         icons = m.get_attr("UNIX_DIAG_ICONS")
