@@ -97,7 +97,7 @@ def counts(lines: list[str]) -> list[int]:
 class Agent:
     """``hpccr slurm agent`` for hpcuser's job JOB_ID on NODE, with its run_dir in ``base``."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, env: dict[str, str] | None = None):
         self.run_dir = base / "run"
         self.sock = self.run_dir / f"agent-{JOB_ID}.{NODE}.sock"
         self.pidfile = self.run_dir / f"agent-{JOB_ID}.{NODE}.pid"
@@ -109,7 +109,7 @@ class Agent:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**cli_env(), "HPCCR_RUN_DIR": str(self.run_dir)},
+                env={**cli_env(), "HPCCR_RUN_DIR": str(self.run_dir), **(env or {})},
             )
 
         def listening() -> bool:
@@ -134,8 +134,8 @@ class Agent:
 def agents(shared_dir):
     started: list[Agent] = []
 
-    def start() -> Agent:
-        started.append(Agent(shared_dir))
+    def start(env: dict[str, str] | None = None) -> Agent:
+        started.append(Agent(shared_dir, env))
         return started[-1]
 
     yield start
@@ -408,11 +408,9 @@ def test_agent_refuses_an_events_descriptor_of_another_kind(agents, home, tmp_pa
     assert not agent.log.read_text(), agent.log.read_text()
 
 
-def test_agent_lost_after_the_start_never_starts_the_job_twice(
-        agents, home, cgroup, user_python):
-    """`hpccr slurm job` whose agent dies once the job runs: the run ends with status 1 and
-    says why, and the script is not started a second time without checkpoints."""
-    agent = agents()
+def slurm_job(agent: Agent, home: Path, cgroup: str, user_python: str):
+    """`hpccr slurm job` of hpcuser (in `cgroup`, as in a job's) running a script that says
+    "started" and sleeps: the client, and its stdout and stderr files."""
     script = home / "job.sh"
     script.write_text("#!/bin/sh\necho started\nexec sleep 60\n")
     script.chmod(0o755)
@@ -427,11 +425,35 @@ def test_agent_lost_after_the_start_never_starts_the_job_twice(
             user=PW.pw_uid, group=PW.pw_gid, extra_groups=[])
     for hierarchy in ("pids", "unified"):  # the job joins them: the fixture kills what is left
         (CGROUPS / hierarchy / cgroup / "cgroup.procs").write_text(f"{client.pid}\n")
+    return client, out, err
+
+
+def test_agent_lost_after_the_start_never_starts_the_job_twice(
+        agents, home, cgroup, user_python):
+    """`hpccr slurm job` whose agent dies once the job runs: the run ends with status 1 and
+    says why, and the script is not started a second time without checkpoints.  (The agent
+    may die before its answer reached the batch step: the next test makes that sure.)"""
+    agent = agents()
+    client, out, err = slurm_job(agent, home, cgroup, user_python)
     wait_until(lambda: "started" in out.read_text(), "the job's start")
     agent.kill()
     assert client.wait(TIMEOUT) == 1, err.read_text()
-    assert "the hpccr agent went away before the job ended" in err.read_text()
+    assert "the hpccr agent went away before" in err.read_text()
     assert out.read_text().splitlines() == ["started"]
+
+
+def test_agent_lost_before_its_answer_never_starts_the_job_twice(
+        agents, home, cgroup, user_python):
+    """The agent dies (HPCCR_FAULT=answer) once the job has started but before its answer
+    reaches `hpccr slurm job`, which cannot know whether the job started: it does not start
+    the script itself (it did, and the job ran twice), ends with status 1 and says why."""
+    agent = agents({"HPCCR_FAULT": "answer"})
+    client, out, err = slurm_job(agent, home, cgroup, user_python)
+    assert client.wait(TIMEOUT) == 1, err.read_text()
+    assert "the hpccr agent went away before it answered" in err.read_text(), err.read_text()
+    wait_until(lambda: "started" in out.read_text(), "the job's start under the lost agent")
+    assert out.read_text().splitlines() == ["started"]
+    assert not any("runs without checkpoints" in line for line in err.read_text().splitlines())
 
 
 def test_agent_serves_only_a_process_of_its_job(agents, tmp_path):

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from hpccr import config
+from hpccr import config, faults
 from hpccr.engine.job import FORWARDED
 from hpccr.errors import HpccrError
 from hpccr.events import EventChannel, answer_events, receive, send
@@ -187,6 +187,7 @@ def _start(conn: socket.socket, user, job_id: str) -> int | None:
         os.close(fd)
     with os.fdopen(report_rd, "rb") as report:
         started = json.loads(report.read() or b'{"error": "agent: the job did not start"}')
+    faults.point("answer")
     with contextlib.suppress(OSError):  # the client may be gone: the relay sees it
         send(conn, started)
     return child
@@ -284,6 +285,11 @@ def _supervise(request: dict, fds: list[int], peer_pid: int, user, report_wr: in
 # --- the batch step's side (the user) --------------------------------------------------------
 
 
+class AgentLost(HpccrError):
+    """The agent took the request and went away before it answered: whether it started the
+    job is not known, so the batch step must not start it itself."""
+
+
 class AgentSession:
     """The batch step's end: one request, signals passed on, checkpoint events answered with
     `on_event(event, fields)`, the exit status back."""
@@ -302,10 +308,13 @@ class AgentSession:
                 from exc
         finally:
             far_end.close()
-        if reply is None or "started" not in reply:
+        if reply is None:
             self.close()
-            error = reply.get("error", "no answer") if reply else "no answer"
-            raise HpccrError(str(error))
+            raise AgentLost("the hpccr agent went away before it answered; the job may have "
+                            "started under it, so it is not started again here")
+        if "started" not in reply:
+            self.close()
+            raise HpccrError(str(reply.get("error", "no answer")))
         self.pid = reply["started"]
         self.previous = {sig: signal.signal(sig, self._forward)
                          for sig in {*FORWARDED, *request["stop_signals"]}}

@@ -238,6 +238,10 @@ def _checkpointed_run(cfg: config.Config, command: list[str], series: Path,
             parts = _start_parts(nodes, run)
         status = (_under_agent(cfg, run, parts) if os.geteuid() != 0
                   else _under_hpccr(run, parts))
+    except agent.AgentLost as exc:  # the job may run under the lost agent: never twice
+        _end_parts(parts, None)
+        warn(f"job {job_id}: {exc}")
+        return 1
     except HpccrError as exc:
         _end_parts(parts, None)
         if run.restore:  # never start over on top of checkpoints that did not restore
