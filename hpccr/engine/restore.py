@@ -292,7 +292,8 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
     """Create the tasks, rebuild them and let them run; or leave nothing behind."""
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order], tcp_close)
     try:
-        _deleted_working_directories(order)
+        with _step("making the deleted working directories again"):
+            _deleted_working_directories(order)
         with _step("opening the descriptors"):
             pool.open_all(in_job=not pidns)
         with _step("creating the processes"):

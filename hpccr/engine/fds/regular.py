@@ -10,7 +10,6 @@ a memory file system as before."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 
@@ -82,9 +81,12 @@ def open(entry: dict, ctx, pool) -> int:  # noqa: A001 - the kind interface
         return fd
     if entry["ghost"] and entry["flags"] & UNNAMED:  # made by O_TMPFILE, never named
         flags &= ~os.O_TMPFILE
-        with contextlib.suppress(OSError):  # made so again, it may still be given a name
+        try:  # made so again, it may still be given a name
             fd = ctx.ghosts.unnamed(entry["ghost"], os.path.dirname(entry["path"]), flags,
                                     entry["mode"])
+        except OSError:
+            pass  # its directory cannot have one: a plain deleted file, below
+        else:
             os.lseek(fd, entry["pos"], os.SEEK_SET)
             return fd
     if entry["ghost"]:
