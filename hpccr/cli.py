@@ -59,9 +59,10 @@ def dump(pid: int, directory: str, mode: str | None) -> None:
     from hpccr.engine.dump import dump as do_dump
 
     result = do_dump(pid, directory, mode or "kill")
+    gpu = f", GPU state {result.gpu_s * 1000:.1f} ms" if result.gpu_s else ""
     click.echo(f"dumped process {pid} to {result.path}: {result.pages} pages, "
-               f"frozen {result.frozen_s * 1000:.1f} ms, total {result.dump_s * 1000:.1f} ms",
-               err=True)
+               f"frozen {result.frozen_s * 1000:.1f} ms{gpu}, total {result.dump_s * 1000:.1f} "
+               "ms", err=True)
 
 
 class Duration(click.ParamType):

@@ -31,11 +31,14 @@ DEFAULTS = {
     "job_subnet": "10.199.0.0/16",
     "overlay_subnet": "10.198.0.0/16",
     "overlay_ids": "4096-1048575",
+    "gpu_library": "libcuda.so.1",
+    "gpu_lock_timeout": 60,
     "hooks": {event: [] for event in HOOK_EVENTS},
 }
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 NETWORKS = ("own", "host")  # a job's network: its own namespace, or the node's
 MAX_GRACE = 65535  # Slurm's --signal=…@<time> limit
+MAX_GPU_LOCK_TIMEOUT = 4_000_000  # seconds: the driver takes milliseconds in 32 bits
 
 
 class ConfigError(HpccrError):
@@ -56,6 +59,8 @@ class Config:
     overlay_ids: tuple[int, int]  # the VXLAN ids those jobs take, first and last
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
+    gpu_library: str  # NVIDIA's libcuda (a name or a path), loaded for GPU jobs only
+    gpu_lock_timeout: int  # seconds a GPU process may take to lock before a dump gives up
 
     def job_dir(self, user: str, jobid: str | int) -> Path:
         """The checkpoint series directory of one Slurm job: <checkpoint_base>/<user>/<jobid>."""
@@ -171,6 +176,11 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
     if not (first.isdigit() and last.isdigit() and 0 < int(first) <= int(last) < 1 << 24):
         raise bad("overlay_ids", "'overlay_ids' must be a range of VXLAN ids FIRST-LAST in "
                   f"1..{(1 << 24) - 1}, not '{values['overlay_ids']}'")
+    if not values["gpu_library"]:
+        raise bad("gpu_library", "'gpu_library' must name a library (libcuda.so.1, or a path)")
+    if not 1 <= values["gpu_lock_timeout"] <= MAX_GPU_LOCK_TIMEOUT:
+        raise bad("gpu_lock_timeout", f"'gpu_lock_timeout' must be 1..{MAX_GPU_LOCK_TIMEOUT} "
+                  f"seconds, not {values['gpu_lock_timeout']}")
     for event, specs in values["hooks"].items():
         for spec in specs:
             module, _, attr = spec.partition(":")
@@ -180,4 +190,5 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
     return Config(Path(values["checkpoint_base"]), values["keep"], values["grace"],
                   Path(values["log_dir"]), Path(values["run_dir"]), values["tcp_close"],
                   values["job_network"], str(subnet), str(overlay_subnet),
-                  (int(first), int(last)), values["hooks"], source)
+                  (int(first), int(last)), values["hooks"], source, values["gpu_library"],
+                  values["gpu_lock_timeout"])

@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hpccr import native
-from hpccr.engine import cpu, posix_timers, procfs
+from hpccr import config, native
+from hpccr.engine import cpu, gpu, posix_timers, procfs
 from hpccr.engine.restore import MM_MAP, PR_SET_MM, PR_SET_MM_MAP
 from hpccr.errors import CheckFailed
+from hpccr.image.show import cuda_release
 
 PROBE_TIMEOUT = 5.0
 OK, MISSING, NEEDS_ROOT = "ok", "missing", "needs-root"
@@ -750,6 +751,21 @@ def _yama(scratch: Scratch):
     if status == MISSING:
         raise Missing(text)
     return text, {"ptrace_scope": scope}
+
+
+@probe("nvidia_gpu_checkpoint", False, "dump and restore of GPU processes")
+def _nvidia_gpu_checkpoint(scratch: Scratch):
+    try:
+        driver = gpu.driver(config.load().gpu_library)
+    except gpu.DriverError as exc:
+        raise Missing(f"{exc}: a job that uses a GPU cannot be checkpointed here") from None
+    gpus = driver.devices()
+    version = gpu.driver_version()
+    listed = "".join(f", {g.model} {g.uuid}" for g in gpus)
+    return (f"{driver.library}: driver {version or '(version unknown)'}, CUDA "
+            f"{cuda_release(driver.cuda_version)}, checkpoint API present; {len(gpus)} GPUs"
+            f"{listed}", {"driver": version, "cuda_version": driver.cuda_version,
+                          "gpus": [g.record() for g in gpus]})
 
 
 # --- report --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from hpccr.engine import (
     cpu,
     creds,
     fds,
+    gpu,
     memory,
     netns,
     parasite,
@@ -49,6 +50,7 @@ from hpccr.engine.tree import FrozenTree
 from hpccr.errors import (
     AccessDenied,
     DumpFailed,
+    HpccrError,
     NoSuchProcess,
     UnsupportedResource,
     from_oserror,
@@ -73,6 +75,7 @@ class DumpResult:
     frozen_s: float
     dump_s: float
     pages: int
+    gpu_s: float = 0.0  # the driver's time moving GPU state (the job paused, not frozen)
 
 
 def check_target(pid: int) -> None:
@@ -127,18 +130,43 @@ def dump(pid: int, directory: str, mode: str = "kill",
     with _Step(pid, "looking at the process"):
         check_target(pid)
     network = _network(pid)
+    with _Step(pid, "looking for processes that use a GPU"):
+        gpus = gpu.Suspension(pid, mode)
     clock = _Clock()
+    if gpus:
+        gpus.suspend()  # their GPU state into their memory, before the freeze (gpu.py)
+        faults.point("gpu")
+    try:
+        result = _dump_in_network(pid, directory, mode, clock, network, barrier, gpus)
+    except BaseException:
+        if gpus:
+            try:
+                gpus.resume()
+            except HpccrError as exc:
+                print(f"hpccr: error: {exc}", file=sys.stderr)
+        raise
+    if gpus:
+        if mode == "running":
+            gpus.resume()
+        gpus.release()
+        result.gpu_s = gpus.seconds
+    return result
+
+
+def _dump_in_network(pid: int, directory: str, mode: str, clock: _Clock,
+                     network: netns.Spec | None, barrier: Barrier | None,
+                     gpus: gpu.Suspension) -> DumpResult:
     # Inside the job's network: its sockets are found and locked there (fds/inet.py).
     with netns.entered_of(pid) if network else contextlib.nullcontext():
         if mode == "running":
             try:
-                return _dump(pid, directory, mode, clock, True, network, barrier)
+                return _dump(pid, directory, mode, clock, True, network, barrier, gpus)
             except snapshot.SnapshotLost as lost:
                 if barrier is not None:
                     raise DumpFailed(f"memory snapshot lost ({lost})") from None
                 print(f"hpccr: warning: memory snapshot lost ({lost}); "
                       "dumping again with the copy inside the freeze", file=sys.stderr)
-        return _dump(pid, directory, mode, clock, False, network, barrier)
+        return _dump(pid, directory, mode, clock, False, network, barrier, gpus)
 
 
 def _network(pid: int) -> netns.Spec | None:
@@ -180,7 +208,8 @@ class _Clock:
 
 
 def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
-          network: netns.Spec | None, barrier: Barrier | None = None) -> DumpResult:
+          network: netns.Spec | None, barrier: Barrier | None,
+          gpus: gpu.Suspension) -> DumpResult:
     frozen = FrozenTree(root)
     clock.freeze()
     with _Step(root, "freezing the process tree"):
@@ -246,8 +275,10 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
             frozen.thaw()
             clock.thaw()
             fd_state.finish(None)
-        writer.write_json("image.json", _header(ids, procs, sysv_state, network,
-                                                  clock.frozen(), clock.total()))
+        header = _header(ids, procs, sysv_state, network, clock.frozen(), clock.total())
+        if gpus:
+            header["gpu"] = gpus.record(ids.of)
+        writer.write_json("image.json", header)
         faults.point("commit")
         path = writer.commit()
         if barrier is not None:

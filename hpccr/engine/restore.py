@@ -27,6 +27,7 @@ from hpccr.engine import (
     cpu,
     creds,
     fds,
+    gpu,
     locks,
     memory,
     netlock,
@@ -256,12 +257,21 @@ def _restore_tree(directory: str, user: User | None, tcp_close: bool, nodes: lis
         spec = _network_spec(meta, pidns)
         with _step("checking the image against this machine"):
             preflight(reader, meta, order, pidns, user)
+            gpus = (gpu.Placement(meta["gpu"], {task.proc["pid"] for task in order})
+                    if "gpu" in meta else None)
         with _step("making the job's network"):
             network = (netns.JobNetwork(spec, isolated_if_taken=True, down=True, nodes=nodes)
                        if spec else None)
         # Inside the job's network: its sockets are made there, and its first process forked.
         with network.entered() if network else contextlib.nullcontext():
             _bring_back(order, meta, pidns, tcp_close, network)
+        if gpus is not None:
+            with _step("giving the GPU processes their GPU state back"):
+                try:
+                    gpus.resume({task.proc["pid"]: task.outer for task in order})
+                except BaseException:
+                    _kill_half_restored(order)  # locked by the driver, they would wait forever
+                    raise
     except BaseException as exc:
         if network is not None:
             network.remove()

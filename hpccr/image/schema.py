@@ -130,6 +130,12 @@ SYSV = {
     "msg": [_SYSV_OBJECT | {"qbytes": int, "messages": [{"type": U64, "data": str}]}],
 }
 
+GPU = {  # "gpu": only in an image of GPU processes (hpccr/engine/gpu.py)
+    "cuda_version": int,
+    "driver": (str, None),
+    "processes": [{"pid": int, "devices": [{"uuid": str, "model": str}]}],
+}
+
 IMAGE = {
     "format": str,
     "format_version": int,
@@ -208,6 +214,8 @@ def check_meta(meta, version: int) -> None:
     if meta.get("format_version") != version or type(meta["format_version"]) is not int:
         raise ImageCorrupt(f"unsupported image format version {meta.get('format_version')!r}")
     _check(meta, IMAGE, "image")
+    if "gpu" in meta:
+        _check(meta["gpu"], GPU, "image.gpu")
     pids = [proc["pid"] for proc in meta["processes"]]
     if len(set(pids)) != len(pids):
         raise _fail("processes", "duplicate pid")

@@ -104,6 +104,23 @@ def _network(network: dict | None) -> str:
     return text
 
 
+def cuda_release(version: int) -> str:
+    """cuDriverGetVersion's 12080 as people write it: 12.8."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def _gpu(record: dict | None) -> list[str]:
+    if record is None:
+        return []
+    driver = f"driver {record['driver']}, " if record["driver"] else ""
+    lines = [f"gpu         {driver}CUDA {cuda_release(record['cuda_version'])}; the driver "
+             "checkpointed the GPU state of:"]
+    for proc in record["processes"]:
+        devices = ", ".join(f"{d['uuid']} ({d['model']})" for d in proc["devices"])
+        lines.append(f"  GPU process {proc['pid']}" + (f" on {devices}" if devices else ""))
+    return lines
+
+
 def _vma_path(vma: dict) -> str:
     path = vma["path"] or ""
     if vma["file"] and vma["file"]["ghost"]:
@@ -275,6 +292,7 @@ def _render_image(path: str | Path, as_json: bool) -> str:
         f"root pid    {meta['root_pid']}, {len(meta['processes'])} process(es)"
         + (", in a pid namespace of its own (hpccr run)" if meta["pidns"] else ""),
         f"network     {_network(meta['network'])}",
+        *_gpu(meta.get("gpu")),
         f"checksums   {verdict}",
     ]
     lines += [f"  {message}" for message in problems.values()]
