@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
-from harness import REPO, TIMEOUT, Hpccr, describe, pid_alive
+from harness import REPO, TIMEOUT, WORKLOADS, Hpccr, TreeHarness, describe, pid_alive
 
 from hpccr.engine import gpu
 from hpccr.errors import IncompatibleMachine
@@ -48,9 +51,9 @@ class Driver:
                         append=True)
 
 
-def expected_hash() -> str:
+def expected_hash(steps: int = 3000) -> str:
     digest = bytes(32)
-    for i in range(3000):
+    for i in range(steps):
         digest = hashlib.sha256(digest + i.to_bytes(8, "little")).digest()
     return digest.hex()
 
@@ -168,6 +171,44 @@ def test_restore_of_gpu_processes_where_there_is_no_driver_is_refused_first(
         assert "the image holds GPU processes, and no NVIDIA driver here" in message
         assert not pid_alive(job.pid)
     cr.restore_and_pass(job, img)
+
+
+def test_periodic_checkpoints_of_a_job_with_two_gpu_processes(tree_cr: TreeHarness,
+                                                              driver: Driver, tmp_path: Path):
+    """hpccr run --interval: each checkpoint locks both GPU processes before it checkpoints
+    either, gives both their GPU state back after, and the series restores both (the driver
+    sees pids as hpccr does: outside the job's pid namespace)."""
+    steps = 6000
+    devices = [driver.device, Path(f"{driver.device}-2")]
+    command = " & ".join(f"{sys.executable} {WORKLOADS / 'gpu_job.py'} {device} "
+                         f"{driver.directory} {expected_hash(steps)}" for device in devices)
+    series = tmp_path / "series"
+    job = tree_cr.start_job(["sh", "-c", f"{command} & wait"], "-D", series, "--interval", "1s",
+                            env={"GPU_JOB_STEPS": str(steps)}, ready=False)
+    try:
+        def second() -> bool:
+            assert job.alive(), f"the job ended before its second checkpoint:\n{job.output()}"
+            latest = series / "latest"
+            return latest.is_symlink() and os.readlink(latest) == "ckpt-0002"
+
+        tree_cr.wait_until(second, "the second checkpoint")
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait_exit(10)
+        calls = driver.calls()
+        rounds = [calls[i:i + 8] for i in range(0, 16, 8)]
+        pids = {line.split()[1] for line in calls}
+        assert len(pids) == 2, calls
+        for one in rounds:  # all of a phase before any of the next
+            assert [line.split()[0] for line in one] == ["lock"] * 2 + ["checkpoint"] * 2 + [
+                "restore"] * 2 + ["unlock"] * 2, calls
+            assert {line.split()[1] for line in one} == pids, calls
+        tree_cr.wait_until(lambda: not any(map(pid_alive, map(int, pids))), "the job's end")
+        res = tree_cr.restore(series)
+        assert res.returncode == 0, describe(res) + "\nlog:\n" + job.output()
+        assert job.lines().count("PASS") == 2 and "FAIL" not in job.output(), job.output()
+    finally:
+        for device in devices:
+            device.unlink(missing_ok=True)
 
 
 def test_gpus_of_the_image_are_paired_with_those_given():

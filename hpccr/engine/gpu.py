@@ -352,6 +352,7 @@ class Suspension:
     def record(self, image_pid) -> dict:
         """image.json's "gpu": the driver and, per process (its pid in the image), its GPUs."""
         return {"cuda_version": self.driver.cuda_version, "driver": driver_version(),
+                "checkpoint_s": round(self.seconds, 6),
                 "processes": [{"pid": image_pid(p.pid), "devices": [g.record() for g in p.devices]}
                               for p in self.processes]}
 

@@ -133,6 +133,7 @@ SYSV = {
 GPU = {  # "gpu": only in an image of GPU processes (hpccr/engine/gpu.py)
     "cuda_version": int,
     "driver": (str, None),
+    "checkpoint_s": float,  # the driver's lock and checkpoint of them all
     "processes": [{"pid": int, "devices": [{"uuid": str, "model": str}]}],
 }
 

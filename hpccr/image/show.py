@@ -114,7 +114,7 @@ def _gpu(record: dict | None) -> list[str]:
         return []
     driver = f"driver {record['driver']}, " if record["driver"] else ""
     lines = [f"gpu         {driver}CUDA {cuda_release(record['cuda_version'])}; the driver "
-             "checkpointed the GPU state of:"]
+             f"checkpointed the GPU state of these in {record['checkpoint_s']:.3f} s:"]
     for proc in record["processes"]:
         devices = ", ".join(f"{d['uuid']} ({d['model']})" for d in proc["devices"])
         lines.append(f"  GPU process {proc['pid']}" + (f" on {devices}" if devices else ""))

@@ -2,16 +2,17 @@
 without a GPU.
 
 usage: gpu_job.py DEVICE STATE_DIR EXPECTED_HASH [STUCK_AT RELEASE]
+       (environment: GPU_JOB_STEPS, 3000 if unset)
 
 Its "device memory" is the file DEVICE (a name under /dev/nvidia…, where a GPU's device files
 are, so that hpccr takes it for a GPU process), open and mapped shared.  Its "kernels" chain
-sha256 over the numbers 0..2999 in that memory, one per ms (COUNT every 100, READY after 100),
-with SIGUSR1 blocked: the stand-in driver's requests (STATE_DIR/<pid>.request) are taken only
-between kernels.  lock: no kernel runs until unlock; checkpoint: the device memory is copied
-into the process's own memory, the device closed, unmapped and removed (the GPU released);
-restore: the device made again from that copy.  The state is kept in STATE_DIR/<pid>.state.
-With STUCK_AT, kernel STUCK_AT prints STUCK and runs until the file RELEASE exists (a kernel
-that does not end).
+sha256 over the numbers 0..GPU_JOB_STEPS-1 in that memory, one per ms (COUNT every 100, READY
+after 100), with SIGUSR1 blocked: the stand-in driver's requests (STATE_DIR/<pid>.request)
+are taken only between kernels.  lock: no kernel runs until unlock; checkpoint: the device
+memory is copied into the process's own memory, the device closed, unmapped and removed (the
+GPU released); restore: the device made again from that copy.  The state is kept in
+STATE_DIR/<pid>.state.  With STUCK_AT, kernel STUCK_AT prints STUCK and runs until the file
+RELEASE exists (a kernel that does not end).
 The final hash must be EXPECTED_HASH, and the program must have run its kernels only unlocked.
 """
 
@@ -22,7 +23,7 @@ import signal
 import sys
 import time
 
-STEPS = 3000
+STEPS = int(os.environ.get("GPU_JOB_STEPS", "3000"))
 EVERY = 100
 SIZE = 1 << 16
 
