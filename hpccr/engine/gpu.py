@@ -111,6 +111,9 @@ class Driver:
         version = self.ffi.new("int *")
         self._call("cuDriverGetVersion", version)
         self.cuda_version = version[0]
+        # CUDA_VISIBLE_DEVICES as Slurm (the job's allocation, in a prolog's and so the job
+        # agent's environment) and nvidia-smi number GPUs: in PCI bus order.
+        os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         result = self.lib.cuInit(0)
         self.has_devices = result != CUDA_ERROR_NO_DEVICE
         if result not in (0, CUDA_ERROR_NO_DEVICE):
