@@ -24,7 +24,7 @@ TIMEOUT = 120
 REQUIRED = {"ptrace_seize", "xstate", "process_vm", "pagemap", "map_files", "clone3_set_tid",
             "pr_set_mm_map", "kcmp", "pidfd_getfd", "rseq_config"}
 OPTIONAL = {"ns_last_pid", "userfaultfd", "pagemap_scan", "soft_dirty", "cap_sys_resource",
-            "cgroup_freezer", "userns", "yama", "timer_restore_ids"}
+            "cgroup_freezer", "userns", "yama", "timer_restore_ids", "nvidia_gpu_checkpoint"}
 STATUSES = {"ok", "missing", "needs-root"}
 
 # Becomes a child subreaper, runs `hpccr check ARGS`, then reports as JSON its exit code, output

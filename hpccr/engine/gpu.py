@@ -360,8 +360,9 @@ class Suspension:
                               for p in self.processes]}
 
 
-def give_back(drv: Driver, pid: int) -> None:
-    """Whatever the driver holds of `pid` (locked, checkpointed) back to running."""
+def give_back(drv: Driver, pid: int) -> bool:
+    """Whatever the driver holds of `pid` (locked, checkpointed) back to running; False if it
+    held nothing."""
     state = drv.state(pid)
     while state in SETTLING:
         time.sleep(0.01)  # the driver's call under way ends by itself
@@ -371,6 +372,8 @@ def give_back(drv: Driver, pid: int) -> None:
         state = drv.state(pid)
     if state == "locked":
         drv.unlock(pid)
+        return True
+    return False
 
 
 def pair_devices(used: list[Gpu], given: list[Gpu]) -> list[tuple[Gpu, Gpu]]:
@@ -437,13 +440,13 @@ def _guard(library: str, pids: list[int]) -> int:
     drv = driver(library)
     for pid in pids:
         try:
-            give_back(drv, pid)
+            held = give_back(drv, pid)
         except DriverError as exc:
-            if os.path.isdir(procfs.path(pid)):
+            if os.path.isdir(procfs.path(pid)):  # else killed by a dump that was complete
                 print(f"hpccr: error: process {pid}: its GPU state could not be given back after "
                       f"hpccr ended mid-checkpoint ({exc})", file=sys.stderr)
-                continue
-        else:
+            continue
+        if held:
             print(f"hpccr: warning: process {pid} got its GPU state back: hpccr ended "
                   "mid-checkpoint", file=sys.stderr)
     return 0

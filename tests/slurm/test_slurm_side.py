@@ -278,6 +278,9 @@ def test_failing_hook_is_reported_and_the_job_completes(site):
     ("grace = 0\n", {}, r"hpccr: error: {file}: 'grace' must be 1\.\.65535 seconds, not 0"),
     ("", {"HPCCR_KEEP": "many"}, r"hpccr: error: HPCCR_KEEP: 'many' is not an integer"),
     ("tcp_close = 1\n", {}, r"hpccr: error: {file}: 'tcp_close' must be true or false, not 1"),
+    ("", {"HPCCR_GPU_LOCK_TIMEOUT": "0"},
+     r"hpccr: error: HPCCR_GPU_LOCK_TIMEOUT: 'gpu_lock_timeout' must be 1\.\.4000000 seconds, "
+     "not 0"),
     ("", {"HPCCR_TCP_CLOSE": "maybe"},
      r"hpccr: error: HPCCR_TCP_CLOSE: 'maybe' is not one of true, 1, yes, false, 0, no"),
 ])
@@ -301,4 +304,5 @@ def test_shipped_configuration_is_the_default():
             "job_network": shipped.job_network, "job_subnet": shipped.job_subnet,
             "overlay_subnet": shipped.overlay_subnet,
             "overlay_ids": "{}-{}".format(*shipped.overlay_ids),
+            "gpu_library": shipped.gpu_library, "gpu_lock_timeout": shipped.gpu_lock_timeout,
             "hooks": shipped.hooks} == config.DEFAULTS
