@@ -253,3 +253,21 @@ def test_check_reports_the_driver_and_its_gpus(cr: Hpccr, driver: Driver,
     found = {f["name"]: f for f in json.loads(res.stdout)["features"]}["nvidia_gpu_checkpoint"]
     assert found["status"] == "missing" and not found["required"], found
     assert "no NVIDIA driver here" in found["detail"], found
+
+
+def test_gpu_check_on_a_real_gpu():
+    """scripts/gpu-check.sh where there is a GPU, its driver's checkpoint API and PyTorch."""
+    try:
+        found = gpu.Driver("libcuda.so.1").devices()
+    except gpu.DriverError as exc:
+        pytest.skip(f"{exc} (scripts/gpu-check.sh checks a real GPU)")
+    if not found:
+        pytest.skip("the NVIDIA driver shows no GPU here")
+    torch = subprocess.run(["python3", "-c", "import torch; assert torch.cuda.is_available()"],
+                           capture_output=True, timeout=TIMEOUT)
+    if torch.returncode:
+        pytest.skip("python3 has no PyTorch with CUDA (scripts/gpu-check.sh needs it)")
+    check = subprocess.run(["bash", str(REPO / "scripts" / "gpu-check.sh")], capture_output=True,
+                           text=True, timeout=600)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "all phases passed" in check.stdout
