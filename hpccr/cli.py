@@ -53,12 +53,14 @@ def main() -> None:
               help="Let the process run on after the dump.")
 @click.option("--leave-stopped", "mode", flag_value="stopped",
               help="Leave the process stopped (SIGSTOP) after the dump.")
-def dump(pid: int, directory: str, mode: str | None) -> None:
+@click.option("--compress/--no-compress", default=None,
+              help="Compress the memory pages with zstd (default: the site's compress).")
+def dump(pid: int, directory: str, mode: str | None, compress: bool | None) -> None:
     """Checkpoint process PID (all its threads). By default it is killed once the image is
     complete, like `criu dump`."""
     from hpccr.engine.dump import dump as do_dump
 
-    result = do_dump(pid, directory, mode or "kill")
+    result = do_dump(pid, directory, mode or "kill", compress=compress)
     gpu = f", GPU state {result.gpu_s * 1000:.1f} ms" if result.gpu_s else ""
     click.echo(f"dumped process {pid} to {result.path}: {result.pages} pages, "
                f"frozen {result.frozen_s * 1000:.1f} ms{gpu}, total {result.dump_s * 1000:.1f} "

@@ -31,6 +31,7 @@ DEFAULTS = {
     "job_subnet": "10.199.0.0/16",
     "overlay_subnet": "10.198.0.0/16",
     "overlay_ids": "4096-1048575",
+    "compress": False,
     "gpu_library": "libcuda.so.1",
     "gpu_lock_timeout": 60,
     "hooks": {event: [] for event in HOOK_EVENTS},
@@ -59,6 +60,7 @@ class Config:
     overlay_ids: tuple[int, int]  # the VXLAN ids those jobs take, first and last
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
+    compress: bool  # checkpoints' pages compressed with zstd
     gpu_library: str  # NVIDIA's libcuda (a name or a path), loaded for GPU jobs only
     gpu_lock_timeout: int  # seconds a GPU process may take to lock before a dump gives up
 
@@ -190,5 +192,5 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
     return Config(Path(values["checkpoint_base"]), values["keep"], values["grace"],
                   Path(values["log_dir"]), Path(values["run_dir"]), values["tcp_close"],
                   values["job_network"], str(subnet), str(overlay_subnet),
-                  (int(first), int(last)), values["hooks"], source, values["gpu_library"],
-                  values["gpu_lock_timeout"])
+                  (int(first), int(last)), values["hooks"], source, values["compress"],
+                  values["gpu_library"], values["gpu_lock_timeout"])

@@ -121,12 +121,12 @@ RUNS = [(0x10000000, 100), (0x10000000 + 100 * PAGE_SIZE, 156), (0x20000000, 100
         (0x7F0000000000, 1)]
 
 
-def write_image(path, tag: str = "new", runs=RUNS, pid: int = PID):
+def write_image(path, tag: str = "new", runs=RUNS, pid: int = PID, compress: bool = False):
     """A complete image whose image.json carries ``tag``."""
     nr_pages = sum(nr for _, nr in runs)
     meta = fake_meta(pid, nr_pages) | {"hostname": tag}
     with ImageWriter(path) as writer:
-        with PageWriter(writer, pid) as pages:
+        with PageWriter(writer, pid, compress) as pages:
             for vaddr, nr in runs:
                 pages.write_run(vaddr, memoryview(pattern(vaddr, nr)))
         for thread in meta["processes"][0]["threads"]:
@@ -139,24 +139,30 @@ def partial_dirs(parent) -> list[str]:
     return [name for name in os.listdir(parent) if ".partial-" in name]
 
 
-def test_round_trip(tmp_path):
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_round_trip(tmp_path, compress):
     image = tmp_path / "ckpt" / "img"
-    assert write_image(image) == image
+    assert write_image(image, compress=compress) == image
     reader = ImageReader(image)
     reader.verify()
     assert reader.meta()["processes"][0]["pid"] == PID
     assert set(reader.files) == {
-        "image.json", pages_name(PID), pagemap_name(PID), f"xstate-{PID}.bin",
-        f"xstate-{PID + 1}.bin",
+        "image.json", pages_name(PID) + (".zst" if compress else ""), pagemap_name(PID),
+        f"xstate-{PID}.bin", f"xstate-{PID + 1}.bin",
     }
+    if compress:  # the pattern compresses well
+        assert (image / (pages_name(PID) + ".zst")).stat().st_size < 1257 * PAGE_SIZE // 4
     with PageReader(reader, PID) as pages:
         # The first two runs are contiguous and merged in the index.
         assert [(v, n) for v, n, _ in pages.runs] == [(0x10000000, 256), (0x20000000, 1000),
                                                        (0x7F0000000000, 1)]
         assert pages.nr_pages == 1257
-        mapped = pages.mmap()
-        for vaddr, nr, offset in pages.runs:
-            assert mapped[offset:offset + nr * PAGE_SIZE] == pattern(vaddr, nr)
+        chunks = pages.chunks([nr * PAGE_SIZE for _, nr, _ in pages.runs])
+        for (vaddr, nr, _), chunk in zip(pages.runs, chunks, strict=True):
+            assert bytes(chunk) == pattern(vaddr, nr)
+            if isinstance(chunk, memoryview):
+                chunk.release()
+        chunks.close()
     lines = (image / "checksums").read_text().splitlines()
     assert [line.split("  ")[2] for line in lines] == sorted(reader.files)
     assert all(line.startswith("xxh3-128 ") for line in lines)
@@ -189,7 +195,7 @@ def test_empty_pages(tmp_path):
     reader = ImageReader(tmp_path / "img")
     reader.verify()
     with PageReader(reader, PID) as pages:
-        assert pages.runs == [] and pages.mmap() is None
+        assert pages.runs == [] and list(pages.chunks([])) == []
 
 
 def test_page_writer_rejects_unaligned_and_overlap(tmp_path):

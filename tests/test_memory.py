@@ -6,6 +6,10 @@ a PROT_NONE region, the brk heap; it checks everything itself and prints its che
 
 import pytest
 
+# mem_pieces' window for a --leave-running dump, which returns once the pages are copied
+# while the workload runs on: it must still be there at the end of that copy.
+LEAVE_RUNNING_WINDOW_S = 15
+
 
 def test_memory_without_checkpoint(cr, tmp_path):
     workload = cr.start("memory", tmp_path)
@@ -58,8 +62,9 @@ def test_memory_in_pieces(cr, tmp_path):
 
 def test_memory_in_pieces_leave_running(cr, tmp_path):
     """The same with the copy-on-write snapshot of a running dump: the original passes, then
-    the image restores and passes too."""
-    workload = cr.start("mem_pieces", append=True)
+    the image restores and passes too.  Its window is longer than the dump: the original must
+    not end before its 512 MiB are copied (a loaded machine copies them in seconds)."""
+    workload = cr.start("mem_pieces", LEAVE_RUNNING_WINDOW_S, append=True)
     cr.leave_running_then_restore(workload, tmp_path / "img")
 
 
@@ -89,3 +94,33 @@ def test_descriptor_of_shared_anonymous_memory(cr, tmp_path, mode):
         cr.checkpoint_restart(workload, tmp_path / "img")
     else:
         cr.leave_running_then_restore(workload, tmp_path / "img")
+
+
+def test_memory_compressed(cr, tmp_path):
+    """--compress (and the site's compress setting, HPCCR_COMPRESS): the pages are one zstd
+    stream, pages-<pid>.img.zst, decompressed batch by batch at restore; every mapping comes
+    back as without compression."""
+    workload = cr.start("memory", tmp_path)
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--compress")
+    assert res.returncode == 0, res.stderr
+    assert workload.proc.wait(timeout=10) < 0, "the dumped process was not killed"
+    assert (img / f"pages-{workload.pid}.img.zst").exists()
+    assert not (img / f"pages-{workload.pid}.img").exists()
+    cr.restore_and_pass(workload, img)
+    before, after = workload.values("CSUM")
+    assert before == after
+
+
+def test_memory_in_pieces_compressed_by_the_site_setting(cr, tmp_path, monkeypatch):
+    """The copy-on-write snapshot's pages compressed too (a running dump), thousands of runs."""
+    monkeypatch.setenv("HPCCR_COMPRESS", "yes")
+    workload = cr.start("mem_pieces", LEAVE_RUNNING_WINDOW_S, append=True)
+    img = tmp_path / "img"
+    res = cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0, res.stderr
+    assert (img / f"pages-{workload.pid}.img.zst").exists()
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    monkeypatch.setenv("HPCCR_COMPRESS", "no")
+    cr.restore_and_pass(workload, img, passes=2)

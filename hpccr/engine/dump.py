@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 
 import hpccr
-from hpccr import faults, native
+from hpccr import config, faults, native
 from hpccr.engine import (
     cpu,
     creds,
@@ -111,7 +111,7 @@ class Barrier:
 
 
 def dump(pid: int, directory: str, mode: str = "kill",
-         barrier: Barrier | None = None) -> DumpResult:
+         barrier: Barrier | None = None, compress: bool | None = None) -> DumpResult:
     """Checkpoint process `pid` into `directory`; `mode` says what becomes of it afterwards.
 
     A running dump takes a copy-on-write snapshot of the memory (snapshot.py) of each process
@@ -125,8 +125,12 @@ def dump(pid: int, directory: str, mode: str = "kill",
 
     With a `barrier`, the parts of a job on several nodes are dumped as one: none runs again
     before all are frozen, and none is killed before all images are complete.  A lost snapshot
-    then fails the dump (the others would not wait for a second one)."""
+    then fails the dump (the others would not wait for a second one).
+
+    `compress`: the pages compressed with zstd (image/pages.py); None: the site's setting."""
     assert mode in MODES
+    if compress is None:
+        compress = config.load().compress
     with _Step(pid, "looking at the process"):
         check_target(pid)
     network = _network(pid)
@@ -137,7 +141,7 @@ def dump(pid: int, directory: str, mode: str = "kill",
         gpus.suspend()  # their GPU state into their memory, before the freeze (gpu.py)
         faults.point("gpu")
     try:
-        result = _dump_in_network(pid, directory, mode, clock, network, barrier, gpus)
+        result = _dump_in_network(pid, directory, mode, clock, network, barrier, gpus, compress)
     except BaseException:
         if gpus:
             try:
@@ -155,18 +159,19 @@ def dump(pid: int, directory: str, mode: str = "kill",
 
 def _dump_in_network(pid: int, directory: str, mode: str, clock: _Clock,
                      network: netns.Spec | None, barrier: Barrier | None,
-                     gpus: gpu.Suspension) -> DumpResult:
+                     gpus: gpu.Suspension, compress: bool) -> DumpResult:
     # Inside the job's network: its sockets are found and locked there (fds/inet.py).
     with netns.entered_of(pid) if network else contextlib.nullcontext():
         if mode == "running":
             try:
-                return _dump(pid, directory, mode, clock, True, network, barrier, gpus)
+                return _dump(pid, directory, mode, clock, True, network, barrier, gpus,
+                             compress)
             except snapshot.SnapshotLost as lost:
                 if barrier is not None:
                     raise DumpFailed(f"memory snapshot lost ({lost})") from None
                 print(f"hpccr: warning: memory snapshot lost ({lost}); "
                       "dumping again with the copy inside the freeze", file=sys.stderr)
-        return _dump(pid, directory, mode, clock, False, network, barrier, gpus)
+        return _dump(pid, directory, mode, clock, False, network, barrier, gpus, compress)
 
 
 def _network(pid: int) -> netns.Spec | None:
@@ -209,7 +214,7 @@ class _Clock:
 
 def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
           network: netns.Spec | None, barrier: Barrier | None,
-          gpus: gpu.Suspension) -> DumpResult:
+          gpus: gpu.Suspension, compress: bool) -> DumpResult:
     frozen = FrozenTree(root)
     clock.freeze()
     with _Step(root, "freezing the process tree"):
@@ -261,7 +266,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                 clock.thaw()
                 fd_state.finish(None)
                 running = True
-            with _Step(pid, "copying its memory"), PageWriter(writer, proc["pid"]) as pages:
+            with _Step(pid, "copying its memory"), \
+                    PageWriter(writer, proc["pid"], compress) as pages:
                 try:
                     memory.copy_pages(batches, reader, pages)
                     if cow:

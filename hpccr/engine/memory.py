@@ -20,6 +20,7 @@ import errno
 import mmap
 import os
 import sys
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 from hpccr import faults, native
@@ -417,36 +418,41 @@ def _attach_sysv(inj, vma: dict) -> None:
 
 
 def write_pages(pid: int, reader) -> None:
-    """Copy the saved pages from the image's page file (mmapped, so straight out of the page
-    cache) into the target, in batches spread over two threads."""
-    mapped = reader.mmap()
-    if mapped is None:
-        return
+    """Copy the saved pages from the image (reader.chunks: out of the page cache, or
+    decompressed) into the target, in batches written by two threads while the next is read;
+    at most four batches are held."""
     batches, runs, i = [], reader.runs, 0
     while i < len(runs):
-        first_offset, addrs, lens, size = runs[i][2], [], [], 0
+        addrs, lens, size = [], [], 0
         while i < len(runs) and (size == 0 or size + runs[i][1] * PAGE <= COPY_BATCH):
             addrs.append(runs[i][0])
             lens.append(runs[i][1] * PAGE)
             size += runs[i][1] * PAGE
             i += 1
-        batches.append((first_offset, size, addrs, lens))
-    view = memoryview(mapped)
+        batches.append((size, addrs, lens))
+    chunks = reader.chunks([size for size, _, _ in batches])
     try:
         with ThreadPoolExecutor(2) as pool:
-            for done in [pool.submit(_write_batch_to, pid, view, *b) for b in batches]:
+            pending: deque = deque()
+            for chunk, (_, addrs, lens) in zip(chunks, batches, strict=True):
+                pending.append(pool.submit(_write_batch_to, pid, chunk, addrs, lens))
+                if len(pending) > 3:
+                    pending.popleft().result()
+            for done in pending:
                 done.result()
     finally:
-        view.release()
+        chunks.close()  # its view of the file's mapping, before close() unmaps it
         reader.close()
 
 
-def _write_batch_to(pid: int, view: memoryview, offset: int, size: int, addrs: list[int],
-                    lens: list[int]) -> None:
+def _write_batch_to(pid: int, chunk, addrs: list[int], lens: list[int]) -> None:
     a = native.ffi.new("unsigned long long[]", addrs)
     n = native.ffi.new("unsigned long long[]", lens)
-    with view[offset:offset + size] as chunk:
+    try:
         native.write_ranges(pid, a, n, len(addrs), chunk)
+    finally:
+        if isinstance(chunk, memoryview):
+            chunk.release()  # a slice of the file's mapping, which close() unmaps
 
 
 def advise_vmas(inj, vmas: list[dict], memlock_limit: int | None) -> None:

@@ -304,5 +304,6 @@ def test_shipped_configuration_is_the_default():
             "job_network": shipped.job_network, "job_subnet": shipped.job_subnet,
             "overlay_subnet": shipped.overlay_subnet,
             "overlay_ids": "{}-{}".format(*shipped.overlay_ids),
-            "gpu_library": shipped.gpu_library, "gpu_lock_timeout": shipped.gpu_lock_timeout,
+            "compress": shipped.compress, "gpu_library": shipped.gpu_library,
+            "gpu_lock_timeout": shipped.gpu_lock_timeout,
             "hooks": shipped.hooks} == config.DEFAULTS
