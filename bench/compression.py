@@ -125,7 +125,7 @@ def main() -> int:
         for row in measure("random", [str(work / "workload"), str(parse_size(args.size))],
                            "READY", work):
             print(row, flush=True)
-        for row in measure("heat", [str(work / "heat")], "step  1/", work):
+        for row in measure("heat", [str(work / "heat")], "step 30/", work):
             print(row, flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -157,7 +157,7 @@ def test_round_trip(tmp_path, compress):
         assert [(v, n) for v, n, _ in pages.runs] == [(0x10000000, 256), (0x20000000, 1000),
                                                        (0x7F0000000000, 1)]
         assert pages.nr_pages == 1257
-        chunks = pages.chunks([nr * PAGE_SIZE for _, nr, _ in pages.runs])
+        chunks = pages.chunks([nr * PAGE_SIZE for _, nr, _ in pages.runs], 1)
         for (vaddr, nr, _), chunk in zip(pages.runs, chunks, strict=True):
             assert bytes(chunk) == pattern(vaddr, nr)
             if isinstance(chunk, memoryview):
@@ -195,7 +195,7 @@ def test_empty_pages(tmp_path):
     reader = ImageReader(tmp_path / "img")
     reader.verify()
     with PageReader(reader, PID) as pages:
-        assert pages.runs == [] and list(pages.chunks([])) == []
+        assert pages.runs == [] and list(pages.chunks([], 1)) == []
 
 
 def test_page_writer_rejects_unaligned_and_overlap(tmp_path):

@@ -40,6 +40,10 @@ PM_SWAPPED = 1 << 62
 PM_FILE = 1 << 61
 PAGEMAP_CHUNK = 1 << 20  # entries read per pread (8 MiB)
 COPY_BATCH = 64 << 20  # bytes per process_vm_readv / writev batch
+WRITES_IN_FLIGHT = 3  # batches a restore holds while it reads (or decompresses) the next
+# Decompressed pages go through a few buffers used in turn: small, so that their first touch
+# (a page fault per page, as costly here as the decompression) is paid once and early.
+DECOMPRESSED_BATCH = 4 << 20
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock",
            "[vsyscall]": "vsyscall"}
@@ -419,24 +423,26 @@ def _attach_sysv(inj, vma: dict) -> None:
 
 def write_pages(pid: int, reader) -> None:
     """Copy the saved pages from the image (reader.chunks: out of the page cache, or
-    decompressed) into the target, in batches written by two threads while the next is read;
-    at most four batches are held."""
-    batches, runs, i = [], reader.runs, 0
-    while i < len(runs):
-        addrs, lens, size = [], [], 0
-        while i < len(runs) and (size == 0 or size + runs[i][1] * PAGE <= COPY_BATCH):
-            addrs.append(runs[i][0])
-            lens.append(runs[i][1] * PAGE)
-            size += runs[i][1] * PAGE
-            i += 1
-        batches.append((size, addrs, lens))
-    chunks = reader.chunks([size for size, _, _ in batches])
+    decompressed) into the target, in batches written by two threads while the next is read."""
+    limit = DECOMPRESSED_BATCH if reader.compressed else COPY_BATCH
+    batches = []
+    for vaddr, nr, _ in reader.runs:  # runs cut into pieces of at most `limit` bytes
+        for start in range(vaddr, vaddr + nr * PAGE, limit):
+            length = min(limit, vaddr + nr * PAGE - start)
+            if batches and batches[-1][0] + length <= limit:
+                size, addrs, lens = batches[-1]
+                addrs.append(start)
+                lens.append(length)
+                batches[-1] = (size + length, addrs, lens)
+            else:
+                batches.append((length, [start], [length]))
+    chunks = reader.chunks([size for size, _, _ in batches], WRITES_IN_FLIGHT)
     try:
         with ThreadPoolExecutor(2) as pool:
             pending: deque = deque()
             for chunk, (_, addrs, lens) in zip(chunks, batches, strict=True):
                 pending.append(pool.submit(_write_batch_to, pid, chunk, addrs, lens))
-                if len(pending) > 3:
+                if len(pending) == WRITES_IN_FLIGHT:
                     pending.popleft().result()
             for done in pending:
                 done.result()

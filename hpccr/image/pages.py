@@ -134,11 +134,13 @@ class PageReader:
     def nr_pages(self) -> int:
         return self.size // PAGE_SIZE
 
-    def chunks(self, sizes: list[int]):
+    def chunks(self, sizes: list[int], held: int):
         """The pages in file order, as consecutive buffers of these sizes: slices of a mapping
-        of the file (straight out of the page cache), or, compressed, decompressed one by one."""
+        of the file (straight out of the page cache), or, compressed, decompressed one by one
+        into `held` + 1 buffers in turn (the caller holds no more than `held` chunks while it
+        asks for the next)."""
         if self.compressed:
-            yield from self._decompressed(sizes)
+            yield from self._decompressed(sizes, held + 1)
             return
         if not self.size:
             return
@@ -149,17 +151,20 @@ class PageReader:
                 yield view[offset:offset + size]
                 offset += size
 
-    def _decompressed(self, sizes: list[int]):
+    def _decompressed(self, sizes: list[int], nr_buffers: int):
         import zstandard
 
+        buffers: list[bytearray] = []  # reused: fresh memory costs a page fault per page
         with open(self._fd, "rb", closefd=False) as raw, \
-                zstandard.ZstdDecompressor().stream_reader(raw) as stream:
+                zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20) as stream:
             try:
-                for size in sizes:
-                    chunk = bytearray(size)
+                for i, size in enumerate(sizes):
+                    if len(buffers) < nr_buffers:
+                        buffers.append(bytearray(max(sizes)))
+                    chunk = memoryview(buffers[i % nr_buffers])[:size]
                     done = 0
                     while done < size:
-                        got = stream.readinto(memoryview(chunk)[done:])
+                        got = stream.readinto(chunk[done:])
                         if not got:
                             raise ImageCorrupt(f"{self._name}: {self.size} bytes of pages "
                                                "listed, fewer stored (image corrupted)")
