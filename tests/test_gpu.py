@@ -178,7 +178,7 @@ def test_periodic_checkpoints_of_a_job_with_two_gpu_processes(tree_cr: TreeHarne
     """hpccr run --interval: each checkpoint locks both GPU processes before it checkpoints
     either, gives both their GPU state back after, and the series restores both (the driver
     sees pids as hpccr does: outside the job's pid namespace)."""
-    steps = 6000
+    steps = 10000  # about 12 s: two checkpoints a second apart come long before its end
     devices = [driver.device, Path(f"{driver.device}-2")]
     command = " & ".join(f"{sys.executable} {WORKLOADS / 'gpu_job.py'} {device} "
                          f"{driver.directory} {expected_hash(steps)}" for device in devices)
