@@ -51,6 +51,14 @@ class Driver:
                         append=True)
 
 
+def runs_on_and_passes(job) -> None:
+    """A refused or failed checkpoint left the job as it was: untouched, it runs to its end and
+    passes (its kernels ran only while the driver did not hold it)."""
+    job.assert_untouched()
+    assert job.wait_exit() == 0, job.output()
+    job.assert_passed()
+
+
 def expected_hash(steps: int = 3000) -> str:
     digest = bytes(32)
     for i in range(steps):
@@ -108,10 +116,8 @@ def test_failed_driver_checkpoint_gives_the_gpu_back(cr: Hpccr, driver: Driver, 
            "CUDA_ERROR_ILLEGAL_STATE; the job runs on" in message
     assert driver.calls() == [f"lock {job.pid}", f"checkpoint {job.pid} failed",
                               f"unlock {job.pid}"]
-    job.assert_untouched()
     assert not img.exists()
-    assert job.wait_exit() == 0, job.output()
-    job.assert_passed()
+    runs_on_and_passes(job)
 
 
 def test_kernel_that_does_not_end_fails_the_checkpoint_not_the_job(
@@ -124,10 +130,8 @@ def test_kernel_that_does_not_end_fails_the_checkpoint_not_the_job(
     assert "did not lock within gpu_lock_timeout = 1 s" in message
     assert "CUDA_ERROR_TIMEOUT" in message
     assert driver.calls()[:1] == [f"lock {job.pid}"]
-    job.assert_untouched()
     release.touch()
-    assert job.wait_exit() == 0, job.output()
-    job.assert_passed()
+    runs_on_and_passes(job)
 
 
 def test_hpccr_killed_holding_the_gpu_state_gives_it_back(cr: Hpccr, driver: Driver,
@@ -155,9 +159,7 @@ def test_gpu_process_without_a_driver_is_refused_and_runs_on(cr: Hpccr, driver: 
     message = cr.assert_error(cr.dump(job, tmp_path / "img", "--leave-stopped"), 14)
     assert "a stopped process cannot get its GPU state back" in message
     assert driver.calls() == []
-    job.assert_untouched()
-    assert job.wait_exit() == 0, job.output()
-    job.assert_passed()
+    runs_on_and_passes(job)
 
 
 def test_restore_of_gpu_processes_where_there_is_no_driver_is_refused_first(
