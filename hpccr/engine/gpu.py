@@ -282,17 +282,17 @@ class Suspension:
         self.processes = find(root)
         self.held: list[int] = []  # locked, maybe checkpointed: to be given back their GPUs
         self.seconds = 0.0  # the driver's time, both ways
+        self.guard: subprocess.Popen | None = None
         if not self.processes:
             return
         if mode == "stopped":
             raise UnsupportedResource(
                 f"process {self.processes[0].pid} uses a GPU: a stopped process cannot get "
-                "its GPU state back (the driver needs it running); dump it with "
-                "--leave-running, or killing it")
+                "its GPU state back (the driver needs it running): dump it left running, "
+                "or killed")
         settings = config.load()
         self.timeout_s = settings.gpu_lock_timeout
         self.library = settings.gpu_library
-        self.guard: subprocess.Popen | None = None
         try:
             self.driver = driver(self.library)
         except DriverError as exc:
@@ -323,7 +323,10 @@ class Suspension:
         self.seconds += time.monotonic() - started
         if failed:
             pid, exc = min(failed.items())
-            self.resume()
+            try:
+                self.resume()
+            except DumpFailed as lost:
+                raise DumpFailed(f"process {pid} uses a GPU: {exc}; and {lost}") from None
             raise DumpFailed(f"process {pid} uses a GPU: {exc}; the job runs on") from None
 
     def _lock(self, pid: int) -> None:
