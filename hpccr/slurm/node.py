@@ -33,11 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 from hpccr import config
 from hpccr.config import DEFAULTS, ConfigError
-from hpccr.engine import netlock, netns
+from hpccr.engine import netlink, netlock, netns
 from hpccr.errors import HpccrError
 from hpccr.slurm import agent, jobdir
 from hpccr.slurm.jobdir import Record, as_user
@@ -224,7 +222,7 @@ def epilog(environ=os.environ) -> None:
             log(f"lifted stale network locks {' '.join(lifted)}")
     try:
         cleared = netns.clear_leftovers()
-    except (OSError, NetlinkError) as exc:
+    except (OSError, netlink.NetlinkError) as exc:
         log(f"cannot clear what is left of job networks: {exc}")
     else:
         if cleared:
