@@ -343,6 +343,8 @@ class Suspension:
         self.held = []
         self.seconds += time.monotonic() - started
         self.release()
+        failed = {pid: exc for pid, exc in failed.items()
+                  if os.path.isdir(procfs.path(pid))}  # else it ended: nothing waits
         if failed:
             pid, exc = min(failed.items())
             raise DumpFailed(f"process {pid}: its GPU state could not be given back ({exc}); "
