@@ -108,7 +108,7 @@ def node_verdict() -> str:
     """Whether this node can checkpoint and restore, from `hpccr check`'s probes."""
     from hpccr.engine.check import run_checks
 
-    report = run_checks()
+    report = run_checks(required_only=True)
     return ("checkpointing possible" if report.ok
             else f"checkpointing impossible on this node: {report.summary()}")
 
