@@ -112,14 +112,20 @@ class FrozenProcess:
                     # TRACESYSGOOD: see parasite.py
                     native.seize(tid, native.PTRACE_O_TRACESYSGOOD)
                 except OSError as exc:
-                    if exc.errno == errno.ESRCH and tid != self.pid:
-                        continue  # that thread exited meanwhile
+                    if tid != self.pid and (exc.errno == errno.ESRCH or (
+                            exc.errno == errno.EPERM and self._ended(tid))):
+                        continue  # that thread exited meanwhile (exited, not yet reaped: EPERM)
                     raise
                 self.threads[tid] = Thread(tid)
                 if not self._stop(tid):
                     del self.threads[tid]  # a thread that ended before it stopped
                     continue
                 faults.point("freeze")
+
+    def _ended(self, tid: int) -> bool:
+        """Thread `tid` has exited: gone, or a zombie thread waiting to be reaped (which
+        ptrace refuses to seize with EPERM)."""
+        return procfs.state(self.pid, tid) in (None, "Z", "X")
 
     def _stop(self, tid: int) -> bool:
         """Stop the seized thread `tid`; False if it exited first (a thread of a process that
