@@ -398,15 +398,21 @@ def _namespaces_in_use(ipr: netlink.IPRoute) -> set[int]:
     paths: dict[int, str] = {}  # inode -> a path that opens it
     for pid in procfs.pids():
         try:
-            for tid in procfs.tids(pid):
-                path = procfs.path(pid, "task", str(tid), "ns", "net")
-                paths.setdefault(os.stat(path).st_ino, path)
-            for fd in procfs.fds(pid):
-                target = os.readlink(procfs.path(pid, "fd", str(fd)))
-                if target.startswith("net:["):
-                    paths.setdefault(int(target[5:-1]), procfs.path(pid, "fd", str(fd)))
+            tids, fds = procfs.tids(pid), procfs.fds(pid)
         except OSError:
             continue  # ended meanwhile, or a zombie: in no namespace
+        # Each thread and descriptor on its own: one that ends meanwhile (an hpccr making a
+        # job's network opens and closes many) must not hide the others, the namespace's own.
+        for tid in tids:
+            path = procfs.path(pid, "task", str(tid), "ns", "net")
+            with contextlib.suppress(OSError):
+                paths.setdefault(os.stat(path).st_ino, path)
+        for fd in fds:
+            path = procfs.path(pid, "fd", str(fd))
+            with contextlib.suppress(OSError):
+                target = os.readlink(path)
+                if target.startswith("net:["):
+                    paths.setdefault(int(target[5:-1]), path)
     used = set()
     for path in paths.values():
         try:
