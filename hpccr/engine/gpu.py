@@ -219,9 +219,8 @@ def driver_gpus(root: str = DRIVER_GPUS) -> dict[int, Gpu]:
 def gpu_use(pid: int) -> set[int] | None:
     """None if `pid` uses no GPU; else the minors of the GPUs whose devices it has open."""
     minors, found = set(), False
-    fd_dir = procfs.path(pid, "fd")
-    for name in os.listdir(fd_dir):
-        link = os.path.join(fd_dir, name)
+    for fd in procfs.fds(pid):
+        link = procfs.path(pid, "fd", str(fd))
         try:
             if not os.readlink(link).startswith(DEVICE_PREFIX):
                 continue

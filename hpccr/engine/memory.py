@@ -451,14 +451,13 @@ def write_pages(pid: int, reader) -> None:
         reader.close()
 
 
-def _write_batch_to(pid: int, chunk, addrs: list[int], lens: list[int]) -> None:
+def _write_batch_to(pid: int, chunk: memoryview, addrs: list[int], lens: list[int]) -> None:
     a = native.ffi.new("unsigned long long[]", addrs)
     n = native.ffi.new("unsigned long long[]", lens)
     try:
         native.write_ranges(pid, a, n, len(addrs), chunk)
     finally:
-        if isinstance(chunk, memoryview):
-            chunk.release()  # a slice of the file's mapping, which close() unmaps
+        chunk.release()  # a view of the file's mapping (which close() unmaps) or of a buffer
 
 
 def advise_vmas(inj, vmas: list[dict], memlock_limit: int | None) -> None:

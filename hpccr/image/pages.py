@@ -103,16 +103,17 @@ class PageReader:
         self._fd = reader.open_file(self._name)
         self._map: mmap.mmap | None = None
         try:
-            self.runs = self._parse(index)
-            self.size = sum(nr for _, nr, _ in self.runs) * PAGE_SIZE  # uncompressed
-            if not self.compressed and os.fstat(self._fd).st_size != self.size:
-                raise ImageCorrupt(f"{self._name}: {os.fstat(self._fd).st_size} bytes but the "
-                                   f"pagemap lists {self.size} (image corrupted)")
+            self.runs, self.size = self._parse(index)  # size: of the pages, uncompressed
+            stored = os.fstat(self._fd).st_size
+            if not self.compressed and stored != self.size:
+                raise ImageCorrupt(f"{self._name}: {stored} bytes but the pagemap lists "
+                                   f"{self.size} (image corrupted)")
         except BaseException:
             self.close()
             raise
 
-    def _parse(self, index: bytes) -> list[tuple[int, int, int]]:
+    def _parse(self, index: bytes) -> tuple[list[tuple[int, int, int]], int]:
+        """The runs (vaddr, nr_pages, offset) and the bytes they add up to."""
         name = pagemap_name(self._pid)
         if len(index) % _RECORD.size:
             raise ImageCorrupt(f"{name}: truncated record (image corrupted)")
@@ -128,7 +129,7 @@ class PageReader:
         if overlap:
             raise ImageCorrupt(f"{name}: runs at {overlap[0]:#x} and {overlap[1]:#x} overlap "
                                "(image corrupted)")
-        return runs
+        return runs, offset
 
     @property
     def nr_pages(self) -> int:
