@@ -32,6 +32,7 @@ DEFAULTS = {
     "overlay_subnet": "10.198.0.0/16",
     "overlay_ids": "4096-1048575",
     "compress": False,
+    "full_every": 8,
     "gpu_library": "libcuda.so.1",
     "gpu_lock_timeout": 60,
     "hooks": {event: [] for event in HOOK_EVENTS},
@@ -39,6 +40,7 @@ DEFAULTS = {
 BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 NETWORKS = ("own", "host")  # a job's network: its own namespace, or the node's
 MAX_GRACE = 65535  # Slurm's --signal=…@<time> limit
+MAX_FULL_EVERY = 256  # the longest chain of incremental images a restore follows
 MAX_GPU_LOCK_TIMEOUT = 4_000_000  # seconds: the driver takes milliseconds in 32 bits
 
 
@@ -61,6 +63,7 @@ class Config:
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
     compress: bool  # checkpoints' pages compressed with zstd
+    full_every: int  # periodic checkpoints: every N-th is full, the others incremental
     gpu_library: str  # NVIDIA's libcuda (a name or a path), loaded for GPU jobs only
     gpu_lock_timeout: int  # seconds a GPU process may take to lock before a dump gives up
 
@@ -178,6 +181,9 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
     if not (first.isdigit() and last.isdigit() and 0 < int(first) <= int(last) < 1 << 24):
         raise bad("overlay_ids", "'overlay_ids' must be a range of VXLAN ids FIRST-LAST in "
                   f"1..{(1 << 24) - 1}, not '{values['overlay_ids']}'")
+    if not 1 <= values["full_every"] <= MAX_FULL_EVERY:
+        raise bad("full_every", f"'full_every' must be 1..{MAX_FULL_EVERY}, not "
+                  f"{values['full_every']}")
     if not values["gpu_library"]:
         raise bad("gpu_library", "'gpu_library' must name a library (libcuda.so.1, or a path)")
     if not 1 <= values["gpu_lock_timeout"] <= MAX_GPU_LOCK_TIMEOUT:
@@ -193,4 +199,4 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
                   Path(values["log_dir"]), Path(values["run_dir"]), values["tcp_close"],
                   values["job_network"], str(subnet), str(overlay_subnet),
                   (int(first), int(last)), values["hooks"], source, values["compress"],
-                  values["gpu_library"], values["gpu_lock_timeout"])
+                  values["full_every"], values["gpu_library"], values["gpu_lock_timeout"])

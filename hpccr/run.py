@@ -156,6 +156,7 @@ class Checkpoints:
         self.part = part if part and len(part.nodes) > 1 else None
         if self.part and self.part.slot > 0:
             self.interval = None  # the part at slot 0 says when
+        self.tracking = None  # engine/tracking.Tracking, from the first checkpoint on
 
     def member(self):
         """The coordinate.Member that takes part in the job's checkpoints, for a part other
@@ -169,6 +170,7 @@ class Checkpoints:
         """One checkpoint of the job (dump mode `mode`); its path, or None if it failed (said
         on stderr: the job runs on)."""
         from hpccr.engine.dump import dump
+        from hpccr.engine.tracking import Tracking
         from hpccr.mpi import coordinate
         from hpccr.slurm.steps import refuse_running_steps
 
@@ -182,7 +184,9 @@ class Checkpoints:
                                  "part at node slot 0")
             with in_use(self.series.dir, exclusive=True):
                 if self.part is None:
-                    dump(pid, str(path), mode)
+                    if self.tracking is None:
+                        self.tracking = Tracking(config.load().full_every)
+                    dump(pid, str(path), mode, tracking=self.tracking)
                     self.series.publish(path, self.keep)
                 else:
                     figures = coordinate.take(self.series, path, len(self.part.nodes), pid,

@@ -157,7 +157,7 @@ def test_round_trip(tmp_path, compress):
         assert [(v, n) for v, n, _ in pages.runs] == [(0x10000000, 256), (0x20000000, 1000),
                                                        (0x7F0000000000, 1)]
         assert pages.nr_pages == 1257
-        chunks = pages.chunks([nr * PAGE_SIZE for _, nr, _ in pages.runs], 1)
+        chunks = pages.chunks([(at, nr * PAGE_SIZE) for _, nr, at in pages.runs], 1)
         for (vaddr, nr, _), chunk in zip(pages.runs, chunks, strict=True):
             assert bytes(chunk) == pattern(vaddr, nr)
             if isinstance(chunk, memoryview):

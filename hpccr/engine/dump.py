@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import hpccr
 from hpccr import config, faults, native
@@ -44,6 +45,7 @@ from hpccr.engine import (
     threads,
     tree,
 )
+from hpccr.engine import tracking as tracking_
 from hpccr.engine.ghosts import GhostWriter
 from hpccr.engine.tracer import FrozenProcess
 from hpccr.engine.tree import FrozenTree
@@ -55,7 +57,9 @@ from hpccr.errors import (
     UnsupportedResource,
     from_oserror,
 )
-from hpccr.image import ImageWriter, PageWriter
+from hpccr.image import ImageReader, ImageWriter, PageReader, PageWriter, chain
+from hpccr.image.pages import inherited_name, pack_runs, pagemap_name, spans_of
+from hpccr.spans import intersect, subtract, union
 from hpccr.user import User
 
 MODES = ("kill", "running", "stopped")
@@ -111,7 +115,8 @@ class Barrier:
 
 
 def dump(pid: int, directory: str, mode: str = "kill",
-         barrier: Barrier | None = None, compress: bool | None = None) -> DumpResult:
+         barrier: Barrier | None = None, compress: bool | None = None,
+         tracking: tracking_.Tracking | None = None) -> DumpResult:
     """Checkpoint process `pid` into `directory`; `mode` says what becomes of it afterwards.
 
     A running dump takes a copy-on-write snapshot of the memory (snapshot.py) of each process
@@ -127,7 +132,11 @@ def dump(pid: int, directory: str, mode: str = "kill",
     before all are frozen, and none is killed before all images are complete.  A lost snapshot
     then fails the dump (the others would not wait for a second one).
 
-    `compress`: the pages compressed with zstd (image/pages.py); None: the site's setting."""
+    `compress`: the pages compressed with zstd (image/pages.py); None: the site's setting.
+
+    `tracking`: the trackers of a series of checkpoints (tracking.py): the image leaves to its
+    parent, the previous one, the pages its trackers vouch have not changed since, and the
+    trackers count from this image on; a failed dump resets them (the next one is full)."""
     assert mode in MODES
     if compress is None:
         compress = config.load().compress
@@ -141,8 +150,11 @@ def dump(pid: int, directory: str, mode: str = "kill",
         gpus.suspend()  # their GPU state into their memory, before the freeze (gpu.py)
         faults.point("gpu")
     try:
-        result = _dump_in_network(pid, directory, mode, clock, network, barrier, gpus, compress)
+        result = _dump_in_network(pid, directory, mode, clock, network, barrier, gpus, compress,
+                                  tracking)
     except BaseException:
+        if tracking is not None:
+            tracking.reset()
         if gpus:
             try:
                 gpus.resume()
@@ -159,19 +171,23 @@ def dump(pid: int, directory: str, mode: str = "kill",
 
 def _dump_in_network(pid: int, directory: str, mode: str, clock: _Clock,
                      network: netns.Spec | None, barrier: Barrier | None,
-                     gpus: gpu.Suspension, compress: bool) -> DumpResult:
+                     gpus: gpu.Suspension, compress: bool,
+                     tracking: tracking_.Tracking | None) -> DumpResult:
     # Inside the job's network: its sockets are found and locked there (fds/inet.py).
     with netns.entered_of(pid) if network else contextlib.nullcontext():
         if mode == "running":
             try:
                 return _dump(pid, directory, mode, clock, True, network, barrier, gpus,
-                             compress)
+                             compress, tracking)
             except snapshot.SnapshotLost as lost:
                 if barrier is not None:
                     raise DumpFailed(f"memory snapshot lost ({lost})") from None
                 print(f"hpccr: warning: memory snapshot lost ({lost}); "
                       "dumping again with the copy inside the freeze", file=sys.stderr)
-        return _dump(pid, directory, mode, clock, False, network, barrier, gpus, compress)
+                if tracking is not None:
+                    tracking.reset()
+        return _dump(pid, directory, mode, clock, False, network, barrier, gpus, compress,
+                     tracking)
 
 
 def _network(pid: int) -> netns.Spec | None:
@@ -214,7 +230,9 @@ class _Clock:
 
 def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
           network: netns.Spec | None, barrier: Barrier | None,
-          gpus: gpu.Suspension, compress: bool) -> DumpResult:
+          gpus: gpu.Suspension, compress: bool,
+          tracking: tracking_.Tracking | None) -> DumpResult:
+    increment = _Increment(tracking, mode == "running") if tracking is not None else None
     frozen = FrozenTree(root)
     clock.freeze()
     with _Step(root, "freezing the process tree"):
@@ -237,7 +255,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                 _check_owner_may_restore(frozen.frozen[pid].reader, owner)
             own_memory = "vm" not in frozen.shared_with_parent.get(pid, [])
             proc, batches, reader = _collect(pid, frozen.frozen[pid], writer, cow, ghosts,
-                                             fd_state, ids, own_memory)
+                                             fd_state, ids, own_memory, increment)
             readers.append(reader)
             if owner is not None:
                 sched.check(proc, trusted=False)  # what a restore for the owner refuses
@@ -272,6 +290,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                     memory.copy_pages(batches, reader, pages)
                     if cow:
                         reader.finish()
+                        if reader.tracked:
+                            tracking_.hand_over(reader, pid, increment.trackers[pid])
                 except snapshot.SnapshotLost as lost:
                     raise snapshot.SnapshotLost(f"process {pid}: {lost}") from None
             reader.close()
@@ -284,9 +304,13 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         header = _header(ids, procs, sysv_state, network, clock.frozen(), clock.total())
         if gpus:
             header["gpu"] = gpus.record(ids.of)
+        if increment is not None and increment.inherits:
+            header["parent"] = chain.parent_record(increment.parent)
         writer.write_json("image.json", header)
         faults.point("commit")
         path = writer.commit()
+        if increment is not None:
+            increment.committed(path)
         if barrier is not None:
             try:
                 barrier.complete()
@@ -319,6 +343,67 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
     clock.thaw()
     return DumpResult(str(path), clock.frozen(), clock.total(),
                       sum(p["nr_pages"] for p in procs))
+
+
+class _Increment:
+    """What a series' tracking (tracking.py) brings to one dump: its parent image, if the
+    trackers count from it, and the trackers of this dump's processes. `arm`: the processes run
+    on, and their trackers track them from this image on."""
+
+    def __init__(self, tracking: tracking_.Tracking, arm: bool):
+        self.tracking = tracking
+        self.arm = arm
+        self.parent: ImageReader | None = None
+        parent = tracking.next_parent()
+        if parent is not None:
+            with contextlib.suppress(HpccrError):
+                self.parent = ImageReader(parent)
+        self.trackers: dict[int, tracking_.Tracker] = {}
+        self.inherits = False  # whether a process left pages to the parent
+
+    def scan(self, pid: int) -> tracking_.Tracker | None:
+        """The tracker of frozen process `pid`, its pages written since the last checkpoint
+        read and its ranges unregistered (for a snapshot, or to be armed again)."""
+        tracker = self.tracking.tracker(pid)
+        if tracker is not None:
+            self.trackers[pid] = tracker
+            tracker.scan()
+            tracker.disarm()
+        return tracker
+
+    def open(self, pid: int, inj) -> tracking_.Tracker | None:
+        tracker = tracking_.Tracker.open(pid, inj)
+        if tracker is not None:
+            self.trackers[pid] = tracker
+        return tracker
+
+    def leave_to_parent(self, tracker: tracking_.Tracker | None, inner: int,
+                        ranges: list[tuple[int, int]]):
+        """(ranges to save, spans left to the parent): of the (address, length) `ranges` of
+        process `inner` (its pid in the image), the pages its tracker vouches for since the
+        parent that the parent holds."""
+        if tracker is None or self.parent is None or tracker.base != self.parent.digest:
+            return ranges, []
+        spans = [(addr, addr + length) for addr, length in ranges]
+        unchanged = subtract(intersect(spans, tracker.covered), tracker.written)
+        if not unchanged:
+            return ranges, []
+        try:
+            self.parent.verify_files([pagemap_name(inner), inherited_name(inner)])
+            with PageReader(self.parent, inner) as pages:
+                held = union(spans_of(pages.runs), pages.inherited)
+        except HpccrError:
+            return ranges, []  # not in the parent, or its files changed: saved whole
+        inherited = intersect(unchanged, held)
+        self.inherits = self.inherits or bool(inherited)
+        return [(start, end - start) for start, end in subtract(spans, inherited)], inherited
+
+    def committed(self, path: str) -> None:
+        if not self.arm:
+            self.tracking.reset()  # the processes are gone, or stopped untracked
+            return
+        self.tracking.committed(Path(path), ImageReader(path).digest, self.inherits,
+                                self.trackers)
 
 
 def _check_owner_may_restore(pid: int, owner: User) -> None:
@@ -419,15 +504,17 @@ def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None,
 
 
 def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_state, ids: _Ids,
-             own_memory: bool = True):
+             own_memory: bool = True, increment: _Increment | None = None):
     """Read every piece of state of the frozen process, streaming blobs into `writer`; returns
     its record, the batches of pages to save, and their reader: a Snapshot that has already
     write-protected them if `cow` and possible, else a MemoryReader for a copy in the freeze.
     A process whose address space is its parent's (CLONE_VM) has no memory of its own saved.
     Its state is read through `frozen.reader`: a thread that still runs, if the main thread has
-    exited."""
+    exited. With an `increment`, the pages its tracker vouches for are left to the parent
+    image, and the tracker is armed again (or its snapshot tracked, to hand over later)."""
     at = frozen.reader
-    snap = None
+    snap = tracker = None
+    track = increment is not None and own_memory
     try:
         with _Step(pid, "reading its memory mappings") as step:
             entries, left_behind = (parasite.without_scratch_left(at, procfs.maps(at))
@@ -439,6 +526,11 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             stat = procfs.stat(at)
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
             ranges = memory.select_pages(at, vmas)
+            inherited = []
+            if track:
+                step.now = "looking for the pages it wrote since the last checkpoint"
+                tracker = increment.scan(pid)
+                ranges, inherited = increment.leave_to_parent(tracker, ids.of(pid), ranges)
             step.now = "asking it for its state by injected system calls"
             inj = parasite.LiveInjector(at, frozen.threads[at], left_behind)
             try:
@@ -457,8 +549,10 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     record["sigaltstack"] = signals.dump_altstack(inj, thread)
                     record["sched"] = sched.dump(pid, tid)
                     thread_records.append((tid, thread, record))
+                if track and tracker is None:
+                    tracker = increment.open(pid, inj)
                 if cow and sum(length for _, length in ranges) >= SNAPSHOT_MIN_BYTES:
-                    snap = snapshot.Snapshot.open(at, inj)
+                    snap = snapshot.Snapshot.open(at, inj, tracker is not None and increment.arm)
             finally:
                 inj.close()
             step.now = "reading its threads' registers"
@@ -478,6 +572,12 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             if snap is not None and not snap.protect(vmas, ranges, unreadable):
                 snap.close()
                 snap = None
+            if tracker is not None and increment.arm and snap is None:
+                step.now = "tracking the pages it writes from now on"
+                tracker.arm(tracking_.trackable(at))
+                tracker.covered, tracker.written = list(tracker.spans), []
+            if inherited:
+                writer.write_bytes(inherited_name(ids.of(pid)), pack_runs(inherited))
             step.now = "reading its memory layout, executable and working directory"
             mm = {name: int(stat[i]) for name, i in MM_FIELDS.items()}
             mm["brk"] = brk

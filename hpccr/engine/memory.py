@@ -33,6 +33,7 @@ from hpccr.errors import (
     UnsupportedResource,
 )
 from hpccr.image.schema import check_part
+from hpccr.spans import intersect
 
 PAGE = native.PAGE_SIZE
 PM_PRESENT = 1 << 63
@@ -421,26 +422,42 @@ def _attach_sysv(inj, vma: dict) -> None:
         inj.call("mprotect", vma["start"], vma["end"] - vma["start"], prot)
 
 
-def write_pages(pid: int, reader) -> None:
-    """Copy the saved pages from the image (reader.chunks: out of the page cache, or
-    decompressed) into the target, in batches written by two threads while the next is read."""
+def write_pages(pid: int, sources) -> None:
+    """Copy the saved pages into the target: from each (PageReader, spans) of `sources` (an
+    image and the parents it leaves pages to, image/chain.py), the pages inside those spans
+    (None: all), read out of the page cache or decompressed, in batches written by two threads
+    while the next is read."""
+    try:
+        for reader, spans in sources:
+            _write_from(pid, reader, spans)
+    finally:
+        for reader, _ in sources:
+            reader.close()
+
+
+def _write_from(pid: int, reader, spans) -> None:
+    if spans == []:
+        return  # a parent that holds none of the pages still wanted
     limit = DECOMPRESSED_BATCH if reader.compressed else COPY_BATCH
-    batches = []
-    for vaddr, nr, _ in reader.runs:  # runs cut into pieces of at most `limit` bytes
-        for start in range(vaddr, vaddr + nr * PAGE, limit):
-            length = min(limit, vaddr + nr * PAGE - start)
-            if batches and batches[-1][0] + length <= limit:
-                size, addrs, lens = batches[-1]
-                addrs.append(start)
-                lens.append(length)
-                batches[-1] = (size + length, addrs, lens)
-            else:
-                batches.append((length, [start], [length]))
-    chunks = reader.chunks([size for size, _, _ in batches], WRITES_IN_FLIGHT)
+    batches = []  # [offset in the pages, size, addrs, lens], each contiguous in the pages
+    for vaddr, nr, offset in reader.runs:
+        for start, end in ([(vaddr, vaddr + nr * PAGE)] if spans is None else
+                           intersect(spans, [(vaddr, vaddr + nr * PAGE)])):
+            for piece in range(start, end, limit):  # cut into pieces of at most `limit`
+                length = min(limit, end - piece)
+                at = offset + piece - vaddr
+                last = batches[-1] if batches else None
+                if last and last[0] + last[1] == at and last[1] + length <= limit:
+                    last[1] += length
+                    last[2].append(piece)
+                    last[3].append(length)
+                else:
+                    batches.append([at, length, [piece], [length]])
+    chunks = reader.chunks([(at, size) for at, size, _, _ in batches], WRITES_IN_FLIGHT)
     try:
         with ThreadPoolExecutor(2) as pool:
             pending: deque = deque()
-            for chunk, (_, addrs, lens) in zip(chunks, batches, strict=True):
+            for chunk, (_, _, addrs, lens) in zip(chunks, batches, strict=True):
                 pending.append(pool.submit(_write_batch_to, pid, chunk, addrs, lens))
                 if len(pending) == WRITES_IN_FLIGHT:
                     pending.popleft().result()
@@ -448,7 +465,6 @@ def write_pages(pid: int, reader) -> None:
                 done.result()
     finally:
         chunks.close()  # its view of the file's mapping, before close() unmaps it
-        reader.close()
 
 
 def _write_batch_to(pid: int, chunk: memoryview, addrs: list[int], lens: list[int]) -> None:

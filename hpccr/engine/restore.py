@@ -68,7 +68,7 @@ from hpccr.errors import (
     PidInUse,
     RestoreFailed,
 )
-from hpccr.image import ImageReader, PageReader
+from hpccr.image import ImageReader, chain
 from hpccr.image.series import in_use, resolve
 from hpccr.user import User, fs_rights
 
@@ -131,7 +131,9 @@ class Context:
 def load(directory: str, slot: int | None = None) -> tuple[ImageReader, dict]:
     reader = ImageReader(resolve(directory, slot))
     reader.verify()
-    return reader, reader.meta()
+    meta = reader.meta()
+    reader.parents = chain.open_parents(reader)
+    return reader, meta
 
 
 @dataclass
@@ -906,8 +908,9 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     memory.map_vmas(inj, proc["vmas"], open_file)
     for fd in opened.values():
         inj.call("close", fd)
-    if proc["nr_pages"]:
-        memory.write_pages(pid, PageReader(ctx.reader, proc["pid"]))
+    if proc["nr_pages"] or chain.inherits(ctx.reader, proc["pid"]):
+        memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
+                                                   proc["pid"]))
     memory.protect_vmas(inj, proc["vmas"])
     memory.advise_vmas(inj, proc["vmas"], None if ctx.trusted else _memlock_limit(proc))
     mm = proc["mm"]

@@ -28,6 +28,11 @@ Why the image holds every page as it was at the freeze:
   (SnapshotLost): the dump starts over with the classic copy inside a freeze. finish()
   unregisters, then waits until the kernel has no such event in flight, so none is missed.
 
+For an incremental checkpoint's tracking (tracking.py), `tracked` snapshots keep every page
+protected after its copy: every write since the freeze then faults, and the handler notes the
+block it lets go, as it notes every mapping change; release() hands the list over, with the
+process frozen again, to the tracker that takes over the memory.
+
 Failure safety: the userfaultfd exists only in the dumper (the target's descriptor is closed
 inside the freeze; no UFFD_FEATURE_EVENT_FORK, so a child forked meanwhile gets no part of it).
 Closing it, which the kernel also does when the dumper dies, removes the registration and the
@@ -48,6 +53,7 @@ import time
 
 from hpccr import native
 from hpccr.engine import memory, procfs
+from hpccr.spans import union
 
 PAGE = native.PAGE_SIZE
 
@@ -132,9 +138,11 @@ def _split(ranges: list[tuple[int, int]], spans: list[tuple[int, int]]):
 class Snapshot:
     """A userfaultfd of the target's mm and the copy-on-write state of one dump."""
 
-    def __init__(self, pid: int, uffd: int):
+    def __init__(self, pid: int, uffd: int, tracked: bool):
         self.pid = pid
         self.uffd = uffd
+        self.tracked = tracked
+        self._touched: list[tuple[int, int]] = []  # tracked: written or changed since the freeze
         self.batches: list[list[tuple[int, int]]] = []
         self._registered: list[tuple[int, int]] = []  # merged spans, address order
         self._live: list[tuple[int, int]] = []  # pages to save inside them
@@ -153,9 +161,9 @@ class Snapshot:
     # --- inside the freeze ---------------------------------------------------------------
 
     @classmethod
-    def open(cls, pid: int, inj) -> Snapshot | None:
+    def open(cls, pid: int, inj, tracked: bool = False) -> Snapshot | None:
         """A userfaultfd of the frozen target's mm held by the dumper alone, or None where a
-        snapshot cannot be taken (the classic copy is used then)."""
+        snapshot cannot be taken (the classic copy is used then). `tracked`: see above."""
         status = procfs.status(pid)
         if status.get("VmPin", "0 kB").split()[0] != "0":
             return None  # devices write pinned pages behind the page tables (RDMA, io_uring)
@@ -173,7 +181,11 @@ class Snapshot:
         except OSError:
             os.close(uffd)
             return None
-        return cls(pid, uffd)
+        return cls(pid, uffd, tracked)
+
+    @property
+    def registered(self) -> list[tuple[int, int]]:
+        return list(self._registered)
 
     def protect(self, vmas: list[dict], ranges: list[tuple[int, int]],
                 unreadable: list[tuple[int, int]]) -> bool:
@@ -258,6 +270,16 @@ class Snapshot:
                 raise SnapshotLost(self._lost)
             saved = self._saved.pop(bisect.bisect_left(self._ends, end), [])
             self._done = end
+        self._put_saved(batch, view, saved)
+        if self.tracked:
+            return  # protected still: see the module's docstring
+        for start, stop in self._registered:
+            if start < end and stop > batch[0][0]:
+                lo = max(start, batch[0][0])
+                self._unprotect_settled(lo, min(stop, end) - lo)
+
+    @staticmethod
+    def _put_saved(batch: list[tuple[int, int]], view: memoryview, saved: list) -> None:
         if saved:
             addrs, offsets, offset = [], [], 0
             for addr, length in batch:
@@ -268,10 +290,6 @@ class Snapshot:
                 i = bisect.bisect_right(addrs, addr) - 1
                 at = offsets[i] + addr - addrs[i]
                 view[at:at + len(data)] = data
-        for start, stop in self._registered:
-            if start < end and stop > batch[0][0]:
-                lo = max(start, batch[0][0])
-                self._unprotect_settled(lo, min(stop, end) - lo)
 
     def _unprotect_settled(self, start: int, length: int) -> None:
         """Un-protect (and wake) a range; EAGAIN means a mapping change is being reported to
@@ -293,7 +311,10 @@ class Snapshot:
 
     def finish(self) -> None:
         """After the last batch: unregister, wait until no mapping change is still on its way to
-        the handler, and raise SnapshotLost if the snapshot did not hold."""
+        the handler, and raise SnapshotLost if the snapshot did not hold. (A tracked snapshot
+        does this in release().)"""
+        if self.tracked:
+            return
         self._unregister()
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         probe = self._registered[0][0]
@@ -310,6 +331,18 @@ class Snapshot:
         self._stop_handler()
         if self._lost:
             raise SnapshotLost(self._lost)
+
+    def release(self) -> list[tuple[int, int]]:
+        """For a tracked snapshot, with the process frozen (so that every mapping change has
+        been read: the thread that made it waits until it is): unregister, and return the
+        spans written or changed since the freeze. SnapshotLost if the snapshot did not hold."""
+        self._stop_handler()
+        with self._lock:
+            self._take_messages()
+        if self._lost:
+            raise SnapshotLost(self._lost)
+        self._unregister()
+        return union(self._touched, [])
 
     def _unregister(self) -> None:
         if self._unregistered:
@@ -366,6 +399,10 @@ class Snapshot:
             except BlockingIOError:
                 return spans
             for event, a, b, c in UFFD_MSG.iter_unpack(data):
+                if self.tracked and event in (UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP):
+                    self._touched.append((a, b))
+                elif self.tracked and event == UFFD_EVENT_REMAP:
+                    self._touched += [(a, a + c), (b, b + c)]
                 if event == UFFD_EVENT_PAGEFAULT:
                     spans.append(self._save(b & ~(PAGE - 1)))
                 elif event == UFFD_EVENT_REMOVE:
@@ -391,6 +428,8 @@ class Snapshot:
         if self._lost or lo in self._handled:
             return lo, hi - lo
         self._handled.add(lo)
+        if self.tracked:
+            self._touched.append((lo, hi))
         pieces = []  # the live pages of the block not copied yet, cut at batch ends
         j = max(bisect.bisect_right(self._live, (lo, float("inf"))) - 1, 0)
         while j < len(self._live) and self._live[j][0] < hi:

@@ -1,5 +1,9 @@
 """Memory pages of one process: ``pages-<pid>.img`` and its index ``pagemap-<pid>.bin``.
 
+An incremental image (engine/tracking.py) also has ``inherited-<pid>.bin``: the page runs, in
+the same records, that the process had at the checkpoint but that its parent image holds (in its
+own pages, or inherited in turn); image/chain.py resolves them.
+
 A compressed image has ``pages-<pid>.img.zst`` instead: the same bytes as one zstd stream,
 compressed on all cores as they are written and decompressed batch by batch at restore, so
 that neither side holds more than a few batches in memory."""
@@ -25,6 +29,40 @@ def pages_name(pid: int) -> str:
 
 def pagemap_name(pid: int) -> str:
     return f"pagemap-{pid}.bin"
+
+
+def inherited_name(pid: int) -> str:
+    return f"inherited-{pid}.bin"
+
+
+def pack_runs(spans) -> bytes:
+    """(start, end) address spans as pagemap records."""
+    return b"".join(_RECORD.pack(start, (end - start) // PAGE_SIZE) for start, end in spans)
+
+
+def parse_runs(index: bytes, name: str) -> list[tuple[int, int, int]]:
+    """The runs (vaddr, nr_pages, offset) of pagemap records; ImageCorrupt if they are not
+    page-aligned, disjoint runs."""
+    if len(index) % _RECORD.size:
+        raise ImageCorrupt(f"{name}: truncated record (image corrupted)")
+    runs = []
+    offset = 0
+    for vaddr, nr in _RECORD.iter_unpack(index):
+        end = vaddr + nr * PAGE_SIZE
+        if vaddr % PAGE_SIZE or nr == 0 or end > _ADDRESS_LIMIT:
+            raise ImageCorrupt(f"{name}: invalid run {vaddr:#x} x {nr} pages (image corrupted)")
+        runs.append((vaddr, nr, offset))
+        offset += nr * PAGE_SIZE
+    overlap = _first_overlap(runs)
+    if overlap:
+        raise ImageCorrupt(f"{name}: runs at {overlap[0]:#x} and {overlap[1]:#x} overlap "
+                           "(image corrupted)")
+    return runs
+
+
+def spans_of(runs) -> list[tuple[int, int]]:
+    """The sorted (start, end) address spans of runs."""
+    return sorted((vaddr, vaddr + nr * PAGE_SIZE) for vaddr, nr, *_ in runs)
 
 
 def _first_overlap(runs) -> tuple[int, int] | None:
@@ -104,6 +142,9 @@ class PageReader:
         self._map: mmap.mmap | None = None
         try:
             self.runs, self.size = self._parse(index)  # size: of the pages, uncompressed
+            name = inherited_name(pid)
+            self.inherited = (spans_of(parse_runs(reader.read_bytes(name), name))
+                              if name in reader.files else [])  # in the parent (chain.py)
             stored = os.fstat(self._fd).st_size
             if not self.compressed and stored != self.size:
                 raise ImageCorrupt(f"{self._name}: {stored} bytes but the pagemap lists "
@@ -114,63 +155,58 @@ class PageReader:
 
     def _parse(self, index: bytes) -> tuple[list[tuple[int, int, int]], int]:
         """The runs (vaddr, nr_pages, offset) and the bytes they add up to."""
-        name = pagemap_name(self._pid)
-        if len(index) % _RECORD.size:
-            raise ImageCorrupt(f"{name}: truncated record (image corrupted)")
-        runs = []
-        offset = 0
-        for vaddr, nr in _RECORD.iter_unpack(index):
-            end = vaddr + nr * PAGE_SIZE
-            if vaddr % PAGE_SIZE or nr == 0 or end > _ADDRESS_LIMIT:
-                raise ImageCorrupt(f"{name}: invalid run {vaddr:#x} x {nr} pages (image corrupted)")
-            runs.append((vaddr, nr, offset))
-            offset += nr * PAGE_SIZE
-        overlap = _first_overlap(runs)
-        if overlap:
-            raise ImageCorrupt(f"{name}: runs at {overlap[0]:#x} and {overlap[1]:#x} overlap "
-                               "(image corrupted)")
-        return runs, offset
+        runs = parse_runs(index, pagemap_name(self._pid))
+        return runs, (runs[-1][2] + runs[-1][1] * PAGE_SIZE if runs else 0)
 
     @property
     def nr_pages(self) -> int:
         return self.size // PAGE_SIZE
 
-    def chunks(self, sizes: list[int], held: int):
-        """The pages in file order, as consecutive buffers of these sizes: slices of a mapping
-        of the file (straight out of the page cache), or, compressed, decompressed one by one
-        into `held` + 1 buffers in turn (the caller holds no more than `held` chunks while it
-        asks for the next)."""
+    def chunks(self, pieces: list[tuple[int, int]], held: int):
+        """The pages at these (offset, size) pieces of the pages, in increasing offset order,
+        as buffers: slices of a mapping of the file (straight out of the page cache), or,
+        compressed, decompressed one by one into `held` + 1 buffers in turn (the caller holds
+        no more than `held` chunks while it asks for the next)."""
         if self.compressed:
-            yield from self._decompressed(sizes, held + 1)
+            yield from self._decompressed(pieces, held + 1)
             return
         if not self.size:
             return
         self._map = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)
-        offset = 0
         with memoryview(self._map) as view:
-            for size in sizes:
+            for offset, size in pieces:
                 yield view[offset:offset + size]
-                offset += size
 
-    def _decompressed(self, sizes: list[int], nr_buffers: int):
+    def _decompressed(self, pieces: list[tuple[int, int]], nr_buffers: int):
         import zstandard
 
         buffers: list[bytearray] = []  # reused: fresh memory costs a page fault per page
+        largest = max((size for _, size in pieces), default=0)
         with open(self._fd, "rb", closefd=False) as raw, \
                 zstandard.ZstdDecompressor().stream_reader(raw, read_size=1 << 20) as stream:
+            def fill(chunk: memoryview) -> None:
+                done = 0
+                while done < len(chunk):
+                    got = stream.readinto(chunk[done:])
+                    if not got:
+                        raise ImageCorrupt(f"{self._name}: {self.size} bytes of pages "
+                                           "listed, fewer stored (image corrupted)")
+                    done += got
+
             try:
-                for i, size in enumerate(sizes):
+                position = 0
+                for i, (offset, size) in enumerate([*pieces, (self.size, 0)]):
                     if len(buffers) < nr_buffers:
-                        buffers.append(bytearray(max(sizes)))
-                    chunk = memoryview(buffers[i % nr_buffers])[:size]
-                    done = 0
-                    while done < size:
-                        got = stream.readinto(chunk[done:])
-                        if not got:
-                            raise ImageCorrupt(f"{self._name}: {self.size} bytes of pages "
-                                               "listed, fewer stored (image corrupted)")
-                        done += got
-                    yield chunk
+                        buffers.append(bytearray(max(largest, 1 << 20)))
+                    while position < offset:  # pages not asked for: read past them
+                        skip = min(offset - position, len(buffers[0]))
+                        fill(memoryview(buffers[i % len(buffers)])[:skip])
+                        position += skip
+                    if size:
+                        chunk = memoryview(buffers[i % nr_buffers])[:size]
+                        fill(chunk)
+                        position += size
+                        yield chunk
                 extra = stream.read(1)
             except zstandard.ZstdError as exc:
                 raise ImageCorrupt(f"{self._name}: {exc} (image corrupted)") from None

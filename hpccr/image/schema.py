@@ -137,6 +137,8 @@ GPU = {  # "gpu": only in an image of GPU processes (hpccr/engine/gpu.py)
     "processes": [{"pid": int, "devices": [{"uuid": str, "model": str}]}],
 }
 
+PARENT = {"image": str, "checksums": str}  # "parent": only in an incremental image (chain.py)
+
 IMAGE = {
     "format": str,
     "format_version": int,
@@ -217,6 +219,8 @@ def check_meta(meta, version: int) -> None:
     _check(meta, IMAGE, "image")
     if "gpu" in meta:
         _check(meta["gpu"], GPU, "image.gpu")
+    if "parent" in meta:
+        _check(meta["parent"], PARENT, "image.parent")
     pids = [proc["pid"] for proc in meta["processes"]]
     if len(set(pids)) != len(pids):
         raise _fail("processes", "duplicate pid")

@@ -1,12 +1,16 @@
 """A series of checkpoints of one job in one directory, as `hpccr run --interval` writes it:
 
-    DIR/ckpt-0001/  DIR/ckpt-0002/ ...  one complete image each
+    DIR/ckpt-0001/  DIR/ckpt-0002/ ...  one image each
     DIR/latest -> ckpt-0002             moved last, atomically, once an image is committed
 
 Older images beyond the newest `keep` are removed after `latest` has moved, so at every moment
-`latest` names a complete image.  A checkpoint of a job on several nodes is a directory of one
-image per part, `ckpt-NNNN/part-<slot>` (hpccr/mpi/coordinate.py).  `hpccr restore -D DIR`
-accepts the series directory and restores its latest image.
+`latest` names a complete image — except those a kept image leaves pages to (an incremental
+image's parent, image/chain.py, and its parent in turn): they stay as long as a kept image needs
+them, so that `keep` never leaves a broken chain.
+
+A checkpoint of a job on several nodes is a directory of one image per part,
+`ckpt-NNNN/part-<slot>` (hpccr/mpi/coordinate.py).  `hpccr restore -D DIR` accepts the series
+directory and restores its latest image.
 
 A checkpoint being written into a series holds an exclusive flock on its directory, a restore
 reading one of its images a shared one (`in_use`): two checkpoints into one series, or a
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -71,9 +76,29 @@ class Series:
                 os.close(fd)
         except OSError as exc:
             raise ImageWriteError(f"cannot update {self.dir / LATEST}: {exc.strerror}") from exc
-        for old in self.images()[:-keep] if keep > 0 else []:
-            if old != image:
+        images = self.images()
+        needed = self._with_parents(images[-keep:] if keep > 0 else images)
+        for old in images:
+            if old != image and old not in needed:
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _with_parents(self, kept: list[Path]) -> set[Path]:
+        """The `kept` images and every image they leave pages to."""
+        needed: set[Path] = set()
+        for image in kept:
+            while image is not None and image not in needed:
+                needed.add(image)
+                image = self._parent(image)
+        return needed
+
+    def _parent(self, image: Path) -> Path | None:
+        """The image of this series that `image` leaves pages to, as its image.json says."""
+        try:
+            parent = json.loads((image / "image.json").read_bytes()).get("parent")
+            name = parent["image"] if parent else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None  # unreadable: chain.py refuses it at restore
+        return self.dir / name if isinstance(name, str) and _NAME.match(name) else None
 
 
 @contextlib.contextmanager

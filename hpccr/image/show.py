@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from hpccr.engine.memory import ADVICE_NAMES
+from hpccr.image.chain import links
 from hpccr.image.series import PART
 from hpccr.image.store import PAGE_SIZE, ImageReader
 from hpccr.mpi.coordinate import FIGURES
@@ -118,6 +119,20 @@ def _gpu(record: dict | None) -> list[str]:
     for proc in record["processes"]:
         devices = ", ".join(f"{d['uuid']} ({d['model']})" for d in proc["devices"])
         lines.append(f"  GPU process {proc['pid']}" + (f" on {devices}" if devices else ""))
+    return lines
+
+
+def _chain(chain: list[dict]) -> list[str]:
+    """An incremental image's chain, down to its full image (image/chain.py)."""
+    if len(chain) == 1 and not chain[0]["problem"]:
+        return ["pages       a full image: every page of its own"]
+    lines = ["pages       incremental: the pages that did not change are its parent's"]
+    for link in chain:
+        lines.append(f"  {Path(link['image']).name:<12} {link['own_pages']} pages of its own "
+                     f"({human_size(link['own_pages'] * PAGE_SIZE)}), "
+                     f"{link['inherited_pages']} left to its parent")
+        if link["problem"]:
+            lines.append(f"  BROKEN: {link['problem']}")
     return lines
 
 
@@ -270,6 +285,7 @@ def _render_image(path: str | Path, as_json: bool) -> str:
         {"name": f.name, "size": f.size, "xxh3_128": f.digest, "ok": f.name not in problems}
         for f in sorted(reader.files.values())
     ]
+    chain = links(reader)
     if as_json:
         doc = {
             "path": str(reader.path),
@@ -277,6 +293,7 @@ def _render_image(path: str | Path, as_json: bool) -> str:
             "problems": list(problems.values()),
             "files": files,
             "image": meta,
+            "chain": chain,
         }
         return json.dumps(doc, indent=2, sort_keys=True)
 
@@ -293,6 +310,7 @@ def _render_image(path: str | Path, as_json: bool) -> str:
         + (", in a pid namespace of its own (hpccr run)" if meta["pidns"] else ""),
         f"network     {_network(meta['network'])}",
         *_gpu(meta.get("gpu")),
+        *_chain(chain),
         f"checksums   {verdict}",
     ]
     lines += [f"  {message}" for message in problems.values()]

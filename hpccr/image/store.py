@@ -10,6 +10,7 @@ import ctypes
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import mmap
 import os
@@ -323,6 +324,7 @@ class ImageReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.dir_fd = -1
+        self.parents: list[ImageReader] = []  # an incremental image's, once opened (chain.py)
         try:
             self.dir_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -333,7 +335,9 @@ class ImageReader:
         self._owner = os.fstat(self.dir_fd).st_uid
         self._checked: dict[str, tuple[int, int, int, int]] = {}  # name -> identity at verify()
         try:
-            self.files = self._parse_checksums(self._read_checksums())
+            raw = self._read_checksums()
+            self.digest = hashlib.sha256(raw).hexdigest()  # names the image (image/chain.py)
+            self.files = self._parse_checksums(raw)
         except BaseException:
             self.close()
             raise
@@ -349,6 +353,8 @@ class ImageReader:
             raise from_oserror(exc, f"reading {self.path / CHECKSUMS}", ImageCorrupt) from exc
 
     def close(self) -> None:
+        for parent in self.parents:
+            parent.close()
         if self.dir_fd >= 0:
             os.close(self.dir_fd)
             self.dir_fd = -1
@@ -452,6 +458,14 @@ class ImageReader:
         """Check every file against ``checksums``; raise ImageCorrupt on the first problem."""
         for _, message in self.iter_problems():
             raise ImageCorrupt(message)
+
+    def verify_files(self, names: list[str]) -> None:
+        """verify() for the files of `names` that the image lists."""
+        for name in names:
+            if name in self.files:
+                problem = self._check_file(self.files[name])
+                if problem:
+                    raise ImageCorrupt(problem)
 
     def path_of(self, name: str) -> Path:
         if not valid_name(name):

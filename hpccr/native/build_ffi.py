@@ -47,7 +47,8 @@ long hpccr_read_ranges(int pid, const unsigned long long *addrs, const unsigned 
 long hpccr_write_ranges(int pid, const unsigned long long *addrs,
                         const unsigned long long *lens, size_t n, const void *buf);
 
-/* Collapse pagemap entries into runs of pages having a bit of `any` set and no bit of `none`.
+/* Collapse pagemap entries into runs of pages having a bit of `any` set and no bit of `none`
+ * (pte markers are no pages).
  * Writes at most `max` (first page index, page count) pairs; returns the number of runs. */
 size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned long long any,
                           unsigned long long none, unsigned long long *starts,
@@ -254,7 +255,10 @@ long hpccr_write_ranges(int pid, const unsigned long long *addrs,
     return move_ranges(pid, addrs, lens, n, (char *)buf, 1);
 }
 
-#define SELECTED(e) (((e) & any) && !((e) & none))
+/* A pte marker (swap type 31, SWP_PTE_MARKER) shows as a swapped page without being one: e.g.
+ * the marker of a never-touched page write-protected by userfaultfd (engine/tracking.py). */
+#define PTE_MARKER(e) (((e) >> 62 & 1) && ((e) & 0x1f) == 0x1f)
+#define SELECTED(e) (((e) & any) && !((e) & none) && !PTE_MARKER(e))
 
 size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned long long any,
                           unsigned long long none, unsigned long long *starts,
