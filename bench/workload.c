@@ -1,11 +1,13 @@
 /*
  * Benchmark workload: one large anonymous mapping full of pseudo-random data.
  *
- * usage: workload SIZE_BYTES
+ * usage: workload SIZE_BYTES [PERCENT]
  *
  * Fills SIZE bytes of private anonymous memory, prints "READY <addr> <size> <checksum>" and then
  * sleeps in pause().  Every SIGUSR1 recomputes the checksum and prints "OK <checksum>" or
- * "BAD <expected> <got>"; it keeps running until killed.  stdout should be a regular file.
+ * "BAD <expected> <got>"; every SIGUSR2 writes new data into PERCENT % of its pages, chosen at
+ * random (bench/incremental.py), and prints "WROTE <pages>".  It keeps running until killed.
+ * stdout should be a regular file.
  */
 #include <inttypes.h>
 #include <signal.h>
@@ -18,6 +20,16 @@
 static uint64_t *mem;
 static size_t words;
 static uint64_t expected;
+static double percent;
+static uint64_t seed = 0x9e3779b97f4a7c15ULL;
+
+static uint64_t next(void)
+{
+	seed ^= seed >> 12;
+	seed ^= seed << 25;
+	seed ^= seed >> 27;
+	return seed * 0x2545f4914f6cdd1dULL;
+}
 
 static uint64_t checksum(void)
 {
@@ -45,14 +57,32 @@ static void on_usr1(int sig)
 		_exit(3);
 }
 
+static void on_usr2(int sig)
+{
+	size_t pages = words / 512, n = (size_t)(pages * percent / 100);
+	char line[64];
+	int len;
+
+	(void)sig;
+	for (size_t i = 0; i < n; i++) {
+		uint64_t *page = mem + (next() % pages) * 512;
+
+		for (int w = 0; w < 512; w++)
+			page[w] = next();
+	}
+	expected = checksum();
+	len = snprintf(line, sizeof(line), "WROTE %zu\n", n);
+	if (write(STDOUT_FILENO, line, len) != len)
+		_exit(3);
+}
+
 int main(int argc, char **argv)
 {
 	struct sigaction sa;
-	uint64_t x = 0x9e3779b97f4a7c15ULL;
 	size_t size;
 
-	if (argc != 2) {
-		fprintf(stderr, "usage: %s SIZE_BYTES\n", argv[0]);
+	if (argc != 2 && argc != 3) {
+		fprintf(stderr, "usage: %s SIZE_BYTES [PERCENT]\n", argv[0]);
 		return 2;
 	}
 	size = strtoull(argv[1], NULL, 0) & ~(size_t)31;
@@ -62,18 +92,20 @@ int main(int argc, char **argv)
 		perror("mmap");
 		return 1;
 	}
-	for (size_t i = 0; i < words; i++) { /* xorshift64* */
-		x ^= x >> 12;
-		x ^= x << 25;
-		x ^= x >> 27;
-		mem[i] = x * 0x2545f4914f6cdd1dULL;
-	}
+	percent = argc == 3 ? atof(argv[2]) : 0;
+	for (size_t i = 0; i < words; i++) /* xorshift64* */
+		mem[i] = next();
 	expected = checksum();
 
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_usr1;
 	sigemptyset(&sa.sa_mask);
 	if (sigaction(SIGUSR1, &sa, NULL) != 0) {
+		perror("sigaction");
+		return 1;
+	}
+	sa.sa_handler = on_usr2;
+	if (sigaction(SIGUSR2, &sa, NULL) != 0) {
 		perror("sigaction");
 		return 1;
 	}

@@ -20,10 +20,13 @@ from hpccr.image import (
     ImageWriter,
     PageReader,
     PageWriter,
+    chain,
     pagemap_name,
     pages_name,
 )
+from hpccr.image.pages import inherited_name, pack_runs
 from hpccr.image.show import render
+from hpccr.spans import intersect, subtract
 
 PID = 4242
 U64_MINUS_1 = (1 << 64) - 1
@@ -596,3 +599,94 @@ def test_writer_is_single_use(tmp_path):
         writer.commit()
     writer.abort()  # a no-op after commit
     ImageReader(tmp_path / "img").verify()
+
+
+# --- incremental images (image/chain.py) ----------------------------------------------------
+
+def write_child(path, parent_path, runs, inherited, record=None, fill=b"\xab"):
+    """An image of PID whose pages `runs` are its own (filled with `fill`) and whose
+    `inherited` (start, end) spans are its parent's."""
+    meta = fake_meta(PID, sum(nr for _, nr in runs))
+    parent = ImageReader(parent_path)
+    meta["parent"] = record or chain.parent_record(parent)
+    parent.close()
+    with ImageWriter(path) as writer:
+        with PageWriter(writer, PID) as pages:
+            for vaddr, nr in runs:
+                pages.write_run(vaddr, memoryview(fill * (nr * PAGE_SIZE)))
+        writer.write_bytes(inherited_name(PID), pack_runs(inherited))
+        for thread in meta["processes"][0]["threads"]:
+            writer.write_bytes(thread["xstate"], bytes(2696))
+        writer.write_json("image.json", meta)
+        return writer.commit()
+
+
+def memory_through_chain(path) -> dict[int, bytes]:
+    """page address -> content, as a restore would write it (memory.write_pages)."""
+    reader = ImageReader(path)
+    reader.verify()
+    reader.parents = chain.open_parents(reader)
+    memory = {}
+    for pages, spans in chain.page_sources(reader, reader.parents, PID):
+        with pages:
+            pieces = []
+            for vaddr, nr, offset in pages.runs:
+                for start, end in ([(vaddr, vaddr + nr * PAGE_SIZE)] if spans is None else
+                                   intersect(spans, [(vaddr, vaddr + nr * PAGE_SIZE)])):
+                    pieces.append((start, offset + start - vaddr, end - start))
+            chunks = pages.chunks([(at, size) for _, at, size in pieces], 1)
+            for (start, _, size), chunk in zip(pieces, chunks, strict=True):
+                for page in range(0, size, PAGE_SIZE):
+                    assert start + page not in memory, "a page written twice"
+                    memory[start + page] = bytes(chunk[page:page + PAGE_SIZE])
+                if isinstance(chunk, memoryview):
+                    chunk.release()
+            chunks.close()
+    reader.close()
+    return memory
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "zstd"])
+def test_chain_of_incremental_images(tmp_path, compress):
+    """A grandchild that wrote 5 pages over a child that wrote 10 over a full parent: every
+    page comes from the newest image that holds it, each once; a page the chain does not hold,
+    a parent gone, replaced by another image, or named outside the series, is refused (13)."""
+    series = tmp_path / "series"
+    full = write_image(series / "ckpt-0001", compress=compress)
+    spans = [(vaddr, vaddr + nr * PAGE_SIZE) for vaddr, nr in RUNS]
+    child_own = [(0x20000000 + 10 * PAGE_SIZE, 10)]
+    child = write_child(series / "ckpt-0002", full, child_own,
+                        subtract(spans, [(0x20000000 + 10 * PAGE_SIZE,
+                                          0x20000000 + 20 * PAGE_SIZE)]), fill=b"\x01")
+    newest_own = [(0x20000000 + 18 * PAGE_SIZE, 5)]
+    newest = write_child(series / "ckpt-0003", child, newest_own,
+                         subtract(spans, [(0x20000000 + 18 * PAGE_SIZE,
+                                           0x20000000 + 23 * PAGE_SIZE)]), fill=b"\x02")
+    memory = memory_through_chain(newest)
+    expected = {}
+    for vaddr, nr in RUNS:
+        for i in range(nr):
+            expected[vaddr + i * PAGE_SIZE] = pattern(vaddr + i * PAGE_SIZE, 1)
+    for (vaddr, nr), fill in ((child_own[0], b"\x01"), (newest_own[0], b"\x02")):
+        for i in range(nr):
+            expected[vaddr + i * PAGE_SIZE] = fill * PAGE_SIZE
+    assert memory.keys() == expected.keys()
+    assert [a for a in expected if memory[a] != expected[a]] == []
+    assert render(newest).count("pages of its own") == 3
+
+    beyond = write_child(tmp_path / "series" / "ckpt-0004", newest, [],
+                         spans + [(0x30000000, 0x30001000)])
+    with pytest.raises(ImageCorrupt, match="no parent image holds"):
+        memory_through_chain(beyond)
+    for name in ("..", "../series/ckpt-0003", "ckpt-0003/"):
+        odd = write_child(tmp_path / "series" / f"odd-{len(name)}", newest, [], spans,
+                          record={"image": name, "checksums": "0" * 64})
+        with pytest.raises(ImageCorrupt, match="invalid parent image name|not the parent"):
+            memory_through_chain(odd)
+    (series / "ckpt-0002").rename(tmp_path / "aside")
+    with pytest.raises(ImageCorrupt, match="gone: the chain is broken"):
+        memory_through_chain(newest)
+    write_image(series / "ckpt-0002", tag="another")
+    with pytest.raises(ImageCorrupt, match="not the parent image"):
+        memory_through_chain(newest)
+    assert "BROKEN" in render(newest)

@@ -146,6 +146,11 @@ def dump(pid: int, directory: str, mode: str = "kill",
     with _Step(pid, "looking for processes that use a GPU"):
         gpus = gpu.Suspension(pid, mode)
     clock = _Clock()
+    if gpus and tracking is not None:
+        # The driver may write a GPU process's memory behind its page tables (DMA into pinned
+        # pages it does not count as such): no page of it is left to a parent.
+        tracking.reset()
+        tracking = None
     if gpus:
         gpus.suspend()  # their GPU state into their memory, before the freeze (gpu.py)
         faults.point("gpu")
@@ -291,7 +296,11 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                     if cow:
                         reader.finish()
                         if reader.tracked:
-                            tracking_.hand_over(reader, pid, increment.trackers[pid])
+                            clock.freeze()  # for a moment, to hand its memory over
+                            try:
+                                tracking_.hand_over(reader, pid, increment.trackers[pid])
+                            finally:
+                                clock.thaw()
                 except snapshot.SnapshotLost as lost:
                     raise snapshot.SnapshotLost(f"process {pid}: {lost}") from None
             reader.close()
@@ -514,7 +523,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
     image, and the tracker is armed again (or its snapshot tracked, to hand over later)."""
     at = frozen.reader
     snap = tracker = None
-    track = increment is not None and own_memory
+    # (Not a process whose main thread has exited: its /proc entries are another thread's.)
+    track = increment is not None and own_memory and at == pid
     try:
         with _Step(pid, "reading its memory mappings") as step:
             entries, left_behind = (parasite.without_scratch_left(at, procfs.maps(at))

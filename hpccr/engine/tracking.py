@@ -3,9 +3,9 @@
 A Tracker holds, in the checkpointer alone, a userfaultfd of one process's mm in write-protect
 *async* mode (UFFD_FEATURE_WP_ASYNC): the kernel resolves each first write to a protected page
 itself, in about half a microsecond, and marks the page written. At the next checkpoint a
-PAGEMAP_SCAN of those ranges (PM_SCAN_WP_MATCHING, category PAGE_IS_WRITTEN) returns exactly
-the pages written since they were protected. The job never waits for hpccr: should hpccr die,
-its descriptor closes and the registration goes with it.
+PAGEMAP_SCAN of those ranges (category PAGE_IS_WRITTEN), VMA by VMA, returns exactly the pages
+written since they were protected; the checkpoint then protects them all again. The job never
+waits for hpccr: should hpccr die, its descriptor closes and the registration goes with it.
 
 What a tracker promises is kept in two lists of address spans since its `base`, the image whose
 memory it counts from: `covered`, where every write is either in `written` or will show in the
@@ -43,7 +43,6 @@ FEATURES = UFFD_FEATURE_WP_ASYNC
 PAGEMAP_SCAN = 0xC0606610
 PM_SCAN_ARG = struct.Struct("<12Q")
 PAGE_REGION = struct.Struct("<QQQ")
-PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
 REGIONS = 4096  # page regions per PAGEMAP_SCAN call
@@ -74,6 +73,9 @@ class Tracker:
     def open(cls, pid: int, inj) -> Tracker | None:
         """A tracker for the frozen process `pid` (its injector `inj`), not armed yet; None
         where the kernel or the process does not allow one (its pages are then saved whole)."""
+        status = procfs.status(pid)
+        if status.get("VmPin", "0 kB").split()[0] != "0" or status.get("Seccomp", "0") != "0":
+            return None  # pinned pages are written behind the page tables; see snapshot.py
         try:
             uffd = inj.take_fd("userfaultfd", snapshot.O_CLOEXEC | snapshot.O_NONBLOCK)
         except OSError:
@@ -110,15 +112,17 @@ class Tracker:
                 self.spans = subtract(self.spans, [(start, end)])
 
     def scan(self) -> None:
-        """Add the pages written since the last scan to `written` (and protect them again);
-        a span that is no longer ours as registered leaves `covered`, and all of them do for
-        a process with pinned pages (a device writes those behind the page tables)."""
+        """Add the pages written since they were protected to `written` (a read: the caller
+        disarms or arms the tracker next). A VMA that is not ours as registered (mapped or
+        moved since) leaves `covered`, and all of them do for a process with pinned pages (a
+        device writes those behind the page tables) or one that exec'd."""
         if procfs.status(self.pid).get("VmPin", "0 kB").split()[0] != "0":
             self.covered = []
+        vmas = [(entry.start, entry.end) for entry in procfs.maps(self.pid)]
         fd = os.open(procfs.path(self.pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
         try:
             found: Spans = []
-            for start, end in self.spans:
+            for start, end in intersect(vmas, self.spans):  # VMA by VMA
                 try:
                     found += self._scan_span(fd, start, end)
                 except OSError:
@@ -126,20 +130,20 @@ class Tracker:
         finally:
             os.close(fd)
         if not self._mm_alive():
-            self.covered = []  # the pagemap just read was of another mm
+            self.covered = []  # the pagemap just read was another mm's
         self.written = union(self.written, found)
 
     def _mm_alive(self) -> bool:
         """Whether our descriptor still speaks for the process's memory: after an exec (or
         exit) its mm is gone and every ioctl on it fails with ESRCH. (It protects a page
-        again: only after a scan, which protected every page it looked at.)"""
+        again: only after a scan, before the tracker is disarmed or armed anew.)"""
         if not self.spans:
             return False
         try:
             snapshot._ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, self.spans[0][0], PAGE,
                             snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
         except OSError as exc:
-            return exc.errno not in (errno.ESRCH, errno.ENOENT)
+            return exc.errno != errno.ESRCH  # ENOENT: that page is no longer registered
         return True
 
     def _scan_span(self, fd: int, start: int, end: int) -> Spans:
@@ -147,7 +151,7 @@ class Tracker:
         regions = ctypes.create_string_buffer(PAGE_REGION.size * REGIONS)
         while start < end:
             arg = bytearray(PM_SCAN_ARG.pack(
-                PM_SCAN_ARG.size, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, start, end, 0,
+                PM_SCAN_ARG.size, PM_SCAN_CHECK_WPASYNC, start, end, 0,
                 ctypes.addressof(regions), REGIONS, 0, 0, PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN))
             n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
             walk_end = PM_SCAN_ARG.unpack(arg)[4]

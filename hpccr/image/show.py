@@ -128,7 +128,8 @@ def _chain(chain: list[dict]) -> list[str]:
         return ["pages       a full image: every page of its own"]
     lines = ["pages       incremental: the pages that did not change are its parent's"]
     for link in chain:
-        lines.append(f"  {Path(link['image']).name:<12} {link['own_pages']} pages of its own "
+        name = Path(link["image"]).resolve().name  # not "latest"
+        lines.append(f"  {name:<12} {link['own_pages']} pages of its own "
                      f"({human_size(link['own_pages'] * PAGE_SIZE)}), "
                      f"{link['inherited_pages']} left to its parent")
         if link["problem"]:
