@@ -22,10 +22,10 @@ MIB = 64
 # (point, N): the N-th time hpccr reaches it.  "enter" and "settle" are the two ptrace calls
 # around a thread's switch to and from its trampoline, "take_fd" the moment the job holds the
 # userfaultfd hpccr is about to copy, "unmap" the one between the scratch area's removal and the
-# leader's return.
+# leader's return; "write" 4 is the second batch of the job's pages.
 POINTS = [("freeze", 1), ("freeze", 2), ("enter", 1), ("enter", 2), ("inject", 1),
           ("inject", 2), ("inject", 7), ("inject", 15), ("inject", 30), ("unmap", 1),
-          ("settle", 1), ("settle", 2), ("copy", 1), ("copy", 2), ("write", 1), ("write", 10),
+          ("settle", 1), ("settle", 2), ("copy", 1), ("copy", 2), ("write", 1), ("write", 4),
           ("commit", 1)]
 # Only in a running dump: its memory snapshot, and its release of the job once the image is
 # there.

@@ -372,12 +372,11 @@ class _Increment:
 
     def scan(self, pid: int) -> tracking_.Tracker | None:
         """The tracker of frozen process `pid`, its pages written since the last checkpoint
-        read and its ranges unregistered (for a snapshot, or to be armed again)."""
+        read (and protected again)."""
         tracker = self.tracking.tracker(pid)
         if tracker is not None:
             self.trackers[pid] = tracker
             tracker.scan()
-            tracker.disarm()
         return tracker
 
     def open(self, pid: int, inj) -> tracking_.Tracker | None:
@@ -579,6 +578,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     "pending": signals.dump_pending(tid, shared=False),
                 })
             step.now = "write-protecting its memory for the snapshot"
+            if snap is not None and tracker is not None:
+                tracker.disarm()  # a range has one userfaultfd: the snapshot's, for a while
             if snap is not None and not snap.protect(vmas, ranges, unreadable):
                 snap.close()
                 snap = None

@@ -236,10 +236,7 @@ def copy_pages(batches, reader, pages) -> None:
 
 def _write_batch(pages, batch: list[tuple[int, int]], view: memoryview) -> None:
     with view:
-        offset = 0
-        for addr, length in batch:
-            pages.write_run(addr, view[offset:offset + length])
-            offset += length
+        pages.write_runs(batch, view)
 
 
 def _inside(addr: int, spans: list[tuple[int, int]]) -> bool:
@@ -439,20 +436,27 @@ def _write_from(pid: int, reader, spans) -> None:
     if spans == []:
         return  # a parent that holds none of the pages still wanted
     limit = DECOMPRESSED_BATCH if reader.compressed else COPY_BATCH
+    runs = sorted(reader.runs)  # address order, as `spans`
+    pieces = [(vaddr, vaddr + nr * PAGE) for vaddr, nr, _ in runs]
+    if spans is not None:
+        pieces = intersect(pieces, spans)
     batches = []  # [offset in the pages, size, addrs, lens], each contiguous in the pages
-    for vaddr, nr, offset in reader.runs:
-        for start, end in ([(vaddr, vaddr + nr * PAGE)] if spans is None else
-                           intersect(spans, [(vaddr, vaddr + nr * PAGE)])):
-            for piece in range(start, end, limit):  # cut into pieces of at most `limit`
-                length = min(limit, end - piece)
-                at = offset + piece - vaddr
-                last = batches[-1] if batches else None
-                if last and last[0] + last[1] == at and last[1] + length <= limit:
-                    last[1] += length
-                    last[2].append(piece)
-                    last[3].append(length)
-                else:
-                    batches.append([at, length, [piece], [length]])
+    i = 0
+    for start, end in pieces:
+        while runs[i][0] + runs[i][1] * PAGE <= start:  # the run holding this piece
+            i += 1
+        vaddr, _, offset = runs[i]
+        for piece in range(start, end, limit):  # cut into pieces of at most `limit`
+            length = min(limit, end - piece)
+            at = offset + piece - vaddr
+            last = batches[-1] if batches else None
+            if last and last[0] + last[1] == at and last[1] + length <= limit:
+                last[1] += length
+                last[2].append(piece)
+                last[3].append(length)
+            else:
+                batches.append([at, length, [piece], [length]])
+    batches.sort()  # in the order of the pages file: a compressed one is read straight through
     chunks = reader.chunks([(at, size) for at, size, _, _ in batches], WRITES_IN_FLIGHT)
     try:
         with ThreadPoolExecutor(2) as pool:

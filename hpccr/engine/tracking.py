@@ -3,8 +3,8 @@
 A Tracker holds, in the checkpointer alone, a userfaultfd of one process's mm in write-protect
 *async* mode (UFFD_FEATURE_WP_ASYNC): the kernel resolves each first write to a protected page
 itself, in about half a microsecond, and marks the page written. At the next checkpoint a
-PAGEMAP_SCAN of those ranges (category PAGE_IS_WRITTEN), VMA by VMA, returns exactly the pages
-written since they were protected; the checkpoint then protects them all again. The job never
+PAGEMAP_SCAN of those ranges, VMA by VMA (category PAGE_IS_WRITTEN, PM_SCAN_WP_MATCHING),
+returns exactly the pages written since they were protected and protects them again. The job never
 waits for hpccr: should hpccr die, its descriptor closes and the registration goes with it.
 
 What a tracker promises is kept in two lists of address spans since its `base`, the image whose
@@ -43,6 +43,7 @@ FEATURES = UFFD_FEATURE_WP_ASYNC
 PAGEMAP_SCAN = 0xC0606610
 PM_SCAN_ARG = struct.Struct("<12Q")
 PAGE_REGION = struct.Struct("<QQQ")
+PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
 REGIONS = 4096  # page regions per PAGEMAP_SCAN call
@@ -68,6 +69,7 @@ class Tracker:
         self.covered: Spans = []
         self.written: Spans = []
         self.base: str | None = None  # the image (its checksums' digest) counted from
+        self._protected: Spans = []  # VMAs the last scan protected again, for arm()
 
     @classmethod
     def open(cls, pid: int, inj) -> Tracker | None:
@@ -94,49 +96,55 @@ class Tracker:
             return False
 
     def arm(self, vmas: Spans) -> None:
-        """Register and write-protect the VMAs at `vmas` (trackable(), read while the process
-        cannot write: frozen); `spans` are those now tracked."""
-        self.disarm()
+        """Register the VMAs at `vmas` (trackable(), read while the process cannot write:
+        frozen) and write-protect them, but for those a scan just protected again; `spans`
+        are those now tracked."""
+        protected = self._protected
+        self._protected = []
+        registered: Spans = []
         for start, end in vmas:
-            try:
+            try:  # already ours: nothing changes
                 snapshot._ioctl(self.uffd, snapshot.UFFDIO_REGISTER, start, end - start,
                                 snapshot.UFFDIO_REGISTER_MODE_WP, 0)
             except OSError:
                 continue  # e.g. the process's own userfaultfd: saved whole every time
-            self.spans = union(self.spans, [(start, end)])
-        for start, end in list(self.spans):
+            registered.append((start, end))
+        for start, end in subtract(registered, protected):
             try:
                 snapshot._ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, start, end - start,
                                 snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
             except OSError:
-                self.spans = subtract(self.spans, [(start, end)])
+                registered = subtract(registered, [(start, end)])
+        self.spans = union(registered, [])
 
     def scan(self) -> None:
-        """Add the pages written since they were protected to `written` (a read: the caller
-        disarms or arms the tracker next). A VMA that is not ours as registered (mapped or
-        moved since) leaves `covered`, and all of them do for a process with pinned pages (a
-        device writes those behind the page tables) or one that exec'd."""
+        """Add the pages written since they were protected to `written`, and protect them
+        again. A VMA that is not ours as registered (mapped or moved since) leaves `covered`,
+        and all of them do for a process with pinned pages (a device writes those behind the
+        page tables) or one that exec'd."""
         if procfs.status(self.pid).get("VmPin", "0 kB").split()[0] != "0":
             self.covered = []
         vmas = [(entry.start, entry.end) for entry in procfs.maps(self.pid)]
         fd = os.open(procfs.path(self.pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)
+        found: Spans = []
         try:
-            found: Spans = []
             for start, end in intersect(vmas, self.spans):  # VMA by VMA
                 try:
                     found += self._scan_span(fd, start, end)
+                    self._protected.append((start, end))
                 except OSError:
                     self.covered = subtract(self.covered, [(start, end)])
         finally:
             os.close(fd)
         if not self._mm_alive():
             self.covered = []  # the pagemap just read was another mm's
+            self._protected = []
         self.written = union(self.written, found)
 
     def _mm_alive(self) -> bool:
         """Whether our descriptor still speaks for the process's memory: after an exec (or
         exit) its mm is gone and every ioctl on it fails with ESRCH. (It protects a page
-        again: only after a scan, before the tracker is disarmed or armed anew.)"""
+        again: only after a scan, which protected every page it looked at.)"""
         if not self.spans:
             return False
         try:
@@ -151,7 +159,7 @@ class Tracker:
         regions = ctypes.create_string_buffer(PAGE_REGION.size * REGIONS)
         while start < end:
             arg = bytearray(PM_SCAN_ARG.pack(
-                PM_SCAN_ARG.size, PM_SCAN_CHECK_WPASYNC, start, end, 0,
+                PM_SCAN_ARG.size, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, start, end, 0,
                 ctypes.addressof(regions), REGIONS, 0, 0, PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN))
             n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
             walk_end = PM_SCAN_ARG.unpack(arg)[4]
@@ -167,13 +175,14 @@ class Tracker:
         return out
 
     def disarm(self) -> None:
-        """Unregister every span (their pages are no longer protected)."""
+        """Unregister every span (their pages are no longer protected), for a snapshot."""
         for start, end in self.spans:
             try:
                 snapshot._ioctl(self.uffd, snapshot.UFFDIO_UNREGISTER, start, end - start)
             except OSError:
                 pass  # unmapped meanwhile, or the mm is gone
         self.spans = []
+        self._protected = []
 
     def close(self) -> None:
         if self.uffd >= 0:

@@ -92,19 +92,32 @@ class PageWriter:
 
     def write_run(self, vaddr: int, data) -> None:
         """Append the pages at ``vaddr``; ``data`` (any buffer) is written without a copy."""
-        size = memoryview(data).nbytes
-        if vaddr % PAGE_SIZE or size % PAGE_SIZE or vaddr + size > _ADDRESS_LIMIT:
-            raise ValueError(f"page run {vaddr:#x}+{size:#x} is not page aligned")
-        if not size:
+        self.write_runs([(vaddr, memoryview(data).nbytes)], data)
+
+    def write_runs(self, runs: list[tuple[int, int]], data) -> None:
+        """Append the pages of ``runs`` ((address, length) pairs), whose bytes ``data`` (any
+        buffer) holds back to back: one write however many runs (a sparse incremental
+        checkpoint has one per page)."""
+        total = 0
+        for vaddr, size in runs:
+            if vaddr % PAGE_SIZE or size % PAGE_SIZE or vaddr + size > _ADDRESS_LIMIT:
+                raise ValueError(f"page run {vaddr:#x}+{size:#x} is not page aligned")
+            total += size
+        if total != memoryview(data).nbytes:
+            raise ValueError(f"{total} bytes of page runs, {memoryview(data).nbytes} given")
+        if not total:
             return
         self._stream.write(data)
-        nr = size // PAGE_SIZE
-        last = self._runs[-1] if self._runs else None
-        if last and last[0] + last[1] * PAGE_SIZE == vaddr:
-            last[1] += nr
-        else:
-            self._runs.append([vaddr, nr])
-        self.nr_pages += nr
+        for vaddr, size in runs:
+            if not size:
+                continue
+            nr = size // PAGE_SIZE
+            last = self._runs[-1] if self._runs else None
+            if last and last[0] + last[1] * PAGE_SIZE == vaddr:
+                last[1] += nr
+            else:
+                self._runs.append([vaddr, nr])
+        self.nr_pages += total // PAGE_SIZE
 
     def close(self) -> None:
         """Finish the pages file and write the pagemap; required before ImageWriter.commit()."""

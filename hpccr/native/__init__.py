@@ -5,7 +5,9 @@ Every function raises OSError with the real errno; policy lives in the engine.
 
 from __future__ import annotations
 
+import array
 import errno
+import itertools
 import os
 import struct
 from importlib import resources
@@ -242,6 +244,18 @@ def read_ranges(pid: int, addrs, lens, count: int, buf) -> int:
 def write_ranges(pid: int, addrs, lens, count: int, buf) -> int:
     with ffi.from_buffer(buf) as ptr:
         return _check(lib.hpccr_write_ranges(pid, addrs, lens, count, ptr))
+
+
+def spans_op(name: str, a: list[tuple[int, int]], b: list[tuple[int, int]]):
+    """hpccr_spans_`name` (intersect, subtract) of two lists of sorted, disjoint spans."""
+    flat_a = array.array("Q", itertools.chain.from_iterable(a))
+    flat_b = array.array("Q", itertools.chain.from_iterable(b))
+    out = array.array("Q", bytes(16 * (len(a) + len(b) + 1)))
+    with ffi.from_buffer("uint64_t[]", flat_a) as pa, ffi.from_buffer("uint64_t[]", flat_b) as pb, \
+            ffi.from_buffer("uint64_t[]", out, require_writable=True) as po:
+        n = getattr(lib, f"hpccr_spans_{name}")(pa, len(a), pb, len(b), po)
+    values = iter(out[:2 * n])
+    return list(zip(values, values, strict=True))
 
 
 def read_mem(pid: int, addr: int, size: int) -> bytes:

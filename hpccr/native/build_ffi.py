@@ -54,6 +54,14 @@ size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned 
                           unsigned long long none, unsigned long long *starts,
                           unsigned long long *counts, size_t max);
 
+/* Sorted, disjoint [start, end) spans, flat (start0, end0, start1, ...): the parts of `a` inside
+ * (intersect) or outside (subtract) those of `b`, into `out` (room for na + nb spans); returns
+ * their number. */
+size_t hpccr_spans_intersect(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
+                             uint64_t *out);
+size_t hpccr_spans_subtract(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
+                            uint64_t *out);
+
 /* statfs(2) f_type of the file system holding `path`, or -errno. */
 long hpccr_statfs_type(const char *path);
 
@@ -253,6 +261,57 @@ long hpccr_write_ranges(int pid, const unsigned long long *addrs,
                         const unsigned long long *lens, size_t n, const void *buf)
 {
     return move_ranges(pid, addrs, lens, n, (char *)buf, 1);
+}
+
+size_t hpccr_spans_intersect(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
+                             uint64_t *out)
+{
+    size_t i = 0, j = 0, n = 0;
+
+    while (i < na && j < nb) {
+        uint64_t start = a[2 * i] > b[2 * j] ? a[2 * i] : b[2 * j];
+        uint64_t end = a[2 * i + 1] < b[2 * j + 1] ? a[2 * i + 1] : b[2 * j + 1];
+
+        if (start < end) {
+            out[2 * n] = start;
+            out[2 * n + 1] = end;
+            n++;
+        }
+        if (a[2 * i + 1] < b[2 * j + 1])
+            i++;
+        else
+            j++;
+    }
+    return n;
+}
+
+size_t hpccr_spans_subtract(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
+                            uint64_t *out)
+{
+    size_t j = 0, n = 0;
+
+    for (size_t i = 0; i < na; i++) {
+        uint64_t start = a[2 * i], end = a[2 * i + 1];
+
+        while (j < nb && b[2 * j + 1] <= start)
+            j++;
+        for (size_t k = j; start < end; k++) {
+            if (k == nb || b[2 * k] >= end) {
+                out[2 * n] = start;
+                out[2 * n + 1] = end;
+                n++;
+                break;
+            }
+            if (b[2 * k] > start) {
+                out[2 * n] = start;
+                out[2 * n + 1] = b[2 * k];
+                n++;
+            }
+            if (b[2 * k + 1] > start)
+                start = b[2 * k + 1];
+        }
+    }
+    return n;
 }
 
 /* A pte marker (swap type 31, SWP_PTE_MARKER) shows as a swapped page without being one: e.g.
