@@ -281,6 +281,7 @@ def test_failing_hook_is_reported_and_the_job_completes(site):
     ("", {"HPCCR_GPU_LOCK_TIMEOUT": "0"},
      r"hpccr: error: HPCCR_GPU_LOCK_TIMEOUT: 'gpu_lock_timeout' must be 1\.\.4000000 seconds, "
      "not 0"),
+    ("full_every = 0\n", {}, r"hpccr: error: {file}: 'full_every' must be 1\.\.256, not 0"),
     ("", {"HPCCR_TCP_CLOSE": "maybe"},
      r"hpccr: error: HPCCR_TCP_CLOSE: 'maybe' is not one of true, 1, yes, false, 0, no"),
 ])
@@ -304,6 +305,7 @@ def test_shipped_configuration_is_the_default():
             "job_network": shipped.job_network, "job_subnet": shipped.job_subnet,
             "overlay_subnet": shipped.overlay_subnet,
             "overlay_ids": "{}-{}".format(*shipped.overlay_ids),
-            "compress": shipped.compress, "gpu_library": shipped.gpu_library,
+            "compress": shipped.compress, "full_every": shipped.full_every,
+            "gpu_library": shipped.gpu_library,
             "gpu_lock_timeout": shipped.gpu_lock_timeout,
             "hooks": shipped.hooks} == config.DEFAULTS
