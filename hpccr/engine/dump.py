@@ -407,11 +407,14 @@ class _Increment:
         return [(start, end - start) for start, end in subtract(spans, inherited)], inherited
 
     def committed(self, path: str) -> None:
+        if self.parent is not None:
+            self.parent.close()
         if not self.arm:
             self.tracking.reset()  # the processes are gone, or stopped untracked
             return
-        self.tracking.committed(Path(path), ImageReader(path).digest, self.inherits,
-                                self.trackers)
+        image = ImageReader(path)
+        image.close()
+        self.tracking.committed(Path(path), image.digest, self.inherits, self.trackers)
 
 
 def _check_owner_may_restore(pid: int, owner: User) -> None:
