@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from hpccr import config, native
 from hpccr.engine import cpu, gpu, posix_timers, procfs
 from hpccr.engine.restore import MM_MAP, PR_SET_MM, PR_SET_MM_MAP
+from hpccr.engine.tracking import PAGE_REGION, PAGEMAP_SCAN, PM_SCAN_ARG
 from hpccr.errors import CheckFailed
 from hpccr.image.show import cuda_release
 
@@ -41,12 +42,6 @@ PM_PRESENT = 1 << 63
 PM_SOFT_DIRTY = 1 << 55
 PM_PFN_MASK = (1 << 55) - 1
 
-# PAGEMAP_SCAN (linux/fs.h, newer than Debian 12's headers): _IOWR('f', 16, struct pm_scan_arg)
-PAGEMAP_SCAN = 0xC0606610
-# struct pm_scan_arg {u64 size, flags, start, end, walk_end, vec, vec_len, max_pages,
-#                     category_inverted, category_mask, category_anyof_mask, return_mask}
-PM_SCAN_ARG = struct.Struct("<12Q")
-PAGE_REGION = struct.Struct("<3Q")  # start end categories
 PAGE_IS_PRESENT = 1 << 3
 
 # userfaultfd (linux/userfaultfd.h)

@@ -135,6 +135,34 @@ def _split(ranges: list[tuple[int, int]], spans: list[tuple[int, int]]):
     return inside, outside
 
 
+def pinned(pid: int) -> bool:
+    """Whether the process has pages pinned for a device, which writes them behind the page
+    tables (RDMA, io_uring): write protection cannot see those writes."""
+    return procfs.status(pid).get("VmPin", "0 kB").split()[0] != "0"
+
+
+def take_userfaultfd(pid: int, inj, features: int) -> int | None:
+    """A userfaultfd of the frozen process `pid`'s mm (its injector `inj`) with `features`,
+    held by the dumper alone; None where the process or the kernel does not allow one."""
+    if pinned(pid):
+        return None
+    if procfs.status(pid).get("Seccomp", "0") != "0":
+        return None  # a filter may kill the process for calling userfaultfd()
+    try:
+        # Without UFFD_USER_MODE_ONLY: with it, a kernel write into a protected page (a
+        # read() into a buffer) would fail with EFAULT instead of waiting. So an
+        # unprivileged target (vm.unprivileged_userfaultfd=0) gets EPERM and none.
+        uffd = inj.take_fd("userfaultfd", O_CLOEXEC | O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        _ioctl(uffd, UFFDIO_API, UFFD_API, features, 0)
+    except OSError:
+        os.close(uffd)
+        return None
+    return uffd
+
+
 class Snapshot:
     """A userfaultfd of the target's mm and the copy-on-write state of one dump."""
 
@@ -164,24 +192,8 @@ class Snapshot:
     def open(cls, pid: int, inj, tracked: bool = False) -> Snapshot | None:
         """A userfaultfd of the frozen target's mm held by the dumper alone, or None where a
         snapshot cannot be taken (the classic copy is used then). `tracked`: see above."""
-        status = procfs.status(pid)
-        if status.get("VmPin", "0 kB").split()[0] != "0":
-            return None  # devices write pinned pages behind the page tables (RDMA, io_uring)
-        if status.get("Seccomp", "0") != "0":
-            return None  # a filter may kill the process for calling userfaultfd()
-        try:
-            # Without UFFD_USER_MODE_ONLY: with it, a kernel write into a protected page (a
-            # read() into a buffer) would fail with EFAULT instead of waiting. So an
-            # unprivileged target (vm.unprivileged_userfaultfd=0) gets EPERM and no snapshot.
-            uffd = inj.take_fd("userfaultfd", O_CLOEXEC | O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            _ioctl(uffd, UFFDIO_API, UFFD_API, FEATURES, 0)
-        except OSError:
-            os.close(uffd)
-            return None
-        return cls(pid, uffd, tracked)
+        uffd = take_userfaultfd(pid, inj, FEATURES)
+        return None if uffd is None else cls(pid, uffd, tracked)
 
     @property
     def registered(self) -> list[tuple[int, int]]:

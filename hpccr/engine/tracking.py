@@ -38,8 +38,9 @@ UFFD_FEATURE_WP_ASYNC = 1 << 15
 # pages, which a dump would save (zeros). Without it a page first touched after the protection
 # is not protected, and so shows as written: saved again, as it must be.
 FEATURES = UFFD_FEATURE_WP_ASYNC
-# PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg): twelve u64 (96 bytes); its output is an
-# array of struct page_region {u64 start, end, categories}.
+# PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg): struct pm_scan_arg {u64 size, flags, start,
+# end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask, category_anyof_mask,
+# return_mask}; its output is an array of struct page_region {u64 start, end, categories}.
 PAGEMAP_SCAN = 0xC0606610
 PM_SCAN_ARG = struct.Struct("<12Q")
 PAGE_REGION = struct.Struct("<QQQ")
@@ -75,17 +76,8 @@ class Tracker:
     def open(cls, pid: int, inj) -> Tracker | None:
         """A tracker for the frozen process `pid` (its injector `inj`), not armed yet; None
         where the kernel or the process does not allow one (its pages are then saved whole)."""
-        status = procfs.status(pid)
-        if status.get("VmPin", "0 kB").split()[0] != "0" or status.get("Seccomp", "0") != "0":
-            return None  # pinned pages are written behind the page tables; see snapshot.py
-        try:
-            uffd = inj.take_fd("userfaultfd", snapshot.O_CLOEXEC | snapshot.O_NONBLOCK)
-        except OSError:
-            return None
-        try:
-            snapshot._ioctl(uffd, snapshot.UFFDIO_API, snapshot.UFFD_API, FEATURES, 0)
-        except OSError:
-            os.close(uffd)
+        uffd = snapshot.take_userfaultfd(pid, inj, FEATURES)
+        if uffd is None:
             return None
         return cls(pid, uffd, procfs.stat(pid)[22])
 
@@ -122,7 +114,7 @@ class Tracker:
         again. A VMA that is not ours as registered (mapped or moved since) leaves `covered`,
         and all of them do for a process with pinned pages (a device writes those behind the
         page tables) or one that exec'd."""
-        if procfs.status(self.pid).get("VmPin", "0 kB").split()[0] != "0":
+        if snapshot.pinned(self.pid):
             self.covered = []
         vmas = [(entry.start, entry.end) for entry in procfs.maps(self.pid)]
         fd = os.open(procfs.path(self.pid, "pagemap"), os.O_RDONLY | os.O_CLOEXEC)

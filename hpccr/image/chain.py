@@ -113,8 +113,9 @@ def page_sources(reader: ImageReader, parents: list[ImageReader],
             if pagemap_name(pid) not in parent.files:
                 break
             pages = PageReader(parent, pid)
-            sources.append((pages, intersect(wanted, spans_of(pages.runs))))
-            wanted = subtract(wanted, spans_of(pages.runs))
+            held = spans_of(pages.runs)
+            sources.append((pages, intersect(wanted, held)))
+            wanted = subtract(wanted, held)
             if subtract(wanted, pages.inherited):
                 break  # pages the parent did not have: reported below
         if wanted:
