@@ -24,7 +24,7 @@ from hpccr.image import (
     pagemap_name,
     pages_name,
 )
-from hpccr.image.pages import inherited_name, pack_runs
+from hpccr.image.pages import forked_name, inherited_name, pack_runs
 from hpccr.image.show import render
 from hpccr.spans import intersect, subtract
 
@@ -621,13 +621,14 @@ def write_child(path, parent_path, runs, inherited, record=None, fill=b"\xab"):
         return writer.commit()
 
 
-def memory_through_chain(path) -> dict[int, bytes]:
+def memory_through_chain(path, pid: int = PID,
+                         parent_of: dict[int, int] | None = None) -> dict[int, bytes]:
     """page address -> content, as a restore would write it (memory.write_pages)."""
     reader = ImageReader(path)
     reader.verify()
     reader.parents = chain.open_parents(reader)
     memory = {}
-    for pages, spans in chain.page_sources(reader, reader.parents, PID):
+    for pages, spans in chain.page_sources(reader, reader.parents, pid, parent_of or {}):
         with pages:
             pieces = []
             for vaddr, nr, offset in pages.runs:
@@ -690,3 +691,53 @@ def test_chain_of_incremental_images(tmp_path, compress):
     with pytest.raises(ImageCorrupt, match="not the parent image"):
         memory_through_chain(newest)
     assert "BROKEN" in render(newest)
+
+
+# --- pages a process shares with its parent process since fork --------------------------------
+
+CHILD = PID + 10
+
+
+def write_forked(path, forked: list[tuple[int, int]], own=((0x20000000 + 5 * PAGE_SIZE, 3),)):
+    """An image of process PID (RUNS) and its child CHILD, whose pages `own` are its own (filled
+    with 7s) and whose `forked` (start, end) spans it shares with PID."""
+    meta = fake_meta(PID, sum(nr for _, nr in RUNS))
+    child = copy.deepcopy(meta["processes"][0])
+    child.update(pid=CHILD, ppid=PID, nr_pages=sum(nr for _, nr in own))
+    for i, thread in enumerate(child["threads"]):
+        thread.update(tid=CHILD + i, xstate=f"xstate-{CHILD + i}.bin")
+    meta["processes"].append(child)
+    with ImageWriter(path) as writer:
+        for pid, runs, fill in ((PID, RUNS, None), (CHILD, own, b"\x07")):
+            with PageWriter(writer, pid) as pages:
+                for vaddr, nr in runs:
+                    pages.write_run(vaddr, memoryview(fill * (nr * PAGE_SIZE) if fill
+                                                      else pattern(vaddr, nr)))
+        for proc in meta["processes"]:
+            for thread in proc["threads"]:
+                writer.write_bytes(thread["xstate"], bytes(2696))
+        writer.write_bytes(forked_name(CHILD), pack_runs(forked))
+        writer.write_json("image.json", meta)
+        return writer.commit()
+
+
+def test_pages_shared_with_the_parent_process(tmp_path):
+    """A child's pages shared since fork come from its parent's, its own from its own; a shared
+    page its parent does not hold, or a root that claims a parent, is refused (13)."""
+    start = 0x20000000
+    forked = [(0x10000000, 0x10000000 + 256 * PAGE_SIZE), (start, start + 5 * PAGE_SIZE)]
+    image = write_forked(tmp_path / "img", forked)
+    memory = memory_through_chain(image, CHILD, {CHILD: PID})
+    expected = {start + i * PAGE_SIZE: b"\x07" * PAGE_SIZE for i in range(5, 8)}
+    for begin, end in forked:
+        for vaddr in range(begin, end, PAGE_SIZE):
+            expected[vaddr] = pattern(vaddr, 1)
+    assert memory.keys() == expected.keys()
+    assert [a for a in expected if memory[a] != expected[a]] == []
+    assert "261 shared with its parent since fork" in render(image)
+
+    beyond = write_forked(tmp_path / "beyond", [(0x30000000, 0x30001000)])
+    with pytest.raises(ImageCorrupt, match="whose pages do not hold them"):
+        memory_through_chain(beyond, CHILD, {CHILD: PID})
+    with pytest.raises(ImageCorrupt, match="a parent process that the image does not hold"):
+        memory_through_chain(image, CHILD, {})

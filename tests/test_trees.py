@@ -17,10 +17,12 @@ refused).
 """
 
 import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 from pathlib import Path
 
@@ -353,6 +355,45 @@ def test_process_sharing_memory_left_running(tree_cr, tmp_path):
     """A --leave-running dump of it: both run on and pass, then the image restores."""
     workload = tree_cr.start(tree_cr.binaries["tree_clone"], "linuxthreads", append=True)
     tree_cr.leave_running_then_restore(workload, tmp_path / "img")
+
+
+def forked_pages(img: Path) -> dict[int, tuple[int, int]]:
+    """pid -> (its own pages, those it shares with its parent since fork), for each process
+    of the image that shares some (docs/image-format.md)."""
+    shared = {}
+    for proc in json.loads((img / "image.json").read_text())["processes"]:
+        runs = img / f"forked-{proc['pid']}.bin"
+        if runs.exists():
+            pages = sum(nr for _, nr in struct.iter_unpack("<QQ", runs.read_bytes()))
+            shared[proc["pid"]] = (proc["nr_pages"], pages)
+    return shared
+
+
+@pytest.mark.parametrize("how", ["kill", "leave-running"])
+def test_pages_shared_since_fork_are_saved_once(tree_cr, tmp_path, how):
+    """A root and 3 forked children over 16 MiB (workloads/fork_shared.c): the pages a child
+    still shares with its parent since fork are saved once, with the parent's, and each process
+    gets back exactly what it had — the child its own writes and the pages as they were at its
+    fork (not the parent's newer ones), the parent its own."""
+    workload = tree_cr.start(tree_cr.binaries["fork_shared"], 3, 16, append=True)
+    img = tmp_path / "img"
+    if how == "kill":
+        tree_cr.dump_and_kill(workload, img)
+    else:
+        res = tree_cr.dump(workload, img, "--leave-running")
+        assert res.returncode == 0, describe(res)
+    shared = forked_pages(img)
+    assert len(shared) == 3, shared
+    for own, forked in shared.values():
+        assert own < 1024 and forked >= 4000, shared  # 16 MiB: 4096 pages
+    show = tree_cr.run("show", img).stdout
+    assert show.count(" shared with its parent since fork (saved with the parent's)") == 3
+    if how == "kill":
+        tree_cr.restore_and_pass(workload, img)
+    else:
+        assert workload.wait_exit() == 0, workload.output()
+        workload.assert_passed()
+        tree_cr.restore_and_pass(workload, img, passes=2)
 
 
 def test_shared_signal_handlers_are_refused(tree_cr, tmp_path):

@@ -58,7 +58,13 @@ from hpccr.errors import (
     from_oserror,
 )
 from hpccr.image import ImageReader, ImageWriter, PageReader, PageWriter, chain
-from hpccr.image.pages import inherited_name, pack_runs, pagemap_name, spans_of
+from hpccr.image.pages import (
+    forked_name,
+    inherited_name,
+    pack_runs,
+    pagemap_name,
+    spans_of,
+)
 from hpccr.spans import intersect, subtract, union
 from hpccr.user import User
 
@@ -251,6 +257,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
         fd_state = fds.DumpState(writer, ghosts, [_reader(frozen, pid) for pid in frozen.pids],
                                  ids, network is not None)
         procs, copies = [], []
+        selected: dict[int, list[tuple[int, int]]] = {}  # pid -> the pages it saves, all
         owner = None if writer.dir_stat.st_uid == 0 else User.owner_of(writer.dir_stat)
         for pid in frozen.pids:
             if pid in frozen.zombies:
@@ -259,8 +266,12 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
             if owner is not None:
                 _check_owner_may_restore(frozen.frozen[pid].reader, owner)
             own_memory = "vm" not in frozen.shared_with_parent.get(pid, [])
+            parent = frozen.parent_of(pid)
+            forked_from = ((frozen.frozen[parent].reader, selected[parent])
+                           if own_memory and parent in selected else None)
             proc, batches, reader = _collect(pid, frozen.frozen[pid], writer, cow, ghosts,
-                                             fd_state, ids, own_memory, increment)
+                                             fd_state, ids, own_memory, increment,
+                                             forked_from, selected)
             readers.append(reader)
             if owner is not None:
                 sched.check(proc, trusted=False)  # what a restore for the owner refuses
@@ -515,14 +526,19 @@ def _header(ids: _Ids, procs: list[dict], sysv_state: dict | None,
 
 
 def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_state, ids: _Ids,
-             own_memory: bool = True, increment: _Increment | None = None):
+             own_memory: bool = True, increment: _Increment | None = None,
+             forked_from: tuple[int, list[tuple[int, int]]] | None = None,
+             selected: dict[int, list[tuple[int, int]]] | None = None):
     """Read every piece of state of the frozen process, streaming blobs into `writer`; returns
     its record, the batches of pages to save, and their reader: a Snapshot that has already
     write-protected them if `cow` and possible, else a MemoryReader for a copy in the freeze.
     A process whose address space is its parent's (CLONE_VM) has no memory of its own saved.
     Its state is read through `frozen.reader`: a thread that still runs, if the main thread has
     exited. With an `increment`, the pages its tracker vouches for are left to the parent
-    image, and the tracker is armed again (or its snapshot tracked, to hand over later)."""
+    image, and the tracker is armed again (or its snapshot tracked, to hand over later).
+    `forked_from`: its parent (the pid to read it through, the pages it saves, all of them):
+    the pages the two still share since fork are saved once, with the parent's.  The pages
+    this process saves, all of them, go into `selected` for its own children."""
     at = frozen.reader
     snap = tracker = None
     # (Not a process whose main thread has exited: its /proc entries are another thread's.)
@@ -538,6 +554,14 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             stat = procfs.stat(at)
             unreadable = [(v["start"], v["end"]) for v in vmas if v["prot"][0] != "r"]
             ranges = memory.select_pages(at, vmas)
+            if selected is not None and own_memory:
+                selected[pid] = ranges
+            forked = []
+            if forked_from is not None:
+                step.now = "comparing its pages with its parent's"
+                forked = memory.shared_with_parent(at, forked_from[0], ranges, forked_from[1])
+                ranges = [(start, end - start) for start, end in
+                          subtract([(a, a + n) for a, n in ranges], forked)]
             inherited = []
             if track:
                 step.now = "looking for the pages it wrote since the last checkpoint"
@@ -592,6 +616,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                 tracker.covered, tracker.written = list(tracker.spans), []
             if inherited:
                 writer.write_bytes(inherited_name(ids.of(pid)), pack_runs(inherited))
+            if forked:
+                writer.write_bytes(forked_name(ids.of(pid)), pack_runs(forked))
             step.now = "reading its memory layout, executable and working directory"
             mm = {name: int(stat[i]) for name, i in MM_FIELDS.items()}
             mm["brk"] = brk

@@ -124,6 +124,36 @@ def select_pages(pid: int, vmas: list[dict]) -> list[tuple[int, int]]:
     return ranges
 
 
+def shared_with_parent(pid: int, parent: int, ranges: list[tuple[int, int]],
+                       parent_ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (start, end) spans of `ranges` (the pages `pid` saves) where its `parent` maps the
+    very same page at the same address, and saves it too (`parent_ranges`): the pages they
+    still share since fork (copy-on-write), equal by construction.  Both must be frozen.  The
+    page frames in pagemap need CAP_SYS_ADMIN; without them nothing is found shared."""
+    candidates = intersect([(a, a + n) for a, n in ranges],
+                           [(a, a + n) for a, n in parent_ranges])
+    if not candidates:
+        return []
+    shared: list[tuple[int, int]] = []
+    fd, parent_fd = procfs.pagemap_fd(pid), procfs.pagemap_fd(parent)
+    try:
+        for start, end in candidates:
+            for at in range(start, end, PAGEMAP_CHUNK * PAGE):
+                n = min(PAGEMAP_CHUNK, (end - at) // PAGE)
+                mine = os.pread(fd, n * 8, at // PAGE * 8)
+                theirs = os.pread(parent_fd, n * 8, at // PAGE * 8)
+                for first, count in native.pagemap_same(mine, theirs):
+                    begin = at + first * PAGE
+                    if shared and shared[-1][1] == begin:
+                        shared[-1] = (shared[-1][0], begin + count * PAGE)
+                    else:
+                        shared.append((begin, begin + count * PAGE))
+    finally:
+        os.close(fd)
+        os.close(parent_fd)
+    return shared
+
+
 def split_batches(ranges: list[tuple[int, int]], limit: int = COPY_BATCH):
     """Split ranges into batches of at most `limit` bytes (long ranges are cut)."""
     batch, size = [], 0

@@ -426,6 +426,17 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
         fds.check_fds(proc["fds"], None)
         procfile.check_pids(proc, image_ids)
         sched.check(proc, trusted=user is None)
+        if not task.zombie and chain.has_pages(reader, proc):
+            # Every page found in its image, the images it leaves pages to, or its parent's.
+            for pages, _ in chain.page_sources(reader, reader.parents, proc["pid"],
+                                               parent_processes(meta)):
+                pages.close()
+
+
+def parent_processes(meta: dict) -> dict[int, int]:
+    """pid -> the pid of its parent, for every process of the image whose parent is in it."""
+    pids = {p["pid"] for p in meta["processes"]}
+    return {p["pid"]: p["ppid"] for p in meta["processes"] if p["ppid"] in pids}
 
 
 def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | None,
@@ -743,7 +754,7 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
 
     specials = memory.clear_stub(inj, pid)
     memory.move_specials(inj, specials, proc["vmas"], occupied)
-    _restore_address_space(ctx, inj, pid)
+    _restore_address_space(ctx, inj, pid, meta)
     sysv.remove_attached(inj, proc["vmas"], meta["sysv"])
     threads.restore_xcomp_perm(inj, proc["threads"][0]["xcomp_perm"])
     signals.restore_sigactions(inj, proc["sigactions"])
@@ -852,7 +863,7 @@ def release(task: Task) -> None:
         wait_stopped_again(task.outer, task.ctx.threads)
 
 
-def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
+def _restore_address_space(ctx: Context, inj: Injector, pid: int, meta: dict) -> None:
     proc = ctx.proc
     cr = proc["creds"]
     ghost = _deleted_executable(proc)
@@ -908,9 +919,9 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int) -> None:
     memory.map_vmas(inj, proc["vmas"], open_file)
     for fd in opened.values():
         inj.call("close", fd)
-    if proc["nr_pages"] or chain.inherits(ctx.reader, proc["pid"]):
+    if chain.has_pages(ctx.reader, proc):
         memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
-                                                   proc["pid"]))
+                                                   proc["pid"], parent_processes(meta)))
     memory.protect_vmas(inj, proc["vmas"])
     memory.advise_vmas(inj, proc["vmas"], None if ctx.trusted else _memlock_limit(proc))
     mm = proc["mm"]

@@ -75,6 +75,9 @@ class FrozenTree:
                 stack.extend(reversed([c for c in children(pid) if c in known]))
         return order
 
+    def parent_of(self, pid: int) -> int:
+        return int(procfs.status(pid)["PPid"])
+
     def freeze(self) -> None:
         try:
             pending = [self.root]

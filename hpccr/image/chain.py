@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from hpccr.config import MAX_FULL_EVERY
 from hpccr.errors import HpccrError, ImageCorrupt, ImageNotFound
-from hpccr.image.pages import PageReader, inherited_name, pagemap_name, parse_runs, spans_of
+from hpccr.image.pages import (
+    PageReader,
+    forked_name,
+    inherited_name,
+    pagemap_name,
+    parse_runs,
+    spans_of,
+)
 from hpccr.image.store import ImageReader, valid_name
-from hpccr.spans import intersect, subtract
+from hpccr.spans import intersect, subtract, union
 
 MAX_LENGTH = MAX_FULL_EVERY  # images in one chain
 
@@ -97,11 +104,47 @@ def links(reader: ImageReader) -> list[dict]:
         child = parent
 
 
-def page_sources(reader: ImageReader, parents: list[ImageReader],
+def page_sources(reader: ImageReader, parents: list[ImageReader], pid: int,
+                 parent_of: dict[int, int],
+                 depth: int = 0) -> list[tuple[PageReader, list[tuple[int, int]] | None]]:
+    """Where the pages of process `pid` come from: (a PageReader, the spans to take from it,
+    None for all), the image's own pages first, then those it inherits from the parent images,
+    then those it shares with its parent process since fork (`parent_of`: pid -> its parent's
+    pid in the image), wherever that process's come from. ImageCorrupt if a page it inherits
+    is in no parent image, or one it shares is not one of its parent process's, or the chain is
+    broken."""
+    sources = _own_sources(reader, parents, pid)
+    try:
+        name = forked_name(pid)
+        if name in reader.files:
+            forked = spans_of(parse_runs(reader.read_bytes(name), name))
+            if pid not in parent_of or depth > len(parent_of):  # (the latter: a cycle)
+                raise ImageCorrupt(f"{name}: process {pid} shares pages with a parent process "
+                                   "that the image does not hold (image corrupted)")
+            covered = []
+            for pages, spans in page_sources(reader, parents, parent_of[pid], parent_of,
+                                             depth + 1):
+                part = intersect(spans if spans is not None else spans_of(pages.runs), forked)
+                if part:
+                    sources.append((pages, part))
+                    covered = union(covered, part)
+                else:
+                    pages.close()
+            if subtract(forked, covered):
+                raise ImageCorrupt(f"{name}: process {pid} shares pages at "
+                                   f"{subtract(forked, covered)[0][0]:#x} with its parent "
+                                   f"process {parent_of[pid]}, whose pages do not hold them "
+                                   "(image corrupted)")
+    except BaseException:
+        for pages, _ in sources:
+            pages.close()
+        raise
+    return sources
+
+
+def _own_sources(reader: ImageReader, parents: list[ImageReader],
                  pid: int) -> list[tuple[PageReader, list[tuple[int, int]] | None]]:
-    """Where the pages of process `pid` come from: (its PageReader, the spans to take from it,
-    None for all), the image's own pages first. ImageCorrupt if a page it inherits is in no
-    parent, or the chain is broken."""
+    """The pages of process `pid` that its images hold: its own, then those it inherits."""
     sources = []
     try:
         own = PageReader(reader, pid)
@@ -129,6 +172,16 @@ def page_sources(reader: ImageReader, parents: list[ImageReader],
     return sources
 
 
-def inherits(reader: ImageReader, pid: int) -> bool:
-    """Whether process `pid` leaves pages to the parent in the image of `reader`."""
-    return inherited_name(pid) in reader.files
+def forked_pages(reader: ImageReader, pid: int) -> int:
+    """How many pages process `pid` of the image shares with its parent process since fork."""
+    name = forked_name(pid)
+    if name not in reader.files:
+        return 0
+    return sum(nr for _, nr, _ in parse_runs(reader.read_bytes(name), name))
+
+
+def has_pages(reader: ImageReader, proc: dict) -> bool:
+    """Whether process `proc` of the image of `reader` has pages to restore: its own, ones it
+    leaves to the parent image, or ones it shares with its parent process."""
+    return bool(proc["nr_pages"]) or any(name(proc["pid"]) in reader.files
+                                         for name in (inherited_name, forked_name))

@@ -2,7 +2,9 @@
 
 An incremental image (engine/tracking.py) also has ``inherited-<pid>.bin``: the page runs, in
 the same records, that the process had at the checkpoint but that its parent image holds (in its
-own pages, or inherited in turn); image/chain.py resolves them.
+own pages, or inherited in turn); image/chain.py resolves them.  A process forked from another of
+the image may have ``forked-<pid>.bin``: the page runs it still shared with its parent since the
+fork (the same pages, copy-on-write), which the image saves once, with the parent's.
 
 A compressed image has ``pages-<pid>.img.zst`` instead: the same bytes as one zstd stream,
 compressed on all cores as they are written and decompressed batch by batch at restore, so
@@ -33,6 +35,10 @@ def pagemap_name(pid: int) -> str:
 
 def inherited_name(pid: int) -> str:
     return f"inherited-{pid}.bin"
+
+
+def forked_name(pid: int) -> str:
+    return f"forked-{pid}.bin"
 
 
 def pack_runs(spans) -> bytes:

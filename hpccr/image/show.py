@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from hpccr.engine.memory import ADVICE_NAMES
-from hpccr.image.chain import links
+from hpccr.image.chain import forked_pages, links
 from hpccr.image.series import PART
 from hpccr.image.store import PAGE_SIZE, ImageReader
 from hpccr.mpi.coordinate import FIGURES
@@ -175,7 +175,7 @@ def _fd_path(fd: dict) -> str:
     return path
 
 
-def _render_process(proc: dict) -> list[str]:
+def _render_process(proc: dict, forked_pages: int) -> list[str]:
     if proc["exit_status"] is not None:
         status = proc["exit_status"]
         how = (f"exit code {os.WEXITSTATUS(status)}" if os.WIFEXITED(status)
@@ -214,6 +214,8 @@ def _render_process(proc: dict) -> list[str]:
     lines.append(
         f"  memory    {len(vmas)} VMAs ({kinds}), {human_size(mapped)} mapped, "
         f"{proc['nr_pages']} pages saved ({human_size(proc['nr_pages'] * PAGE_SIZE)})"
+        + (f", {forked_pages} shared with its parent since fork (saved with the parent's)"
+           if forked_pages else "")
     )
     lines += _table(
         ["START-END", "PROT", "KIND", "SIZE", "SAVED", "PATH"],
@@ -287,6 +289,7 @@ def _render_image(path: str | Path, as_json: bool) -> str:
         for f in sorted(reader.files.values())
     ]
     chain = links(reader)
+    forked = {p["pid"]: forked_pages(reader, p["pid"]) for p in meta["processes"]}
     if as_json:
         doc = {
             "path": str(reader.path),
@@ -295,6 +298,7 @@ def _render_image(path: str | Path, as_json: bool) -> str:
             "files": files,
             "image": meta,
             "chain": chain,
+            "forked_pages": {str(pid): n for pid, n in forked.items() if n},
         }
         return json.dumps(doc, indent=2, sort_keys=True)
 
@@ -316,7 +320,7 @@ def _render_image(path: str | Path, as_json: bool) -> str:
     ]
     lines += [f"  {message}" for message in problems.values()]
     for proc in meta["processes"]:
-        lines += ["", *_render_process(proc)]
+        lines += ["", *_render_process(proc, forked[proc["pid"]])]
     lines += ["", f"files       {len(files)}"]
     lines += _table(
         ["NAME", "SIZE", "XXH3-128", ""],

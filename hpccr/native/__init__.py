@@ -285,6 +285,20 @@ def pagemap_runs(entries, any_bits: int, no_bits: int) -> list[tuple[int, int]]:
     return [(starts[i], counts[i]) for i in range(runs)]
 
 
+def pagemap_same(mine, theirs) -> list[tuple[int, int]]:
+    """Runs (first page index, page count) where two pagemaps of the same addresses name the
+    same page: the same frame (present) or swap slot (swapped), not a file page."""
+    n = min(len(mine), len(theirs)) // 8
+    if n == 0:
+        return []
+    starts = ffi.new("unsigned long long[]", n // 2 + 1)
+    counts = ffi.new("unsigned long long[]", n // 2 + 1)
+    with ffi.from_buffer("unsigned long long[]", mine) as a, \
+            ffi.from_buffer("unsigned long long[]", theirs) as b:
+        runs = lib.hpccr_pagemap_same(a, b, n, starts, counts, n // 2 + 1)
+    return [(starts[i], counts[i]) for i in range(runs)]
+
+
 # --- processes -------------------------------------------------------------------------------
 
 def fork_with_pid(pid: int, flags: int = 0) -> int:

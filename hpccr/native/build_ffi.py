@@ -54,6 +54,12 @@ size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned 
                           unsigned long long none, unsigned long long *starts,
                           unsigned long long *counts, size_t max);
 
+/* Runs of pages that two pagemaps (of two processes, the same addresses) map alike: both
+ * present with the same page frame, or both swapped to the same slot; no file pages, no pte
+ * markers.  Writes at most `max` (first page index, page count) pairs; returns their number. */
+size_t hpccr_pagemap_same(const unsigned long long *a, const unsigned long long *b, size_t n,
+                          unsigned long long *starts, unsigned long long *counts, size_t max);
+
 /* Sorted, disjoint [start, end) spans, flat (start0, end0, start1, ...): the parts of `a` inside
  * (intersect) or outside (subtract) those of `b`, into `out` (room for na + nb spans); returns
  * their number. */
@@ -331,6 +337,32 @@ size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned 
             break;
         size_t start = i;
         while (i < n && SELECTED(entries[i]))
+            i++;
+        starts[runs] = start;
+        counts[runs] = i - start;
+        runs++;
+    }
+    return runs;
+}
+
+/* Bits 0-54: the page frame of a present page, the swap type and offset of a swapped one;
+ * with bits 61-63 (file page, swapped, present): which page it is, not how it is mapped. */
+#define FRAME(e) ((e) & ((1ULL << 55) - 1))
+#define PAGE_ID(e) ((e) & ((1ULL << 55) - 1 | 7ULL << 61))
+#define SAME_PAGE(x, y) ((x) >> 62 && !((x) >> 61 & 1) && FRAME(x) && !PTE_MARKER(x) \
+                         && PAGE_ID(x) == PAGE_ID(y))
+
+size_t hpccr_pagemap_same(const unsigned long long *a, const unsigned long long *b, size_t n,
+                          unsigned long long *starts, unsigned long long *counts, size_t max)
+{
+    size_t runs = 0, i = 0;
+    while (i < n && runs < max) {
+        while (i < n && !SAME_PAGE(a[i], b[i]))
+            i++;
+        if (i == n)
+            break;
+        size_t start = i;
+        while (i < n && SAME_PAGE(a[i], b[i]))
             i++;
         starts[runs] = start;
         counts[runs] = i - start;

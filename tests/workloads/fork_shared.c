@@ -1,0 +1,129 @@
+/*
+ * Memory a root shares with its forked children (copy-on-write since fork), as a forked worker
+ * pool over one data set has it.
+ *
+ * usage: fork_shared CHILDREN MIB
+ *
+ * The root fills MIB of anonymous memory, page by page with a value of (page, 0), and forks
+ * CHILDREN children.  Child k writes its own 16 pages of it with (page, k + 1) and fills a
+ * region of its own (1 MiB, mapped after the fork).  Once they are forked the root writes its
+ * first 32 pages anew with (page, 100): from then on these are no longer the children's pages.
+ * After the window every process checks every page: its own writes, the root's late ones in
+ * the root only, and (page, 0) everywhere else — so a child given the root's current pages
+ * instead of those it shared, or its own pages lost, FAILs.
+ */
+#include "tree.h"
+
+#include <sys/mman.h>
+
+#define PAGE 4096
+#define OWN_PAGES 16
+#define ROOT_LATE_PAGES 32
+#define ROOT_GEN 100
+
+static uint64_t *data;
+static size_t pages;
+static int generation_of_child = -1; /* the writer of this process's own pages: -1 root */
+static uint64_t *own;
+
+static uint64_t value(size_t page, int gen)
+{
+	return page * 1000003u + (uint64_t)gen * 7919u + 1;
+}
+
+static void fill(uint64_t *at, size_t page, int gen)
+{
+	for (size_t i = 0; i < PAGE / sizeof(uint64_t); i++)
+		at[i] = value(page, gen) ^ i;
+}
+
+static int holds(const uint64_t *at, size_t page, int gen)
+{
+	for (size_t i = 0; i < PAGE / sizeof(uint64_t); i++)
+		if (at[i] != (value(page, gen) ^ i))
+			return 0;
+	return 1;
+}
+
+static size_t first_own_page(int child)
+{
+	return ROOT_LATE_PAGES + (size_t)child * OWN_PAGES * 2;
+}
+
+static int expected_gen(size_t page)
+{
+	if (generation_of_child < 0)
+		return page < ROOT_LATE_PAGES ? ROOT_GEN : 0;
+	size_t first = first_own_page(generation_of_child);
+	return page >= first && page < first + OWN_PAGES ? generation_of_child + 1 : 0;
+}
+
+static void check_all(void)
+{
+	for (size_t page = 0; page < pages; page++) {
+		int gen = expected_gen(page);
+
+		if (!holds(data + page * (PAGE / sizeof(uint64_t)), page, gen)) {
+			wl_fail("%s: page %zu does not hold generation %d", tree_name, page, gen);
+			return;
+		}
+	}
+	for (size_t page = 0; own && page < 256; page++)
+		if (!holds(own + page * (PAGE / sizeof(uint64_t)), page, 50)) {
+			wl_fail("%s: page %zu of its own region is wrong", tree_name, page);
+			return;
+		}
+}
+
+int main(int argc, char **argv)
+{
+	int children;
+	pid_t pids[64];
+	char names[64][16];
+
+	if (argc != 3 || (children = atoi(argv[1])) < 1 || children > 64 || atoi(argv[2]) < 1) {
+		fprintf(stderr, "usage: fork_shared CHILDREN MIB\n");
+		return 2;
+	}
+	pages = (size_t)atoi(argv[2]) << 20 >> 12;
+	if (first_own_page(children) > pages) {
+		fprintf(stderr, "fork_shared: too little memory for %d children\n", children);
+		return 2;
+	}
+	data = mmap(NULL, pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (data == MAP_FAILED)
+		wl_die("mmap");
+	for (size_t page = 0; page < pages; page++)
+		fill(data + page * (PAGE / sizeof(uint64_t)), page, 0);
+	tree_start();
+	for (int k = 0; k < children; k++) {
+		snprintf(names[k], sizeof(names[k]), "child %d", k);
+		pids[k] = tree_fork(names[k]);
+		if (pids[k] == 0) {
+			generation_of_child = k;
+			for (size_t page = first_own_page(k); page < first_own_page(k) + OWN_PAGES; page++)
+				fill(data + page * (PAGE / sizeof(uint64_t)), page, k + 1);
+			own = mmap(NULL, 256 * PAGE, PROT_READ | PROT_WRITE,
+				   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			if (own == MAP_FAILED)
+				wl_die("mmap");
+			for (size_t page = 0; page < 256; page++)
+				fill(own + page * (PAGE / sizeof(uint64_t)), page, 50);
+			tree_ready();
+			wl_sleep(WL_WINDOW_S);
+			tree_check_place();
+			check_all();
+			tree_exit();
+		}
+	}
+	/* The children keep what they had at their fork: the root's pages are its own from now. */
+	for (size_t page = 0; page < ROOT_LATE_PAGES; page++)
+		fill(data + page * (PAGE / sizeof(uint64_t)), page, ROOT_GEN);
+	tree_wait_ready(children);
+	wl_sleep(WL_WINDOW_S);
+	tree_check_place();
+	check_all();
+	for (int k = 0; k < children; k++)
+		tree_reap(pids[k], names[k]);
+	return wl_finish();
+}
