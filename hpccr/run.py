@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from hpccr import config
-from hpccr.engine import netns, overlay
+from hpccr.engine import netns, overlay, procfs
 from hpccr.engine.job import (
     FORWARDED,
     enter_job_namespaces,
@@ -192,12 +192,23 @@ class Checkpoints:
                     figures = coordinate.take(self.series, path, len(self.part.nodes), pid,
                                               mode, self.keep)
         except HpccrError as exc:
+            if job_ended(pid):  # as the checkpoint began: nothing failed, nothing to take
+                self.notify("after_checkpoint", path=str(path), ok=False,
+                            error="the job ended")
+                return None
             print(f"hpccr: checkpoint {path} failed, the job runs on: {exc}", file=sys.stderr,
                   flush=True)
             self.notify("after_checkpoint", path=str(path), ok=False, error=str(exc))
             return None
         self.notify("after_checkpoint", path=str(path), ok=True, error=None, **figures)
         return path
+
+
+def job_ended(pid: int) -> bool:
+    """Whether the job's root `pid`, a child of this process, has ended (not yet waited for):
+    a zombie, not a process whose main thread alone exited."""
+    state = procfs.state(pid)
+    return state in (None, "X") or (state == "Z" and not procfs.leader_exited(pid))
 
 
 class Supervision:

@@ -12,11 +12,15 @@ import json
 import os
 import re
 import signal
+import subprocess
 
 import pytest
-from harness import TIMEOUT, describe, ns_pids, proc_status, tree_of
+from harness import TIMEOUT, describe, ns_pids, proc_status, tree_of, wait_until
 
 from hpccr.duration import parse_duration
+from hpccr.engine import procfs
+from hpccr.image.series import Series
+from hpccr.run import Checkpoints
 
 FORWARDED = ("TERM", "INT", "HUP", "USR1", "USR2", "CONT")
 CKPT = re.compile(r"ckpt-(\d{4})")
@@ -219,6 +223,26 @@ def test_interval_checkpoints_of_a_script_running_commands(tree_cr, tmp_path):
     assert not complaints, complaints
     last = int(CKPT.fullmatch(checkpoints(series)[-1]).group(1))
     assert last >= 3, f"only {last} checkpoints"
+
+
+def test_checkpoint_as_the_job_ends(tmp_path, capfd):
+    """A periodic checkpoint that begins as the job ends (its root exited, not yet waited for
+    by hpccr run): nothing is taken and nothing is said — the job ended, nothing failed (it
+    used to fail with a traceback of hpccr run, or "checkpoint failed")."""
+    series = tmp_path / "series"
+    series.mkdir()
+    events = []
+    checkpoints = Checkpoints(Series(series), 1.0, 2,
+                              notify=lambda event, **fields: events.append((event, fields)))
+    job = subprocess.Popen(["true"])
+    try:
+        wait_until(lambda: procfs.state(job.pid) == "Z", "the job ended")
+        assert checkpoints.take(job.pid, "running") is None
+    finally:
+        job.wait()
+    assert capfd.readouterr().err == ""
+    assert events[-1][0] == "after_checkpoint" and events[-1][1]["ok"] is False, events
+    assert checkpoints.series.images() == [], "an image of an ended job"
 
 
 def test_same_image_restored_twice_at_once(tree_cr, tmp_path):

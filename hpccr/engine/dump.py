@@ -148,7 +148,7 @@ def dump(pid: int, directory: str, mode: str = "kill",
         compress = config.load().compress
     with _Step(pid, "looking at the process"):
         check_target(pid)
-    network = _network(pid)
+        network = _network(pid)
     with _Step(pid, "looking for processes that use a GPU"):
         gpus = gpu.Suspension(pid, mode)
     clock = _Clock()
@@ -185,7 +185,10 @@ def _dump_in_network(pid: int, directory: str, mode: str, clock: _Clock,
                      gpus: gpu.Suspension, compress: bool,
                      tracking: tracking_.Tracking | None) -> DumpResult:
     # Inside the job's network: its sockets are found and locked there (fds/inet.py).
-    with netns.entered_of(pid) if network else contextlib.nullcontext():
+    with contextlib.ExitStack() as inside:
+        if network:
+            with _Step(pid, "entering its network namespace"):
+                inside.enter_context(netns.entered_of(pid))
         if mode == "running":
             try:
                 return _dump(pid, directory, mode, clock, True, network, barrier, gpus,
