@@ -369,31 +369,64 @@ def forked_pages(img: Path) -> dict[int, tuple[int, int]]:
     return shared
 
 
-@pytest.mark.parametrize("how", ["kill", "leave-running"])
-def test_pages_shared_since_fork_are_saved_once(tree_cr, tmp_path, how):
+def frames(pid: int, start: int, end: int) -> list[int | None]:
+    """The page frame of each page of `pid` in [start, end), None where none is present."""
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        pagemap.seek(start // 4096 * 8)
+        entries = struct.iter_unpack("<Q", pagemap.read((end - start) // 4096 * 8))
+    return [e & ((1 << 55) - 1) if e >> 63 else None for (e,) in entries]
+
+
+def data_set(pid: int) -> tuple[int, int]:
+    """The workload's 16 MiB of anonymous memory in `pid`."""
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split()
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if len(fields) == 5 and end - start == 16 << 20:
+            return start, end
+    raise AssertionError(f"no 16 MiB mapping in process {pid}")
+
+
+def test_pages_shared_since_fork_stay_shared(tree_cr, tmp_path):
     """A root and 3 forked children over 16 MiB (workloads/fork_shared.c): the pages a child
-    still shares with its parent since fork are saved once, with the parent's, and each process
-    gets back exactly what it had — the child its own writes and the pages as they were at its
+    still shares with its parent since fork are saved once, with the parent's, and after the
+    restore they are the same pages again (the same page frames, /proc/PID/pagemap), while each
+    process has exactly what it had — a child its own writes and the pages as they were at its
     fork (not the parent's newer ones), the parent its own."""
-    workload = tree_cr.start(tree_cr.binaries["fork_shared"], 3, 16, append=True)
+    go = tmp_path / "go"
+    workload = tree_cr.start(tree_cr.binaries["fork_shared"], 3, 16, go)
     img = tmp_path / "img"
-    if how == "kill":
-        tree_cr.dump_and_kill(workload, img)
-    else:
-        res = tree_cr.dump(workload, img, "--leave-running")
-        assert res.returncode == 0, describe(res)
+    tree_cr.dump_and_kill(workload, img)
     shared = forked_pages(img)
     assert len(shared) == 3, shared
     for own, forked in shared.values():
         assert own < 1024 and forked >= 4000, shared  # 16 MiB: 4096 pages
     show = tree_cr.run("show", img).stdout
     assert show.count(" shared with its parent since fork (saved with the parent's)") == 3
-    if how == "kill":
-        tree_cr.restore_and_pass(workload, img)
-    else:
-        assert workload.wait_exit() == 0, workload.output()
-        workload.assert_passed()
-        tree_cr.restore_and_pass(workload, img, passes=2)
+    res = tree_cr.restore(img, "--detach")
+    assert res.returncode == 0, describe(res)
+    root = workload.pid
+    start, end = data_set(root)
+    parents = frames(root, start, end)
+    for child in shared:  # all but its own 16 pages and the root's 32 written since
+        same = sum(1 for ours, theirs in zip(parents, frames(child, start, end), strict=True)
+                   if ours is not None and ours == theirs)
+        assert same == 4096 - 16 - 32, f"child {child}: {same} pages shared with its parent"
+    go.touch()
+    workload.wait_for("PASS", timeout=TIMEOUT)
+
+
+def test_pages_shared_since_fork_left_running(tree_cr, tmp_path):
+    """The same pool dumped with --leave-running (its pages copied while it runs on): it runs
+    on and passes, then the image restores and passes too."""
+    workload = tree_cr.start(tree_cr.binaries["fork_shared"], 3, 16, append=True)
+    img = tmp_path / "img"
+    res = tree_cr.dump(workload, img, "--leave-running")
+    assert res.returncode == 0, describe(res)
+    assert all(forked >= 4000 for _, forked in forked_pages(img).values())
+    assert workload.wait_exit() == 0, workload.output()
+    workload.assert_passed()
+    tree_cr.restore_and_pass(workload, img, passes=2)
 
 
 def test_shared_signal_handlers_are_refused(tree_cr, tmp_path):

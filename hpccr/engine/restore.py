@@ -5,7 +5,8 @@ stub under PTRACE_TRACEME.  From the stub's first stop on, everything is done by
 injected into it: the address space is replaced with the saved one, threads are cloned with their
 saved tids, signal state and credentials are put back, and the saved registers are loaded.  Until
 the final detach the task is killed if anything fails (or if hpccr itself dies: EXITKILL), and the
-image is only ever read.
+image is only ever read.  A child that shares pages with its parent since fork is forked by its
+parent's stub instead, once the parent's pages are back (engine/forked.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from hpccr.engine import (
     cpu,
     creds,
     fds,
+    forked,
     gpu,
     locks,
     memory,
@@ -70,6 +72,7 @@ from hpccr.errors import (
 )
 from hpccr.image import ImageReader, chain
 from hpccr.image.series import in_use, resolve
+from hpccr.spans import intersect
 from hpccr.user import User, fs_rights
 
 if TYPE_CHECKING:
@@ -152,6 +155,12 @@ class Task:
     makes_group: int = 0  # a group whose leader exited, which its helper makes (sessions.py)
     group_lifetime: int = -1  # that helper's end of a pipe every task holds until it is built
     group_spare: int = 0  # in a job's pid namespace: a pid no task needs, for its helper's parent
+    # Forked by its parent's stub once the parent's pages are back, to share them again
+    # (engine/forked.py); until then its donor, a task with a spare pid, holds its descriptors.
+    carried: bool = False
+    donor: int = 0  # the first pid its donor tries, then the one it has
+    donor_outer: int = 0
+    parents_scratch: int = 0  # where its copy of its parent's injection area lies
 
     @property
     def all_children(self) -> list[Task]:
@@ -209,6 +218,12 @@ def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
         raise ImageCorrupt("image.json: the processes do not form one tree")
     for pgid, members in groups.leaderless.items():
         next(t for t in order if t.proc["pid"] in members).makes_group = pgid
+    for task in order[1:]:
+        parent = tasks[task.proc["ppid"]]
+        task.carried = (task in parent.children and not task.makes_group
+                        and not task.in_outside_group and not parent.in_outside_group
+                        and forked.may_carry(task.proc, parent.proc, meta["processes"],
+                                             bool(task.all_children or task.sharers), reader))
     return order
 
 
@@ -313,7 +328,7 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
         pool.close()
         try:
             for task in order:
-                if not task.sharer:
+                if not task.sharer and not task.carried:
                     with _step(f"process {task.proc['pid']}: taking over its new task"):
                         take_over(task.outer)
             for task in order:
@@ -335,7 +350,9 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
                 with _step(f"process {task.proc['pid']}: rebuilding it"):
                     if task.sharers:
                         _discard_sigchld(task.outer)
-                    rebuild(task.ctx, task.outer, meta, memory_sharers)
+                    rebuild(task.ctx, task.outer, meta, memory_sharers,
+                            [child for child in task.children if child.carried],
+                            task.parents_scratch)
             with _step("removing the files that were deleted"):
                 order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
                 for task in order:
@@ -452,7 +469,7 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
     lifetimes = []  # the pipes that keep the helpers of leaderless groups (install_fds closes)
     makers = [task for task in order if task.makes_group]
     # In a pid namespace any other pid may be one a task is about to be created with.
-    spare = max(pid for task in order for pid in _task_pids(task)) + 1 if makers else 0
+    spare = max(pid for task in order for pid in _task_pids(task)) + 1
     for task in makers:
         if pidns:
             task.group_spare, spare = spare, spare + 1
@@ -461,6 +478,12 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         for end in ends:
             os.close(end)
         task.group_lifetime = lifetimes[-2]
+    for task in order:
+        if task.carried:
+            while not pidns and any(os.path.exists(procfs.path(pid))
+                                    for pid in range(spare, spare + forked.DONOR_PIDS)):
+                spare += forked.DONOR_PIDS
+            task.donor, spare = spare, spare + forked.DONOR_PIDS
     rd, wr = os.pipe2(os.O_CLOEXEC)
     try:
         if network:
@@ -538,9 +561,24 @@ def _make_leaderless_group(pgid: int, lifetime: int, spare: int) -> None:
 
 
 def _fork_task(task: Task, pool: fds.Pool, errpipe: int) -> None:
-    """Create `task` as a child of this one (it never returns in the child)."""
-    if _fork(task.proc["pid"], sharing.fork_flags(task.proc)) == 0:
-        _child(task, pool, errpipe)
+    """Create `task` as a child of this one (it never returns in the child); or, for a task
+    its parent's stub makes, its donor (engine/forked.py)."""
+    if not task.carried:
+        if _fork(task.proc["pid"], sharing.fork_flags(task.proc)) == 0:
+            _child(task, pool, errpipe)
+        return
+    for pid in range(task.donor, task.donor + forked.DONOR_PIDS):
+        try:
+            child = native.fork_with_pid(pid)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                continue  # taken meanwhile: a task needs none of these
+            raise _fork_error(exc, pid) from None
+        if child == 0:
+            _child(task, pool, errpipe, donor=True)
+        return
+    raise PidInUse(f"no free pid for the donor of process {task.proc['pid']} from "
+                   f"{task.donor}")
 
 
 def _fork_error(exc: OSError, pid: int) -> HpccrError:
@@ -554,7 +592,7 @@ def _fork_error(exc: OSError, pid: int) -> HpccrError:
 def _find_outer_pids(order: list[Task]) -> None:
     """Pids as hpccr sees them: the same as saved, unless the tree has its own namespace."""
     for task in order:
-        if task.sharer:
+        if task.sharer or task.carried:
             continue  # made later, by its parent's stub
         if not task.outer:
             raise RestoreFailed(f"process {task.proc['pid']} was not created")
@@ -562,7 +600,15 @@ def _find_outer_pids(order: list[Task]) -> None:
         for child in _children(task.outer):
             by_inner[int(procfs.status(child)["NSpid"].split()[-1])] = child
         for child in task.all_children:
-            child.outer = by_inner.get(child.proc["pid"], 0)
+            if not child.carried:
+                child.outer = by_inner.get(child.proc["pid"], 0)
+                continue
+            child.donor = next((inner for inner in by_inner
+                                if child.donor <= inner < child.donor + forked.DONOR_PIDS), 0)
+            child.donor_outer = by_inner.get(child.donor, 0)
+            if not child.donor_outer:
+                raise RestoreFailed(f"the donor of process {child.proc['pid']} was not "
+                                    "created")
 
 
 def _children(pid: int) -> list[int]:
@@ -582,24 +628,45 @@ def _clone_sharer(parent: int, proc: dict) -> int:
     leader.capture()
     inj = Injector(parent, leader, data_pages=1, bootstrap_ip=stub_inject_ip(parent))
     try:
-        before = set(_children(parent))
-        pid_ptr = inj.put(struct.pack("<i", proc["pid"]))
-        args = inj.put(threads.CLONE_ARGS.pack(sharing.clone_flags(proc), 0, 0, 0,
-                                               signal.SIGCHLD, 0, 0, 0, pid_ptr, 1, 0))
-        try:
-            inner = inj.call("clone3", args, threads.CLONE_ARGS.size)
-        except OSError as exc:
-            raise _fork_error(exc, proc["pid"]) from None
-        if inner != proc["pid"]:
-            raise RestoreFailed(f"process {proc['pid']} was made with pid {inner}")
-        (outer,) = set(_children(parent)) - before
-        status = native.wait(outer)  # its initial SIGSTOP, as an auto-attached task
-        if not os.WIFSTOPPED(status):
-            raise RestoreFailed(f"process {proc['pid']} did not start (wait status "
-                                f"{status:#x})")
+        return _clone_in(inj, parent, proc["pid"], sharing.clone_flags(proc))
     finally:
         inj.close(code_ip=stub_inject_ip(parent))
+
+
+def _clone_in(inj: Injector, parent: int, pid: int, flags: int) -> int:
+    """A child of `parent` with pid `pid` and clone `flags`, by a clone3 injected with `inj`;
+    returns its pid as hpccr sees it, stopped (auto-attached)."""
+    before = set(_children(parent))
+    pid_ptr = inj.put(struct.pack("<i", pid))
+    args = inj.put(threads.CLONE_ARGS.pack(flags, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, pid_ptr,
+                                           1, 0))
+    try:
+        inner = inj.call("clone3", args, threads.CLONE_ARGS.size)
+    except OSError as exc:
+        raise _fork_error(exc, pid) from None
+    finally:
+        inj.reset()
+    if inner != pid:
+        raise RestoreFailed(f"process {pid} was made with pid {inner}")
+    (outer,) = set(_children(parent)) - before
+    status = native.wait(outer)  # its initial SIGSTOP, as an auto-attached task
+    if not os.WIFSTOPPED(status):
+        raise RestoreFailed(f"process {pid} did not start (wait status {status:#x})")
     return outer
+
+
+def _fork_carried(inj: Injector, parent: int, task: Task) -> None:
+    """Fork `task` from its parent `parent` (as hpccr sees it), whose pages are back, by `inj`
+    (forked.py): it takes its descriptors and cwd from its donor, which then ends."""
+    task.outer = _clone_in(inj, parent, task.proc["pid"], 0)
+    task.parents_scratch = inj.base
+    thread = Thread(task.outer)
+    thread.capture()
+    forked.take_from_donor(Injector.adopt(task.outer, thread, inj.base, inj.size), task.proc,
+                           task.donor)
+    os.kill(task.donor_outer, signal.SIGKILL)
+    inj.call("wait4", task.donor, 0, 0, 0)
+    task.donor_outer = 0
 
 
 def _discard_sigchld(pid: int) -> None:
@@ -609,13 +676,19 @@ def _discard_sigchld(pid: int) -> None:
     leader.capture()
     inj = Injector(pid, leader, data_pages=1, bootstrap_ip=stub_inject_ip(pid))
     try:
-        wanted = inj.put(struct.pack("<Q", 1 << (signal.SIGCHLD - 1)))
-        no_wait = inj.put(bytes(16))
-        with contextlib.suppress(BlockingIOError):  # EAGAIN: none (left)
-            while True:
-                inj.call("rt_sigtimedwait", wanted, 0, no_wait, 8)
+        _drop_sigchld(inj)
     finally:
         inj.close(code_ip=stub_inject_ip(pid))
+
+
+def _drop_sigchld(inj: Injector) -> None:
+    """Take every pending SIGCHLD out of the task of `inj`."""
+    wanted = inj.put(struct.pack("<Q", 1 << (signal.SIGCHLD - 1)))
+    no_wait = inj.put(bytes(16))
+    with contextlib.suppress(BlockingIOError):  # EAGAIN: none (left)
+        while True:
+            inj.call("rt_sigtimedwait", wanted, 0, no_wait, 8)
+    inj.reset()
 
 
 def take_over(pid: int) -> None:
@@ -662,9 +735,10 @@ def _become_zombie(task: Task) -> None:
 
 def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False,
            sysv_state: dict | None = None, network: netns.Spec | None = None,
-           root: bool = False) -> None:
+           root: bool = False, donor: bool = False) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
-    Never returns."""
+    A `donor` (engine/forked.py) has another pid and no children, stays in its parent's
+    session and group, and holds the task's descriptors and cwd for it.  Never returns."""
     proc, ctx = task.proc, task.ctx
     errpipe = fcntl.fcntl(errpipe, fcntl.F_DUPFD_CLOEXEC, pool.base)
     try:
@@ -679,14 +753,16 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
                     signal.signal(sig, signal.SIG_DFL)
                 except (OSError, ValueError):
                     pass
-        if proc["sid"] == proc["pid"]:
+        if donor:
+            native.syscall("prctl", prctls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        elif proc["sid"] == proc["pid"]:
             os.setsid()  # it led its session (and group): it leads a new one
         elif task.group != os.getpgid(0):
             if task.makes_group:
                 _make_leaderless_group(task.makes_group, task.group_lifetime,
                                        task.group_spare)
             os.setpgid(0, task.group)  # its own group, or one its leader (or helper) made
-        if not task.zombie:
+        if not task.zombie and not donor:
             prctls.restore(proc)
         if root and not task.zombie:
             # Until hpccr has seized it (and PTRACE_O_EXITKILL takes over), the root dies with
@@ -711,6 +787,8 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
             native.syscall("setfsuid", uid[1])
             ctx.as_owner(os.chdir, ctx.cwd)
             fds.install_fds(proc["fds"], ctx, pool, errpipe)
+            if donor:
+                forked.hold_cwd(proc)
             native.syscall("setfsuid", 0)
             native.syscall("setfsgid", 0)
             os.umask(proc["umask"])
@@ -731,10 +809,14 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
         os._exit(127)
 
 
-def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ()) -> None:
+def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = (),
+            carried: list[Task] = (), parents_scratch: int = 0) -> None:
     """Turn the stub task `pid` (as hpccr sees it) into the saved process, leaving all its
     threads stopped: release() lets them go once every process of the tree is ready.  Its
-    `memory_sharers`, children made with its address space (sharing.py), are rebuilt with it."""
+    `memory_sharers`, children made with its address space (sharing.py), are rebuilt with it;
+    its `carried` children are forked from it once its pages are back (forked.py).  A task
+    that is such a child itself, a copy of its parent's stub, has its copy of the parent's
+    injection area at `parents_scratch`."""
     proc = ctx.proc
     stub = Thread(pid)
     stub.capture()
@@ -749,12 +831,18 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = ())
     occupied = [(v["start"], v["end"]) for v in proc["vmas"]]
     occupied += [(e.start, e.end) for e in procfs.maps(pid)]
     scratch_at = memory.find_free(occupied, Injector.CODE_SIZE + 15 * native.PAGE_SIZE)
-    inj = Injector(pid, stub, at=scratch_at, bootstrap_ip=stub_inject_ip(pid))
+    inj = Injector(pid, stub, at=scratch_at,
+                   bootstrap_ip=parents_scratch or stub_inject_ip(pid))
     occupied.append((inj.base, inj.base + inj.size))
 
-    specials = memory.clear_stub(inj, pid)
+    if parents_scratch:
+        specials, kept = forked.clear(inj, pid, proc["vmas"], parents_scratch)
+    else:
+        specials, kept = memory.clear_stub(inj, pid), []
     memory.move_specials(inj, specials, proc["vmas"], occupied)
-    _restore_address_space(ctx, inj, pid, meta)
+    _restore_address_space(ctx, inj, pid, meta, kept, carried)
+    if carried:
+        _drop_sigchld(inj)  # raised by its new children's stops and their donors' ends
     sysv.remove_attached(inj, proc["vmas"], meta["sysv"])
     threads.restore_xcomp_perm(inj, proc["threads"][0]["xcomp_perm"])
     signals.restore_sigactions(inj, proc["sigactions"])
@@ -863,7 +951,10 @@ def release(task: Task) -> None:
         wait_stopped_again(task.outer, task.ctx.threads)
 
 
-def _restore_address_space(ctx: Context, inj: Injector, pid: int, meta: dict) -> None:
+def _restore_address_space(ctx: Context, inj: Injector, pid: int, meta: dict,
+                           kept: list[tuple[int, int]], carried: list[Task]) -> None:
+    """Map the saved VMAs (but those `kept` of its parent's, forked.py), write the pages, fork
+    the `carried` children, then set protections, madvise state and the memory layout."""
     proc = ctx.proc
     cr = proc["creds"]
     ghost = _deleted_executable(proc)
@@ -916,13 +1007,22 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int, meta: dict) ->
                                    f"{os.strerror(exc.errno)}") from None
         return opened[(path, flags)]
 
-    memory.map_vmas(inj, proc["vmas"], open_file)
+    in_place = set(kept)
+    memory.map_vmas(inj, [v for v in proc["vmas"] if (v["start"], v["end"]) not in in_place],
+                    open_file)
     for fd in opened.values():
         inj.call("close", fd)
+    shared = intersect(chain.forked_spans(ctx.reader, proc["pid"]), kept)
+    forked.drop_unshared(inj, kept, shared)
     if chain.has_pages(ctx.reader, proc):
         memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
-                                                   proc["pid"], parent_processes(meta)))
+                                                   proc["pid"], parent_processes(meta),
+                                                   in_place=shared))
+    for child in carried:  # before the madvise state (MADV_WIPEONFORK, MADV_DONTFORK)
+        with _step(f"process {child.proc['pid']}: forking it from its parent"):
+            _fork_carried(inj, pid, child)
     memory.protect_vmas(inj, proc["vmas"])
+    forked.protect(inj, proc["vmas"], kept)
     memory.advise_vmas(inj, proc["vmas"], None if ctx.trusted else _memlock_limit(proc))
     mm = proc["mm"]
     auxv = base64.b64decode(mm["auxv"])
@@ -976,11 +1076,12 @@ def _kill_half_restored(order: list[Task]) -> None:
     """Kill every task created so far and reap the root (the others are its descendants, or
     hpccr's tracees: their notifications are consumed too)."""
     for task in order:
-        if task.outer:
-            try:
-                os.kill(task.outer, signal.SIGKILL)
-            except OSError:
-                pass
+        for pid in (task.outer, task.donor_outer):
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
     root = order[0].outer
     while root:
         try:

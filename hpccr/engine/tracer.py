@@ -289,6 +289,17 @@ class Injector:
         self.ip = self.base
         self.reset()
 
+    @classmethod
+    def adopt(cls, pid: int, leader: Thread, base: int, size: int) -> Injector:
+        """An injector over a scratch area already mapped in `pid` (its code page first): a
+        forked child's copy of its parent's (engine/forked.py).  Never closed: the child's own
+        rebuild unmaps it."""
+        inj = cls.__new__(cls)
+        inj.pid, inj.leader, inj.size, inj.base, inj.ip = pid, leader, size, base, base
+        inj._poked = None
+        inj.reset()
+        return inj
+
     def _poke(self, ip: int) -> int:
         self._poked = (ip, poke(self.pid, ip, SYSCALL_INT3))
         return ip

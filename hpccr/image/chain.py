@@ -18,7 +18,7 @@ from hpccr.image.pages import (
     parse_runs,
     spans_of,
 )
-from hpccr.image.store import ImageReader, valid_name
+from hpccr.image.store import PAGE_SIZE, ImageReader, valid_name
 from hpccr.spans import intersect, subtract, union
 
 MAX_LENGTH = MAX_FULL_EVERY  # images in one chain
@@ -105,25 +105,26 @@ def links(reader: ImageReader) -> list[dict]:
 
 
 def page_sources(reader: ImageReader, parents: list[ImageReader], pid: int,
-                 parent_of: dict[int, int],
+                 parent_of: dict[int, int], in_place: list[tuple[int, int]] = (),
                  depth: int = 0) -> list[tuple[PageReader, list[tuple[int, int]] | None]]:
     """Where the pages of process `pid` come from: (a PageReader, the spans to take from it,
     None for all), the image's own pages first, then those it inherits from the parent images,
     then those it shares with its parent process since fork (`parent_of`: pid -> its parent's
-    pid in the image), wherever that process's come from. ImageCorrupt if a page it inherits
-    is in no parent image, or one it shares is not one of its parent process's, or the chain is
-    broken."""
+    pid in the image), wherever that process's come from, but those `in_place` (a process
+    forked from its restored parent has them already, engine/forked.py). ImageCorrupt if a
+    page it inherits is in no parent image, or one it shares is not one of its parent
+    process's, or the chain is broken."""
     sources = _own_sources(reader, parents, pid)
     try:
         name = forked_name(pid)
         if name in reader.files:
-            forked = spans_of(parse_runs(reader.read_bytes(name), name))
+            forked = subtract(forked_spans(reader, pid), list(in_place))
             if pid not in parent_of or depth > len(parent_of):  # (the latter: a cycle)
                 raise ImageCorrupt(f"{name}: process {pid} shares pages with a parent process "
                                    "that the image does not hold (image corrupted)")
             covered = []
             for pages, spans in page_sources(reader, parents, parent_of[pid], parent_of,
-                                             depth + 1):
+                                             depth=depth + 1):
                 part = intersect(spans if spans is not None else spans_of(pages.runs), forked)
                 if part:
                     sources.append((pages, part))
@@ -172,12 +173,18 @@ def _own_sources(reader: ImageReader, parents: list[ImageReader],
     return sources
 
 
-def forked_pages(reader: ImageReader, pid: int) -> int:
-    """How many pages process `pid` of the image shares with its parent process since fork."""
+def forked_spans(reader: ImageReader, pid: int) -> list[tuple[int, int]]:
+    """The (start, end) spans process `pid` of the image shares with its parent process since
+    fork."""
     name = forked_name(pid)
     if name not in reader.files:
-        return 0
-    return sum(nr for _, nr, _ in parse_runs(reader.read_bytes(name), name))
+        return []
+    return spans_of(parse_runs(reader.read_bytes(name), name))
+
+
+def forked_pages(reader: ImageReader, pid: int) -> int:
+    """How many pages process `pid` of the image shares with its parent process since fork."""
+    return sum(end - start for start, end in forked_spans(reader, pid)) // PAGE_SIZE
 
 
 def has_pages(reader: ImageReader, proc: dict) -> bool:

@@ -63,7 +63,7 @@ SYS = {
     "msgctl": 71, "lseek": 8, "dup3": 292, "mq_open": 240, "mq_unlink": 241,
     "mq_timedsend": 242, "mq_timedreceive": 243, "mq_getsetattr": 245, "mbind": 237,
     "mlock2": 325, "flock": 73, "inotify_init1": 294, "inotify_add_watch": 254,
-    "inotify_rm_watch": 255, "open_by_handle_at": 304,
+    "inotify_rm_watch": 255, "open_by_handle_at": 304, "fchdir": 81, "close_range": 436,
 }
 
 # KCMP types (linux/kcmp.h)

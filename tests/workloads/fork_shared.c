@@ -2,7 +2,7 @@
  * Memory a root shares with its forked children (copy-on-write since fork), as a forked worker
  * pool over one data set has it.
  *
- * usage: fork_shared CHILDREN MIB
+ * usage: fork_shared CHILDREN MIB [GO]
  *
  * The root fills MIB of anonymous memory, page by page with a value of (page, 0), and forks
  * CHILDREN children.  Child k writes its own 16 pages of it with (page, k + 1) and fills a
@@ -10,7 +10,8 @@
  * first 32 pages anew with (page, 100): from then on these are no longer the children's pages.
  * After the window every process checks every page: its own writes, the root's late ones in
  * the root only, and (page, 0) everywhere else — so a child given the root's current pages
- * instead of those it shared, or its own pages lost, FAILs.
+ * instead of those it shared, or its own pages lost, FAILs.  With GO, each process waits for
+ * that file to exist before it checks (so that a test can look at the restored memory first).
  */
 #include "tree.h"
 
@@ -25,6 +26,7 @@ static uint64_t *data;
 static size_t pages;
 static int generation_of_child = -1; /* the writer of this process's own pages: -1 root */
 static uint64_t *own;
+static const char *go;
 
 static uint64_t value(size_t page, int gen)
 {
@@ -60,6 +62,8 @@ static int expected_gen(size_t page)
 
 static void check_all(void)
 {
+	while (go && access(go, F_OK))
+		wl_sleep(0.01);
 	for (size_t page = 0; page < pages; page++) {
 		int gen = expected_gen(page);
 
@@ -81,11 +85,13 @@ int main(int argc, char **argv)
 	pid_t pids[64];
 	char names[64][16];
 
-	if (argc != 3 || (children = atoi(argv[1])) < 1 || children > 64 || atoi(argv[2]) < 1) {
-		fprintf(stderr, "usage: fork_shared CHILDREN MIB\n");
+	if (argc < 3 || argc > 4 || (children = atoi(argv[1])) < 1 || children > 64 ||
+	    atoi(argv[2]) < 1) {
+		fprintf(stderr, "usage: fork_shared CHILDREN MIB [GO]\n");
 		return 2;
 	}
 	pages = (size_t)atoi(argv[2]) << 20 >> 12;
+	go = argc == 4 ? argv[3] : NULL;
 	if (first_own_page(children) > pages) {
 		fprintf(stderr, "fork_shared: too little memory for %d children\n", children);
 		return 2;

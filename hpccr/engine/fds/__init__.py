@@ -287,10 +287,15 @@ class Pool:
         self.sockets = {}
 
 
+def opened_early(entries: list[dict]) -> list[dict]:
+    """The descriptors a new task gets before it becomes the stub: all but the LATE kinds."""
+    return [e for e in entries if not getattr(KINDS[e["kind"]], "LATE", False)]
+
+
 def install_fds(entries: list[dict], ctx, pool: Pool, keep: int) -> None:
     """In the new task: every saved descriptor at its number (from the pool), all others closed
     but `keep`.  Descriptors stay inheritable here; close-on-exec is set after the stub's exec."""
-    entries = [e for e in entries if not getattr(KINDS[e["kind"]], "LATE", False)]
+    entries = opened_early(entries)
     wanted = {e["fd"] for e in entries}
     for e in entries:
         os.dup2(pool.fds[e["desc"]], e["fd"], inheritable=True)
