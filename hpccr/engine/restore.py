@@ -221,7 +221,6 @@ def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
     for task in order[1:]:
         parent = tasks[task.proc["ppid"]]
         task.carried = (task in parent.children and not task.makes_group
-                        and not task.in_outside_group and not parent.in_outside_group
                         and forked.may_carry(task.proc, parent.proc, meta["processes"],
                                              bool(task.all_children or task.sharers), reader))
     return order
