@@ -23,8 +23,8 @@ injected calls.
 Done for a child that its parent's fork alone can make: no children of its own, in its parent's
 group (or leading its own) and session (or leading its own), leading no group or session that
 another process joins, nothing shared with the parent as such (CLONE_FILES, CLONE_FS,
-CLONE_VM), all its threads, and no flock lock it took itself (the donor would be named as the
-taker).  Any other child gets its shared pages as copies, as before.
+CLONE_VM), its main thread still there, and no flock lock it took itself (the donor would be
+named as the taker).  Any other child gets its shared pages as copies, as before.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import resource
 
 from hpccr.engine import fds, memory, procfs, sharing
 from hpccr.engine.prctls import PR_SET_CHILD_SUBREAPER
+from hpccr.errors import PidInUse
 from hpccr.image import ImageReader
 from hpccr.image.pages import forked_name
 from hpccr.spans import subtract
@@ -43,6 +44,26 @@ PRIVATE_ANONYMOUS = ("anon", "heap", "stack")
 MADV_DONTNEED = 4
 DONOR_PIDS = 64  # pids a donor tries, from the one it is given (another may be taken meanwhile)
 CLOSE_ALL = 0xFFFFFFFF
+PID_MAX = "/proc/sys/kernel/pid_max"
+FIRST_WRAPPED_PID = 301  # where the kernel starts again past pid_max (RESERVED_PIDS)
+
+
+def donor_pids(first: int, taken: set[int], in_use_now: bool) -> int:
+    """The first of DONOR_PIDS pids for a donor, from `first` on (wrapping below pid_max as
+    the kernel does): none of them `taken` by a task nor, outside a new pid namespace, in use
+    now."""
+    with open(PID_MAX) as f:
+        limit = int(f.read())
+    start = first
+    for _ in range(limit // DONOR_PIDS + 1):
+        if start + DONOR_PIDS > limit:
+            start = FIRST_WRAPPED_PID
+        pids = range(start, start + DONOR_PIDS)
+        if not any(pid in taken or (in_use_now and os.path.exists(f"/proc/{pid}"))
+                   for pid in pids):
+            return start
+        start += DONOR_PIDS
+    raise PidInUse(f"no {DONOR_PIDS} free pids for a process's donor")
 
 
 def may_carry(proc: dict, parent: dict, procs: list[dict], has_children: bool,

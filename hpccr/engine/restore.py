@@ -477,12 +477,11 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         for end in ends:
             os.close(end)
         task.group_lifetime = lifetimes[-2]
+    taken = {pid for task in order for pid in (*_task_pids(task), task.group_spare)}
     for task in order:
         if task.carried:
-            while not pidns and any(os.path.exists(procfs.path(pid))
-                                    for pid in range(spare, spare + forked.DONOR_PIDS)):
-                spare += forked.DONOR_PIDS
-            task.donor, spare = spare, spare + forked.DONOR_PIDS
+            task.donor = forked.donor_pids(spare, taken, in_use_now=not pidns)
+            spare = task.donor + forked.DONOR_PIDS
     rd, wr = os.pipe2(os.O_CLOEXEC)
     try:
         if network:

@@ -4,6 +4,9 @@ image.json of an incremental image names its parent, a sibling directory, and th
 that image's ``checksums`` (which covers every file of it): a parent removed, replaced or
 changed is a broken chain (ImageCorrupt, 13), never a restore of other pages. Each process's
 ``inherited-<pid>.bin`` lists the pages it had that the parent holds (image/pages.py).
+
+Where each page of a process comes from is resolved here too for the pages it shares with its
+parent process since fork (``forked-<pid>.bin``): from wherever its parent's come from.
 """
 
 from __future__ import annotations
