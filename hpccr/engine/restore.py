@@ -90,10 +90,12 @@ EXIT_TIMEOUT_S = 10.0
 class Context:
     """What the restore of one process needs along the way."""
 
-    def __init__(self, reader: ImageReader, proc: dict, shared: SharedObjects, trusted: bool):
+    def __init__(self, reader: ImageReader, proc: dict, shared: SharedObjects, trusted: bool,
+                 parent_of: dict[int, int]):
         self.reader = reader
         self.proc = proc
         self.shared = shared
+        self.parent_of = parent_of  # of the image's processes (chain.page_sources)
         uid, gid = proc["creds"]["uid"], proc["creds"]["gid"]
         self.ghosts = GhostFiles(reader, uid[1], gid[1], trusted)
         # An image only root could have written may hold what the process opened before it
@@ -182,8 +184,9 @@ class Task:
 
 def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
     """The tasks in creation order (every parent before its children), the root first."""
-    shared = SharedObjects(reader)
-    tasks = {p["pid"]: Task(Context(reader, p, shared, trusted)) for p in meta["processes"]}
+    shared, parent_of = SharedObjects(reader), parent_processes(meta)
+    tasks = {p["pid"]: Task(Context(reader, p, shared, trusted, parent_of))
+             for p in meta["processes"]}
     root = tasks.get(meta["root_pid"])
     if root is None:
         raise ImageCorrupt(f"image.json: root process {meta['root_pid']} is not in the image")
@@ -445,7 +448,7 @@ def preflight(reader: ImageReader, meta: dict, order: list[Task], pidns: bool,
         if not task.zombie and chain.has_pages(reader, proc):
             # Every page found in its image, the images it leaves pages to, or its parent's.
             for pages, _ in chain.page_sources(reader, reader.parents, proc["pid"],
-                                               parent_processes(meta)):
+                                               task.ctx.parent_of):
                 pages.close()
 
 
@@ -838,7 +841,7 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = (),
     else:
         specials, kept = memory.clear_stub(inj, pid), []
     memory.move_specials(inj, specials, proc["vmas"], occupied)
-    _restore_address_space(ctx, inj, pid, meta, kept, carried)
+    _restore_address_space(ctx, inj, pid, kept, carried)
     if carried:
         _drop_sigchld(inj)  # raised by its new children's stops and their donors' ends
     sysv.remove_attached(inj, proc["vmas"], meta["sysv"])
@@ -949,7 +952,7 @@ def release(task: Task) -> None:
         wait_stopped_again(task.outer, task.ctx.threads)
 
 
-def _restore_address_space(ctx: Context, inj: Injector, pid: int, meta: dict,
+def _restore_address_space(ctx: Context, inj: Injector, pid: int,
                            kept: list[tuple[int, int]], carried: list[Task]) -> None:
     """Map the saved VMAs (but those `kept` of its parent's, forked.py), write the pages, fork
     the `carried` children, then set protections, madvise state and the memory layout."""
@@ -1006,20 +1009,20 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int, meta: dict,
         return opened[(path, flags)]
 
     in_place = set(kept)
-    memory.map_vmas(inj, [v for v in proc["vmas"] if (v["start"], v["end"]) not in in_place],
-                    open_file)
+    fresh = [v for v in proc["vmas"] if (v["start"], v["end"]) not in in_place]
+    memory.map_vmas(inj, fresh, open_file)
     for fd in opened.values():
         inj.call("close", fd)
     shared = intersect(chain.forked_spans(ctx.reader, proc["pid"]), kept)
     forked.drop_unshared(inj, kept, shared)
     if chain.has_pages(ctx.reader, proc):
         memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
-                                                   proc["pid"], parent_processes(meta),
+                                                   proc["pid"], ctx.parent_of,
                                                    in_place=shared))
     for child in carried:  # before the madvise state (MADV_WIPEONFORK, MADV_DONTFORK)
         with _step(f"process {child.proc['pid']}: forking it from its parent"):
             _fork_carried(inj, pid, child)
-    memory.protect_vmas(inj, proc["vmas"])
+    memory.protect_vmas(inj, fresh)
     forked.protect(inj, proc["vmas"], kept)
     memory.advise_vmas(inj, proc["vmas"], None if ctx.trusted else _memlock_limit(proc))
     mm = proc["mm"]

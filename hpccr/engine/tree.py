@@ -139,7 +139,7 @@ class FrozenTree:
         shared with the parent is recorded in `shared_with_parent` (engine/sharing.py says
         what of it can be restored); any other sharing is refused, and the tree thawed."""
         pids = list(self.frozen)
-        parent = {pid: int(procfs.status(pid)["PPid"]) for pid in pids}
+        parent = {pid: self.parent_of(pid) for pid in pids}
         reader = {pid: process.reader for pid, process in self.frozen.items()}
         for pid in pids:
             kinds = [name for kind, name in PARENT_SHARED if parent[pid] in self.frozen
@@ -179,7 +179,7 @@ class FrozenTree:
     def kill(self) -> None:
         """SIGKILL every process, children first: each is reaped by hpccr as its tracer, then
         by its parent (zombies of the tree too), so that none is left over."""
-        parents = {pid: int(procfs.status(pid)["PPid"]) for pid in self.pids}
+        parents = {pid: self.parent_of(pid) for pid in self.pids}
         for pid in reversed(self.pids):
             if pid in self.frozen:
                 self.frozen[pid].kill()

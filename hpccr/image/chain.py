@@ -134,9 +134,10 @@ def page_sources(reader: ImageReader, parents: list[ImageReader], pid: int,
                     covered = union(covered, part)
                 else:
                     pages.close()
-            if subtract(forked, covered):
+            missing = subtract(forked, covered)
+            if missing:
                 raise ImageCorrupt(f"{name}: process {pid} shares pages at "
-                                   f"{subtract(forked, covered)[0][0]:#x} with its parent "
+                                   f"{missing[0][0]:#x} with its parent "
                                    f"process {parent_of[pid]}, whose pages do not hold them "
                                    "(image corrupted)")
     except BaseException:

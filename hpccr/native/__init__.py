@@ -275,27 +275,30 @@ def write_mem(pid: int, addr: int, data: bytes) -> None:
 def pagemap_runs(entries, any_bits: int, no_bits: int) -> list[tuple[int, int]]:
     """Runs (first page index, page count) of pagemap entries with a bit of `any_bits` set and
     none of `no_bits`."""
-    n = len(entries) // 8
-    if n == 0:
-        return []
-    starts = ffi.new("unsigned long long[]", n // 2 + 1)
-    counts = ffi.new("unsigned long long[]", n // 2 + 1)
     with ffi.from_buffer("unsigned long long[]", entries) as src:
-        runs = lib.hpccr_pagemap_runs(src, n, any_bits, no_bits, starts, counts, n // 2 + 1)
-    return [(starts[i], counts[i]) for i in range(runs)]
+        return _runs(len(entries) // 8, lambda n, starts, counts, room: lib.hpccr_pagemap_runs(
+            src, n, any_bits, no_bits, starts, counts, room))
 
 
 def pagemap_same(mine, theirs) -> list[tuple[int, int]]:
     """Runs (first page index, page count) where two pagemaps of the same addresses name the
     same page: the same frame (present) or swap slot (swapped), not a file page."""
-    n = min(len(mine), len(theirs)) // 8
-    if n == 0:
-        return []
-    starts = ffi.new("unsigned long long[]", n // 2 + 1)
-    counts = ffi.new("unsigned long long[]", n // 2 + 1)
     with ffi.from_buffer("unsigned long long[]", mine) as a, \
             ffi.from_buffer("unsigned long long[]", theirs) as b:
-        runs = lib.hpccr_pagemap_same(a, b, n, starts, counts, n // 2 + 1)
+        return _runs(min(len(mine), len(theirs)) // 8,
+                     lambda n, starts, counts, room: lib.hpccr_pagemap_same(
+                         a, b, n, starts, counts, room))
+
+
+def _runs(n: int, collect) -> list[tuple[int, int]]:
+    """The (first page index, page count) runs that collect(n, starts, counts, room) writes
+    for n pagemap entries (at most one run per two entries, rounded up)."""
+    if n == 0:
+        return []
+    room = n // 2 + 1
+    starts = ffi.new("unsigned long long[]", room)
+    counts = ffi.new("unsigned long long[]", room)
+    runs = collect(n, starts, counts, room)
     return [(starts[i], counts[i]) for i in range(runs)]
 
 

@@ -323,20 +323,21 @@ size_t hpccr_spans_subtract(const uint64_t *a, size_t na, const uint64_t *b, siz
 /* A pte marker (swap type 31, SWP_PTE_MARKER) shows as a swapped page without being one: e.g.
  * the marker of a never-touched page write-protected by userfaultfd (engine/tracking.py). */
 #define PTE_MARKER(e) (((e) >> 62 & 1) && ((e) & 0x1f) == 0x1f)
-#define SELECTED(e) (((e) & any) && !((e) & none) && !PTE_MARKER(e))
 
-size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned long long any,
-                          unsigned long long none, unsigned long long *starts,
-                          unsigned long long *counts, size_t max)
+/* The indices i < n for which in(i, ctx) holds, as runs (first index, count): at most `max`;
+ * returns their number. */
+static inline size_t collect_runs(size_t n, int (*in)(size_t, const void *), const void *ctx,
+                                  unsigned long long *starts, unsigned long long *counts,
+                                  size_t max)
 {
     size_t runs = 0, i = 0;
     while (i < n && runs < max) {
-        while (i < n && !SELECTED(entries[i]))
+        while (i < n && !in(i, ctx))
             i++;
         if (i == n)
             break;
         size_t start = i;
-        while (i < n && SELECTED(entries[i]))
+        while (i < n && in(i, ctx))
             i++;
         starts[runs] = start;
         counts[runs] = i - start;
@@ -345,30 +346,43 @@ size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned 
     return runs;
 }
 
+struct selection {
+    const unsigned long long *entries;
+    unsigned long long any, none;
+};
+
+static int selected(size_t i, const void *ctx)
+{
+    const struct selection *s = ctx;
+    unsigned long long e = s->entries[i];
+    return (e & s->any) && !(e & s->none) && !PTE_MARKER(e);
+}
+
+size_t hpccr_pagemap_runs(const unsigned long long *entries, size_t n, unsigned long long any,
+                          unsigned long long none, unsigned long long *starts,
+                          unsigned long long *counts, size_t max)
+{
+    struct selection s = { entries, any, none };
+    return collect_runs(n, selected, &s, starts, counts, max);
+}
+
 /* Bits 0-54: the page frame of a present page, the swap type and offset of a swapped one;
  * with bits 61-63 (file page, swapped, present): which page it is, not how it is mapped. */
 #define FRAME(e) ((e) & ((1ULL << 55) - 1))
-#define PAGE_ID(e) ((e) & ((1ULL << 55) - 1 | 7ULL << 61))
-#define SAME_PAGE(x, y) ((x) >> 62 && !((x) >> 61 & 1) && FRAME(x) && !PTE_MARKER(x) \
-                         && PAGE_ID(x) == PAGE_ID(y))
+#define PAGE_ID(e) ((e) & (((1ULL << 55) - 1) | 7ULL << 61))
+
+static int same_page(size_t i, const void *ctx)
+{
+    const unsigned long long *const *pair = ctx;
+    unsigned long long x = pair[0][i], y = pair[1][i];
+    return x >> 62 && !(x >> 61 & 1) && FRAME(x) && !PTE_MARKER(x) && PAGE_ID(x) == PAGE_ID(y);
+}
 
 size_t hpccr_pagemap_same(const unsigned long long *a, const unsigned long long *b, size_t n,
                           unsigned long long *starts, unsigned long long *counts, size_t max)
 {
-    size_t runs = 0, i = 0;
-    while (i < n && runs < max) {
-        while (i < n && !SAME_PAGE(a[i], b[i]))
-            i++;
-        if (i == n)
-            break;
-        size_t start = i;
-        while (i < n && SAME_PAGE(a[i], b[i]))
-            i++;
-        starts[runs] = start;
-        counts[runs] = i - start;
-        runs++;
-    }
-    return runs;
+    const unsigned long long *pair[2] = { a, b };
+    return collect_runs(n, same_page, pair, starts, counts, max);
 }
 
 long hpccr_statfs_type(const char *path)
