@@ -377,6 +377,17 @@ def frames(pid: int, start: int, end: int) -> list[int | None]:
     return [e & ((1 << 55) - 1) if e >> 63 else None for (e,) in entries]
 
 
+def same_frames(parent: int, child: int, start: int, end: int) -> int:
+    """How many pages in [start, end) are the same page frame in `parent` and `child`."""
+    return sum(1 for ours, theirs in zip(frames(parent, start, end), frames(child, start, end),
+                                         strict=True)
+               if ours is not None and ours == theirs)
+
+
+def children_of(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def data_set(pid: int) -> tuple[int, int]:
     """The workload's 16 MiB of anonymous memory in `pid`."""
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
@@ -407,11 +418,33 @@ def test_pages_shared_since_fork_stay_shared(tree_cr, tmp_path):
     assert res.returncode == 0, describe(res)
     root = workload.pid
     start, end = data_set(root)
-    parents = frames(root, start, end)
     for child in shared:  # all but its own 16 pages and the root's 32 written since
-        same = sum(1 for ours, theirs in zip(parents, frames(child, start, end), strict=True)
-                   if ours is not None and ours == theirs)
-        assert same == 4096 - 16 - 32, f"child {child}: {same} pages shared with its parent"
+        assert same_frames(root, child, start, end) == 4096 - 16 - 32, f"child {child}"
+    go.touch()
+    workload.wait_for("PASS", timeout=TIMEOUT)
+
+
+def test_pages_shared_since_fork_by_workers_and_their_helpers(tree_cr, tmp_path):
+    """The pool again, each worker with a helper it forked, which leads a process group of its
+    own (`fork_shared -n`): the helpers share pages with their workers, the workers with the
+    root, and after the restore each pair holds the same page frames again."""
+    go = tmp_path / "go"
+    workload = tree_cr.start(tree_cr.binaries["fork_shared"], "-n", 3, 16, go)
+    img = tmp_path / "img"
+    tree_cr.dump_and_kill(workload, img)
+    shared = forked_pages(img)
+    assert len(shared) == 6, shared
+    res = tree_cr.restore(img, "--detach")
+    assert res.returncode == 0, describe(res)
+    root = workload.pid
+    start_, end = data_set(root)
+    workers = [pid for pid in children_of(root) if pid in shared]
+    assert len(workers) == 3, (workers, shared)
+    for worker in workers:
+        assert same_frames(root, worker, start_, end) == 4096 - 16 - 32, f"worker {worker}"
+        (helper,) = children_of(worker)
+        assert os.getpgid(helper) == helper
+        assert same_frames(worker, helper, start_, end) == 4096 - 16, f"helper {helper}"
     go.touch()
     workload.wait_for("PASS", timeout=TIMEOUT)
 

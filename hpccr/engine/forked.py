@@ -10,21 +10,25 @@ memory once per worker.  So such a child is forked the way it was the first time
 parent, a clone3 with its pid injected in the parent's stub once the parent's pages are back
 (before their protections and madvise state are set).  It then holds its parent's address
 space, copy-on-write.  Its rebuild keeps those of its private anonymous VMAs that lie inside
-one of its parent's, drops the pages there that it did not share (MADV_DONTNEED), unmaps
-everything else and maps what is its own, as for any task.
+one of its parent's and hold pages it shares with it, drops the pages there that it did not
+share (MADV_DONTNEED), unmaps everything else and maps what is its own, as for any task.
 
 What the restorer gives any other task before it becomes the stub — its descriptors, with all
-that fds/ does to them, and its cwd — a *donor* gets instead: a task forked in its place with a
-spare pid, which execs the stub holding them (its cwd as one more descriptor, `cwd_fd`) and dies
-with its parent.  The child takes them with pidfd_getfd, and the donor ends, reaped by the
-parent's stub.  The child's session or group, umask, personality and prctl attributes are set by
-injected calls.
+that fds/ does to them, and its cwd — a *donor* gets instead: a task forked with a spare pid by
+the nearest ancestor the restorer forks itself, which execs the stub holding them (its cwd as
+one more descriptor, `cwd_fd`) and dies with that ancestor.  The child takes them with
+pidfd_getfd, and the donor ends, reaped by that ancestor's stub.  The child's session or group,
+umask, personality and prctl attributes are set by injected calls.
 
-Done for a child that its parent's fork alone can make: no children of its own, in its parent's
-group (or leading its own) and session (or leading its own), leading no group or session that
-another process joins, nothing shared with the parent as such (CLONE_FILES, CLONE_FS,
-CLONE_VM), its main thread still there, and no flock lock it took itself (the donor would be
-named as the taker).  Any other child gets its shared pages as copies, as before.
+The child's own children are forked from it in turn once its pages are back (all the address
+spaces of such a subtree are made before anything else of it), and so on: a pool whose workers
+fork helpers shares again at every level.  Done for a child that its parent's fork can make:
+in its parent's group (or leading its own) and session (or leading its own), leading no group
+or session that a process outside its subtree joins, nothing shared with the parent as such
+(CLONE_FILES, CLONE_FS, CLONE_VM), not a zombie, its main thread still there, no flock lock it
+took itself (the donor would be named as the taker), and all its children such children too.
+Then it is forked so if it shares pages with its parent, or its parent was forked so.  Any
+other child gets its shared pages as copies, as before.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from hpccr.engine.prctls import PR_SET_CHILD_SUBREAPER
 from hpccr.errors import PidInUse
 from hpccr.image import ImageReader
 from hpccr.image.pages import forked_name
-from hpccr.spans import subtract
+from hpccr.spans import intersect, subtract
 
 PRIVATE_ANONYMOUS = ("anon", "heap", "stack")
 MADV_DONTNEED = 4
@@ -66,18 +70,23 @@ def donor_pids(first: int, taken: set[int], in_use_now: bool) -> int:
     raise PidInUse(f"no {DONOR_PIDS} free pids for a process's donor")
 
 
-def may_carry(proc: dict, parent: dict, procs: list[dict], has_children: bool,
-              reader: ImageReader) -> bool:
-    """Whether process `proc`, a child of `parent`, can be forked by its parent's stub."""
+def may_fork(proc: dict, parent: dict, procs: list[dict], subtree: set[int]) -> bool:
+    """Whether process `proc`, a child of `parent`, can be forked by its parent's stub (its
+    children too: `subtree`, its pids and its descendants', are all forked so)."""
     pid = proc["pid"]
-    return (forked_name(pid) in reader.files and not has_children
-            and proc["exit_status"] is None and parent["exit_status"] is None
+    return (proc["exit_status"] is None and parent["exit_status"] is None
             and not sharing.shares(proc) and not sharing.shares(parent)
             and not proc["main_thread_exited"] and not parent["main_thread_exited"]
             and proc["sid"] in (pid, parent["sid"]) and proc["pgid"] in (pid, parent["pgid"])
-            and not any(p["pid"] != pid and pid in (p["sid"], p["pgid"]) for p in procs)
+            and not any(p["pid"] not in subtree and pid in (p["sid"], p["pgid"])
+                        for p in procs)
             and not any(lock.get("holder") for e in proc["fds"] for lock in e["locks"])
             and cwd_fd(proc) < resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
+def shares_pages(pid: int, reader: ImageReader) -> bool:
+    """Whether process `pid` of the image shares pages with its parent since fork."""
+    return forked_name(pid) in reader.files
 
 
 def cwd_fd(proc: dict) -> int:
@@ -127,18 +136,20 @@ def take_from_donor(inj, proc: dict, donor: int) -> None:
     inj.call("prctl", PR_SET_CHILD_SUBREAPER, proc["child_subreaper"])
 
 
-def clear(inj, pid: int, vmas: list[dict],
-          parents_scratch: int) -> tuple[list[procfs.MapsEntry], list[tuple[int, int]]]:
+def clear(inj, pid: int, vmas: list[dict], parents_scratch: int,
+          shared: list[tuple[int, int]]) -> tuple[list[procfs.MapsEntry], list[tuple[int, int]]]:
     """Unmap from the new child `pid` all of its parent's address space but the private
-    anonymous VMAs it had there too (`vmas`: its saved ones), and the special mappings;
-    returns those (to move, as after clear_stub) and the (start, end) of the VMAs kept."""
+    anonymous VMAs it had there too (`vmas`: its saved ones) that hold pages it `shared` with
+    its parent, and the special mappings; returns those (to move, as after clear_stub) and the
+    (start, end) of the VMAs kept."""
     current = procfs.maps(pid)
     parents = [(e.start, e.end) for e in current
                if e.start not in (inj.base, parents_scratch) and not e.shared and e.inode == 0
                and (e.name in ("", "[heap]") or e.name.startswith(("[stack", "[anon")))]
     kept = [(v["start"], v["end"]) for v in vmas
             if v["kind"] in PRIVATE_ANONYMOUS and not v["shared"]
-            and any(start <= v["start"] and v["end"] <= end for start, end in parents)]
+            and any(start <= v["start"] and v["end"] <= end for start, end in parents)
+            and intersect([(v["start"], v["end"])], shared)]
     specials = []
     for e in current:
         if e.start == inj.base:

@@ -158,7 +158,8 @@ class Task:
     group_lifetime: int = -1  # that helper's end of a pipe every task holds until it is built
     group_spare: int = 0  # in a job's pid namespace: a pid no task needs, for its helper's parent
     # Forked by its parent's stub once the parent's pages are back, to share them again
-    # (engine/forked.py); until then its donor, a task with a spare pid, holds its descriptors.
+    # (engine/forked.py); until then its donor, a task with a spare pid forked by the nearest
+    # ancestor not so forked, holds its descriptors.
     carried: bool = False
     donor: int = 0  # the first pid its donor tries, then the one it has
     donor_outer: int = 0
@@ -167,6 +168,11 @@ class Task:
     @property
     def all_children(self) -> list[Task]:
         return self.children + [m for members in self.helpers.values() for m in members]
+
+    @property
+    def carried_tree(self) -> list[Task]:
+        """A carried task and its descendants (all carried), parents first."""
+        return [self, *(t for child in self.children for t in child.carried_tree)]
 
     @property
     def proc(self) -> dict:
@@ -221,12 +227,26 @@ def plan(reader: ImageReader, meta: dict, trusted: bool) -> list[Task]:
         raise ImageCorrupt("image.json: the processes do not form one tree")
     for pgid, members in groups.leaderless.items():
         next(t for t in order if t.proc["pid"] in members).makes_group = pgid
-    for task in order[1:]:
-        parent = tasks[task.proc["ppid"]]
-        task.carried = (task in parent.children and not task.makes_group
-                        and forked.may_carry(task.proc, parent.proc, meta["processes"],
-                                             bool(task.all_children or task.sharers), reader))
+    _plan_carried(order, tasks, meta["processes"], reader)
     return order
+
+
+def _plan_carried(order: list[Task], tasks: dict[int, Task], procs: list[dict],
+                  reader: ImageReader) -> None:
+    """Which children their parent's stub forks (engine/forked.py): those that share pages
+    with it, if their parent's fork can make them and all their descendants; and every child of
+    a task so forked."""
+    can, subtree = set(), {}
+    for task in reversed(order[1:]):  # children before their parents
+        pid, parent = task.proc["pid"], tasks[task.proc["ppid"]]
+        subtree[pid] = {pid}.union(*(subtree[c.proc["pid"]] for c in task.children))
+        if (task in parent.children and not task.makes_group and not task.helpers
+                and not task.sharers and all(c.proc["pid"] in can for c in task.children)
+                and forked.may_fork(task.proc, parent.proc, procs, subtree[pid])):
+            can.add(pid)
+    for task in order[1:]:
+        pid, parent = task.proc["pid"], tasks[task.proc["ppid"]]
+        task.carried = pid in can and (parent.carried or forked.shares_pages(pid, reader))
 
 
 def restore(directory: str, detach: bool = False, pidfile: str | None = None,
@@ -342,19 +362,16 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
                     with _step(f"process {task.proc['pid']}: ending it as a zombie"):
                         _become_zombie(task)
             for task in order:
-                if task.zombie or task.sharer:
-                    continue
+                if task.zombie or task.sharer or task.carried:
+                    continue  # a carried task is rebuilt with its parent
                 memory_sharers = [t for t in task.sharers if sharing.shares_memory(t.proc)]
                 for sharer in task.sharers:
                     if sharer not in memory_sharers:
-                        with _step(f"process {sharer.proc['pid']}: rebuilding it"):
-                            rebuild(sharer.ctx, sharer.outer, meta)
-                with _step(f"process {task.proc['pid']}: rebuilding it"):
-                    if task.sharers:
+                        rebuild(sharer, meta)
+                if task.sharers:
+                    with _step(f"process {task.proc['pid']}: rebuilding it"):
                         _discard_sigchld(task.outer)
-                    rebuild(task.ctx, task.outer, meta, memory_sharers,
-                            [child for child in task.children if child.carried],
-                            task.parents_scratch)
+                rebuild(task, meta, memory_sharers)
             with _step("removing the files that were deleted"):
                 order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
                 for task in order:
@@ -563,11 +580,16 @@ def _make_leaderless_group(pgid: int, lifetime: int, spare: int) -> None:
 
 def _fork_task(task: Task, pool: fds.Pool, errpipe: int) -> None:
     """Create `task` as a child of this one (it never returns in the child); or, for a task
-    its parent's stub makes, its donor (engine/forked.py)."""
+    its parent's stub makes, the donors of it and its descendants (engine/forked.py)."""
     if not task.carried:
         if _fork(task.proc["pid"], sharing.fork_flags(task.proc)) == 0:
             _child(task, pool, errpipe)
         return
+    for carried in task.carried_tree:
+        _fork_donor(carried, pool, errpipe)
+
+
+def _fork_donor(task: Task, pool: fds.Pool, errpipe: int) -> None:
     for pid in range(task.donor, task.donor + forked.DONOR_PIDS):
         try:
             child = native.fork_with_pid(pid)
@@ -604,12 +626,13 @@ def _find_outer_pids(order: list[Task]) -> None:
             if not child.carried:
                 child.outer = by_inner.get(child.proc["pid"], 0)
                 continue
-            child.donor = next((inner for inner in by_inner
-                                if child.donor <= inner < child.donor + forked.DONOR_PIDS), 0)
-            child.donor_outer = by_inner.get(child.donor, 0)
-            if not child.donor_outer:
-                raise RestoreFailed(f"the donor of process {child.proc['pid']} was not "
-                                    "created")
+            for carried in child.carried_tree:  # their donors are this task's children
+                carried.donor = next((inner for inner in by_inner if carried.donor <= inner
+                                      < carried.donor + forked.DONOR_PIDS), 0)
+                carried.donor_outer = by_inner.get(carried.donor, 0)
+                if not carried.donor_outer:
+                    raise RestoreFailed(f"the donor of process {carried.proc['pid']} was not "
+                                        "created")
 
 
 def _children(pid: int) -> list[int]:
@@ -656,9 +679,10 @@ def _clone_in(inj: Injector, parent: int, pid: int, flags: int) -> int:
     return outer
 
 
-def _fork_carried(inj: Injector, parent: int, task: Task) -> None:
+def _fork_carried(inj: Injector, parent: int, task: Task, reaper: Injector) -> None:
     """Fork `task` from its parent `parent` (as hpccr sees it), whose pages are back, by `inj`
-    (forked.py): it takes its descriptors and cwd from its donor, which then ends."""
+    (forked.py): it takes its descriptors and cwd from its donor, which then ends, reaped by
+    its parent's `reaper`."""
     task.outer = _clone_in(inj, parent, task.proc["pid"], 0)
     task.parents_scratch = inj.base
     thread = Thread(task.outer)
@@ -666,7 +690,7 @@ def _fork_carried(inj: Injector, parent: int, task: Task) -> None:
     forked.take_from_donor(Injector.adopt(task.outer, thread, inj.base, inj.size), task.proc,
                            task.donor)
     os.kill(task.donor_outer, signal.SIGKILL)
-    inj.call("wait4", task.donor, 0, 0, 0)
+    reaper.call("wait4", task.donor, 0, 0, 0)
     task.donor_outer = 0
 
 
@@ -738,8 +762,9 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
            sysv_state: dict | None = None, network: netns.Spec | None = None,
            root: bool = False, donor: bool = False) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
-    A `donor` (engine/forked.py) has another pid and no children, stays in its parent's
-    session and group, and holds the task's descriptors and cwd for it.  Never returns."""
+    A `donor` (engine/forked.py) has another pid and no children, stays in the session and
+    group of the task that forks it, and holds the task's descriptors and cwd for it.  Never
+    returns."""
     proc, ctx = task.proc, task.ctx
     errpipe = fcntl.fcntl(errpipe, fcntl.F_DUPFD_CLOEXEC, pool.base)
     try:
@@ -770,7 +795,7 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
             # the restorer, and with it a job's whole pid namespace: an hpccr killed then
             # leaves no task behind.  rebuild() gives it back its own parent-death signal.
             native.syscall("prctl", prctls.PR_SET_PDEATHSIG, signal.SIGKILL)
-        for child in task.children:
+        for child in [] if donor else task.children:
             _fork_task(child, pool, errpipe)
         for sid, members in task.helpers.items():
             helper = _fork(sid)
@@ -810,15 +835,28 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
         os._exit(127)
 
 
-def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = (),
-            carried: list[Task] = (), parents_scratch: int = 0) -> None:
-    """Turn the stub task `pid` (as hpccr sees it) into the saved process, leaving all its
-    threads stopped: release() lets them go once every process of the tree is ready.  Its
-    `memory_sharers`, children made with its address space (sharing.py), are rebuilt with it;
-    its `carried` children are forked from it once its pages are back (forked.py).  A task
-    that is such a child itself, a copy of its parent's stub, has its copy of the parent's
-    injection area at `parents_scratch`."""
-    proc = ctx.proc
+def rebuild(task: Task, meta: dict, memory_sharers: list[Task] = ()) -> None:
+    """Turn the stub task of `task` into the saved process, leaving all its threads stopped:
+    release() lets them go once every process of the tree is ready.  Its `memory_sharers`,
+    children made with its address space (sharing.py), are rebuilt with it; so are the children
+    its stub forks once its pages are back (forked.py), their children forked from theirs in
+    turn: every address space first, then the rest.  The donors of them all are its children,
+    reaped by its stub."""
+    tree = [task, *(t for child in task.children if child.carried for t in child.carried_tree)]
+    started: list[tuple[Thread, Injector]] = []
+    for member in tree:
+        with _step(f"process {member.proc['pid']}: rebuilding it"):
+            started.append(_rebuild_memory(member, meta, started[0][1] if started else None))
+    for member, (stub, inj) in zip(tree, started, strict=True):
+        with _step(f"process {member.proc['pid']}: rebuilding it"):
+            _rebuild_rest(member, meta, stub, inj, memory_sharers if member is task else ())
+
+
+def _rebuild_memory(task: Task, meta: dict, reaper: Injector | None) -> tuple[Thread, Injector]:
+    """The first part of rebuild(): its address space, its carried children forked from it
+    (their donors reaped by `reaper`, else by its own stub).  Returns its stub's main thread and
+    the injector that goes on."""
+    proc, pid = task.proc, task.outer
     stub = Thread(pid)
     stub.capture()
     native.set_sigmask(pid, ALL_SIGNALS)
@@ -833,17 +871,27 @@ def rebuild(ctx: Context, pid: int, meta: dict, memory_sharers: list[Task] = (),
     occupied += [(e.start, e.end) for e in procfs.maps(pid)]
     scratch_at = memory.find_free(occupied, Injector.CODE_SIZE + 15 * native.PAGE_SIZE)
     inj = Injector(pid, stub, at=scratch_at,
-                   bootstrap_ip=parents_scratch or stub_inject_ip(pid))
+                   bootstrap_ip=task.parents_scratch or stub_inject_ip(pid))
     occupied.append((inj.base, inj.base + inj.size))
 
-    if parents_scratch:
-        specials, kept = forked.clear(inj, pid, proc["vmas"], parents_scratch)
+    if task.parents_scratch:
+        spans = chain.forked_spans(task.ctx.reader, proc["pid"])
+        specials, kept = forked.clear(inj, pid, proc["vmas"], task.parents_scratch, spans)
+        shared = intersect(spans, kept)
     else:
-        specials, kept = memory.clear_stub(inj, pid), []
+        specials, kept, shared = memory.clear_stub(inj, pid), [], []
     memory.move_specials(inj, specials, proc["vmas"], occupied)
-    _restore_address_space(ctx, inj, pid, kept, carried)
-    if carried:
-        _drop_sigchld(inj)  # raised by its new children's stops and their donors' ends
+    _restore_address_space(task.ctx, inj, pid, kept, shared,
+                           [child for child in task.children if child.carried], reaper or inj)
+    return stub, inj
+
+
+def _rebuild_rest(task: Task, meta: dict, stub: Thread, inj: Injector,
+                  memory_sharers: list[Task]) -> None:
+    """The rest of rebuild(), by the injector that rebuilt its memory."""
+    ctx, proc, pid = task.ctx, task.proc, task.outer
+    if any(child.carried for child in task.children):
+        _drop_sigchld(inj)  # raised by its new children's stops, its donors' ends
     sysv.remove_attached(inj, proc["vmas"], meta["sysv"])
     threads.restore_xcomp_perm(inj, proc["threads"][0]["xcomp_perm"])
     signals.restore_sigactions(inj, proc["sigactions"])
@@ -953,9 +1001,11 @@ def release(task: Task) -> None:
 
 
 def _restore_address_space(ctx: Context, inj: Injector, pid: int,
-                           kept: list[tuple[int, int]], carried: list[Task]) -> None:
-    """Map the saved VMAs (but those `kept` of its parent's, forked.py), write the pages, fork
-    the `carried` children, then set protections, madvise state and the memory layout."""
+                           kept: list[tuple[int, int]], shared: list[tuple[int, int]],
+                           carried: list[Task], reaper: Injector) -> None:
+    """Map the saved VMAs (but those `kept` of its parent's, forked.py, whose pages it `shared`
+    stay), write the pages, fork the `carried` children (their donors reaped by `reaper`), then
+    set protections, madvise state and the memory layout."""
     proc = ctx.proc
     cr = proc["creds"]
     ghost = _deleted_executable(proc)
@@ -1013,7 +1063,6 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int,
     memory.map_vmas(inj, fresh, open_file)
     for fd in opened.values():
         inj.call("close", fd)
-    shared = intersect(chain.forked_spans(ctx.reader, proc["pid"]), kept)
     forked.drop_unshared(inj, kept, shared)
     if chain.has_pages(ctx.reader, proc):
         memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
@@ -1021,7 +1070,7 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int,
                                                    in_place=shared))
     for child in carried:  # before the madvise state (MADV_WIPEONFORK, MADV_DONTFORK)
         with _step(f"process {child.proc['pid']}: forking it from its parent"):
-            _fork_carried(inj, pid, child)
+            _fork_carried(inj, pid, child, reaper)
     memory.protect_vmas(inj, fresh)
     forked.protect(inj, proc["vmas"], kept)
     memory.advise_vmas(inj, proc["vmas"], None if ctx.trusted else _memlock_limit(proc))

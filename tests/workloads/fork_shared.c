@@ -2,7 +2,7 @@
  * Memory a root shares with its forked children (copy-on-write since fork), as a forked worker
  * pool over one data set has it.
  *
- * usage: fork_shared CHILDREN MIB [GO]
+ * usage: fork_shared [-n] CHILDREN MIB [GO]
  *
  * The root fills MIB of anonymous memory, page by page with a value of (page, 0), and forks
  * CHILDREN children.  Child k writes its own 16 pages of it with (page, k + 1) and fills a
@@ -12,6 +12,9 @@
  * the root only, and (page, 0) everywhere else — so a child given the root's current pages
  * instead of those it shared, or its own pages lost, FAILs.  With GO, each process waits for
  * that file to exist before it checks (so that a test can look at the restored memory first).
+ * With -n (nested: workers that fork helpers), child k forks a grandchild of its own once its
+ * pages are written; the grandchild leads a process group of its own and writes the 16 pages
+ * after its parent's with (page, 200 + k), sharing the rest with its parent.
  */
 #include "tree.h"
 
@@ -21,10 +24,12 @@
 #define OWN_PAGES 16
 #define ROOT_LATE_PAGES 32
 #define ROOT_GEN 100
+#define GRANDCHILD_GEN 200
 
 static uint64_t *data;
 static size_t pages;
 static int generation_of_child = -1; /* the writer of this process's own pages: -1 root */
+static int grandchild; /* a child's child (-n) */
 static uint64_t *own;
 static const char *go;
 
@@ -57,7 +62,11 @@ static int expected_gen(size_t page)
 	if (generation_of_child < 0)
 		return page < ROOT_LATE_PAGES ? ROOT_GEN : 0;
 	size_t first = first_own_page(generation_of_child);
-	return page >= first && page < first + OWN_PAGES ? generation_of_child + 1 : 0;
+	if (page >= first && page < first + OWN_PAGES)
+		return generation_of_child + 1;
+	if (grandchild && page >= first + OWN_PAGES && page < first + 2 * OWN_PAGES)
+		return GRANDCHILD_GEN + generation_of_child;
+	return 0;
 }
 
 static void check_all(void)
@@ -79,15 +88,36 @@ static void check_all(void)
 		}
 }
 
+/* Child k's own child: leads a group of its own, writes its pages, checks them after the
+ * window (-n). */
+__attribute__((noreturn))
+static void grandchild_main(int k)
+{
+	size_t first = first_own_page(k) + OWN_PAGES;
+
+	grandchild = 1;
+	if (setpgid(0, 0))
+		wl_die("setpgid");
+	for (size_t page = first; page < first + OWN_PAGES; page++)
+		fill(data + page * (PAGE / sizeof(uint64_t)), page, GRANDCHILD_GEN + k);
+	tree_ready();
+	wl_sleep(WL_WINDOW_S);
+	tree_check_place();
+	check_all();
+	tree_exit();
+}
+
 int main(int argc, char **argv)
 {
-	int children;
+	int children, nested = argc > 1 && !strcmp(argv[1], "-n");
 	pid_t pids[64];
-	char names[64][16];
+	char names[64][16], grandchild_names[64][24];
 
-	if (argc < 3 || argc > 4 || (children = atoi(argv[1])) < 1 || children > 64 ||
+	argc -= nested;
+	argv += nested;
+	if (argc < 3 || argc > 4 || (children = atoi(argv[1])) < 1 || children > 32 ||
 	    atoi(argv[2]) < 1) {
-		fprintf(stderr, "usage: fork_shared CHILDREN MIB [GO]\n");
+		fprintf(stderr, "usage: fork_shared [-n] CHILDREN MIB [GO]\n");
 		return 2;
 	}
 	pages = (size_t)atoi(argv[2]) << 20 >> 12;
@@ -115,17 +145,27 @@ int main(int argc, char **argv)
 				wl_die("mmap");
 			for (size_t page = 0; page < 256; page++)
 				fill(own + page * (PAGE / sizeof(uint64_t)), page, 50);
+			pid_t helper = 0;
+			if (nested) {
+				snprintf(grandchild_names[k], sizeof(grandchild_names[k]),
+					 "grandchild %d", k);
+				helper = tree_fork(grandchild_names[k]);
+				if (helper == 0)
+					grandchild_main(k);
+			}
 			tree_ready();
 			wl_sleep(WL_WINDOW_S);
 			tree_check_place();
 			check_all();
+			if (helper)
+				tree_reap(helper, grandchild_names[k]);
 			tree_exit();
 		}
 	}
 	/* The children keep what they had at their fork: the root's pages are its own from now. */
 	for (size_t page = 0; page < ROOT_LATE_PAGES; page++)
 		fill(data + page * (PAGE / sizeof(uint64_t)), page, ROOT_GEN);
-	tree_wait_ready(children);
+	tree_wait_ready(nested ? 2 * children : children);
 	wl_sleep(WL_WINDOW_S);
 	tree_check_place();
 	check_all();
