@@ -19,6 +19,7 @@ refused).
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -27,9 +28,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import TIMEOUT, cli_argv, cli_env, describe, pid_alive, tree_of
+from harness import TIMEOUT, cli_argv, cli_env, describe, pid_alive, tree_of, wait_until
 
 PIPELINE_BYTES = 1 << 20
+RANDOM_KILLS = 12  # restores of a tree killed at random moments
 
 
 @pytest.fixture(params=["pid", "job"])
@@ -447,6 +449,103 @@ def test_pages_shared_since_fork_by_workers_and_their_helpers(tree_cr, tmp_path)
         assert same_frames(worker, helper, start_, end) == 4096 - 16, f"helper {helper}"
     go.touch()
     workload.wait_for("PASS", timeout=TIMEOUT)
+
+
+def test_restore_of_a_pool_killed_at_random_moments(tree_cr, tmp_path):
+    """hpccr killed at any moment of the restore of a pool whose workers fork helpers (forked by
+    their parents' stubs, their descriptors held by donors meanwhile): either the whole tree runs
+    or nothing of its session is left, no donor either; then it restores and passes."""
+    go = tmp_path / "go"  # a tree restored waits for it: whole, until it is killed
+    workload = tree_cr.start(tree_cr.binaries["fork_shared"], "-n", 2, 16, go, append=True)
+    img = tmp_path / "img"
+    tree_cr.dump_and_kill(workload, img)
+    tree = set(tree_cr.trees[workload.pid])
+    rng = random.Random(5)
+    outcomes = {"nothing": 0, "restored": 0}
+    for i in range(RANDOM_KILLS):
+        restore = subprocess.Popen(cli_argv("restore", "-D", img, "--detach"), env=cli_env(),
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            restore.wait(timeout=rng.uniform(0.02, 0.3))
+        except subprocess.TimeoutExpired:
+            os.killpg(restore.pid, signal.SIGKILL)
+        restore.communicate(timeout=TIMEOUT)
+        wait_until(lambda: set(session_members(workload.pid)) in (set(), tree),
+                   f"restore killed ({i}): the whole tree or nothing of it")
+        if session_members(workload.pid):
+            outcomes["restored"] += 1
+            for pid in tree:
+                os.kill(pid, signal.SIGKILL)  # waiting for `go`: it cannot have ended
+        else:
+            outcomes["nothing"] += 1
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in tree),
+                   f"restore killed ({i}): the tree's pids free")
+    assert outcomes["nothing"], outcomes  # some kills came before the end of the restore
+    go.touch()
+    tree_cr.restore_and_pass(workload, img)
+
+
+@pytest.mark.parametrize(("fault", "whole"), [("spawned", False), ("carried:1", False),
+                                              ("carried:3", False), ("release:2", True)])
+def test_restore_of_a_pool_killed_midway(tree_cr, tmp_path, fault, whole):
+    """hpccr killed at named points of the restore of that pool (hpccr/faults.py): once every
+    task (and donor) exists, as a worker or helper has taken its descriptors from its donor:
+    nothing of its session is left; between two processes let run: the whole tree runs."""
+    go = tmp_path / "go"
+    workload = tree_cr.start(tree_cr.binaries["fork_shared"], "-n", 2, 16, go, append=True)
+    img = tmp_path / "img"
+    tree_cr.dump_and_kill(workload, img)
+    tree = set(tree_cr.trees[workload.pid])
+    restore = subprocess.run(cli_argv("restore", "-D", img, "--detach"),
+                             env={**cli_env(), "HPCCR_FAULT": fault}, stdin=subprocess.DEVNULL,
+                             capture_output=True, timeout=TIMEOUT)
+    assert restore.returncode == -signal.SIGKILL, describe(restore)
+    expected = tree if whole else set()
+    wait_until(lambda: set(session_members(workload.pid)) == expected,
+               "the whole tree" if whole else "nothing of the tree")
+    for pid in expected:
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in tree),
+               "the tree's pids free")
+    go.touch()
+    tree_cr.restore_and_pass(workload, img)
+
+
+def test_restore_killed_before_its_tasks_are_seized(tree_cr, tmp_path):
+    """hpccr killed once every task of a tree exists but before it has seized them (a shell and
+    the commands it started, each task forked by the restorer): none of them is left, and the
+    next restore works."""
+    workload = tree_cr.start(Path("/bin/bash"), "-c",
+                             f"sleep {TIMEOUT} & sleep {TIMEOUT} & echo READY; wait")
+    tree = set(tree_of(workload.pid))
+    assert len(tree) == 3, tree
+    img = tmp_path / "img"
+    tree_cr.dump_and_kill(workload, img)
+    restore = subprocess.run(cli_argv("restore", "-D", img, "--detach"),
+                             env={**cli_env(), "HPCCR_FAULT": "spawned"},
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT)
+    assert restore.returncode == -signal.SIGKILL, describe(restore)
+    wait_until(lambda: not session_members(workload.pid), "nothing of the tree")
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in tree),
+               "the tree's pids free")
+    res = tree_cr.restore(img, "--detach")
+    assert res.returncode == 0, describe(res)
+    assert set(session_members(workload.pid)) == tree
+
+
+def session_members(sid: int) -> list[int]:
+    """The processes of session `sid` that have not ended (zombies left out)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if stat[0] != "Z" and int(stat[3]) == sid:
+                members.append(int(entry))
+    return members
 
 
 def test_pages_shared_since_fork_left_running(tree_cr, tmp_path):

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hpccr import errors, native
+from hpccr import errors, faults, native
 from hpccr.engine import (
     cpu,
     creds,
@@ -348,6 +348,7 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
         with _step("creating the processes"):
             spawn(order, pidns, pool, meta["sysv"], network)
         pool.close()
+        faults.point("spawned")
         try:
             for task in order:
                 if not task.sharer and not task.carried:
@@ -382,11 +383,8 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
             if network is not None:
                 with _step("bringing the job's network up"):
                     network.up()  # its connections are back: a peer's packet finds them
-            # Stopped processes first: the others must not see one before it stops again.
-            for task in sorted(reversed(order), key=lambda t: not t.proc["stopped"]):
-                if not task.zombie:
-                    with _step(f"process {task.proc['pid']}: letting it run"):
-                        release(task)
+            with _step("letting the processes run"):
+                release_all([task for task in order if not task.zombie])
         except BaseException:
             _kill_half_restored(order)
             raise
@@ -517,7 +515,7 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
         _child(root, pool, wr, enter_namespaces=pidns, sysv_state=sysv_state,
-               network=network.spec if network else None, root=True)
+               network=network.spec if network else None)
     for end in lifetimes:
         os.close(end)  # the tasks hold them until they are built
     root.outer = pid
@@ -578,12 +576,13 @@ def _make_leaderless_group(pgid: int, lifetime: int, spare: int) -> None:
         raise RestoreFailed(f"cannot make process group {pgid} (its leader exited) again")
 
 
-def _fork_task(task: Task, pool: fds.Pool, errpipe: int) -> None:
-    """Create `task` as a child of this one (it never returns in the child); or, for a task
-    its parent's stub makes, the donors of it and its descendants (engine/forked.py)."""
+def _fork_task(task: Task, pool: fds.Pool, errpipe: int, watch_parent: bool = True) -> None:
+    """Create `task` as a child of this one (it never returns in the child), dying with it if
+    `watch_parent`; or, for a task its parent's stub makes, the donors of it and its descendants
+    (engine/forked.py)."""
     if not task.carried:
         if _fork(task.proc["pid"], sharing.fork_flags(task.proc)) == 0:
-            _child(task, pool, errpipe)
+            _child(task, pool, errpipe, watch_parent=watch_parent)
         return
     for carried in task.carried_tree:
         _fork_donor(carried, pool, errpipe)
@@ -689,6 +688,7 @@ def _fork_carried(inj: Injector, parent: int, task: Task, reaper: Injector) -> N
     thread.capture()
     forked.take_from_donor(Injector.adopt(task.outer, thread, inj.base, inj.size), task.proc,
                            task.donor)
+    faults.point("carried")
     os.kill(task.donor_outer, signal.SIGKILL)
     reaper.call("wait4", task.donor, 0, 0, 0)
     task.donor_outer = 0
@@ -760,10 +760,11 @@ def _become_zombie(task: Task) -> None:
 
 def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False,
            sysv_state: dict | None = None, network: netns.Spec | None = None,
-           root: bool = False, donor: bool = False) -> None:
+           donor: bool = False, watch_parent: bool = True) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
     A `donor` (engine/forked.py) has another pid and no children, stays in the session and
-    group of the task that forks it, and holds the task's descriptors and cwd for it.  Never
+    group of the task that forks it, and holds the task's descriptors and cwd for it.  Until
+    hpccr has seized it, it dies with the task that forked it if `watch_parent`.  Never
     returns."""
     proc, ctx = task.proc, task.ctx
     errpipe = fcntl.fcntl(errpipe, fcntl.F_DUPFD_CLOEXEC, pool.base)
@@ -779,8 +780,8 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
                     signal.signal(sig, signal.SIG_DFL)
                 except (OSError, ValueError):
                     pass
-        if donor:
-            native.syscall("prctl", prctls.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if donor:  # in the session and group of the task that forks it
+            pass
         elif proc["sid"] == proc["pid"]:
             os.setsid()  # it led its session (and group): it leads a new one
         elif task.group != os.getpgid(0):
@@ -790,19 +791,21 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
             os.setpgid(0, task.group)  # its own group, or one its leader (or helper) made
         if not task.zombie and not donor:
             prctls.restore(proc)
-        if root and not task.zombie:
-            # Until hpccr has seized it (and PTRACE_O_EXITKILL takes over), the root dies with
-            # the restorer, and with it a job's whole pid namespace: an hpccr killed then
-            # leaves no task behind.  rebuild() gives it back its own parent-death signal.
+        if watch_parent:
+            # Until hpccr has seized it (and PTRACE_O_EXITKILL takes over), a task dies with
+            # the one that forked it, and so on up to the root, which dies with the restorer
+            # (and with it a job's whole pid namespace): an hpccr killed then leaves no task
+            # behind.  rebuild() gives it back its own parent-death signal.  Not for a task
+            # whose parent's main thread ends before it is rebuilt, nor one forked by a helper.
             native.syscall("prctl", prctls.PR_SET_PDEATHSIG, signal.SIGKILL)
         for child in [] if donor else task.children:
-            _fork_task(child, pool, errpipe)
+            _fork_task(child, pool, errpipe, watch_parent=not proc["main_thread_exited"])
         for sid, members in task.helpers.items():
             helper = _fork(sid)
             if helper == 0:  # the exited session leader, for as long as its session is made
                 os.setsid()
                 for member in members:
-                    _fork_task(member, pool, errpipe)
+                    _fork_task(member, pool, errpipe, watch_parent=False)
                 os._exit(0)
             os.waitpid(helper, 0)  # its members are ours now
         if not task.zombie:
@@ -837,7 +840,7 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
 
 def rebuild(task: Task, meta: dict, memory_sharers: list[Task] = ()) -> None:
     """Turn the stub task of `task` into the saved process, leaving all its threads stopped:
-    release() lets them go once every process of the tree is ready.  Its `memory_sharers`,
+    release_all() lets them go once every process of the tree is ready.  Its `memory_sharers`,
     children made with its address space (sharing.py), are rebuilt with it; so are the children
     its stub forks once its pages are back (forked.py), their children forked from theirs in
     turn: every address space first, then the rest.  The donors of them all are its children,
@@ -989,15 +992,23 @@ def _rebuild_memory_sharer(inj: Injector, sharer: Task) -> tuple[Thread, dict]:
     return thread, saved
 
 
-def release(task: Task) -> None:
-    """Detach every thread of a rebuilt process: it runs on from where it was saved, or stops
-    again at once if it was stopped."""
-    if task.proc["stopped"]:
-        os.kill(task.outer, signal.SIGSTOP)
-    for tid in reversed(task.ctx.threads):
-        native.detach(tid, 0)
-    if task.proc["stopped"]:
-        wait_stopped_again(task.outer, task.ctx.threads)
+def release_all(tasks: list[Task]) -> None:
+    """Detach every thread of the rebuilt processes: each runs on from where it was saved, or
+    stops again at once if it was stopped.  First none of them dies with hpccr any more
+    (PTRACE_O_EXITKILL cleared): an hpccr killed from then on lets them all run, as a detach
+    would (a tracer's exit detaches its tracees), never some of them."""
+    for task in tasks:
+        if task.proc["stopped"]:
+            os.kill(task.outer, signal.SIGSTOP)  # pending: they stop as soon as they run
+        for tid in task.ctx.threads:
+            native.set_options(tid, 0)
+    # Stopped processes first: the others must not see one before it stops again.
+    for task in sorted(reversed(tasks), key=lambda t: not t.proc["stopped"]):
+        for tid in reversed(task.ctx.threads):
+            native.detach(tid, 0)
+        faults.point("release")
+        if task.proc["stopped"]:
+            wait_stopped_again(task.outer, task.ctx.threads)
 
 
 def _restore_address_space(ctx: Context, inj: Injector, pid: int,

@@ -23,6 +23,7 @@ PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
+PTRACE_SETOPTIONS = 0x4200
 PTRACE_INTERRUPT = 0x4207
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
@@ -117,6 +118,10 @@ def stub_path() -> str:
 
 def seize(tid: int, options: int = 0) -> None:
     _ptrace(PTRACE_SEIZE, tid, 0, options)
+
+
+def set_options(tid: int, options: int) -> None:
+    _ptrace(PTRACE_SETOPTIONS, tid, 0, options)
 
 
 def interrupt(tid: int) -> None:
