@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from collections import deque
 
 from hpccr.errors import ImageCorrupt
 from hpccr.image.store import PAGE_SIZE, ImageReader, ImageWriter
@@ -185,16 +186,23 @@ class PageReader:
         """The pages at these (offset, size) pieces of the pages, in increasing offset order,
         as buffers: slices of a mapping of the file (straight out of the page cache), or,
         compressed, decompressed one by one into `held` + 1 buffers in turn (the caller holds
-        no more than `held` chunks while it asks for the next)."""
+        no more than `held` chunks while it asks for the next).  A chunk of the mapping that
+        the caller no longer holds leaves it (MADV_DONTNEED: the page cache keeps the pages),
+        so that this process's resident set stays within `held` + 1 chunks, not the file."""
         if self.compressed:
             yield from self._decompressed(pieces, held + 1)
             return
         if not self.size:
             return
         self._map = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)
+        used: deque[tuple[int, int]] = deque()
         with memoryview(self._map) as view:
             for offset, size in pieces:
+                while len(used) > held:
+                    start, end = used.popleft()
+                    self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
                 yield view[offset:offset + size]
+                used.append((offset - offset % PAGE_SIZE, offset + size))
 
     def _decompressed(self, pieces: list[tuple[int, int]], nr_buffers: int):
         import zstandard

@@ -443,6 +443,9 @@ class ImageReader:
                     with memoryview(mapped) as view:
                         for offset in range(0, size, _VERIFY_CHUNK):
                             hasher.update(view[offset:offset + _VERIFY_CHUNK])
+                            # out of this process's resident set (the page cache keeps it)
+                            mapped.madvise(mmap.MADV_DONTNEED, offset,
+                                           min(_VERIFY_CHUNK, size - offset))
             if _identity(os.fstat(fd)) != _identity(st):
                 return f"{entry.name}: changed while it was checked"
         if hasher.hexdigest() != entry.digest:
