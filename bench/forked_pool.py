@@ -2,15 +2,16 @@
 memory the pool uses before the dump and after the restore.
 
     cd /work/main && PYTHONPATH=. python3 bench/forked_pool.py [--size 1G] [--children 4]
-                                                                [--dir /var/tmp]
+                                                                [--nested] [--dir /var/tmp]
 
 tests/workloads/fork_shared.c CHILDREN SIZE GO: a root fills SIZE of anonymous memory and forks
 CHILDREN children, which share it since the fork (each writes 16 pages of its own; the root
-writes 32 anew). A kill-mode dump, then a detached restore (engine API in this process: no
-start-up counted). The pool's memory before the dump and after the restore: the sum over its
-processes of Pss (/proc/PID/smaps_rollup: a page that N processes share counts 1/N in each, so
-the sum is the memory the pool really uses) and of Rss (each counts it whole). Then GO: each
-process checks every page and the root must PASS. Needs root, gcc and the native parts built.
+writes 32 anew); with --nested each child forks a helper, which shares it with the child.  A
+kill-mode dump, then a detached restore (engine API in this process: no start-up counted).  The
+pool's memory before the dump and after the restore: the sum over its processes of Pss
+(/proc/PID/smaps_rollup: a page that N processes share counts 1/N in each, so the sum is the
+memory the pool really uses) and of Rss (each counts it whole).  Then GO: each process checks
+every page and the root must PASS.  Needs root, gcc and the native parts built.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ def pool_memory(pids: list[int]) -> tuple[int, int]:
     return pss, rss
 
 
+def descendants(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    found = [pid]
+    for parent in found:
+        found += [int(c) for c in Path(f"/proc/{parent}/task/{parent}/children").read_text()
+                  .split()]
+    return found
+
+
 def wait_for(what: str, done, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not done():
@@ -57,6 +67,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1G")
     parser.add_argument("--children", type=int, default=4)
+    parser.add_argument("--nested", action="store_true", help="each child forks a helper")
     parser.add_argument("--dir", default="/var/tmp")
     args = parser.parse_args()
     size = parse_size(args.size)
@@ -67,11 +78,10 @@ def main() -> int:
                         str(REPO / "tests" / "workloads" / "fork_shared.c"), "-lpthread"],
                        check=True)
         log, go, image = work / "pool.log", work / "go", work / "image"
-        proc = start([str(binary), str(args.children), str(size // MIB), str(go)], log, "READY")
+        proc = start([str(binary), *(["-n"] if args.nested else []), str(args.children),
+                      str(size // MIB), str(go)], log, "READY")
+        pids = descendants(proc.pid)
         root = proc.pid
-        children = [int(c) for c in Path(f"/proc/{root}/task/{root}/children").read_text()
-                    .split()]
-        pids = [root, *children]
         before = pool_memory(pids)
         started = time.monotonic()
         result = dump(root, str(image), "kill")
@@ -89,7 +99,9 @@ def main() -> int:
         wait_for("PASS", lambda: "PASS" in log.read_text() or "FAIL" in log.read_text())
         os.waitpid(root, 0)
         verdict = "PASS" if "PASS" in log.read_text() else "FAIL"
-        print(f"pool: {args.children} children over {size / MIB:.0f} MiB, images in {args.dir}")
+        helpers = ", each with a helper" if args.nested else ""
+        print(f"pool: {args.children} children{helpers} over {size / MIB:.0f} MiB, images in "
+              f"{args.dir}")
         print(f"dump     {dump_s:7.3f} s (frozen {result.frozen_s:.3f} s), pages saved "
               f"{saved / MIB:8.1f} MiB; {shared_pages * 4096 / MIB:.1f} MiB more shared with "
               "a parent since fork, saved with the parent's")
