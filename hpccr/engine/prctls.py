@@ -1,7 +1,8 @@
 """Process attributes set with prctl() that are neither credentials nor memory: whether the
 process is a child subreaper (orphans below it are re-parented to it) and its parent-death
-signal.  Read from inside the target; set again by the new task before it becomes the stub, so
-that they already hold while the tree is being rebuilt."""
+signal.  Read from inside the target.  The first is set again by the new task before it becomes
+the stub, so that it already holds while the tree is being rebuilt; the second at the end of its
+rebuild (until then the new task dies with its parent: restore._die_with_parent)."""
 
 from __future__ import annotations
 
@@ -27,4 +28,3 @@ def dump(inj) -> dict[str, int]:
 def restore(proc: dict) -> None:
     """In the new task itself (its own prctl)."""
     native.syscall("prctl", PR_SET_CHILD_SUBREAPER, proc["child_subreaper"])
-    native.syscall("prctl", PR_SET_PDEATHSIG, proc["pdeathsig"])

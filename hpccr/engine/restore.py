@@ -501,6 +501,7 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
             task.donor = forked.donor_pids(spare, taken, in_use_now=not pidns)
             spare = task.donor + forked.DONOR_PIDS
     rd, wr = os.pipe2(os.O_CLOEXEC)
+    restorer = os.getpid()
     try:
         if network:
             pid = network.fork_inside(
@@ -515,7 +516,7 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
         raise _fork_error(exc, root.proc["pid"]) from None
     if pid == 0:
         _child(root, pool, wr, enter_namespaces=pidns, sysv_state=sysv_state,
-               network=network.spec if network else None)
+               network=network.spec if network else None, parent=0 if pidns else restorer)
     for end in lifetimes:
         os.close(end)  # the tasks hold them until they are built
     root.outer = pid
@@ -581,14 +582,16 @@ def _fork_task(task: Task, pool: fds.Pool, errpipe: int, watch_parent: bool = Tr
     `watch_parent`; or, for a task its parent's stub makes, the donors of it and its descendants
     (engine/forked.py)."""
     if not task.carried:
+        forker = os.getpid()
         if _fork(task.proc["pid"], sharing.fork_flags(task.proc)) == 0:
-            _child(task, pool, errpipe, watch_parent=watch_parent)
+            _child(task, pool, errpipe, parent=forker if watch_parent else None)
         return
     for carried in task.carried_tree:
         _fork_donor(carried, pool, errpipe)
 
 
 def _fork_donor(task: Task, pool: fds.Pool, errpipe: int) -> None:
+    forker = os.getpid()
     for pid in range(task.donor, task.donor + forked.DONOR_PIDS):
         try:
             child = native.fork_with_pid(pid)
@@ -597,10 +600,22 @@ def _fork_donor(task: Task, pool: fds.Pool, errpipe: int) -> None:
                 continue  # taken meanwhile: a task needs none of these
             raise _fork_error(exc, pid) from None
         if child == 0:
-            _child(task, pool, errpipe, donor=True)
+            _child(task, pool, errpipe, donor=True, parent=forker)
         return
     raise PidInUse(f"no free pid for the donor of process {task.proc['pid']} from "
                    f"{task.donor}")
+
+
+def _die_with_parent(parent: int) -> None:
+    """First thing in a new task: until hpccr has seized it (and PTRACE_O_EXITKILL takes over)
+    it dies with the task that forked it, `parent` (0: in another pid namespace, not checked),
+    and so on up to the root, which dies with the restorer (and with it a job's whole pid
+    namespace): an hpccr killed then leaves no task behind.  If that parent is gone already, it
+    ends at once.  rebuild() gives it its own parent-death signal.  Not for a task whose
+    parent's main thread ends before it is rebuilt, nor one forked by a helper."""
+    native.syscall("prctl", prctls.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent and os.getppid() != parent:
+        os._exit(1)
 
 
 def _fork_error(exc: OSError, pid: int) -> HpccrError:
@@ -760,15 +775,17 @@ def _become_zombie(task: Task) -> None:
 
 def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = False,
            sysv_state: dict | None = None, network: netns.Spec | None = None,
-           donor: bool = False, watch_parent: bool = True) -> None:
+           donor: bool = False, parent: int | None = None) -> None:
     """Runs in the new task with its saved pid: creates its children, then becomes the stub.
     A `donor` (engine/forked.py) has another pid and no children, stays in the session and
     group of the task that forks it, and holds the task's descriptors and cwd for it.  Until
-    hpccr has seized it, it dies with the task that forked it if `watch_parent`.  Never
-    returns."""
+    hpccr has seized it, it dies with the task that forked it, its `parent` (as it sees it; 0:
+    in another pid namespace), unless that is None.  Never returns."""
     proc, ctx = task.proc, task.ctx
     errpipe = fcntl.fcntl(errpipe, fcntl.F_DUPFD_CLOEXEC, pool.base)
     try:
+        if parent is not None:
+            _die_with_parent(parent)
         if enter_namespaces:
             enter_job_namespaces(network)
             if sysv_state:
@@ -791,13 +808,6 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
             os.setpgid(0, task.group)  # its own group, or one its leader (or helper) made
         if not task.zombie and not donor:
             prctls.restore(proc)
-        if watch_parent:
-            # Until hpccr has seized it (and PTRACE_O_EXITKILL takes over), a task dies with
-            # the one that forked it, and so on up to the root, which dies with the restorer
-            # (and with it a job's whole pid namespace): an hpccr killed then leaves no task
-            # behind.  rebuild() gives it back its own parent-death signal.  Not for a task
-            # whose parent's main thread ends before it is rebuilt, nor one forked by a helper.
-            native.syscall("prctl", prctls.PR_SET_PDEATHSIG, signal.SIGKILL)
         for child in [] if donor else task.children:
             _fork_task(child, pool, errpipe, watch_parent=not proc["main_thread_exited"])
         for sid, members in task.helpers.items():
