@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from compression import REPO, parse_size, start
+from forked_pool import wait_for
 
 MIB = 1 << 20
 
@@ -45,14 +46,6 @@ def hpccr(*args: object) -> tuple[float, int]:
             raise RuntimeError(f"hpccr {' '.join(map(str, args))}: exit {proc.returncode}: "
                                f"{err.read().decode(errors='replace').strip()}")
     return elapsed, usage.ru_maxrss * 1024
-
-
-def wait_for(what: str, done, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def measure(binary: Path, size: int, work: Path) -> tuple[list[tuple[float, int]], str]:

@@ -89,6 +89,19 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def restore_killed_after(img: Path, delay: float, *options: object) -> None:
+    """``hpccr restore -D IMG OPTIONS`` in a process group of its own, SIGKILLed with that group
+    after `delay` seconds unless it ended before."""
+    restore = subprocess.Popen(cli_argv("restore", "-D", img, *options), env=cli_env(),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        restore.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        os.killpg(restore.pid, signal.SIGKILL)
+    restore.communicate(timeout=TIMEOUT)
+
+
 def describe(res: subprocess.CompletedProcess) -> str:
     return f"{res.args}: exit {res.returncode}\nstdout: {res.stdout}\nstderr: {res.stderr}"
 

@@ -13,7 +13,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import TIMEOUT, cli_argv, cli_env, describe, pid_alive, wait_until
+from harness import (
+    TIMEOUT,
+    cli_argv,
+    cli_env,
+    describe,
+    pid_alive,
+    restore_killed_after,
+    wait_until,
+)
 
 from hpccr.engine import netlock
 from hpccr.image.store import ImageReader
@@ -181,14 +189,7 @@ def test_restore_killed_at_random_moments(cr, tmp_path):
     rng = random.Random(11)
     outcomes = {"nothing": 0, "restored": 0}
     for i in range(RANDOM_KILLS):
-        restore = subprocess.Popen(cli_argv("restore", "-D", img), env=cli_env(),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            restore.wait(timeout=rng.uniform(0.05, 1.0))
-        except subprocess.TimeoutExpired:
-            os.killpg(restore.pid, signal.SIGKILL)
-        restore.communicate(timeout=TIMEOUT)
+        restore_killed_after(img, rng.uniform(0.05, 1.0))
         wait_until(lambda: job.workload.runs_here() or not pid_alive(job.pid),
                    f"restore killed ({i}): a whole job or none")
         if pid_alive(job.pid):

@@ -28,7 +28,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from harness import TIMEOUT, cli_argv, cli_env, describe, pid_alive, tree_of, wait_until
+from harness import (
+    TIMEOUT,
+    cli_argv,
+    cli_env,
+    describe,
+    pid_alive,
+    restore_killed_after,
+    tree_of,
+    wait_until,
+)
 
 PIPELINE_BYTES = 1 << 20
 RANDOM_KILLS = 12  # restores of a tree killed at random moments
@@ -463,14 +472,7 @@ def test_restore_of_a_pool_killed_at_random_moments(tree_cr, tmp_path):
     rng = random.Random(5)
     outcomes = {"nothing": 0, "restored": 0}
     for i in range(RANDOM_KILLS):
-        restore = subprocess.Popen(cli_argv("restore", "-D", img, "--detach"), env=cli_env(),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            restore.wait(timeout=rng.uniform(0.02, 0.3))
-        except subprocess.TimeoutExpired:
-            os.killpg(restore.pid, signal.SIGKILL)
-        restore.communicate(timeout=TIMEOUT)
+        restore_killed_after(img, rng.uniform(0.02, 0.3), "--detach")
         wait_until(lambda: set(session_members(workload.pid)) in (set(), tree),
                    f"restore killed ({i}): the whole tree or nothing of it")
         if session_members(workload.pid):
