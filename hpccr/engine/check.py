@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 from hpccr import config, native
 from hpccr.engine import cpu, gpu, posix_timers, procfs
 from hpccr.engine.restore import MM_MAP, PR_SET_MM, PR_SET_MM_MAP
-from hpccr.engine.tracking import PAGE_REGION, PAGEMAP_SCAN, PM_SCAN_ARG
+from hpccr.engine.snapshot import (
+    UFFD_API,
+    UFFD_FEATURE_EVENT_REMAP,
+    UFFDIO_API,
+    UFFDIO_REGISTER,
+    UFFDIO_REGISTER_MODE_WP,
+)
+from hpccr.engine.tracking import PAGE_REGION, PAGEMAP_SCAN, PM_SCAN_ARG, UFFD_FEATURE_WP_ASYNC
 from hpccr.errors import CheckFailed
 from hpccr.image.show import cuda_release
 
@@ -46,11 +53,8 @@ PAGE_IS_PRESENT = 1 << 3
 
 # userfaultfd (linux/userfaultfd.h)
 UFFD_USER_MODE_ONLY = 1
-UFFD_API = 0xAA
-UFFDIO_API = 0xC018AA3F  # struct uffdio_api {u64 api, features, ioctls}
-UFFDIO_REGISTER = 0xC020AA00  # struct uffdio_register {u64 start, len, mode, ioctls}
-UFFDIO_REGISTER_MODE_WP = 2
-UFFD_FEATURES = {"EVENT_REMAP": 1 << 2, "WP_UNPOPULATED": 1 << 13, "WP_ASYNC": 1 << 15}
+UFFD_FEATURES = {"EVENT_REMAP": UFFD_FEATURE_EVENT_REMAP, "WP_UNPOPULATED": 1 << 13,
+                 "WP_ASYNC": UFFD_FEATURE_WP_ASYNC}
 
 # XCR0 components, grouped as people name them
 XFEATURE_GROUPS = (("x87", 1 << 0), ("SSE", 1 << 1), ("AVX", 1 << 2), ("MPX", 0b11 << 3),
