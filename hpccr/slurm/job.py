@@ -38,6 +38,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -68,7 +69,26 @@ SIGNAL_STEPS_S = 5  # scancel retries while the job is being cancelled or requeu
 
 
 def warn(message: str) -> None:
-    print(f"hpccr: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, the job's output file: on a line of its own even when the job's
+    last write, cut short by a requeue, ended mid-line."""
+    print(f"{_newline_needed()}hpccr: {message}", file=sys.stderr, flush=True)
+
+
+def _newline_needed() -> str:
+    """"\n" if stderr is a regular file that does not end with one (read through a descriptor
+    of its own: the job's is often opened for writing only)."""
+    try:
+        fd = sys.stderr.fileno()
+        size = os.fstat(fd).st_size
+        if not size or not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return "" if os.pread(reader, 1, size - 1) == b"\n" else "\n"
+        finally:
+            os.close(reader)
+    except (OSError, ValueError):  # no descriptor, or a file this user cannot read
+        return ""
 
 
 def default_dir(cfg: config.Config) -> Path:
