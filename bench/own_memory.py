@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from compression import REPO, parse_size, start
 from forked_pool import wait_for
@@ -30,14 +31,19 @@ from forked_pool import wait_for
 MIB = 1 << 20
 
 
-def hpccr(*args: object) -> tuple[float, int]:
-    """Run `hpccr ARGS`; returns its wall time and its peak resident set, in bytes."""
+class Ran(NamedTuple):
+    wall: float  # seconds
+    peak: int  # bytes: the command's peak resident set
+    said: str  # what it printed (its messages go to stderr)
+
+
+def hpccr(*args: object) -> Ran:
+    """Run `hpccr ARGS` (python -m hpccr) from this checkout."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-m", "hpccr", *map(str, args)], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=err)
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.monotonic() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -45,10 +51,14 @@ def hpccr(*args: object) -> tuple[float, int]:
             err.seek(0)
             raise RuntimeError(f"hpccr {' '.join(map(str, args))}: exit {proc.returncode}: "
                                f"{err.read().decode(errors='replace').strip()}")
-    return elapsed, usage.ru_maxrss * 1024
+        said = b""
+        for stream in (out, err):
+            stream.seek(0)
+            said += stream.read()
+        return Ran(elapsed, usage.ru_maxrss * 1024, said.decode(errors="replace"))
 
 
-def measure(binary: Path, size: int, work: Path) -> tuple[list[tuple[float, int]], str]:
+def measure(binary: Path, size: int, work: Path) -> tuple[list[Ran], str]:
     """(time, peak) of the running dump, the kill dump and the restore; the verdict."""
     log = work / f"workload-{size}.log"
     proc = start([str(binary), str(size)], log, "READY")
@@ -80,7 +90,7 @@ def main() -> int:
         binary = work / "workload"
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(REPO / "bench" / "workload.c")],
                        check=True)
-        _, baseline = hpccr("--help")
+        baseline = hpccr("--help").peak
         print(f"peak resident set of the command (wall time); `hpccr --help`: "
               f"{baseline / MIB:.1f} MiB; images in {args.dir}")
         print(f"{'size':>9} {'dump --leave-running':>22} {'dump (kill)':>22} "
@@ -89,7 +99,7 @@ def main() -> int:
             size = parse_size(text)
             figures, verdict = measure(binary, size, work)
             failed |= verdict != "OK"
-            cells = [f"{peak / MIB:7.1f} MiB ({elapsed:6.3f} s)" for elapsed, peak in figures]
+            cells = [f"{ran.peak / MIB:7.1f} MiB ({ran.wall:6.3f} s)" for ran in figures]
             print(f"{size / MIB:5.0f} MiB {cells[0]:>22} {cells[1]:>22} {cells[2]:>22}  "
                   f"{verdict}")
     finally:
