@@ -4,6 +4,10 @@ Workload: workloads/memory.c (64 MiB of PRNG data, anonymous, private and shared
 a PROT_NONE region, the brk heap; it checks everything itself and prints its checksums).
 """
 
+import os
+import signal
+import struct
+
 import pytest
 
 # mem_pieces' window for a --leave-running dump, which returns once the pages are copied
@@ -124,3 +128,27 @@ def test_memory_in_pieces_compressed_by_the_site_setting(cr, tmp_path, monkeypat
     workload.assert_passed()
     monkeypatch.setenv("HPCCR_COMPRESS", "no")
     cr.restore_and_pass(workload, img, passes=2)
+
+
+def present_pages(pid: int, start: int, size: int) -> int:
+    """How many pages of [start, start + size) are resident in process `pid` (pagemap)."""
+    with open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        pagemap.seek(start // 4096 * 8)
+        entries = pagemap.read(size // 4096 * 8)
+    return sum(entry >> 63 for entry in struct.unpack(f"<{len(entries) // 8}Q", entries))
+
+
+def test_pages_never_written_stay_unpopulated(cr, tmp_path):
+    """A mapping of which only every other MiB was written comes back with those pages only:
+    the others are not made resident by the restore (they read as zeros, as before).
+    (workloads/sparse_writes.py checks every block itself.)"""
+    workload = cr.start("sparse_writes.py")
+    start = int(workload.values("ADDR")[0], 16)
+    before = present_pages(workload.pid, start, 64 << 20)
+    assert before == 32 << 20 >> 12
+    cr.dump_and_kill(workload, tmp_path / "img")
+    res = cr.restore(tmp_path / "img", "--detach")
+    assert res.returncode == 0, res.stderr
+    assert present_pages(workload.pid, start, 64 << 20) == before
+    os.kill(workload.pid, signal.SIGUSR1)
+    workload.wait_for("PASS")

@@ -42,6 +42,7 @@ PM_FILE = 1 << 61
 PAGEMAP_CHUNK = 1 << 20  # entries read per pread (8 MiB)
 COPY_BATCH = 64 << 20  # bytes per process_vm_readv / writev batch
 WRITES_IN_FLIGHT = 3  # batches a restore holds while it reads (or decompresses) the next
+POPULATE_MIN = 1 << 20  # runs of saved pages from this long are faulted in by the target
 # Decompressed pages go through a few buffers used in turn: small, so that their first touch
 # (a page fault per page, as costly here as the decompression) is paid once and early.
 DECOMPRESSED_BATCH = 4 << 20
@@ -52,7 +53,8 @@ RELOCATED = ("vvar", "vvar_vclock", "vdso")
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS = 0x1, 0x2, 0x10, 0x20
-MAP_GROWSDOWN, MAP_NORESERVE, MAP_POPULATE = 0x100, 0x4000, 0x8000
+MAP_GROWSDOWN, MAP_NORESERVE = 0x100, 0x4000
+MADV_POPULATE_WRITE = 23  # Linux 5.14
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 
@@ -426,8 +428,6 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
             flags |= MAP_ANONYMOUS | MAP_NORESERVE
             if v["kind"] == "stack":
                 flags |= MAP_GROWSDOWN
-            if v["saved_pages"] * 2 * PAGE >= length:
-                flags |= MAP_POPULATE  # pre-faulting in the kernel beats faults on write
         try:
             inj.call("mmap", v["start"], length, prot, flags, fd, offset)
         except OSError as exc:
@@ -449,20 +449,24 @@ def _attach_sysv(inj, vma: dict) -> None:
         inj.call("mprotect", vma["start"], vma["end"] - vma["start"], prot)
 
 
-def write_pages(pid: int, sources) -> None:
+def write_pages(pid: int, sources, populate=None) -> None:
     """Copy the saved pages into the target: from each (PageReader, spans) of `sources` (an
     image and the parents it leaves pages to, image/chain.py), the pages inside those spans
     (None: all), read out of the page cache or decompressed, in batches written by two threads
-    while the next is read."""
+    while the next is read.
+
+    `populate(addr, length)`, if given, faults a range in, in the target: hpccr's threads write
+    a batch while the target's own thread gets the fresh memory of the next one (page faults,
+    zeroing: in a VM they cost more than the copy)."""
     try:
         for reader, spans in sources:
-            _write_from(pid, reader, spans)
+            _write_from(pid, reader, spans, populate)
     finally:
         for reader, _ in sources:
             reader.close()
 
 
-def _write_from(pid: int, reader, spans) -> None:
+def _write_from(pid: int, reader, spans, populate) -> None:
     if spans == []:
         return  # a parent that holds none of the pages still wanted
     limit = DECOMPRESSED_BATCH if reader.compressed else COPY_BATCH
@@ -487,18 +491,41 @@ def _write_from(pid: int, reader, spans) -> None:
             else:
                 batches.append([at, length, [piece], [length]])
     batches.sort()  # in the order of the pages file: a compressed one is read straight through
+    ahead = _Populator(populate)  # from the second batch on: the first is written at once
     chunks = reader.chunks([(at, size) for at, size, _, _ in batches], WRITES_IN_FLIGHT)
     try:
         with ThreadPoolExecutor(2) as pool:
             pending: deque = deque()
-            for chunk, (_, _, addrs, lens) in zip(chunks, batches, strict=True):
+            for number, (chunk, (_, _, addrs, lens)) in enumerate(zip(chunks, batches,
+                                                                      strict=True)):
                 pending.append(pool.submit(_write_batch_to, pid, chunk, addrs, lens))
+                if number + 1 < len(batches):
+                    ahead.fault_in(batches[number + 1])
                 if len(pending) == WRITES_IN_FLIGHT:
                     pending.popleft().result()
             for done in pending:
                 done.result()
     finally:
         chunks.close()  # its view of the file's mapping, before close() unmaps it
+
+
+class _Populator:
+    """Faults in the long runs of a batch through `populate`; a hint only (the writes fault
+    in whatever it leaves), given up at its first error (such as a kernel before 5.14)."""
+
+    def __init__(self, populate):
+        self._populate = populate
+
+    def fault_in(self, batch: list) -> None:
+        if self._populate is None:
+            return
+        for addr, length in zip(batch[2], batch[3], strict=True):
+            if length >= POPULATE_MIN:
+                try:
+                    self._populate(addr, length)
+                except OSError:
+                    self._populate = None
+                    return
 
 
 def _write_batch_to(pid: int, chunk: memoryview, addrs: list[int], lens: list[int]) -> None:

@@ -1088,7 +1088,9 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int,
     if chain.has_pages(ctx.reader, proc):
         memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
                                                    proc["pid"], ctx.parent_of,
-                                                   in_place=shared))
+                                                   in_place=shared),
+                           lambda addr, length: inj.call("madvise", addr, length,
+                                                         memory.MADV_POPULATE_WRITE))
     for child in carried:  # before the madvise state (MADV_WIPEONFORK, MADV_DONTFORK)
         with _step(f"process {child.proc['pid']}: forking it from its parent"):
             _fork_carried(inj, pid, child, reaper)
