@@ -797,11 +797,10 @@ def _child(task: Task, pool: fds.Pool, errpipe: int, enter_namespaces: bool = Fa
                     signal.signal(sig, signal.SIG_DFL)
                 except (OSError, ValueError):
                     pass
-        if donor:  # in the session and group of the task that forks it
-            pass
-        elif proc["sid"] == proc["pid"]:
+        # A donor stays in the session and group of the task that forks it.
+        if not donor and proc["sid"] == proc["pid"]:
             os.setsid()  # it led its session (and group): it leads a new one
-        elif task.group != os.getpgid(0):
+        elif not donor and task.group != os.getpgid(0):
             if task.makes_group:
                 _make_leaderless_group(task.makes_group, task.group_lifetime,
                                        task.group_spare)
