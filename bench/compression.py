@@ -28,6 +28,8 @@ from hpccr.engine.restore import restore
 from hpccr.image.pages import ZSTD_LEVEL
 
 REPO = Path(__file__).resolve().parent.parent
+HEADER = (f"{'workload':<10} {'comp.':<5} {'memory':>12} {'stored':>12} {'ratio':>7} "
+          f"{'frozen':>11} {'throughput':>13} {'restore':>11}")
 
 
 def parse_size(text: str) -> int:
@@ -120,8 +122,7 @@ def main() -> int:
                            check=True)
         print(f"cpu: {os.cpu_count()} cores; {args.dir}: write "
               f"{write_speed(str(work)) / 2**20:.0f} MiB/s (fsync'd)")
-        print(f"{'workload':<10} {'comp.':<5} {'memory':>12} {'stored':>12} {'ratio':>7} "
-              f"{'frozen':>11} {'throughput':>13} {'restore':>11}")
+        print(HEADER)
         for row in measure("random", [str(work / "workload"), str(parse_size(args.size))],
                            "READY", work):
             print(row, flush=True)

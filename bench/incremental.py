@@ -30,6 +30,10 @@ from hpccr.engine.dump import dump
 from hpccr.engine.restore import restore
 from hpccr.engine.tracking import Tracking
 
+HEADER = (f"{'written':>8} {'full: bytes':>13} {'time':>9} {'frozen':>10} "
+          f"{'incr.: bytes':>13} {'time':>9} {'frozen':>10} {'bytes':>8} {'time':>8} "
+          f"{'restore':>9}")
+
 
 def wait_line(log: Path, prefix: str, count: int, what: str) -> None:
     deadline = time.monotonic() + 120
@@ -92,9 +96,7 @@ def main() -> int:
         print(f"cpu: {os.cpu_count()} cores; {args.dir}: write "
               f"{write_speed(str(work)) / 2**20:.0f} MiB/s (fsync'd); "
               f"workload {parse_size(args.size) >> 20} MiB")
-        print(f"{'written':>8} {'full: bytes':>13} {'time':>9} {'frozen':>10} "
-              f"{'incr.: bytes':>13} {'time':>9} {'frozen':>10} {'bytes':>8} {'time':>8} "
-              f"{'restore':>9}")
+        print(HEADER)
         for percent in (float(p) for p in args.percent.split(",")):
             print(measure(binary, parse_size(args.size), percent, work), flush=True)
     finally:

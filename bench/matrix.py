@@ -181,16 +181,13 @@ def main() -> int:
         ok = print_commands(exe, sizes, args.repeat, found, work)
 
         print(f"\nincremental, {max(sizes) // MIB} MiB (engine API, no start-up)")
-        print(f"{'written':>8} {'full: bytes':>13} {'time':>9} {'frozen':>10} "
-              f"{'incr.: bytes':>13} {'time':>9} {'frozen':>10} {'bytes':>8} {'time':>8} "
-              f"{'restore':>9}   targets at 5 %: bytes <= 10 %, time <= 15 %")
+        print(incremental.HEADER + "   targets at 5 %: bytes <= 10 %, time <= 15 %")
         for percent in (float(p) for p in args.percent.split(",")):
             print(incremental.measure(Path(exe), max(sizes), percent, work), flush=True)
 
         random_size = min(max(sizes), 256 * MIB)
         print("\ncompression (engine API, kill-mode dump and restore)")
-        print(f"{'workload':<10} {'comp.':<5} {'memory':>12} {'stored':>12} {'ratio':>7} "
-              f"{'frozen':>11} {'throughput':>13} {'restore':>11}")
+        print(compression.HEADER)
         for row in compression.measure("random", [exe, str(random_size)], "READY", work):
             print(row, flush=True)
         for row in compression.measure("heat", [str(heat)], "step 30/", work):
