@@ -18,6 +18,7 @@ import shutil
 import signal
 from pathlib import Path
 
+import pytest
 from harness import TIMEOUT, describe, pid_alive, wait_until
 
 A_PAGES = 16384  # the workload's 64 MiB
@@ -75,13 +76,15 @@ def restore_and_pass(tree_cr, job, series: Path) -> None:
     assert lines[-1] == "PASS", job.output()
 
 
-def test_periodic_checkpoints_are_incremental_and_restore(tree_cr, tmp_path):
+@pytest.mark.parametrize("compress", ["no", "yes"])
+def test_periodic_checkpoints_are_incremental_and_restore(tree_cr, tmp_path, compress):
     """After a full first checkpoint, each one saves little more than the pages written since
     the one before (5 % of 64 MiB a phase, the thread's few); the newest, restored through its
     chain, has every page as the job had it: PASS (a page not brought back from a parent, or
-    one taken from a parent though written since, is a FAIL or a crash)."""
+    one taken from a parent though written since, is a FAIL or a crash).  Compressed too: the
+    pages a restore takes from a parent are read through its zstd stream, skipping the others."""
     series = tmp_path / "series"
-    job = start(tree_cr, series, 5, "--keep", "2")
+    job = start(tree_cr, series, 5, "--keep", "2", env={"HPCCR_COMPRESS": compress})
     name = wait_for_checkpoint_after(tree_cr, job, series, "phase 5")
     kill_job(job)
 
@@ -93,6 +96,8 @@ def test_periodic_checkpoints_are_incremental_and_restore(tree_cr, tmp_path):
         f"{name} saved {own_pages(series / name)} pages of {own_pages(full)}")
     for link in chain:
         assert (series / link / "checksums").exists(), f"{link}, needed by {name}, is gone"
+        pages = "pages-2.img.zst" if compress == "yes" else "pages-2.img"
+        assert (series / link / pages).exists(), sorted(os.listdir(series / link))
     res = tree_cr.run("show", series / name)
     assert res.returncode == 0, describe(res)
     assert "incremental" in res.stdout and chain[-1] in res.stdout, res.stdout

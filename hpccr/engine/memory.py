@@ -474,7 +474,13 @@ def _write_from(pid: int, reader, spans, populate) -> None:
     pieces = [(vaddr, vaddr + nr * PAGE) for vaddr, nr, _ in runs]
     if spans is not None:
         pieces = intersect(pieces, spans)
-    batches = []  # [offset in the pages, size, addrs, lens], each contiguous in the pages
+    # The file's runs in a row: runs[j] is stored right after runs[j - 1] when their numbers
+    # here are the same (as a dump writes them: then a batch may skip pages not wanted).
+    in_row = [0] * len(runs)
+    for j in range(1, len(runs)):
+        prev = runs[j - 1]
+        in_row[j] = in_row[j - 1] + (prev[2] + prev[1] * PAGE != runs[j][2])
+    batches = []  # _Batch: pieces within `limit` bytes of the pages file, in its order
     i = 0
     for start, end in pieces:
         while runs[i][0] + runs[i][1] * PAGE <= start:  # the run holding this piece
@@ -484,21 +490,19 @@ def _write_from(pid: int, reader, spans, populate) -> None:
             length = min(limit, end - piece)
             at = offset + piece - vaddr
             last = batches[-1] if batches else None
-            if last and last[0] + last[1] == at and last[1] + length <= limit:
-                last[1] += length
-                last[2].append(piece)
-                last[3].append(length)
+            if (last and in_row[last.run] == in_row[i] and at >= last.at + last.span
+                    and at + length - last.at <= limit):
+                last.add(piece, length, at, i)
             else:
-                batches.append([at, length, [piece], [length]])
-    batches.sort()  # in the order of the pages file: a compressed one is read straight through
+                batches.append(_Batch(piece, length, at, i))
+    batches.sort(key=lambda b: b.at)  # in the file's order: a compressed one is read through
     ahead = _Populator(populate)  # from the second batch on: the first is written at once
-    chunks = reader.chunks([(at, size) for at, size, _, _ in batches], WRITES_IN_FLIGHT)
+    chunks = reader.chunks([(b.at, b.span) for b in batches], WRITES_IN_FLIGHT)
     try:
         with ThreadPoolExecutor(2) as pool:
             pending: deque = deque()
-            for number, (chunk, (_, _, addrs, lens)) in enumerate(zip(chunks, batches,
-                                                                      strict=True)):
-                pending.append(pool.submit(_write_batch_to, pid, chunk, addrs, lens))
+            for number, (chunk, batch) in enumerate(zip(chunks, batches, strict=True)):
+                pending.append(pool.submit(_write_batch_to, pid, chunk, batch))
                 if number + 1 < len(batches):
                     ahead.fault_in(batches[number + 1])
                 if len(pending) == WRITES_IN_FLIGHT:
@@ -516,10 +520,10 @@ class _Populator:
     def __init__(self, populate):
         self._populate = populate
 
-    def fault_in(self, batch: list) -> None:
+    def fault_in(self, batch: _Batch) -> None:
         if self._populate is None:
             return
-        for addr, length in zip(batch[2], batch[3], strict=True):
+        for addr, length in zip(batch.addrs, batch.lens, strict=True):
             if length >= POPULATE_MIN:
                 try:
                     self._populate(addr, length)
@@ -528,11 +532,31 @@ class _Populator:
                     return
 
 
-def _write_batch_to(pid: int, chunk: memoryview, addrs: list[int], lens: list[int]) -> None:
-    a = native.ffi.new("unsigned long long[]", addrs)
-    n = native.ffi.new("unsigned long long[]", lens)
+class _Batch:
+    """Page runs written with one process_vm_writev: from `span` bytes of the pages file at
+    `at`, each run's bytes at its offset there (pages between them, not wanted, skipped)."""
+
+    def __init__(self, addr: int, length: int, at: int, run: int):
+        self.at, self.span, self.run = at, length, run
+        self.addrs, self.lens, self.offsets = [addr], [length], [0]
+        self.gaps = False
+
+    def add(self, addr: int, length: int, at: int, run: int) -> None:
+        self.gaps |= at != self.at + self.span
+        self.addrs.append(addr)
+        self.lens.append(length)
+        self.offsets.append(at - self.at)
+        self.span = at + length - self.at
+        self.run = run
+
+
+def _write_batch_to(pid: int, chunk: memoryview, batch: _Batch) -> None:
+    new = native.ffi.new
+    a = new("unsigned long long[]", batch.addrs)
+    n = new("unsigned long long[]", batch.lens)
+    at = new("unsigned long long[]", batch.offsets) if batch.gaps else native.ffi.NULL
     try:
-        native.write_ranges(pid, a, n, len(addrs), chunk)
+        native.write_ranges(pid, a, n, len(batch.addrs), chunk, at)
     finally:
         chunk.release()  # a view of the file's mapping (which close() unmaps) or of a buffer
 

@@ -246,9 +246,11 @@ def read_ranges(pid: int, addrs, lens, count: int, buf) -> int:
         return _check(lib.hpccr_read_ranges(pid, addrs, lens, count, ptr))
 
 
-def write_ranges(pid: int, addrs, lens, count: int, buf) -> int:
+def write_ranges(pid: int, addrs, lens, count: int, buf, offsets=ffi.NULL) -> int:
+    """process_vm_writev of `count` ranges from `buf`: back to back, or each at its offset in
+    `offsets` (a uint64 array) if given."""
     with ffi.from_buffer(buf) as ptr:
-        return _check(lib.hpccr_write_ranges(pid, addrs, lens, count, ptr))
+        return _check(lib.hpccr_write_ranges(pid, addrs, lens, offsets, count, ptr))
 
 
 def spans_op(name: str, a: list[tuple[int, int]], b: list[tuple[int, int]]):

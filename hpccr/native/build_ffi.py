@@ -40,12 +40,14 @@ int hpccr_next_syscall_exit(int tid, long *ret);
 /* Wait for a ptrace stop of `tid` (__WALL); returns the raw status or -errno. */
 int hpccr_wait(int tid, int options);
 
-/* Copy `n` remote ranges (addrs[i], lens[i]) of process `pid` to/from one contiguous local
- * buffer, in batches of IOV_MAX iovecs.  Returns bytes moved or -errno. */
+/* Copy `n` remote ranges (addrs[i], lens[i]) of process `pid` to/from a local buffer, in
+ * batches of IOV_MAX iovecs: back to back from `buf`, or, if `offsets` is not NULL, each at
+ * buf + offsets[i].  Returns bytes moved or -errno. */
 long hpccr_read_ranges(int pid, const unsigned long long *addrs, const unsigned long long *lens,
                        size_t n, void *buf);
 long hpccr_write_ranges(int pid, const unsigned long long *addrs,
-                        const unsigned long long *lens, size_t n, const void *buf);
+                        const unsigned long long *lens, const unsigned long long *offsets,
+                        size_t n, const void *buf);
 
 /* Collapse pagemap entries into runs of pages having a bit of `any` set and no bit of `none`
  * (pte markers are no pages).
@@ -209,10 +211,25 @@ int hpccr_inject_to_exit(int tid, unsigned long long ip, const struct user_regs_
     return hpccr_next_syscall_exit(tid, ret);
 }
 
-static long move_ranges(int pid, const unsigned long long *addrs,
-                        const unsigned long long *lens, size_t n, char *buf, int write)
+/* Skip the first `done` bytes of the iovecs iov[0..*k) (after a partial transfer). */
+static void skip_iovecs(struct iovec *iov, size_t *k, size_t done)
 {
-    struct iovec local[1], remote[IOV_MAX];
+    size_t j = 0;
+    while (done >= iov[j].iov_len) {
+        done -= iov[j].iov_len;
+        j++;
+    }
+    memmove(iov, iov + j, (*k - j) * sizeof(iov[0]));
+    *k -= j;
+    iov[0].iov_base = (char *)iov[0].iov_base + done;
+    iov[0].iov_len -= done;
+}
+
+static long move_ranges(int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, const unsigned long long *offsets,
+                        size_t n, char *buf, int write)
+{
+    struct iovec local[IOV_MAX], remote[IOV_MAX];
     long total = 0;
     size_t i = 0;
     while (i < n) {
@@ -220,35 +237,32 @@ static long move_ranges(int pid, const unsigned long long *addrs,
         while (i + k < n && k < IOV_MAX) {
             remote[k].iov_base = (void *)(uintptr_t)addrs[i + k];
             remote[k].iov_len = lens[i + k];
+            if (offsets) {
+                local[k].iov_base = buf + offsets[i + k];
+                local[k].iov_len = lens[i + k];
+            }
             bytes += lens[i + k];
             k++;
         }
-        size_t batch = k; /* k shrinks below as partial transfers are retried */
-        local[0].iov_base = buf + total;
-        local[0].iov_len = bytes;
+        size_t batch = k; /* k and nl shrink below as partial transfers are retried */
+        size_t nl = k;
+        if (!offsets) {
+            local[0].iov_base = buf + total;
+            local[0].iov_len = bytes;
+            nl = 1;
+        }
         size_t done = 0;
         while (done < bytes) {
-            ssize_t r = write ? process_vm_writev(pid, local, 1, remote, k, 0)
-                              : process_vm_readv(pid, local, 1, remote, k, 0);
+            ssize_t r = write ? process_vm_writev(pid, local, nl, remote, k, 0)
+                              : process_vm_readv(pid, local, nl, remote, k, 0);
             if (r < 0)
                 return -errno;
             if (r == 0)
                 return -EFAULT;
             done += r;
             if (done < bytes) {
-                /* partial transfer: skip the remote iovecs already done and retry the rest */
-                size_t skip = r;
-                size_t j = 0;
-                while (skip >= remote[j].iov_len) {
-                    skip -= remote[j].iov_len;
-                    j++;
-                }
-                memmove(remote, remote + j, (k - j) * sizeof(remote[0]));
-                k -= j;
-                remote[0].iov_base = (char *)remote[0].iov_base + skip;
-                remote[0].iov_len -= skip;
-                local[0].iov_base = buf + total + done;
-                local[0].iov_len = bytes - done;
+                skip_iovecs(remote, &k, r);
+                skip_iovecs(local, &nl, r);
             }
         }
         total += bytes;
@@ -260,13 +274,14 @@ static long move_ranges(int pid, const unsigned long long *addrs,
 long hpccr_read_ranges(int pid, const unsigned long long *addrs, const unsigned long long *lens,
                        size_t n, void *buf)
 {
-    return move_ranges(pid, addrs, lens, n, buf, 0);
+    return move_ranges(pid, addrs, lens, NULL, n, buf, 0);
 }
 
 long hpccr_write_ranges(int pid, const unsigned long long *addrs,
-                        const unsigned long long *lens, size_t n, const void *buf)
+                        const unsigned long long *lens, const unsigned long long *offsets,
+                        size_t n, const void *buf)
 {
-    return move_ranges(pid, addrs, lens, n, (char *)buf, 1);
+    return move_ranges(pid, addrs, lens, offsets, n, (char *)buf, 1);
 }
 
 size_t hpccr_spans_intersect(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
