@@ -79,12 +79,12 @@ def _newline_needed() -> str:
     of its own: the job's is often opened for writing only)."""
     try:
         fd = sys.stderr.fileno()
-        size = os.fstat(fd).st_size
-        if not size or not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not st.st_size or not stat.S_ISREG(st.st_mode):
             return ""
         reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            return "" if os.pread(reader, 1, size - 1) == b"\n" else "\n"
+            return "" if os.pread(reader, 1, st.st_size - 1) == b"\n" else "\n"
         finally:
             os.close(reader)
     except (OSError, ValueError):  # no descriptor, or a file this user cannot read
