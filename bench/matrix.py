@@ -110,8 +110,7 @@ def command_round(exe: str, size: int, work: Path) -> dict[str, float | str]:
         w.killed_by_dump()
         wait_for(f"pid {pid} free", lambda: not os.path.exists(f"/proc/{pid}"))
         back = hpccr("restore", "-D", work / "killed", "--detach")
-        w.restored()
-        w.popen = None  # a child of this process again (subreaper), reaped by w.stop()
+        w.restored()  # a child of this process again (subreaper), reaped by w.stop()
         verdict = w.verify().split()[0]
     finally:
         w.stop()

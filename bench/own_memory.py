@@ -59,7 +59,7 @@ def hpccr(*args: object) -> Ran:
 
 
 def measure(binary: Path, size: int, work: Path) -> tuple[list[Ran], str]:
-    """(time, peak) of the running dump, the kill dump and the restore; the verdict."""
+    """What the running dump, the kill dump and the restore took (Ran); the verdict."""
     log = work / f"workload-{size}.log"
     proc = start([str(binary), str(size)], log, "READY")
     pid = proc.pid
