@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import fcntl
 import io
 import mmap
 import os
@@ -170,10 +171,13 @@ def populate_bandwidth(size: int) -> float:
     return size / MiB / (time.monotonic() - started)
 
 
-def pagecache_bandwidth(directory: str, buf: mmap.mmap) -> float:
-    """MiB/s of writing 1 GiB into a new file of `directory`, without fsync."""
+def pagecache_bandwidth(directory: str, buf: mmap.mmap, direct: bool = False) -> float:
+    """MiB/s of writing 1 GiB into a new file of `directory`, without fsync; `direct`: with
+    O_DIRECT (hpccr's pages), past the page cache."""
     fd, path = tempfile.mkstemp(dir=directory, prefix="pagecache-")
     try:
+        if direct:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
         started = time.monotonic()
         for _ in range(PAGECACHE_BYTES // len(buf)):
             view, done = memoryview(buf), 0

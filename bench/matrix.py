@@ -6,8 +6,8 @@ same run.
 
 1. The machine's limits: process_vm_readv from a workload (the fastest a dump can copy memory
    out), memcpy between two buffers of this process, fresh memory (mmap MAP_POPULATE: what a
-   restore pays before it writes a page), the image directory's write speed (page cache, and
-   fsync'd).
+   restore pays before it writes a page), the image directory's write speed (page cache,
+   O_DIRECT as hpccr writes pages, and fsync'd).
 2. For each size, what a user waits for: the `hpccr` commands themselves (`python -m hpccr`,
    start-up included), medians of --repeat rounds of `dump --leave-running`, `dump` (kill) and
    `restore --detach` of bench/workload.c, whose restored memory is then checked (OK); frozen
@@ -88,6 +88,7 @@ def limits(exe: str, size: int, directory: str, work: Path) -> dict[str, float]:
     found["memcpy"] = memcpy_bandwidth()
     found["fresh"] = populate_bandwidth(size)
     found["pcache"] = pagecache_bandwidth(directory, buf)
+    found["direct"] = pagecache_bandwidth(directory, buf, direct=True)
     buf.close()
     found["fsync"] = compression.write_speed(directory) / MIB
     return found
@@ -176,7 +177,8 @@ def main() -> int:
             found = pool.submit(limits, exe, max(sizes), str(work), work).result()
         print(f"limits: readv {found['readv']:.0f} MiB/s, memcpy {found['memcpy']:.0f} MiB/s, "
               f"fresh memory {found['fresh']:.0f} MiB/s; {args.dir} ({fs_type(args.dir)}): "
-              f"page cache {found['pcache']:.0f} MiB/s, fsync'd {found['fsync']:.0f} MiB/s")
+              f"page cache {found['pcache']:.0f} MiB/s, direct {found['direct']:.0f} MiB/s, "
+              f"fsync'd {found['fsync']:.0f} MiB/s")
         ok = print_commands(exe, sizes, args.repeat, found, work)
 
         print(f"\nincremental, {max(sizes) // MIB} MiB (engine API, no start-up)")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -191,6 +194,37 @@ def test_stream_accepts_buffers(tmp_path):
     reader = ImageReader(tmp_path / "img")
     reader.verify()
     assert reader.read_bytes("data") == b"abcdhgfeijkl"
+
+
+def test_direct_stream_bypasses_the_page_cache():
+    """A direct stream (the pages) leaves nothing in the page cache; what direct I/O refuses (a
+    length not a multiple of the disk's blocks) goes on through the cache, nothing lost."""
+    scratch = Path(tempfile.mkdtemp(prefix="hpccr-direct-", dir="/var/tmp"))  # a disk's file system
+    data = mmap.mmap(-1, 16 * PAGE_SIZE)  # page aligned, as hpccr's copy buffers
+    data.write(os.urandom(len(data)))
+    try:
+        with ImageWriter(scratch / "img") as writer:
+            with writer.open_stream("direct", direct=True) as stream:
+                stream.write(data)
+            with writer.open_stream("mixed", direct=True) as stream:
+                stream.write(data)
+                stream.write(b"tail")
+                stream.write(data)
+            writer.write_json("image.json", fake_meta())
+            writer.commit()
+        fd = os.open(scratch / "img" / "direct", os.O_RDONLY)
+        try:  # a read that must not wait for the disk: refused when the pages are not cached
+            with pytest.raises(BlockingIOError):
+                os.preadv(fd, [bytearray(PAGE_SIZE)], 0, os.RWF_NOWAIT)
+        finally:
+            os.close(fd)
+        reader = ImageReader(scratch / "img")
+        reader.verify()
+        assert reader.read_bytes("direct") == bytes(data)
+        assert reader.read_bytes("mixed") == bytes(data) + b"tail" + bytes(data)
+    finally:
+        data.close()
+        shutil.rmtree(scratch)
 
 
 def test_empty_pages(tmp_path):

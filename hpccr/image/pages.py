@@ -87,7 +87,8 @@ class PageWriter:
     def __init__(self, writer: ImageWriter, pid: int, compress: bool = False):
         self._writer = writer
         self._pid = pid
-        self._file = writer.open_stream(pages_name(pid) + (ZSTD if compress else ""))
+        self._file = writer.open_stream(pages_name(pid) + (ZSTD if compress else ""),
+                                        direct=not compress)
         self._stream = self._file
         if compress:
             import zstandard  # only when asked: its import is not free

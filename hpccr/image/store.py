@@ -103,18 +103,30 @@ def _remove_abandoned(parent: Path, name: str) -> None:
 
 
 class StreamWriter:
-    """One image file, written sequentially and hashed on the way through."""
+    """One image file, written sequentially and hashed on the way through.
 
-    def __init__(self, image: Path, path: Path, on_close):
+    `direct`: written with O_DIRECT, for the pages: straight from hpccr's buffers to the disk,
+    without filling the page cache (whose fresh memory, in a VM, costs more than the disk's
+    bandwidth, and which a job's node needs more than a checkpoint it will not read again)."""
+
+    def __init__(self, image: Path, path: Path, on_close, direct: bool = False):
         self.name = path.name
         self.size = 0
         self._image = image
         self._hash = xxhash.xxh3_128()
         self._on_close = on_close
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        self._direct = direct
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
         except OSError as exc:
-            raise _write_error(exc, image, self.name) from exc
+            if not direct or exc.errno != errno.EINVAL:
+                raise _write_error(exc, image, self.name) from exc
+            self._direct = False  # a file system without direct I/O (tmpfs before 6.6)
+            try:
+                self._fd = os.open(path, flags, 0o600)
+            except OSError as exc2:
+                raise _write_error(exc2, image, self.name) from exc2
 
     @property
     def closed(self) -> bool:
@@ -132,10 +144,21 @@ class StreamWriter:
         done = 0
         try:
             while done < len(view):
-                done += os.write(self._fd, view[done:])
+                try:
+                    done += os.write(self._fd, view[done:])
+                except OSError as exc:
+                    if not self._direct or exc.errno != errno.EINVAL:
+                        raise
+                    self._buffered()
         except OSError as exc:
             raise _write_error(exc, self._image, self.name) from exc
         self.size += done
+
+    def _buffered(self) -> None:
+        """Go on through the page cache: direct I/O refused a buffer, a length or an offset
+        that is not aligned to the device's blocks."""
+        self._direct = False
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
     def discard(self) -> None:
         """Close without fsync or recording a digest (the image is being thrown away)."""
@@ -188,13 +211,13 @@ class ImageWriter:
             raise _write_error(exc, self.final_dir) from exc
         _remove_abandoned(parent, name)
 
-    def open_stream(self, name: str) -> StreamWriter:
+    def open_stream(self, name: str, direct: bool = False) -> StreamWriter:
         if not valid_name(name):
             raise ValueError(f"invalid image file name {name!r}")
         if name in self._digests or name in self._open:
             raise ValueError(f"image file {name} written twice")
         self._check_active()
-        stream = StreamWriter(self.final_dir, self._tmp / name, self._stream_closed)
+        stream = StreamWriter(self.final_dir, self._tmp / name, self._stream_closed, direct)
         self._open[name] = stream
         return stream
 
@@ -440,6 +463,8 @@ class ImageReader:
             hasher = xxhash.xxh3_128()
             if size:  # hashed straight from the page cache, no copy
                 with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
+                    # large read-ahead: pages written with direct I/O are read from the disk
+                    mapped.madvise(mmap.MADV_SEQUENTIAL)
                     with memoryview(mapped) as view:
                         for offset in range(0, size, _VERIFY_CHUNK):
                             hasher.update(view[offset:offset + _VERIFY_CHUNK])
