@@ -333,6 +333,7 @@ ADVICE_NAMES = {"dc": "MADV_DONTFORK", "wf": "MADV_WIPEONFORK", "dd": "MADV_DONT
                 "hg": "MADV_HUGEPAGE", "nh": "MADV_NOHUGEPAGE", "mg": "MADV_MERGEABLE",
                 "lo": "mlock", "lf": "mlock (MLOCK_ONFAULT)"}
 LOCKED = {"lo", "lf"}
+THP_ADVICE = {"hg", "nh"}  # MADV_HUGEPAGE, MADV_NOHUGEPAGE
 HINTS = {"hg", "nh", "mg"}  # no THP or KSM where restored: a warning, the memory is the same
 MLOCK_ONFAULT = 1
 # NUMA policies as numa_maps names them, and the mode mbind takes (with its flags).
@@ -433,6 +434,11 @@ def map_vmas(inj, vmas: list[dict], open_file) -> None:
         except OSError as exc:
             raise OSError(exc.errno, f"mapping {v['start']:#x}-{v['end']:#x} ({v['kind']}): "
                                      f"{exc.strerror}") from None
+        for flag in THP_ADVICE.intersection(v["advice"]):
+            # Before the pages are written, so that they get (or do not get) huge pages as the
+            # process's own did; advise_vmas() gives it again, and says if it is refused.
+            with contextlib.suppress(OSError):
+                inj.call("madvise", v["start"], length, ADVICE[flag])
 
 
 def _attach_sysv(inj, vma: dict) -> None:

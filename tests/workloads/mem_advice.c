@@ -7,9 +7,11 @@
  * Eight anonymous regions of 256 KiB, each with data: MADV_DONTFORK, MADV_WIPEONFORK,
  * MADV_DONTDUMP, MADV_HUGEPAGE, MADV_NOHUGEPAGE, mlock, mlock2(MLOCK_ONFAULT), and one that
  * mbind() binds to node 0; one interleaved on node 0.  DIR/shared.dat opened read-write and
- * mapped shared but read-only.  After the window: each region's VmFlags (smaps) have its flag,
- * the data is there, get_mempolicy() gives the policies back, and the shared mapping can be
- * made writable (mprotect) and written through to the file.
+ * mapped shared but read-only.  4 MiB at a 2 MiB boundary advised MADV_HUGEPAGE before they are
+ * written.  After the window: each region's VmFlags (smaps) have its flag, the data is there,
+ * get_mempolicy() gives the policies back, the shared mapping can be made writable (mprotect)
+ * and written through to the file, and the 4 MiB have huge pages again if they had some before
+ * (the restore advises before it writes).
  */
 #include "wl.h"
 
@@ -20,6 +22,8 @@
 #define MPOL_BIND 2
 #define MPOL_INTERLEAVE 3
 #define MPOL_F_ADDR 2
+#define HUGE_SIZE (4 << 20)
+#define HUGE_ALIGN (2 << 20)
 
 enum { DONTFORK, WIPEONFORK, DONTDUMP, HUGEPAGE, NOHUGEPAGE, LOCK, LOCKONFAULT, BIND,
        INTERLEAVE, REGIONS };
@@ -48,6 +52,46 @@ static int has_flag(void *addr, const char *want)
 	return found;
 }
 
+/* The kB of transparent huge pages (smaps AnonHugePages) of the VMA holding `addr`. */
+static long anon_huge_kb(void *addr)
+{
+	char line[1024];
+	unsigned long start, end;
+	long kb = -1;
+	int in = 0;
+	FILE *f = fopen("/proc/self/smaps", "r");
+
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f)) {
+		if (sscanf(line, "%lx-%lx ", &start, &end) == 2 && strchr(line, '-') < strchr(line, ' '))
+			in = start <= (unsigned long)addr && (unsigned long)addr < end;
+		else if (in && sscanf(line, "AnonHugePages: %ld kB", &kb) == 1)
+			in = 0;
+	}
+	fclose(f);
+	return kb;
+}
+
+/* HUGE_SIZE bytes at a HUGE_ALIGN boundary, advised MADV_HUGEPAGE, then written. */
+static char *huge_region(void)
+{
+	char *raw = mmap(NULL, HUGE_SIZE + HUGE_ALIGN, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	char *huge;
+
+	if (raw == MAP_FAILED)
+		wl_die("mmap");
+	huge = (char *)(((unsigned long)raw + HUGE_ALIGN - 1) & ~(unsigned long)(HUGE_ALIGN - 1));
+	if ((huge > raw && munmap(raw, huge - raw)) ||
+	    munmap(huge + HUGE_SIZE, raw + HUGE_ALIGN - huge))
+		wl_die("munmap");
+	if (madvise(huge, HUGE_SIZE, MADV_HUGEPAGE))
+		wl_die("madvise");
+	wl_fill(huge, HUGE_SIZE, 70);
+	return huge;
+}
+
 static int policy(void *addr)
 {
 	int mode = -1;
@@ -64,7 +108,8 @@ int main(int argc, char **argv)
 				      MADV_NOHUGEPAGE };
 	unsigned long node0 = 1;
 	char path[4096];
-	char *shared;
+	char *shared, *huge;
+	long huge_kb;
 	int fd;
 
 	if (argc != 2)
@@ -92,6 +137,9 @@ int main(int argc, char **argv)
 	if (shared == MAP_FAILED)
 		wl_die("mmap shared.dat");
 	close(fd);
+	huge = huge_region();
+	huge_kb = anon_huge_kb(huge);
+	printf("HUGE %ld\n", huge_kb);
 	wl_ready();
 
 	wl_sleep(WL_WINDOW_S);
@@ -117,5 +165,9 @@ int main(int argc, char **argv)
 			 "the file reads \"%s\"", back);
 		close(fd);
 	}
+	WL_CHECK(wl_verify(huge, HUGE_SIZE, 70) < 0, "the huge page region's data differs");
+	WL_CHECK(huge_kb <= 0 || anon_huge_kb(huge) > 0,
+		 "the huge page region had %ld kB of huge pages, now %ld", huge_kb,
+		 anon_huge_kb(huge));
 	return wl_finish();
 }
