@@ -27,7 +27,7 @@ from hpccr.image import (
     pagemap_name,
     pages_name,
 )
-from hpccr.image.pages import forked_name, inherited_name, pack_runs
+from hpccr.image.pages import forked_name, inherited_name, is_pages, pack_runs
 from hpccr.image.show import render
 from hpccr.spans import intersect, subtract
 
@@ -326,6 +326,55 @@ def test_flipped_byte(image):
         f.write(bytes([byte[0] ^ 1]))
     with pytest.raises(ImageCorrupt, match=rf"{pages_name(PID)}: checksum mismatch"):
         ImageReader(image).verify()
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+
+
+@pytest.mark.parametrize("flipped_page", [None, 300, 10, 1256],
+                         ids=["intact", "asked-for", "skipped", "after-the-last"])
+def test_pages_checked_as_they_are_read(image, flipped_page):
+    """A restore's pages are checked as they are read through (verify(deferred=is_pages)):
+    the whole file in order, the pages not asked for hashed too, the checksum compared after
+    the last piece; a flipped byte anywhere fails there, and verify_deferred() fails for a
+    file no one read through."""
+    if flipped_page is not None:
+        flip_byte(image / pages_name(PID), flipped_page * PAGE_SIZE + 17)
+    reader = ImageReader(image)
+    reader.verify(deferred=is_pages)
+    assert reader.deferred(pages_name(PID))
+    wanted = [(256 * PAGE_SIZE, 100 * PAGE_SIZE), (600 * PAGE_SIZE, 200 * PAGE_SIZE)]
+    got = []
+    with PageReader(reader, PID) as pages:
+        chunks = pages.chunks(wanted, 1)
+        try:
+            for chunk in chunks:
+                got.append(bytes(chunk))
+                chunk.release()
+        except ImageCorrupt as exc:
+            assert flipped_page is not None
+            assert f"{pages_name(PID)}: checksum mismatch" in str(exc)
+            assert len(got) == 2  # after the last piece
+            with pytest.raises(ImageCorrupt, match="checksum mismatch"):
+                reader.verify_deferred()
+            return
+    assert flipped_page is None, "a flipped byte went through"
+    assert got == [pattern(0x20000000, 100), pattern(0x20000000 + 344 * PAGE_SIZE, 200)]
+    assert not reader.deferred(pages_name(PID))
+    reader.verify_deferred()
+
+
+def test_deferred_pages_nobody_read(image):
+    flip_byte(image / pages_name(PID), 5 * PAGE_SIZE)
+    reader = ImageReader(image)
+    reader.verify(deferred=is_pages)  # the pages' content is left for later
+    with pytest.raises(ImageCorrupt, match=rf"{pages_name(PID)}: checksum mismatch"):
+        reader.verify_deferred()
 
 
 def test_truncated(image):

@@ -43,9 +43,6 @@ PAGEMAP_CHUNK = 1 << 20  # entries read per pread (8 MiB)
 COPY_BATCH = 64 << 20  # bytes per process_vm_readv / writev batch
 WRITES_IN_FLIGHT = 3  # batches a restore holds while it reads (or decompresses) the next
 POPULATE_MIN = 1 << 20  # runs of saved pages from this long are faulted in by the target
-# Decompressed pages go through a few buffers used in turn: small, so that their first touch
-# (a page fault per page, as costly here as the decompression) is paid once and early.
-DECOMPRESSED_BATCH = 4 << 20
 
 SPECIAL = {"[vdso]": "vdso", "[vvar]": "vvar", "[vvar_vclock]": "vvar_vclock",
            "[vsyscall]": "vsyscall"}
@@ -475,7 +472,7 @@ def write_pages(pid: int, sources, populate=None) -> None:
 def _write_from(pid: int, reader, spans, populate) -> None:
     if spans == []:
         return  # a parent that holds none of the pages still wanted
-    limit = DECOMPRESSED_BATCH if reader.compressed else COPY_BATCH
+    limit = reader.batch_limit
     runs = sorted(reader.runs)  # address order, as `spans`
     pieces = [(vaddr, vaddr + nr * PAGE) for vaddr, nr, _ in runs]
     if spans is not None:

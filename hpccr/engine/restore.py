@@ -71,6 +71,7 @@ from hpccr.errors import (
     RestoreFailed,
 )
 from hpccr.image import ImageReader, chain
+from hpccr.image.pages import is_pages
 from hpccr.image.series import in_use, resolve
 from hpccr.spans import intersect
 from hpccr.user import User, fs_rights
@@ -135,9 +136,9 @@ class Context:
 
 def load(directory: str, slot: int | None = None) -> tuple[ImageReader, dict]:
     reader = ImageReader(resolve(directory, slot))
-    reader.verify()
+    reader.verify(deferred=is_pages)  # their pages: hashed as they are written (_bring_back)
     meta = reader.meta()
-    reader.parents = chain.open_parents(reader)
+    reader.parents = chain.open_parents(reader, deferred=is_pages)
     return reader, meta
 
 
@@ -373,6 +374,10 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
                     with _step(f"process {task.proc['pid']}: rebuilding it"):
                         _discard_sigchld(task.outer)
                 rebuild(task, meta, memory_sharers)
+            with _step("checking the pages no process needed"):
+                reader = order[0].ctx.reader
+                for image in (reader, *reader.parents):
+                    image.verify_deferred()  # the others were checked as they were written
             with _step("removing the files that were deleted"):
                 order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
                 for task in order:

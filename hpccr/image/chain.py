@@ -32,15 +32,15 @@ def parent_record(parent: ImageReader) -> dict:
     return {"image": parent.path.name, "checksums": parent.digest}
 
 
-def open_parents(reader: ImageReader) -> list[ImageReader]:
-    """The images `reader` leaves pages to, nearest first, each verified; ImageCorrupt when
-    the chain is broken."""
+def open_parents(reader: ImageReader, deferred=None) -> list[ImageReader]:
+    """The images `reader` leaves pages to, nearest first, each verified (`deferred`: as
+    ImageReader.verify()); ImageCorrupt when the chain is broken."""
     parents: list[ImageReader] = []
     child = reader
     try:
         while (parent := _parent(child, reader, len(parents))) is not None:
             parents.append(parent)
-            parent.verify()
+            parent.verify(deferred)
             child = parent
     except BaseException:
         for parent in parents:

@@ -12,10 +12,16 @@ that neither side holds more than a few batches in memory."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import mmap
 import os
 import struct
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import xxhash
 
 from hpccr.errors import ImageCorrupt
 from hpccr.image.store import PAGE_SIZE, ImageReader, ImageWriter
@@ -24,6 +30,12 @@ _RECORD = struct.Struct("<QQ")
 _ADDRESS_LIMIT = 1 << 64
 ZSTD = ".zst"  # the suffix of a compressed pages file
 ZSTD_LEVEL = 3  # zstd's default: about 1 GB/s per core on random-looking data
+# The most bytes of the file one piece of chunks() spans: out of the page cache (a mapping),
+# read through (direct I/O into buffers used in turn: their fresh memory is paid once) or
+# decompressed (small buffers, touched early).
+MAPPED_BATCH = 64 << 20
+READ_THROUGH_BATCH = 16 << 20
+DECOMPRESSED_BATCH = 4 << 20
 
 
 def pages_name(pid: int) -> str:
@@ -40,6 +52,23 @@ def inherited_name(pid: int) -> str:
 
 def forked_name(pid: int) -> str:
     return f"forked-{pid}.bin"
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; whether it is on (a file system without it: off)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return on
+
+
+def is_pages(name: str) -> bool:
+    """Whether `name` is an uncompressed pages file (those a restore reads through)."""
+    return name.startswith("pages-") and name.endswith(".img")
 
 
 def pack_runs(spans) -> bytes:
@@ -156,6 +185,7 @@ class PageReader:
 
     def __init__(self, reader: ImageReader, pid: int):
         self._pid = pid
+        self._image = reader
         index = reader.read_bytes(pagemap_name(pid))
         self.compressed = pages_name(pid) + ZSTD in reader.files
         self._name = pages_name(pid) + (ZSTD if self.compressed else "")
@@ -195,7 +225,11 @@ class PageReader:
             return
         if not self.size:
             return
+        if self._image.deferred(self._name):
+            yield from self._read_through(pieces, held)
+            return
         self._map = mmap.mmap(self._fd, self.size, access=mmap.ACCESS_READ)
+        self._map.madvise(mmap.MADV_SEQUENTIAL)  # large read-ahead: the pieces come in order
         used: deque[tuple[int, int]] = deque()
         with memoryview(self._map) as view:
             for offset, size in pieces:
@@ -204,6 +238,74 @@ class PageReader:
                     self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
                 yield view[offset:offset + size]
                 used.append((offset - offset % PAGE_SIZE, offset + size))
+
+    @property
+    def batch_limit(self) -> int:
+        """The most bytes of the file a piece asked of chunks() should span."""
+        if self.compressed:
+            return DECOMPRESSED_BATCH
+        return READ_THROUGH_BATCH if self._image.deferred(self._name) else MAPPED_BATCH
+
+    def _read_through(self, pieces: list[tuple[int, int]], held: int):
+        """chunks() of a file whose check was deferred (ImageReader.verify): the whole file is
+        read in order by a thread of its own, one piece ahead, with direct I/O where the file
+        system has it (no page cache: the disk's bandwidth, without the fresh memory of a
+        cache), and hashed on the way; the checksum is compared after the last piece
+        (ImageCorrupt), before the caller trusts what it wrote.  The caller holds `held`
+        pieces at most while it asks for the next."""
+        direct = _set_direct(self._fd, True)
+        # Used in turn: the caller's, the one it is given next, the one read meanwhile.
+        buffers = [mmap.mmap(-1, max([size for _, size in pieces] + [READ_THROUGH_BATCH]))
+                   for _ in range(min(held + 2, len(pieces) + 1))]
+        hasher = xxhash.xxh3_128()
+
+        def fill(view: memoryview, at: int) -> None:
+            nonlocal direct
+            done = 0
+            while done < len(view):
+                try:
+                    got = os.preadv(self._fd, [view[done:]], at + done)
+                except OSError as exc:
+                    if not direct or exc.errno != errno.EINVAL:
+                        raise
+                    direct = _set_direct(self._fd, False)  # refused: not aligned for the disk
+                    continue
+                if not got:
+                    raise ImageCorrupt(f"{self._name}: truncated while it was read")
+                done += got
+            hasher.update(view)
+
+        position = 0
+
+        def read(number: int, offset: int, size: int) -> memoryview | None:
+            nonlocal position
+            buf = buffers[number % len(buffers)]
+            with memoryview(buf) as whole:
+                while position < offset:  # bytes not asked for: hashed only
+                    skip = min(offset - position, len(buf))
+                    fill(whole[:skip], position)
+                    position += skip
+            if not size:
+                return None
+            chunk = memoryview(buf)[:size]
+            fill(chunk, offset)
+            position += size
+            return chunk
+
+        try:
+            with ThreadPoolExecutor(1) as reader:
+                ahead: deque = deque()
+                for number, piece in enumerate([*pieces, (self.size, 0)]):
+                    ahead.append(reader.submit(read, number, *piece))
+                    if len(ahead) == 2 and (chunk := ahead.popleft().result()) is not None:
+                        yield chunk
+                if (chunk := ahead.popleft().result()) is not None:
+                    yield chunk
+            self._image.confirm(self._name, self._fd, hasher.hexdigest())
+        finally:
+            for buf in buffers:
+                with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
+                    buf.close()
 
     def _decompressed(self, pieces: list[tuple[int, int]], nr_buffers: int):
         import zstandard

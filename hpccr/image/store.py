@@ -357,6 +357,7 @@ class ImageReader:
         self._meta = None
         self._owner = os.fstat(self.dir_fd).st_uid
         self._checked: dict[str, tuple[int, int, int, int]] = {}  # name -> identity at verify()
+        self._deferred: dict[str, tuple[int, int, int, int]] = {}  # the same, content unchecked
         try:
             raw = self._read_checksums()
             self.digest = hashlib.sha256(raw).hexdigest()  # names the image (image/chain.py)
@@ -416,7 +417,7 @@ class ImageReader:
             if st.st_uid != self._owner:
                 raise AccessDenied(f"{self.path}: {name} belongs to uid {st.st_uid}, not to "
                                    f"the image's owner (uid {self._owner}): refused")
-            checked = self._checked.get(name)
+            checked = self._checked.get(name, self._deferred.get(name))
             if checked is not None and checked != _identity(st):
                 raise ImageCorrupt(f"{self.path}: {name} was replaced or changed after it was "
                                    "checked: refused")
@@ -430,8 +431,9 @@ class ImageReader:
         with open(fd, "rb") as f:
             return f.read()
 
-    def iter_problems(self) -> Iterator[tuple[str, str]]:
-        """Yield (file name, message) for each missing, extra, truncated or altered file."""
+    def iter_problems(self, deferred=None) -> Iterator[tuple[str, str]]:
+        """Yield (file name, message) for each missing, extra, truncated or altered file; the
+        content of those `deferred(name)` selects is not read (see verify())."""
         try:
             present = set(os.listdir(self.dir_fd))
         except OSError as exc:
@@ -442,11 +444,11 @@ class ImageReader:
             if entry.name not in present:
                 yield entry.name, f"{entry.name} missing"
                 continue
-            problem = self._check_file(entry)
+            problem = self._check_file(entry, content=not (deferred and deferred(entry.name)))
             if problem:
                 yield entry.name, problem
 
-    def _check_file(self, entry: ImageFile) -> str | None:
+    def _check_file(self, entry: ImageFile, content: bool = True) -> str | None:
         try:
             fd = self._open(entry.name)
         except ImageCorrupt as exc:
@@ -460,6 +462,9 @@ class ImageReader:
                 return f"{entry.name}: truncated ({size} of {entry.size} bytes)"
             if size > entry.size:
                 return f"{entry.name}: size {size}, expected {entry.size} (image corrupted)"
+            if not content:
+                self._deferred[entry.name] = _identity(st)
+                return None
             hasher = xxhash.xxh3_128()
             if size:  # hashed straight from the page cache, no copy
                 with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
@@ -476,15 +481,38 @@ class ImageReader:
         if hasher.hexdigest() != entry.digest:
             return f"{entry.name}: checksum mismatch (image corrupted)"
         self._checked[entry.name] = _identity(st)
+        self._deferred.pop(entry.name, None)
         return None
+
+    def deferred(self, name: str) -> bool:
+        """Whether the content of `name` is still to be checked (verify(deferred=...))."""
+        return name in self._deferred
+
+    def confirm(self, name: str, fd: int, digest: str) -> None:
+        """End the deferred check of `name`: read through on `fd`, its bytes hash to `digest`.
+        ImageCorrupt if that is not the listed checksum, or the file changed meanwhile."""
+        if _identity(os.fstat(fd)) != self._deferred[name]:
+            raise ImageCorrupt(f"{self.path}: {name} changed while it was read: refused")
+        if digest != self.files[name].digest:
+            raise ImageCorrupt(f"{name}: checksum mismatch (image corrupted)")
+        self._checked[name] = self._deferred.pop(name)
+
+    def verify_deferred(self) -> None:
+        """Check the deferred files that no one read through."""
+        self.verify_files(list(self._deferred))
 
     def stat(self) -> os.stat_result:
         """The image directory's own stat (its owner decides what it may restore)."""
         return os.fstat(self.dir_fd)
 
-    def verify(self) -> None:
-        """Check every file against ``checksums``; raise ImageCorrupt on the first problem."""
-        for _, message in self.iter_problems():
+    def verify(self, deferred=None) -> None:
+        """Check every file against ``checksums``; raise ImageCorrupt on the first problem.
+
+        Of the files `deferred(name)` selects (a restore's pages), only the presence, kind,
+        owner and size are checked here; their content is checked by whoever reads them through
+        (PageReader: hashed as they are read, confirm()) or by verify_deferred(), which the
+        caller must call before it trusts what it read."""
+        for _, message in self.iter_problems(deferred):
             raise ImageCorrupt(message)
 
     def verify_files(self, names: list[str]) -> None:
