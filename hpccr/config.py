@@ -32,6 +32,7 @@ DEFAULTS = {
     "overlay_subnet": "10.198.0.0/16",
     "overlay_ids": "4096-1048575",
     "compress": False,
+    "direct_io": True,
     "full_every": 8,
     "gpu_library": "libcuda.so.1",
     "gpu_lock_timeout": 60,
@@ -63,6 +64,7 @@ class Config:
     hooks: dict[str, list[str]]
     source: str  # the file read, or "built-in defaults"
     compress: bool  # checkpoints' pages compressed with zstd
+    direct_io: bool  # uncompressed pages written with O_DIRECT, past the page cache
     full_every: int  # periodic checkpoints: every N-th is full, the others incremental
     gpu_library: str  # NVIDIA's libcuda (a name or a path), loaded for GPU jobs only
     gpu_lock_timeout: int  # seconds a GPU process may take to lock before a dump gives up
@@ -199,4 +201,5 @@ def _validate(values: dict, origin: dict, source: str) -> Config:
                   Path(values["log_dir"]), Path(values["run_dir"]), values["tcp_close"],
                   values["job_network"], str(subnet), str(overlay_subnet),
                   (int(first), int(last)), values["hooks"], source, values["compress"],
-                  values["full_every"], values["gpu_library"], values["gpu_lock_timeout"])
+                  values["direct_io"], values["full_every"], values["gpu_library"],
+                  values["gpu_lock_timeout"])

@@ -5,8 +5,11 @@ a PROT_NONE region, the brk heap; it checks everything itself and prints its che
 """
 
 import os
+import shutil
 import signal
 import struct
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +117,31 @@ def test_memory_compressed(cr, tmp_path):
     cr.restore_and_pass(workload, img)
     before, after = workload.values("CSUM")
     assert before == after
+
+
+@pytest.mark.parametrize("direct_io", ["yes", "no"])
+def test_pages_written_past_the_page_cache(cr, monkeypatch, direct_io):
+    """A dump writes the pages with O_DIRECT: none of them is left in the node's page cache
+    (a read that must not wait for the disk is refused); the site's direct_io setting
+    (HPCCR_DIRECT_IO) no: written through it.  Either way the image restores."""
+    monkeypatch.setenv("HPCCR_DIRECT_IO", direct_io)
+    scratch = Path(tempfile.mkdtemp(prefix="hpccr-direct-", dir="/var/tmp"))  # a disk's
+    try:
+        workload = cr.start("memory", scratch)
+        img = scratch / "img"
+        cr.dump_and_kill(workload, img)
+        fd = os.open(img / f"pages-{workload.pid}.img", os.O_RDONLY)
+        try:
+            os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+            cached = True
+        except BlockingIOError:
+            cached = False
+        finally:
+            os.close(fd)
+        assert cached == (direct_io == "no")
+        cr.restore_and_pass(workload, img)
+    finally:
+        shutil.rmtree(scratch)
 
 
 def test_memory_in_pieces_compressed_by_the_site_setting(cr, tmp_path, monkeypatch):

@@ -247,6 +247,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
           gpus: gpu.Suspension, compress: bool,
           tracking: tracking_.Tracking | None) -> DumpResult:
     increment = _Increment(tracking, mode == "running") if tracking is not None else None
+    direct_io = config.load().direct_io  # before the freeze: a bad setting stops nothing
     frozen = FrozenTree(root)
     clock.freeze()
     with _Step(root, "freezing the process tree"):
@@ -304,7 +305,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                 fd_state.finish(None)
                 running = True
             with _Step(pid, "copying its memory"), \
-                    PageWriter(writer, proc["pid"], compress) as pages:
+                    PageWriter(writer, proc["pid"], compress, direct_io) as pages:
                 try:
                     memory.copy_pages(batches, reader, pages)
                     if cow:

@@ -113,11 +113,12 @@ def _first_overlap(runs) -> tuple[int, int] | None:
 class PageWriter:
     """Streams page runs into the image; only the small index is kept in memory."""
 
-    def __init__(self, writer: ImageWriter, pid: int, compress: bool = False):
+    def __init__(self, writer: ImageWriter, pid: int, compress: bool = False,
+                 direct: bool = True):
         self._writer = writer
         self._pid = pid
         self._file = writer.open_stream(pages_name(pid) + (ZSTD if compress else ""),
-                                        direct=not compress)
+                                        direct=direct and not compress)
         self._stream = self._file
         if compress:
             import zstandard  # only when asked: its import is not free

@@ -305,7 +305,8 @@ def test_shipped_configuration_is_the_default():
             "job_network": shipped.job_network, "job_subnet": shipped.job_subnet,
             "overlay_subnet": shipped.overlay_subnet,
             "overlay_ids": "{}-{}".format(*shipped.overlay_ids),
-            "compress": shipped.compress, "full_every": shipped.full_every,
+            "compress": shipped.compress, "direct_io": shipped.direct_io,
+            "full_every": shipped.full_every,
             "gpu_library": shipped.gpu_library,
             "gpu_lock_timeout": shipped.gpu_lock_timeout,
             "hooks": shipped.hooks} == config.DEFAULTS
