@@ -491,11 +491,13 @@ class ImageReader:
     def confirm(self, name: str, fd: int, digest: str) -> None:
         """End the deferred check of `name`: read through on `fd`, its bytes hash to `digest`.
         ImageCorrupt if that is not the listed checksum, or the file changed meanwhile."""
-        if _identity(os.fstat(fd)) != self._deferred[name]:
+        identity = self._deferred.get(name, self._checked.get(name))  # (read through twice)
+        if _identity(os.fstat(fd)) != identity:
             raise ImageCorrupt(f"{self.path}: {name} changed while it was read: refused")
         if digest != self.files[name].digest:
             raise ImageCorrupt(f"{name}: checksum mismatch (image corrupted)")
-        self._checked[name] = self._deferred.pop(name)
+        self._deferred.pop(name, None)
+        self._checked[name] = identity
 
     def verify_deferred(self) -> None:
         """Check the deferred files that no one read through."""
