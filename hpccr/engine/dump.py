@@ -73,6 +73,11 @@ MODES = ("kill", "running", "stopped")
 # costs less than setting up its snapshot (a few ms), and the short-lived commands of a job
 # script would often end before their snapshot is read (the dump then starts over frozen).
 SNAPSHOT_MIN_BYTES = 16 << 20
+# An incremental checkpoint saving at most this share of the memory its tracker follows copies it
+# inside the freeze too: a snapshot there passes over every page table of that memory four times
+# (the tracker lets go, the snapshot protects, lets go, the tracker protects again), which costs
+# more, frozen, than copying a few scattered pages (bench/README.md has the figures).
+INCREMENT_IN_FREEZE_SHARE = 1 / 16
 # proc(5) stat fields of the memory layout PR_SET_MM_MAP restores
 MM_FIELDS = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45,
              "end_data": 46, "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50,
@@ -369,6 +374,17 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                       sum(p["nr_pages"] for p in procs))
 
 
+def _worth_a_snapshot(ranges: list[tuple[int, int]], tracker: tracking_.Tracker | None) -> bool:
+    """Whether a running dump should copy the pages at `ranges` from a snapshot rather than
+    inside the freeze (SNAPSHOT_MIN_BYTES, INCREMENT_IN_FREEZE_SHARE)."""
+    size = sum(length for _, length in ranges)
+    if tracker is not None and tracker.spans:
+        tracked = sum(end - start for start, end in tracker.spans)
+        if size <= tracked * INCREMENT_IN_FREEZE_SHARE:
+            return False
+    return size >= SNAPSHOT_MIN_BYTES
+
+
 class _Increment:
     """What a series' tracking (tracking.py) brings to one dump: its parent image, if the
     trackers count from it, and the trackers of this dump's processes. `arm`: the processes run
@@ -591,7 +607,7 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
                     thread_records.append((tid, thread, record))
                 if track and tracker is None:
                     tracker = increment.open(pid, inj)
-                if cow and sum(length for _, length in ranges) >= SNAPSHOT_MIN_BYTES:
+                if cow and _worth_a_snapshot(ranges, tracker):
                     snap = snapshot.Snapshot.open(at, inj, tracker is not None and increment.arm)
             finally:
                 inj.close()
