@@ -6,7 +6,9 @@ Every error a user can cause or meet carries one clear message and one exit code
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 
 
 class HpccrError(Exception):
@@ -92,3 +94,16 @@ def from_oserror(exc: OSError, what: str, other: type[HpccrError]) -> HpccrError
     if exc.errno in (errno.EPERM, errno.EACCES):
         return AccessDenied(f"{what}: {reason}")
     return other(f"{what}: {reason}")
+
+
+@contextlib.contextmanager
+def starting_threads(what: str):
+    """CPython reports a failed pthread_create (no address space for a stack, a limit on
+    processes) only as RuntimeError("can't start new thread"); inside this block it is the
+    OSError it is (EAGAIN), which callers report like any other resource that ran out."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if str(exc) != "can't start new thread":
+            raise
+        raise OSError(errno.EAGAIN, f"starting {what}: {os.strerror(errno.EAGAIN)}") from None

@@ -31,6 +31,7 @@ from hpccr.errors import (
     IncompatibleMachine,
     RestoreFailed,
     UnsupportedResource,
+    starting_threads,
 )
 from hpccr.image.schema import check_part
 from hpccr.spans import intersect
@@ -240,7 +241,7 @@ def copy_pages(batches, reader, pages) -> None:
         raise OSError(exc.errno, f"allocating hpccr's copy buffers ({COPY_BATCH >> 20} MiB "
                                  f"each): {os.strerror(exc.errno)}") from None
     try:
-        with ThreadPoolExecutor(1) as writer:
+        with starting_threads("hpccr's writer thread"), ThreadPoolExecutor(1) as writer:
             in_flight: list = []
             for i, batch in enumerate(batches):
                 if len(in_flight) == len(buffers):
@@ -502,7 +503,7 @@ def _write_from(pid: int, reader, spans, populate) -> None:
     ahead = _Populator(populate)  # from the second batch on: the first is written at once
     chunks = reader.chunks([(b.at, b.span) for b in batches], WRITES_IN_FLIGHT)
     try:
-        with ThreadPoolExecutor(2) as pool:
+        with starting_threads("hpccr's writer threads"), ThreadPoolExecutor(2) as pool:
             pending: deque = deque()
             for number, (chunk, batch) in enumerate(zip(chunks, batches, strict=True)):
                 pending.append(pool.submit(_write_batch_to, pid, chunk, batch))

@@ -53,6 +53,7 @@ import time
 
 from hpccr import native
 from hpccr.engine import memory, procfs
+from hpccr.errors import starting_threads
 from hpccr.spans import union
 
 PAGE = native.PAGE_SIZE
@@ -254,7 +255,8 @@ class Snapshot:
         """Start serving write faults; call before the target is thawed."""
         self._stop = os.eventfd(0, os.EFD_CLOEXEC)
         self._thread = threading.Thread(target=self._serve, name=f"uffd-{self.pid}", daemon=True)
-        self._thread.start()
+        with starting_threads("hpccr's write fault handler"):
+            self._thread.start()
 
     # --- the copier: memory.copy_pages() calls read() batch after batch ----------------------
 

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import xxhash
 
-from hpccr.errors import ImageCorrupt
+from hpccr.errors import ImageCorrupt, starting_threads
 from hpccr.image.store import PAGE_SIZE, ImageReader, ImageWriter
 
 _RECORD = struct.Struct("<QQ")
@@ -294,7 +294,7 @@ class PageReader:
             return chunk
 
         try:
-            with ThreadPoolExecutor(1) as reader:
+            with starting_threads("hpccr's reader thread"), ThreadPoolExecutor(1) as reader:
                 ahead: deque = deque()
                 for number, piece in enumerate([*pieces, (self.size, 0)]):
                     ahead.append(reader.submit(read, number, *piece))
