@@ -41,7 +41,9 @@ PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
 PM_FILE = 1 << 61
 PAGEMAP_CHUNK = 1 << 20  # entries read per pread (8 MiB)
-COPY_BATCH = 64 << 20  # bytes per process_vm_readv / writev batch
+# bytes per process_vm_readv / write batch: two buffers used in turn, small enough that faulting
+# them in (slow fresh memory in a VM) costs little next to the copy, and hpccr stays small
+COPY_BATCH = 8 << 20
 WRITES_IN_FLIGHT = 3  # batches a restore holds while it reads (or decompresses) the next
 POPULATE_MIN = 1 << 20  # runs of saved pages from this long are faulted in by the target
 
