@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 import struct
@@ -24,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 import xxhash
 
 from hpccr.errors import ImageCorrupt, starting_threads
-from hpccr.image.store import PAGE_SIZE, ImageReader, ImageWriter
+from hpccr.image.store import PAGE_SIZE, ImageReader, ImageWriter, set_direct
 
 _RECORD = struct.Struct("<QQ")
 _ADDRESS_LIMIT = 1 << 64
@@ -52,18 +51,6 @@ def inherited_name(pid: int) -> str:
 
 def forked_name(pid: int) -> str:
     return f"forked-{pid}.bin"
-
-
-def _set_direct(fd: int, on: bool) -> bool:
-    """Turn O_DIRECT on or off for `fd`; whether it is on (a file system without it: off)."""
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        return False
-    return on
 
 
 def is_pages(name: str) -> bool:
@@ -254,7 +241,7 @@ class PageReader:
         cache), and hashed on the way; the checksum is compared after the last piece
         (ImageCorrupt), before the caller trusts what it wrote.  The caller holds `held`
         pieces at most while it asks for the next."""
-        direct = _set_direct(self._fd, True)
+        direct = set_direct(self._fd, True)
         # Used in turn: the caller's, the one it is given next, the one read meanwhile.
         buffers = [mmap.mmap(-1, max([size for _, size in pieces] + [READ_THROUGH_BATCH]))
                    for _ in range(min(held + 2, len(pieces) + 1))]
@@ -269,7 +256,7 @@ class PageReader:
                 except OSError as exc:
                     if not direct or exc.errno != errno.EINVAL:
                         raise
-                    direct = _set_direct(self._fd, False)  # refused: not aligned for the disk
+                    direct = set_direct(self._fd, False)  # refused: not aligned for the disk
                     continue
                 if not got:
                     raise ImageCorrupt(f"{self._name}: truncated while it was read")

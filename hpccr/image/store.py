@@ -102,6 +102,19 @@ def _remove_abandoned(parent: Path, name: str) -> None:
             os.close(fd)
 
 
+def set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; whether it is on (a file system without direct I/O,
+    such as tmpfs before 6.6, refuses it: off)."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return on
+
+
 class StreamWriter:
     """One image file, written sequentially and hashed on the way through.
 
@@ -115,18 +128,11 @@ class StreamWriter:
         self._image = image
         self._hash = xxhash.xxh3_128()
         self._on_close = on_close
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self._direct = direct
         try:
-            self._fd = os.open(path, flags | (os.O_DIRECT if direct else 0), 0o600)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            if not direct or exc.errno != errno.EINVAL:
-                raise _write_error(exc, image, self.name) from exc
-            self._direct = False  # a file system without direct I/O (tmpfs before 6.6)
-            try:
-                self._fd = os.open(path, flags, 0o600)
-            except OSError as exc2:
-                raise _write_error(exc2, image, self.name) from exc2
+            raise _write_error(exc, image, self.name) from exc
+        self._direct = direct and set_direct(self._fd, True)
 
     @property
     def closed(self) -> bool:
@@ -149,16 +155,11 @@ class StreamWriter:
                 except OSError as exc:
                     if not self._direct or exc.errno != errno.EINVAL:
                         raise
-                    self._buffered()
+                    # direct I/O refused a buffer, length or offset not aligned for the device
+                    self._direct = set_direct(self._fd, False)
         except OSError as exc:
             raise _write_error(exc, self._image, self.name) from exc
         self.size += done
-
-    def _buffered(self) -> None:
-        """Go on through the page cache: direct I/O refused a buffer, a length or an offset
-        that is not aligned to the device's blocks."""
-        self._direct = False
-        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
 
     def discard(self) -> None:
         """Close without fsync or recording a digest (the image is being thrown away)."""
