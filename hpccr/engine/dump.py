@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import hpccr
 from hpccr import config, faults, native
@@ -149,8 +150,8 @@ def dump(pid: int, directory: str, mode: str = "kill",
     parent, the previous one, the pages its trackers vouch have not changed since, and the
     trackers count from this image on; a failed dump resets them (the next one is full)."""
     assert mode in MODES
-    if compress is None:
-        compress = config.load().compress
+    site = config.load()  # before anything: a bad setting stops nothing
+    pages = _PageOptions(site.compress if compress is None else compress, site.direct_io)
     with _Step(pid, "looking at the process"):
         check_target(pid)
         network = _network(pid)
@@ -166,7 +167,7 @@ def dump(pid: int, directory: str, mode: str = "kill",
         gpus.suspend()  # their GPU state into their memory, before the freeze (gpu.py)
         faults.point("gpu")
     try:
-        result = _dump_in_network(pid, directory, mode, clock, network, barrier, gpus, compress,
+        result = _dump_in_network(pid, directory, mode, clock, network, barrier, gpus, pages,
                                   tracking)
     except BaseException:
         if tracking is not None:
@@ -187,7 +188,7 @@ def dump(pid: int, directory: str, mode: str = "kill",
 
 def _dump_in_network(pid: int, directory: str, mode: str, clock: _Clock,
                      network: netns.Spec | None, barrier: Barrier | None,
-                     gpus: gpu.Suspension, compress: bool,
+                     gpus: gpu.Suspension, pages: _PageOptions,
                      tracking: tracking_.Tracking | None) -> DumpResult:
     # Inside the job's network: its sockets are found and locked there (fds/inet.py).
     with contextlib.ExitStack() as inside:
@@ -197,7 +198,7 @@ def _dump_in_network(pid: int, directory: str, mode: str, clock: _Clock,
         if mode == "running":
             try:
                 return _dump(pid, directory, mode, clock, True, network, barrier, gpus,
-                             compress, tracking)
+                             pages, tracking)
             except snapshot.SnapshotLost as lost:
                 if barrier is not None:
                     raise DumpFailed(f"memory snapshot lost ({lost})") from None
@@ -205,7 +206,7 @@ def _dump_in_network(pid: int, directory: str, mode: str, clock: _Clock,
                       "dumping again with the copy inside the freeze", file=sys.stderr)
                 if tracking is not None:
                     tracking.reset()
-        return _dump(pid, directory, mode, clock, False, network, barrier, gpus, compress,
+        return _dump(pid, directory, mode, clock, False, network, barrier, gpus, pages,
                      tracking)
 
 
@@ -249,10 +250,9 @@ class _Clock:
 
 def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
           network: netns.Spec | None, barrier: Barrier | None,
-          gpus: gpu.Suspension, compress: bool,
+          gpus: gpu.Suspension, page_options: _PageOptions,
           tracking: tracking_.Tracking | None) -> DumpResult:
     increment = _Increment(tracking, mode == "running") if tracking is not None else None
-    direct_io = config.load().direct_io  # before the freeze: a bad setting stops nothing
     frozen = FrozenTree(root)
     clock.freeze()
     with _Step(root, "freezing the process tree"):
@@ -310,7 +310,7 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
                 fd_state.finish(None)
                 running = True
             with _Step(pid, "copying its memory"), \
-                    PageWriter(writer, proc["pid"], compress, direct_io) as pages:
+                    PageWriter(writer, proc["pid"], *page_options) as pages:
                 try:
                     memory.copy_pages(batches, reader, pages)
                     if cow:
@@ -383,6 +383,12 @@ def _worth_a_snapshot(ranges: list[tuple[int, int]], tracker: tracking_.Tracker 
         if size <= tracked * INCREMENT_IN_FREEZE_SHARE:
             return False
     return size >= SNAPSHOT_MIN_BYTES
+
+
+class _PageOptions(NamedTuple):
+    """How the pages files are written (PageWriter): zstd-compressed; with O_DIRECT."""
+    compress: bool
+    direct: bool
 
 
 class _Increment:
