@@ -69,14 +69,17 @@ def parse_runs(index: bytes, name: str) -> list[tuple[int, int, int]]:
     if len(index) % _RECORD.size:
         raise ImageCorrupt(f"{name}: truncated record (image corrupted)")
     runs = []
-    offset = 0
+    offset = last = 0
+    in_order = True  # as hpccr writes them: then disjoint too, without a sort
     for vaddr, nr in _RECORD.iter_unpack(index):
         end = vaddr + nr * PAGE_SIZE
         if vaddr % PAGE_SIZE or nr == 0 or end > _ADDRESS_LIMIT:
             raise ImageCorrupt(f"{name}: invalid run {vaddr:#x} x {nr} pages (image corrupted)")
+        in_order = in_order and vaddr >= last
+        last = end
         runs.append((vaddr, nr, offset))
         offset += nr * PAGE_SIZE
-    overlap = _first_overlap(runs)
+    overlap = None if in_order else _first_overlap(runs)
     if overlap:
         raise ImageCorrupt(f"{name}: runs at {overlap[0]:#x} and {overlap[1]:#x} overlap "
                            "(image corrupted)")
