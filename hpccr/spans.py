@@ -3,6 +3,8 @@ thousands of them for a job that writes pages here and there)."""
 
 from __future__ import annotations
 
+import bisect
+
 from hpccr import native
 
 Spans = list[tuple[int, int]]
@@ -31,3 +33,13 @@ def subtract(a: Spans, b: Spans) -> Spans:
 
 def size(spans: Spans) -> int:
     return sum(end - start for start, end in spans)
+
+
+def overlaps(spans: Spans, start: int, end: int) -> bool:
+    """Whether [start, end) meets one of the sorted, disjoint `spans`."""
+    if start >= end:
+        return False
+    i = bisect.bisect_right(spans, (start, float("inf"))) - 1
+    if i >= 0 and spans[i][1] > start:
+        return True
+    return i + 1 < len(spans) and spans[i + 1][0] < end

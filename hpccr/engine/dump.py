@@ -66,7 +66,7 @@ from hpccr.image.pages import (
     pagemap_name,
     spans_of,
 )
-from hpccr.spans import intersect, subtract, union
+from hpccr.spans import intersect, size, subtract, union
 from hpccr.user import User
 
 MODES = ("kill", "running", "stopped")
@@ -377,12 +377,11 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
 def _worth_a_snapshot(ranges: list[tuple[int, int]], tracker: tracking_.Tracker | None) -> bool:
     """Whether a running dump should copy the pages at `ranges` from a snapshot rather than
     inside the freeze (SNAPSHOT_MIN_BYTES, INCREMENT_IN_FREEZE_SHARE)."""
-    size = sum(length for _, length in ranges)
+    saving = sum(length for _, length in ranges)
     if tracker is not None and tracker.spans:
-        tracked = sum(end - start for start, end in tracker.spans)
-        if size <= tracked * INCREMENT_IN_FREEZE_SHARE:
+        if saving <= size(tracker.spans) * INCREMENT_IN_FREEZE_SHARE:
             return False
-    return size >= SNAPSHOT_MIN_BYTES
+    return saving >= SNAPSHOT_MIN_BYTES
 
 
 class _PageOptions(NamedTuple):

@@ -34,7 +34,7 @@ from hpccr.errors import (
     starting_threads,
 )
 from hpccr.image.schema import check_part
-from hpccr.spans import intersect
+from hpccr.spans import intersect, overlaps
 
 PAGE = native.PAGE_SIZE
 PM_PRESENT = 1 << 63
@@ -175,8 +175,13 @@ def split_batches(ranges: list[tuple[int, int]], limit: int = COPY_BATCH):
 
 def read_runs(pid: int, batch: list[tuple[int, int]], view: memoryview, read_apart) -> None:
     """Read the runs of `batch` into `view`, one after the other: `read_apart(addr, part)` reads
-    a run itself and says so, the others are read with one process_vm_readv per row of them."""
+    a run itself and says so, the others are read with one process_vm_readv per row of them.
+    Without `read_apart`, the whole batch is one row (no Python step per run)."""
     groups: list[list] = []  # [view offset, size, addrs, lens] of runs in a row
+    if read_apart is None:
+        addrs, lens = zip(*batch, strict=True) if batch else ((), ())
+        groups.append([0, sum(lens), addrs, lens])
+        batch = []
     offset = 0
     for addr, length in batch:
         if read_apart(addr, view[offset:offset + length]):
@@ -210,7 +215,9 @@ class MemoryReader:
         self._mem = -1
 
     def read(self, batch: list[tuple[int, int]], view: memoryview) -> None:
-        read_runs(self.pid, batch, view, self._read_unreadable)
+        end = batch[-1][0] + batch[-1][1] if batch else 0
+        apart = overlaps(self.unreadable, batch[0][0], end) if batch else False
+        read_runs(self.pid, batch, view, self._read_unreadable if apart else None)
 
     def _read_unreadable(self, addr: int, part: memoryview) -> bool:
         if not _inside(addr, self.unreadable):

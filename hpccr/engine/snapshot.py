@@ -54,7 +54,7 @@ import time
 from hpccr import native
 from hpccr.engine import memory, procfs
 from hpccr.errors import starting_threads
-from hpccr.spans import union
+from hpccr.spans import overlaps, union
 
 PAGE = native.PAGE_SIZE
 
@@ -102,16 +102,6 @@ def _ioctl(fd: int, request: int, *fields: int) -> tuple[int, ...]:
     arg = bytearray(struct.pack(f"<{len(fields)}Q", *fields))
     fcntl.ioctl(fd, request, arg)
     return struct.unpack(f"<{len(fields)}Q", arg)
-
-
-def _overlaps(spans: list[tuple[int, int]], start: int, end: int) -> bool:
-    """Whether [start, end) meets one of the sorted, disjoint `spans`."""
-    if start >= end:
-        return False
-    i = bisect.bisect_right(spans, (start, float("inf"))) - 1
-    if i >= 0 and spans[i][1] > start:
-        return True
-    return i + 1 < len(spans) and spans[i + 1][0] < end
 
 
 def _split(ranges: list[tuple[int, int]], spans: list[tuple[int, int]]):
@@ -262,7 +252,7 @@ class Snapshot:
 
     def read(self, batch: list[tuple[int, int]], view: memoryview) -> None:
         try:
-            memory.read_runs(self.pid, batch, view, self._read_early)
+            memory.read_runs(self.pid, batch, view, self._read_early if self._early else None)
         except OSError as exc:
             raise SnapshotLost(f"reading memory: {exc.strerror}") from None
         self._settle(batch, view)
@@ -420,13 +410,13 @@ class Snapshot:
                 if event == UFFD_EVENT_PAGEFAULT:
                     spans.append(self._save(b & ~(PAGE - 1)))
                 elif event == UFFD_EVENT_REMOVE:
-                    if _overlaps(self._live, max(a, self._done), b):
+                    if overlaps(self._live, max(a, self._done), b):
                         self._lost = self._lost or f"memory at {a:#x} was released (madvise)"
                 elif event == UFFD_EVENT_UNMAP:
-                    if _overlaps(self._live, a, b):
+                    if overlaps(self._live, a, b):
                         self._lost = self._lost or f"memory at {a:#x} was unmapped"
                 elif event == UFFD_EVENT_REMAP:
-                    if _overlaps(self._live, a, a + c) or _overlaps(self._live, b, b + c):
+                    if overlaps(self._live, a, a + c) or overlaps(self._live, b, b + c):
                         self._lost = self._lost or f"memory at {a:#x} was moved (mremap)"
 
     def _save(self, page: int) -> tuple[int, int]:
