@@ -36,6 +36,10 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# hpccr's bytecode, written once: the users whose Slurm jobs run hpccr may not write it into this
+# tree, nor may anyone whose environment says PYTHONDONTWRITEBYTECODE, and compiling the modules
+# again in every command costs a dump or restore about 50 ms.
+.venv/bin/python -m compileall -q hpccr
 
 # mpi4py, built from source against each system MPI (one build links one MPI): .mpi4py/<mpi>,
 # which the MPI tests and bench/mpi.py put first on sys.path.  2-6 minutes each, once.
