@@ -69,17 +69,14 @@ def parse_runs(index: bytes, name: str) -> list[tuple[int, int, int]]:
     if len(index) % _RECORD.size:
         raise ImageCorrupt(f"{name}: truncated record (image corrupted)")
     runs = []
-    offset = last = 0
-    in_order = True  # as hpccr writes them: then disjoint too, without a sort
+    offset = 0
     for vaddr, nr in _RECORD.iter_unpack(index):
         end = vaddr + nr * PAGE_SIZE
         if vaddr % PAGE_SIZE or nr == 0 or end > _ADDRESS_LIMIT:
             raise ImageCorrupt(f"{name}: invalid run {vaddr:#x} x {nr} pages (image corrupted)")
-        in_order = in_order and vaddr >= last
-        last = end
         runs.append((vaddr, nr, offset))
         offset += nr * PAGE_SIZE
-    overlap = None if in_order else _first_overlap(runs)
+    overlap = _first_overlap(runs)
     if overlap:
         raise ImageCorrupt(f"{name}: runs at {overlap[0]:#x} and {overlap[1]:#x} overlap "
                            "(image corrupted)")
@@ -93,6 +90,13 @@ def spans_of(runs) -> list[tuple[int, int]]:
 
 def _first_overlap(runs) -> tuple[int, int] | None:
     """The first pair of (vaddr, nr_pages) runs, in address order, that share a page."""
+    end = 0
+    for vaddr, nr, *_ in runs:  # in address order, as hpccr writes them: disjoint, no sort
+        if vaddr < end:
+            break
+        end = vaddr + nr * PAGE_SIZE
+    else:
+        return None
     ordered = sorted((vaddr, nr) for vaddr, nr, *_ in runs)
     for (a, an), (b, _) in zip(ordered, ordered[1:], strict=False):
         if a + an * PAGE_SIZE > b:
