@@ -179,8 +179,9 @@ def read_runs(pid: int, batch: list[tuple[int, int]], view: memoryview, read_apa
     Without `read_apart`, the whole batch is one row (no Python step per run)."""
     groups: list[list] = []  # [view offset, size, addrs, lens] of runs in a row
     if read_apart is None:
-        addrs, lens = zip(*batch, strict=True) if batch else ((), ())
-        groups.append([0, sum(lens), addrs, lens])
+        if batch:
+            addrs, lens = zip(*batch, strict=True)
+            groups.append([0, sum(lens), addrs, lens])
         batch = []
     offset = 0
     for addr, length in batch:
@@ -215,8 +216,7 @@ class MemoryReader:
         self._mem = -1
 
     def read(self, batch: list[tuple[int, int]], view: memoryview) -> None:
-        end = batch[-1][0] + batch[-1][1] if batch else 0
-        apart = overlaps(self.unreadable, batch[0][0], end) if batch else False
+        apart = batch and overlaps(self.unreadable, batch[0][0], batch[-1][0] + batch[-1][1])
         read_runs(self.pid, batch, view, self._read_unreadable if apart else None)
 
     def _read_unreadable(self, addr: int, part: memoryview) -> bool:
