@@ -77,8 +77,11 @@ SNAPSHOT_MIN_BYTES = 16 << 20
 # An incremental checkpoint saving at most this share of the memory its tracker follows copies it
 # inside the freeze too: a snapshot there passes over every page table of that memory four times
 # (the tracker lets go, the snapshot protects, lets go, the tracker protects again), which costs
-# more, frozen, than copying a few scattered pages (bench/README.md has the figures).
+# more, frozen, than copying a few scattered pages (bench/README.md has the figures).  Not more
+# than INCREMENT_IN_FREEZE_MAX, though: those pages are written to the image inside the freeze,
+# at the speed of its file system, which may be a slow one.
 INCREMENT_IN_FREEZE_SHARE = 1 / 16
+INCREMENT_IN_FREEZE_MAX = 256 << 20
 # proc(5) stat fields of the memory layout PR_SET_MM_MAP restores
 MM_FIELDS = {"start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45,
              "end_data": 46, "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50,
@@ -376,11 +379,11 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
 
 def _worth_a_snapshot(ranges: list[tuple[int, int]], tracker: tracking_.Tracker | None) -> bool:
     """Whether a running dump should copy the pages at `ranges` from a snapshot rather than
-    inside the freeze (SNAPSHOT_MIN_BYTES, INCREMENT_IN_FREEZE_SHARE)."""
+    inside the freeze (SNAPSHOT_MIN_BYTES, INCREMENT_IN_FREEZE_*)."""
     saving = sum(length for _, length in ranges)
-    if tracker is not None and tracker.spans:
-        if saving <= size(tracker.spans) * INCREMENT_IN_FREEZE_SHARE:
-            return False
+    if (tracker is not None and saving <= INCREMENT_IN_FREEZE_MAX
+            and saving <= size(tracker.spans) * INCREMENT_IN_FREEZE_SHARE):
+        return False
     return saving >= SNAPSHOT_MIN_BYTES
 
 
