@@ -250,8 +250,16 @@ class PageReader:
         pieces at most while it asks for the next."""
         direct = set_direct(self._fd, True)
         # Used in turn: the caller's, the one it is given next, the one read meanwhile.
-        buffers = [mmap.mmap(-1, max([size for _, size in pieces] + [READ_THROUGH_BATCH]))
-                   for _ in range(min(held + 2, len(pieces) + 1))]
+        each = max([size for _, size in pieces] + [min(READ_THROUGH_BATCH, self.size)])
+        buffers = []
+        try:
+            for _ in range(min(held + 2, len(pieces) + 1)):
+                buffers.append(mmap.mmap(-1, each))
+        except OSError as exc:
+            for buf in buffers:
+                buf.close()
+            raise OSError(exc.errno, f"allocating hpccr's read buffers ({each >> 20} MiB each): "
+                                     f"{os.strerror(exc.errno)}") from None
         hasher = xxhash.xxh3_128()
 
         def fill(view: memoryview, at: int) -> None:
