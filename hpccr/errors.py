@@ -96,6 +96,10 @@ def from_oserror(exc: OSError, what: str, other: type[HpccrError]) -> HpccrError
     return other(f"{what}: {reason}")
 
 
+# A MemoryError (Python could not allocate) met in a step of a dump or restore, in its words.
+OWN_MEMORY = "hpccr's own memory ran out (its address space or memory limit)"
+
+
 @contextlib.contextmanager
 def starting_threads(what: str):
     """CPython reports a failed pthread_create (no address space for a stack, a limit on

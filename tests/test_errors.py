@@ -215,6 +215,34 @@ def test_dump_out_of_address_space(cr, tmp_path):
     assert limit < 128, "the first dump failed: the limit is too low for the test"
 
 
+def test_restore_out_of_address_space(cr, tmp_path):
+    """The restore's side of the test above: the address space of `hpccr restore` (a soft
+    limit: the processes it makes inherit it, and raise it again to the image's) is lowered
+    4 MiB at a time, each restore that passes run to its end (exit status 0: PASS), until one
+    fails: exit code 19 with the step and the resource named, no process left, and the image
+    still restores."""
+    workload = cr.start("idle", 0.2)
+    img = tmp_path / "img"
+    cr.dump_and_kill(workload, img)
+    for limit in range(128, 16, -4):
+        res = subprocess.run(["prlimit", f"--as={limit << 20}:unlimited",
+                              *cli_argv("restore", "-D", img)],
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=60, env=cli_env())
+        if res.returncode != 0:
+            break
+        workload.assert_passed()  # each run writes over the last: the image's offset
+    else:
+        pytest.fail("every restore passed, down to 20 MiB of address space")
+    message = cr.assert_error(res, 19)
+    assert re.fullmatch(rf"hpccr: error: restore: process {workload.pid}: [^:]+: .+: "
+                        r"(Cannot allocate memory|Resource temporarily unavailable|"
+                        r"hpccr's own memory ran out .*)", message), message
+    assert not workload.alive()
+    assert limit < 128, "the first restore failed: the limit is too low for the test"
+    cr.restore_and_pass(workload, img)
+
+
 def test_restore_refused_by_a_system_call(cr, tmp_path):
     """A system call refused in the restored process (an mmap at an address not page-aligned,
     written into the image) is exit code 19, naming the process, the step and the mapping;

@@ -51,6 +51,7 @@ from hpccr.engine.ghosts import GhostWriter
 from hpccr.engine.tracer import FrozenProcess
 from hpccr.engine.tree import FrozenTree
 from hpccr.errors import (
+    OWN_MEMORY,
     AccessDenied,
     DumpFailed,
     HpccrError,
@@ -521,7 +522,7 @@ def _zombie(pid: int, ids: _Ids) -> dict:
 class _Step:
     """What the dump of process `pid` is doing now (`now`, changed as it goes on): an OSError
     met meanwhile becomes an hpccr error that names both, and an errno without an error class
-    of its own a DumpFailed (exit code 18)."""
+    of its own a DumpFailed (exit code 18), as does hpccr's own memory running out."""
 
     def __init__(self, pid: int, now: str):
         self.pid = pid
@@ -531,6 +532,8 @@ class _Step:
         return self
 
     def __exit__(self, kind, exc, traceback) -> None:
+        if isinstance(exc, MemoryError):
+            raise DumpFailed(f"dump of process {self.pid}: {self.now}: {OWN_MEMORY}") from None
         if not isinstance(exc, OSError):
             return
         if not os.path.isdir(procfs.path(self.pid)):

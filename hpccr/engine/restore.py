@@ -415,11 +415,14 @@ def _deleted_working_directories(order: list[Task]) -> None:
 @contextlib.contextmanager
 def _step(what: str):
     """An OSError met while doing `what` fails the restore with a message that names it, and
-    with exit code 19 (RestoreFailed) if its errno has no error class of its own."""
+    with exit code 19 (RestoreFailed) if its errno has no error class of its own; so does
+    hpccr's own memory running out (MemoryError)."""
     try:
         yield
     except OSError as exc:
         raise errors.from_oserror(exc, f"restore: {what}", RestoreFailed) from exc
+    except MemoryError:
+        raise RestoreFailed(f"restore: {what}: {errors.OWN_MEMORY}") from None
 
 
 def _memlock_limit(proc: dict) -> int:
