@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import mmap
 import os
 import sys
 from collections import deque
@@ -33,6 +32,7 @@ from hpccr.errors import (
     UnsupportedResource,
     starting_threads,
 )
+from hpccr.image.pages import page_buffers
 from hpccr.image.schema import check_part
 from hpccr.spans import intersect, overlaps
 
@@ -240,15 +240,7 @@ def copy_pages(batches, reader, pages) -> None:
     Two buffers in turn: while one batch is written out (and hashed) by a helper thread, the next
     one is read from the target; both steps run without the GIL. The buffers are allocated here,
     after a snapshot dump has released the target: faulting fresh memory is slow."""
-    buffers = []
-    try:
-        for _ in range(2):
-            buffers.append(mmap.mmap(-1, COPY_BATCH))
-    except OSError as exc:
-        for buf in buffers:
-            buf.close()
-        raise OSError(exc.errno, f"allocating hpccr's copy buffers ({COPY_BATCH >> 20} MiB "
-                                 f"each): {os.strerror(exc.errno)}") from None
+    buffers = page_buffers(2, COPY_BATCH, "copy")
     try:
         with starting_threads("hpccr's writer thread"), ThreadPoolExecutor(1) as writer:
             in_flight: list = []

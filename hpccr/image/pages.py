@@ -53,6 +53,21 @@ def forked_name(pid: int) -> str:
     return f"forked-{pid}.bin"
 
 
+def page_buffers(count: int, size: int, what: str) -> list[mmap.mmap]:
+    """`count` anonymous mappings of `size` bytes (page-aligned, as direct I/O wants them);
+    an OSError that names them ("hpccr's `what` buffers") if they cannot all be had."""
+    buffers: list[mmap.mmap] = []
+    try:
+        for _ in range(count):
+            buffers.append(mmap.mmap(-1, size))
+    except OSError as exc:
+        for buf in buffers:
+            buf.close()
+        raise OSError(exc.errno, f"allocating hpccr's {what} buffers ({size >> 20} MiB each): "
+                                 f"{os.strerror(exc.errno)}") from None
+    return buffers
+
+
 def is_pages(name: str) -> bool:
     """Whether `name` is an uncompressed pages file (those a restore reads through)."""
     return name.startswith("pages-") and name.endswith(".img")
@@ -251,15 +266,7 @@ class PageReader:
         direct = set_direct(self._fd, True)
         # Used in turn: the caller's, the one it is given next, the one read meanwhile.
         each = max([size for _, size in pieces] + [min(READ_THROUGH_BATCH, self.size)])
-        buffers = []
-        try:
-            for _ in range(min(held + 2, len(pieces) + 1)):
-                buffers.append(mmap.mmap(-1, each))
-        except OSError as exc:
-            for buf in buffers:
-                buf.close()
-            raise OSError(exc.errno, f"allocating hpccr's read buffers ({each >> 20} MiB each): "
-                                     f"{os.strerror(exc.errno)}") from None
+        buffers = page_buffers(min(held + 2, len(pieces) + 1), each, "read")
         hasher = xxhash.xxh3_128()
 
         def fill(view: memoryview, at: int) -> None:
