@@ -17,6 +17,9 @@ import pytest
 import xxhash
 from harness import cli_argv, cli_env
 
+# A step, then the resource that ran out (a buffer or thread of hpccr's), or hpccr's own memory.
+RAN_OUT = (r"[^:]+: (.+: (Cannot allocate memory|Resource temporarily unavailable)"
+           r"|hpccr's own memory ran out .*)")
 # Candidate xstate components to claim in a doctored image: APX, then bits no CPU defines yet.
 XFEATURE_CANDIDATES = [19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]
 
@@ -207,8 +210,7 @@ def test_dump_out_of_address_space(cr, tmp_path):
     else:
         pytest.fail("every dump passed, down to 20 MiB of address space")
     message = cr.assert_error(res, 18)
-    assert re.fullmatch(rf"hpccr: error: dump of process {workload.pid}: [^:]+: .+: "
-                        r"(Cannot allocate memory|Resource temporarily unavailable)",
+    assert re.fullmatch(rf"hpccr: error: dump of process {workload.pid}: {RAN_OUT}",
                         message), message
     assert not img.exists()
     workload.assert_untouched()
@@ -235,9 +237,8 @@ def test_restore_out_of_address_space(cr, tmp_path):
     else:
         pytest.fail("every restore passed, down to 20 MiB of address space")
     message = cr.assert_error(res, 19)
-    assert re.fullmatch(rf"hpccr: error: restore: process {workload.pid}: [^:]+: .+: "
-                        r"(Cannot allocate memory|Resource temporarily unavailable|"
-                        r"hpccr's own memory ran out .*)", message), message
+    assert re.fullmatch(rf"hpccr: error: restore: process {workload.pid}: {RAN_OUT}",
+                        message), message
     assert not workload.alive()
     assert limit < 128, "the first restore failed: the limit is too low for the test"
     cr.restore_and_pass(workload, img)
