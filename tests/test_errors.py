@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from harness import cli_argv, cli_env
+from harness import cli_argv, cli_env, describe
 
 # A step, then the resource that ran out (a buffer or thread of hpccr's), or hpccr's own memory.
 RAN_OUT = (r"[^:]+: (.+: (Cannot allocate memory|Resource temporarily unavailable)"
@@ -191,6 +191,20 @@ def test_dump_into_unwritable_place(cr, tmp_path):
     workload.assert_passed()
 
 
+def first_failure_out_of_address_space(argv, passed) -> subprocess.CompletedProcess:
+    """Run `argv(limit)` with an address space of 128 MiB, then 4 MiB less each time, calling
+    `passed()` after each run that exits 0, until one fails: that run.  The first must pass,
+    or the test would not know where hpccr's memory runs out."""
+    for limit in range(128, 16, -4):
+        res = subprocess.run(argv(limit), stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=60, env=cli_env())
+        if res.returncode != 0:
+            assert limit < 128, f"the first run failed: the limit is too low\n{describe(res)}"
+            return res
+        passed()
+    pytest.fail("every run passed, down to 20 MiB of address space")
+
+
 def test_dump_out_of_address_space(cr, tmp_path):
     """An errno hpccr has no error of its own for (ENOMEM, EAGAIN: the dumper may not map its
     copy buffers or start its writer thread) is still exit code 18, with the step and the
@@ -198,23 +212,16 @@ def test_dump_out_of_address_space(cr, tmp_path):
     time until a dump fails, wherever its memory runs out first.  The process runs on untouched
     and nothing is left of the image."""
     workload = cr.start("idle", 600)
-    for limit in range(128, 16, -4):
-        img = tmp_path / f"img-{limit}"
-        res = subprocess.run(["prlimit", f"--as={limit << 20}",
-                              *cli_argv("dump", workload.pid, "-D", img, "--leave-running")],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=60, env=cli_env())
-        if res.returncode != 0:
-            break
-        shutil.rmtree(img)
-    else:
-        pytest.fail("every dump passed, down to 20 MiB of address space")
+    img = tmp_path / "img"
+    res = first_failure_out_of_address_space(
+        lambda limit: ["prlimit", f"--as={limit << 20}",
+                       *cli_argv("dump", workload.pid, "-D", img, "--leave-running")],
+        lambda: shutil.rmtree(img))
     message = cr.assert_error(res, 18)
     assert re.fullmatch(rf"hpccr: error: dump of process {workload.pid}: {RAN_OUT}",
                         message), message
     assert not img.exists()
     workload.assert_untouched()
-    assert limit < 128, "the first dump failed: the limit is too low for the test"
 
 
 def test_restore_out_of_address_space(cr, tmp_path):
@@ -226,21 +233,14 @@ def test_restore_out_of_address_space(cr, tmp_path):
     workload = cr.start("idle", 0.2)
     img = tmp_path / "img"
     cr.dump_and_kill(workload, img)
-    for limit in range(128, 16, -4):
-        res = subprocess.run(["prlimit", f"--as={limit << 20}:unlimited",
-                              *cli_argv("restore", "-D", img)],
-                             stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=60, env=cli_env())
-        if res.returncode != 0:
-            break
-        workload.assert_passed()  # each run writes over the last: the image's offset
-    else:
-        pytest.fail("every restore passed, down to 20 MiB of address space")
+    res = first_failure_out_of_address_space(
+        lambda limit: ["prlimit", f"--as={limit << 20}:unlimited",
+                       *cli_argv("restore", "-D", img)],
+        workload.assert_passed)  # each run writes over the last: the image's offset
     message = cr.assert_error(res, 19)
     assert re.fullmatch(rf"hpccr: error: restore: process {workload.pid}: {RAN_OUT}",
                         message), message
     assert not workload.alive()
-    assert limit < 128, "the first restore failed: the limit is too low for the test"
     cr.restore_and_pass(workload, img)
 
 
