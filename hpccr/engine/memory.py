@@ -14,7 +14,6 @@ protections.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import os
@@ -182,18 +181,18 @@ def read_runs(pid: int, batch: list[tuple[int, int]], view: memoryview, read_apa
         if batch:
             addrs, lens = zip(*batch, strict=True)
             groups.append([0, sum(lens), addrs, lens])
-        batch = []
-    offset = 0
-    for addr, length in batch:
-        if read_apart(addr, view[offset:offset + length]):
-            pass
-        elif groups and groups[-1][0] + groups[-1][1] == offset:
-            groups[-1][1] += length
-            groups[-1][2].append(addr)
-            groups[-1][3].append(length)
-        else:
-            groups.append([offset, length, [addr], [length]])
-        offset += length
+    else:
+        offset = 0
+        for addr, length in batch:
+            if read_apart(addr, view[offset:offset + length]):
+                pass
+            elif groups and groups[-1][0] + groups[-1][1] == offset:
+                groups[-1][1] += length
+                groups[-1][2].append(addr)
+                groups[-1][3].append(length)
+            else:
+                groups.append([offset, length, [addr], [length]])
+            offset += length
     for at, size, addrs, lens in groups:
         try:
             native.read_ranges(pid, native.ffi.new("unsigned long long[]", addrs),
@@ -220,7 +219,7 @@ class MemoryReader:
         read_runs(self.pid, batch, view, self._read_unreadable if apart else None)
 
     def _read_unreadable(self, addr: int, part: memoryview) -> bool:
-        if not _inside(addr, self.unreadable):
+        if not overlaps(self.unreadable, addr, addr + 1):
             return False
         if self._mem < 0:
             self._mem = os.open(procfs.path(self.pid, "mem"), os.O_RDONLY)
@@ -268,12 +267,6 @@ def copy_pages(batches, reader, pages) -> None:
 def _write_batch(pages, batch: list[tuple[int, int]], view: memoryview) -> None:
     with view:
         pages.write_runs(batch, view)
-
-
-def _inside(addr: int, spans: list[tuple[int, int]]) -> bool:
-    """Whether `addr` is in one of the sorted, disjoint `spans`."""
-    i = bisect.bisect_right(spans, (addr, float("inf"))) - 1
-    return i >= 0 and spans[i][1] > addr
 
 
 def _read_exact(fd: int, view: memoryview, addr: int) -> None:
