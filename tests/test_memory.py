@@ -4,6 +4,8 @@ Workload: workloads/memory.c (64 MiB of PRNG data, anonymous, private and shared
 a PROT_NONE region, the brk heap; it checks everything itself and prints its checksums).
 """
 
+import ctypes
+import mmap
 import os
 import shutil
 import signal
@@ -12,6 +14,12 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from hpccr import native
+from hpccr.engine.placement import UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_MISSING
+from hpccr.engine.snapshot import UFFD_API, UFFDIO_API, UFFDIO_REGISTER, uffd_ioctl
+
+PAGE = native.PAGE_SIZE
 
 # mem_pieces' window for a --leave-running dump, which returns once the pages are copied
 # while the workload runs on: it must still be there at the end of that copy.
@@ -180,3 +188,28 @@ def test_pages_never_written_stay_unpopulated(cr, tmp_path):
     assert present_pages(workload.pid, start, 64 << 20) == before
     os.kill(workload.pid, signal.SIGUSR1)
     workload.wait_for("PASS")
+
+
+def test_pages_placed_by_userfaultfd():
+    """native.place_ranges, which a restore writes pages with: UFFDIO_COPY into memory
+    registered with a userfaultfd (UFFD_USER_MODE_ONLY, as a restore's: process_vm_writev
+    cannot fill such a page, it fails with EFAULT), process_vm_writev for a page already there
+    and for a range outside; every byte lands where it should."""
+    size, outside_size = 64 * PAGE, 4 * PAGE
+    registered = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    outside = mmap.mmap(-1, outside_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(registered))
+    registered[5 * PAGE] = 1  # present before it is registered: UFFDIO_COPY says EEXIST
+    uffd = native.syscall("userfaultfd", os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+    try:
+        uffd_ioctl(uffd, UFFDIO_API, UFFD_API, 0, 0)
+        uffd_ioctl(uffd, UFFDIO_REGISTER, start, size, UFFDIO_REGISTER_MODE_MISSING, 0)
+        data = os.urandom(size + outside_size)
+        addrs = native.ffi.new("unsigned long long[]",
+                               [start, ctypes.addressof(ctypes.c_char.from_buffer(outside))])
+        lens = native.ffi.new("unsigned long long[]", [size, outside_size])
+        assert native.place_ranges(uffd, os.getpid(), addrs, lens, 2, data) == len(data)
+    finally:
+        os.close(uffd)  # unregisters: a page it missed reads as zeros, it does not wait
+    assert registered[:] == data[:size]
+    assert outside[:] == data[size:]

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from hpccr import config, native
 from hpccr.engine import cpu, gpu, posix_timers, procfs
+from hpccr.engine.placement import UFFD_USER_MODE_ONLY
 from hpccr.engine.restore import MM_MAP, PR_SET_MM, PR_SET_MM_MAP
 from hpccr.engine.snapshot import (
     UFFD_API,
@@ -52,7 +53,6 @@ PM_PFN_MASK = (1 << 55) - 1
 PAGE_IS_PRESENT = 1 << 3
 
 # userfaultfd (linux/userfaultfd.h)
-UFFD_USER_MODE_ONLY = 1
 UFFD_FEATURES = {"EVENT_REMAP": UFFD_FEATURE_EVENT_REMAP, "WP_UNPOPULATED": 1 << 13,
                  "WP_ASYNC": UFFD_FEATURE_WP_ASYNC}
 
@@ -534,7 +534,8 @@ def _uffd_api(fd: int, features: int) -> int:
     return struct.unpack_from("<Q", arg, 8)[0]
 
 
-@probe("userfaultfd", False, "incremental checkpoints", "snapshots")
+@probe("userfaultfd", False, "incremental checkpoints", "snapshots",
+       "restores that place pages instead of writing them")
 def _userfaultfd_probe(scratch: Scratch):
     sysctl = _sysctl_or_none("vm.unprivileged_userfaultfd")
     flags = os.O_CLOEXEC | os.O_NONBLOCK

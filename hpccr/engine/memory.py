@@ -7,9 +7,9 @@ They are found with pagemap in C, copied with process_vm_readv in large batches 
 unreadable VMAs) and streamed into the image.
 
 Restore (inside the stub, by injected calls): unmap the stub, move [vvar]/[vvar_vclock]/[vdso] to
-their saved addresses, map every VMA (writable while its pages are written), write the pages from
-the image's page file straight out of the page cache with process_vm_writev, then set the final
-protections.
+their saved addresses, map every VMA (writable while its pages are written), put the pages from
+the image's pages file into it (UFFDIO_COPY into private anonymous VMAs, placement.py;
+process_vm_writev into the others), then set the final protections.
 """
 
 from __future__ import annotations
@@ -447,24 +447,25 @@ def _attach_sysv(inj, vma: dict) -> None:
         inj.call("mprotect", vma["start"], vma["end"] - vma["start"], prot)
 
 
-def write_pages(pid: int, sources, populate=None) -> None:
+def write_pages(pid: int, sources, populate=None, placer=None) -> None:
     """Copy the saved pages into the target: from each (PageReader, spans) of `sources` (an
     image and the parents it leaves pages to, image/chain.py), the pages inside those spans
     (None: all), read out of the page cache or decompressed, in batches written by two threads
-    while the next is read.
+    while the next is read.  Those in the VMAs registered with `placer` (placement.py), if
+    given, are placed by UFFDIO_COPY.
 
-    `populate(addr, length)`, if given, faults a range in, in the target: hpccr's threads write
-    a batch while the target's own thread gets the fresh memory of the next one (page faults,
-    zeroing: in a VM they cost more than the copy)."""
+    `populate(addr, length)`, if given, faults a range of the others in, in the target: hpccr's
+    threads write a batch while the target's own thread gets the fresh memory of the next one
+    (page faults, zeroing: in a VM they cost more than the copy)."""
     try:
         for reader, spans in sources:
-            _write_from(pid, reader, spans, populate)
+            _write_from(pid, reader, spans, populate, placer)
     finally:
         for reader, _ in sources:
             reader.close()
 
 
-def _write_from(pid: int, reader, spans, populate) -> None:
+def _write_from(pid: int, reader, spans, populate, placer) -> None:
     if spans == []:
         return  # a parent that holds none of the pages still wanted
     limit = reader.batch_limit
@@ -472,6 +473,8 @@ def _write_from(pid: int, reader, spans, populate) -> None:
     pieces = [(vaddr, vaddr + nr * PAGE) for vaddr, nr, _ in runs]
     if spans is not None:
         pieces = intersect(pieces, spans)
+    if placer is not None:
+        pieces = placer.split(pieces)
     # The file's runs in a row: runs[j] is stored right after runs[j - 1] when their numbers
     # here are the same (as a dump writes them: then a batch may skip pages not wanted).
     in_row = [0] * len(runs)
@@ -494,13 +497,15 @@ def _write_from(pid: int, reader, spans, populate) -> None:
             else:
                 batches.append(_Batch(piece, length, at, i))
     batches.sort(key=lambda b: b.at)  # in the file's order: a compressed one is read through
-    ahead = _Populator(populate)  # from the second batch on: the first is written at once
+    # from the second batch on: the first is written at once
+    ahead = _Populator(populate, placer.registered if placer else [])
+    uffd = placer.uffd if placer else None
     chunks = reader.chunks([(b.at, b.span) for b in batches], WRITES_IN_FLIGHT)
     try:
         with starting_threads("hpccr's writer threads"), ThreadPoolExecutor(2) as pool:
             pending: deque = deque()
             for number, (chunk, batch) in enumerate(zip(chunks, batches, strict=True)):
-                pending.append(pool.submit(_write_batch_to, pid, chunk, batch))
+                pending.append(pool.submit(_write_batch_to, pid, chunk, batch, uffd))
                 if number + 1 < len(batches):
                     ahead.fault_in(batches[number + 1])
                 if len(pending) == WRITES_IN_FLIGHT:
@@ -512,17 +517,19 @@ def _write_from(pid: int, reader, spans, populate) -> None:
 
 
 class _Populator:
-    """Faults in the long runs of a batch through `populate`; a hint only (the writes fault
-    in whatever it leaves), given up at its first error (such as a kernel before 5.14)."""
+    """Faults in the long runs of a batch through `populate`, but those inside the `placed`
+    spans; a hint only (the writes fault in whatever it leaves), given up at its first error
+    (such as a kernel before 5.14)."""
 
-    def __init__(self, populate):
+    def __init__(self, populate, placed: list[tuple[int, int]]):
         self._populate = populate
+        self._placed = placed
 
     def fault_in(self, batch: _Batch) -> None:
         if self._populate is None:
             return
         for addr, length in zip(batch.addrs, batch.lens, strict=True):
-            if length >= POPULATE_MIN:
+            if length >= POPULATE_MIN and not overlaps(self._placed, addr, addr + length):
                 try:
                     self._populate(addr, length)
                 except OSError:
@@ -548,13 +555,16 @@ class _Batch:
         self.run = run
 
 
-def _write_batch_to(pid: int, chunk: memoryview, batch: _Batch) -> None:
+def _write_batch_to(pid: int, chunk: memoryview, batch: _Batch, uffd: int | None) -> None:
     new = native.ffi.new
     a = new("unsigned long long[]", batch.addrs)
     n = new("unsigned long long[]", batch.lens)
     at = new("unsigned long long[]", batch.offsets) if batch.gaps else native.ffi.NULL
     try:
-        native.write_ranges(pid, a, n, len(batch.addrs), chunk, at)
+        if uffd is None:
+            native.write_ranges(pid, a, n, len(batch.addrs), chunk, at)
+        else:
+            native.place_ranges(uffd, pid, a, n, len(batch.addrs), chunk, at)
     finally:
         chunk.release()  # a view of the file's mapping (which close() unmaps) or of a buffer
 

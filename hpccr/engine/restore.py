@@ -53,6 +53,7 @@ from hpccr.engine.job import (
     fork_into_new_pid_namespace,
     forward_signals,
 )
+from hpccr.engine.placement import Placer
 from hpccr.engine.tracer import (
     ALL_SIGNALS,
     SYSCALL_INT3,
@@ -1093,11 +1094,17 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int,
         inj.call("close", fd)
     forked.drop_unshared(inj, kept, shared)
     if chain.has_pages(ctx.reader, proc):
-        memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
-                                                   proc["pid"], ctx.parent_of,
-                                                   in_place=shared),
-                           lambda addr, length: inj.call("madvise", addr, length,
-                                                         memory.MADV_POPULATE_WRITE))
+        placer = Placer.open(inj, fresh)
+        try:
+            memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
+                                                       proc["pid"], ctx.parent_of,
+                                                       in_place=shared),
+                               lambda addr, length: inj.call("madvise", addr, length,
+                                                             memory.MADV_POPULATE_WRITE),
+                               placer)
+        finally:
+            if placer is not None:
+                placer.close()  # unregisters: the calls injected next may touch the memory
     for child in carried:  # before the madvise state (MADV_WIPEONFORK, MADV_DONTFORK)
         with _step(f"process {child.proc['pid']}: forking it from its parent"):
             _fork_carried(inj, pid, child, reaper)

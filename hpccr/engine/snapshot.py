@@ -98,7 +98,7 @@ class SnapshotLost(Exception):
     exec'd); the dump must start over."""
 
 
-def _ioctl(fd: int, request: int, *fields: int) -> tuple[int, ...]:
+def uffd_ioctl(fd: int, request: int, *fields: int) -> tuple[int, ...]:
     arg = bytearray(struct.pack(f"<{len(fields)}Q", *fields))
     fcntl.ioctl(fd, request, arg)
     return struct.unpack(f"<{len(fields)}Q", arg)
@@ -147,7 +147,7 @@ def take_userfaultfd(pid: int, inj, features: int) -> int | None:
     except OSError:
         return None
     try:
-        _ioctl(uffd, UFFDIO_API, UFFD_API, features, 0)
+        uffd_ioctl(uffd, UFFDIO_API, UFFD_API, features, 0)
     except OSError:
         os.close(uffd)
         return None
@@ -198,7 +198,7 @@ class Snapshot:
             if (vma["saved_pages"] and not vma["shared"] and vma["kind"] in REGISTERED_KINDS
                     and vma["prot"][0] == "r"):
                 try:
-                    _ioctl(self.uffd, UFFDIO_REGISTER, vma["start"], vma["end"] - vma["start"],
+                    uffd_ioctl(self.uffd, UFFDIO_REGISTER, vma["start"], vma["end"] - vma["start"],
                            UFFDIO_REGISTER_MODE_WP, 0)
                 except OSError:
                     continue  # e.g. registered by the process itself: copied now instead
@@ -210,7 +210,7 @@ class Snapshot:
             return False
         try:
             for start, end in self._registered:
-                _ioctl(self.uffd, UFFDIO_WRITEPROTECT, start, end - start,
+                uffd_ioctl(self.uffd, UFFDIO_WRITEPROTECT, start, end - start,
                        UFFDIO_WRITEPROTECT_MODE_WP)
         except OSError:
             return False
@@ -301,7 +301,7 @@ class Snapshot:
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
         while True:
             try:
-                _ioctl(self.uffd, UFFDIO_WRITEPROTECT, start, length, 0)
+                uffd_ioctl(self.uffd, UFFDIO_WRITEPROTECT, start, length, 0)
                 return
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:
@@ -324,7 +324,7 @@ class Snapshot:
         probe = self._registered[0][0]
         while True:  # EAGAIN while a REMOVE/UNMAP/REMAP event is pending
             try:
-                _ioctl(self.uffd, UFFDIO_WRITEPROTECT, probe, PAGE, 0)
+                uffd_ioctl(self.uffd, UFFDIO_WRITEPROTECT, probe, PAGE, 0)
             except OSError as exc:
                 if exc.errno == errno.EAGAIN and not self._lost:
                     if time.monotonic() > deadline:
@@ -355,7 +355,7 @@ class Snapshot:
         failed = None
         for start, end in self._registered:
             try:
-                _ioctl(self.uffd, UFFDIO_UNREGISTER, start, end - start)
+                uffd_ioctl(self.uffd, UFFDIO_UNREGISTER, start, end - start)
             except OSError as exc:
                 failed = exc  # e.g. the mm is gone: the process exited or exec'd
         if failed is not None:
@@ -463,12 +463,12 @@ class Snapshot:
     def _release(self, start: int, length: int) -> bool:
         """Un-protect a range, which wakes the writers waiting in it; False to retry (EAGAIN)."""
         try:
-            _ioctl(self.uffd, UFFDIO_WRITEPROTECT, start, length, 0)
+            uffd_ioctl(self.uffd, UFFDIO_WRITEPROTECT, start, length, 0)
         except OSError as exc:
             if exc.errno == errno.EAGAIN:
                 return False
             try:  # no longer registered (unmapped meanwhile): just wake the writers
-                _ioctl(self.uffd, UFFDIO_WAKE, start, length)
+                uffd_ioctl(self.uffd, UFFDIO_WAKE, start, length)
             except OSError:
                 pass
         return True

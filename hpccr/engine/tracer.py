@@ -318,6 +318,19 @@ class Injector:
             raise OSError(-ret, f"{name} in {thread.tid}: {os.strerror(-ret)}")
         return ret
 
+    def take_fd(self, name: str, *args: int) -> int:
+        """Run `name`, a call that makes a descriptor, in the leader and return a copy of that
+        descriptor in hpccr; the target's own is closed."""
+        remote = self.call(name, *args)
+        try:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                return native.syscall("pidfd_getfd", pidfd, remote, 0)
+            finally:
+                os.close(pidfd)
+        finally:
+            self.call("close", remote)
+
     # Scratch data: a bump allocator over the data pages, reset between unrelated calls.
     def reset(self) -> None:
         self._cursor = self.base + self.CODE_SIZE

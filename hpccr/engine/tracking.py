@@ -96,14 +96,14 @@ class Tracker:
         registered: Spans = []
         for start, end in vmas:
             try:  # already ours: nothing changes
-                snapshot._ioctl(self.uffd, snapshot.UFFDIO_REGISTER, start, end - start,
+                snapshot.uffd_ioctl(self.uffd, snapshot.UFFDIO_REGISTER, start, end - start,
                                 snapshot.UFFDIO_REGISTER_MODE_WP, 0)
             except OSError:
                 continue  # e.g. the process's own userfaultfd: saved whole every time
             registered.append((start, end))
         for start, end in subtract(registered, protected):
             try:
-                snapshot._ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, start, end - start,
+                snapshot.uffd_ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, start, end - start,
                                 snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
             except OSError:
                 registered = subtract(registered, [(start, end)])
@@ -140,7 +140,7 @@ class Tracker:
         if not self.spans:
             return False
         try:
-            snapshot._ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, self.spans[0][0], PAGE,
+            snapshot.uffd_ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, self.spans[0][0], PAGE,
                             snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
         except OSError as exc:
             return exc.errno != errno.ESRCH  # ENOENT: that page is no longer registered
@@ -170,7 +170,7 @@ class Tracker:
         """Unregister every span (their pages are no longer protected), for a snapshot."""
         for start, end in self.spans:
             try:
-                snapshot._ioctl(self.uffd, snapshot.UFFDIO_UNREGISTER, start, end - start)
+                snapshot.uffd_ioctl(self.uffd, snapshot.UFFDIO_UNREGISTER, start, end - start)
             except OSError:
                 pass  # unmapped meanwhile, or the mm is gone
         self.spans = []

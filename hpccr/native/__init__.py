@@ -253,6 +253,12 @@ def write_ranges(pid: int, addrs, lens, count: int, buf, offsets=ffi.NULL) -> in
         return _check(lib.hpccr_write_ranges(pid, addrs, lens, offsets, count, ptr))
 
 
+def place_ranges(uffd: int, pid: int, addrs, lens, count: int, buf, offsets=ffi.NULL) -> int:
+    """write_ranges into the memory of userfaultfd `uffd` by UFFDIO_COPY (hpccr_place_ranges)."""
+    with ffi.from_buffer(buf) as ptr:
+        return _check(lib.hpccr_place_ranges(uffd, pid, addrs, lens, offsets, count, ptr))
+
+
 def spans_op(name: str, a: list[tuple[int, int]], b: list[tuple[int, int]]):
     """hpccr_spans_`name` (intersect, subtract) of two lists of sorted, disjoint spans."""
     flat_a = array.array("Q", itertools.chain.from_iterable(a))

@@ -49,6 +49,14 @@ long hpccr_write_ranges(int pid, const unsigned long long *addrs,
                         const unsigned long long *lens, const unsigned long long *offsets,
                         size_t n, const void *buf);
 
+/* Like hpccr_write_ranges, into the memory of userfaultfd `uffd` (registered in missing mode) by
+ * UFFDIO_COPY: the kernel allocates each page with its data, with no fault and no zeroing.  A
+ * range not registered there (each range lies inside one registered VMA or outside them all)
+ * and a page already present are written by process_vm_writev of `pid`. */
+long hpccr_place_ranges(int uffd, int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, const unsigned long long *offsets,
+                        size_t n, const void *buf);
+
 /* Collapse pagemap entries into runs of pages having a bit of `any` set and no bit of `none`
  * (pte markers are no pages).
  * Writes at most `max` (first page index, page count) pairs; returns the number of runs. */
@@ -82,9 +90,11 @@ SOURCE = r"""
 #include <errno.h>
 #include <limits.h>
 #include <linux/sched.h>
+#include <linux/userfaultfd.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -282,6 +292,40 @@ long hpccr_write_ranges(int pid, const unsigned long long *addrs,
                         size_t n, const void *buf)
 {
     return move_ranges(pid, addrs, lens, offsets, n, (char *)buf, 1);
+}
+
+long hpccr_place_ranges(int uffd, int pid, const unsigned long long *addrs,
+                        const unsigned long long *lens, const unsigned long long *offsets,
+                        size_t n, const void *buf)
+{
+    const unsigned long long page = sysconf(_SC_PAGESIZE);
+    long total = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned long long dst = addrs[i], left = lens[i];
+        char *src = (char *)buf + (offsets ? offsets[i] : (unsigned long long)total);
+
+        while (left) {
+            struct uffdio_copy copy = { .dst = dst, .src = (uintptr_t)src, .len = left };
+
+            if (ioctl(uffd, UFFDIO_COPY, &copy) == 0)
+                copy.copy = left;
+            else if (copy.copy <= 0) {
+                if (errno != EEXIST && errno != ENOENT)
+                    return -errno;  /* EAGAIN needs a change of the mm: none while restored */
+                unsigned long long len = errno == EEXIST ? page : left;
+                long r = move_ranges(pid, &dst, &len, NULL, 1, src, 1);
+                if (r < 0)
+                    return r;
+                copy.copy = len;
+            }
+            dst += copy.copy;
+            src += copy.copy;
+            left -= copy.copy;
+        }
+        total += lens[i];
+    }
+    return total;
 }
 
 size_t hpccr_spans_intersect(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
