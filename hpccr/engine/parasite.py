@@ -34,7 +34,7 @@ import struct
 
 from hpccr import faults, native
 from hpccr.engine import cpu, procfs
-from hpccr.engine.tracer import ALL_SIGNALS, Injector, Thread, poke
+from hpccr.engine.tracer import ALL_SIGNALS, Injector, Thread, copy_fd, poke
 from hpccr.errors import UnsupportedResource
 
 TRAMPOLINE = bytes.fromhex(
@@ -219,11 +219,7 @@ class LiveInjector(Injector):
         faults.point("take_fd")
         try:
             _checked(name, thread, remote)
-            pidfd = os.pidfd_open(self.pid)
-            try:
-                return native.syscall("pidfd_getfd", pidfd, remote, 0)
-            finally:
-                os.close(pidfd)
+            return copy_fd(self.pid, remote)
         finally:
             native.next_syscall_exit(thread.tid)  # the close
 

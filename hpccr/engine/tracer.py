@@ -256,6 +256,15 @@ def call_once(pid: int, thread: Thread, name: str, *args: int) -> int:
         poke(pid, ip, original)
 
 
+def copy_fd(pid: int, fd: int) -> int:
+    """A copy in hpccr of descriptor `fd` of process `pid` (pidfd_getfd)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return native.syscall("pidfd_getfd", pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+
+
 class Injector:
     """Runs system calls inside a stopped process through a scratch area mapped into it.
 
@@ -323,11 +332,7 @@ class Injector:
         descriptor in hpccr; the target's own is closed."""
         remote = self.call(name, *args)
         try:
-            pidfd = os.pidfd_open(self.pid)
-            try:
-                return native.syscall("pidfd_getfd", pidfd, remote, 0)
-            finally:
-                os.close(pidfd)
+            return copy_fd(self.pid, remote)
         finally:
             self.call("close", remote)
 
