@@ -199,7 +199,7 @@ class Snapshot:
                     and vma["prot"][0] == "r"):
                 try:
                     uffd_ioctl(self.uffd, UFFDIO_REGISTER, vma["start"], vma["end"] - vma["start"],
-                           UFFDIO_REGISTER_MODE_WP, 0)
+                               UFFDIO_REGISTER_MODE_WP, 0)
                 except OSError:
                     continue  # e.g. registered by the process itself: copied now instead
                 if self._registered and self._registered[-1][1] == vma["start"]:
@@ -211,7 +211,7 @@ class Snapshot:
         try:
             for start, end in self._registered:
                 uffd_ioctl(self.uffd, UFFDIO_WRITEPROTECT, start, end - start,
-                       UFFDIO_WRITEPROTECT_MODE_WP)
+                           UFFDIO_WRITEPROTECT_MODE_WP)
         except OSError:
             return False
         self._live, early = _split(ranges, self._registered)

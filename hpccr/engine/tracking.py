@@ -97,14 +97,14 @@ class Tracker:
         for start, end in vmas:
             try:  # already ours: nothing changes
                 snapshot.uffd_ioctl(self.uffd, snapshot.UFFDIO_REGISTER, start, end - start,
-                                snapshot.UFFDIO_REGISTER_MODE_WP, 0)
+                                    snapshot.UFFDIO_REGISTER_MODE_WP, 0)
             except OSError:
                 continue  # e.g. the process's own userfaultfd: saved whole every time
             registered.append((start, end))
         for start, end in subtract(registered, protected):
             try:
                 snapshot.uffd_ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, start, end - start,
-                                snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
+                                    snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
             except OSError:
                 registered = subtract(registered, [(start, end)])
         self.spans = union(registered, [])
@@ -141,7 +141,7 @@ class Tracker:
             return False
         try:
             snapshot.uffd_ioctl(self.uffd, snapshot.UFFDIO_WRITEPROTECT, self.spans[0][0], PAGE,
-                            snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
+                                snapshot.UFFDIO_WRITEPROTECT_MODE_WP)
         except OSError as exc:
             return exc.errno != errno.ESRCH  # ENOENT: that page is no longer registered
         return True
