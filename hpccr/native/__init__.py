@@ -25,11 +25,13 @@ PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_SETOPTIONS = 0x4200
 PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
 PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 PTRACE_O_TRACEFORK = 0x2
+PTRACE_O_TRACEVFORK = 0x4
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_EXITKILL = 0x100000
@@ -130,6 +132,11 @@ def interrupt(tid: int) -> None:
 
 def cont(tid: int, sig: int = 0) -> None:
     _ptrace(PTRACE_CONT, tid, 0, sig)
+
+
+def listen(tid: int) -> None:
+    """PTRACE_LISTEN: a tracee in group-stop stays stopped, but reports its next change."""
+    _ptrace(PTRACE_LISTEN, tid)
 
 
 def detach(tid: int, sig: int = 0) -> None:
@@ -257,6 +264,15 @@ def place_ranges(uffd: int, pid: int, addrs, lens, count: int, buf, offsets=ffi.
     """write_ranges into the memory of userfaultfd `uffd` by UFFDIO_COPY (hpccr_place_ranges)."""
     with ffi.from_buffer(buf) as ptr:
         return _check(lib.hpccr_place_ranges(uffd, pid, addrs, lens, offsets, count, ptr))
+
+
+def uffd_fill(uffd: int, dst: int, src, length: int) -> tuple[int, int]:
+    """hpccr_uffd_fill from buffer `src` (None: zero pages); returns (0 or -errno, bytes done)."""
+    done = ffi.new("unsigned long long *")
+    if src is None:
+        return lib.hpccr_uffd_fill(uffd, dst, ffi.NULL, length, done), done[0]
+    with ffi.from_buffer(src) as ptr:
+        return lib.hpccr_uffd_fill(uffd, dst, ptr, length, done), done[0]
 
 
 def spans_op(name: str, a: list[tuple[int, int]], b: list[tuple[int, int]]):

@@ -57,6 +57,14 @@ long hpccr_place_ranges(int uffd, int pid, const unsigned long long *addrs,
                         const unsigned long long *lens, const unsigned long long *offsets,
                         size_t n, const void *buf);
 
+/* Fill `len` bytes at `dst` of the memory of userfaultfd `uffd` (registered in missing mode):
+ * from `src` by UFFDIO_COPY, or with the zero page (UFFDIO_ZEROPAGE) if `src` is NULL; the
+ * threads waiting for those pages are woken.  A page already present is left as it is.
+ * Returns 0, or -errno (EAGAIN: the mm is changing, an event waits to be read; ENOENT: not
+ * registered there; ESRCH: the mm is gone); *done: the bytes filled or left before that. */
+long hpccr_uffd_fill(int uffd, unsigned long long dst, const void *src, unsigned long long len,
+                     unsigned long long *done);
+
 /* Collapse pagemap entries into runs of pages having a bit of `any` set and no bit of `none`
  * (pte markers are no pages).
  * Writes at most `max` (first page index, page count) pairs; returns the number of runs. */
@@ -326,6 +334,37 @@ long hpccr_place_ranges(int uffd, int pid, const unsigned long long *addrs,
         total += lens[i];
     }
     return total;
+}
+
+long hpccr_uffd_fill(int uffd, unsigned long long dst, const void *src, unsigned long long len,
+                     unsigned long long *done)
+{
+    const unsigned long long page = sysconf(_SC_PAGESIZE);
+
+    *done = 0;
+    while (*done < len) {
+        long long moved;
+
+        if (src) {
+            struct uffdio_copy copy = { .dst = dst + *done, .src = (uintptr_t)src + *done,
+                                        .len = len - *done };
+
+            moved = ioctl(uffd, UFFDIO_COPY, &copy) == 0 ? (long long)(len - *done) : copy.copy;
+        } else {
+            struct uffdio_zeropage zero = { .range = { .start = dst + *done,
+                                                       .len = len - *done } };
+
+            moved = ioctl(uffd, UFFDIO_ZEROPAGE, &zero) == 0 ? (long long)(len - *done)
+                                                              : zero.zeropage;
+        }
+        if (moved > 0)
+            *done += moved;  /* all, or part of it (then the call failed with EAGAIN) */
+        else if (errno == EEXIST)
+            *done += page;
+        else
+            return -errno;
+    }
+    return 0;
 }
 
 size_t hpccr_spans_intersect(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
