@@ -131,14 +131,19 @@ def _act_for(user_spec: str | None):
 @click.option("--detach", is_flag=True,
               help="Return once the process runs instead of waiting for it to exit.")
 @click.option("--pidfile", type=click.Path(), help="Write the restored process's pid here.")
+@click.option("--lazy", is_flag=True,
+              help="With --detach: return once the job runs, before its memory is back; a "
+                   "process of hpccr's places the pages the job touches first, all the others "
+                   "meanwhile, and ends when they are in.  Until then the job dies with it "
+                   "(see README).")
 @click.option("--tcp-close", is_flag=True, default=None,
               help="A TCP connection whose local address does not exist here (restored on "
                    "another node) comes back reset instead of failing the restore.  Default: "
                    "the site's tcp_close setting.")
 @supervision_options
-def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool | None,
-            interval: int | None, keep: int, stop_signals: tuple[int, ...],
-            events_fd: int | None, user_spec: str | None) -> None:
+def restore(directory: str, detach: bool, pidfile: str | None, lazy: bool,
+            tcp_close: bool | None, interval: int | None, keep: int,
+            stop_signals: tuple[int, ...], events_fd: int | None, user_spec: str | None) -> None:
     """Restore a checkpoint image. Without --detach, wait for the restored process and exit
     with its exit status (128+N if killed by signal N), like cr_restart.  With --interval or
     --checkpoint-on, -D is a series (as `hpccr run -D` writes it) and the restored job goes on
@@ -146,6 +151,7 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
     from pathlib import Path
 
     from hpccr import config
+    from hpccr.engine.lazy import restore_detached
     from hpccr.engine.restore import restore_tree
     from hpccr.image.series import Series, resolve
     from hpccr.run import Checkpoints, Supervision, job_part
@@ -153,6 +159,9 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
     supervised = bool(interval or stop_signals)
     if supervised and detach:
         raise click.UsageError("--detach cannot go with --interval or --checkpoint-on")
+    if lazy and not detach:
+        raise click.UsageError("--lazy needs --detach (the pages are placed by a process of "
+                               "its own, not by the command)")
     part = job_part()
     slot = part.slot if part else None
     if supervised and resolve(directory, slot) == Path(directory):
@@ -165,7 +174,10 @@ def restore(directory: str, detach: bool, pidfile: str | None, tcp_close: bool |
         supervision = None if detach else Supervision(checkpoints)
         if tcp_close is None:
             tcp_close = config.load().tcp_close
-        root, network = restore_tree(directory, user, tcp_close, part)
+        if lazy:
+            root, network = restore_detached(directory, user, tcp_close, part), None
+        else:
+            root, network = restore_tree(directory, user, tcp_close, part)
         checkpoints.notify("restored", path=str(resolve(directory, slot)))
         write_pid(root)
     if supervision is None:

@@ -24,11 +24,13 @@ from dataclasses import dataclass, field
 
 from hpccr import config, native
 from hpccr.engine import cpu, gpu, posix_timers, procfs
-from hpccr.engine.placement import UFFD_USER_MODE_ONLY
+from hpccr.engine.placement import UFFD_FEATURE_EVENT_FORK, UFFD_USER_MODE_ONLY
 from hpccr.engine.restore import MM_MAP, PR_SET_MM, PR_SET_MM_MAP
 from hpccr.engine.snapshot import (
     UFFD_API,
     UFFD_FEATURE_EVENT_REMAP,
+    UFFD_FEATURE_EVENT_REMOVE,
+    UFFD_FEATURE_EVENT_UNMAP,
     UFFDIO_API,
     UFFDIO_REGISTER,
     UFFDIO_REGISTER_MODE_WP,
@@ -53,8 +55,9 @@ PM_PFN_MASK = (1 << 55) - 1
 PAGE_IS_PRESENT = 1 << 3
 
 # userfaultfd (linux/userfaultfd.h)
-UFFD_FEATURES = {"EVENT_REMAP": UFFD_FEATURE_EVENT_REMAP, "WP_UNPOPULATED": 1 << 13,
-                 "WP_ASYNC": UFFD_FEATURE_WP_ASYNC}
+UFFD_FEATURES = {"EVENT_FORK": UFFD_FEATURE_EVENT_FORK, "EVENT_REMAP": UFFD_FEATURE_EVENT_REMAP,
+                 "EVENT_REMOVE": UFFD_FEATURE_EVENT_REMOVE, "EVENT_UNMAP": UFFD_FEATURE_EVENT_UNMAP,
+                 "WP_UNPOPULATED": 1 << 13, "WP_ASYNC": UFFD_FEATURE_WP_ASYNC}
 
 # XCR0 components, grouped as people name them
 XFEATURE_GROUPS = (("x87", 1 << 0), ("SSE", 1 << 1), ("AVX", 1 << 2), ("MPX", 0b11 << 3),
@@ -535,7 +538,7 @@ def _uffd_api(fd: int, features: int) -> int:
 
 
 @probe("userfaultfd", False, "incremental checkpoints", "snapshots",
-       "restores that place pages instead of writing them")
+       "restores that place pages instead of writing them", "lazy restores (restore --lazy)")
 def _userfaultfd_probe(scratch: Scratch):
     sysctl = _sysctl_or_none("vm.unprivileged_userfaultfd")
     flags = os.O_CLOEXEC | os.O_NONBLOCK
@@ -561,7 +564,7 @@ def _userfaultfd_probe(scratch: Scratch):
             scratch.close_fd(fd)  # unregisters before the area goes
         wp = ", async write-protect registration works"
     return (f"{mode} fd (vm.unprivileged_userfaultfd={sysctl}), features "
-            f"{' '.join(have) or 'none of EVENT_REMAP WP_UNPOPULATED WP_ASYNC'}{wp}",
+            f"{' '.join(have) or 'none of ' + ' '.join(UFFD_FEATURES)}{wp}",
             {"uffd_mode": mode, "uffd_features": have, "unprivileged_userfaultfd": sysctl})
 
 

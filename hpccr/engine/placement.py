@@ -23,6 +23,9 @@ import os
 from hpccr.engine.snapshot import (
     REGISTERED_KINDS,
     UFFD_API,
+    UFFD_FEATURE_EVENT_REMAP,
+    UFFD_FEATURE_EVENT_REMOVE,
+    UFFD_FEATURE_EVENT_UNMAP,
     UFFDIO_API,
     UFFDIO_REGISTER,
     uffd_ioctl,
@@ -31,6 +34,11 @@ from hpccr.spans import Spans, intersect, subtract
 
 UFFD_USER_MODE_ONLY = 1
 UFFDIO_REGISTER_MODE_MISSING = 1
+UFFD_FEATURE_EVENT_FORK = 1 << 1
+# What a lazy restore must hear of: a child forked meanwhile (its own userfaultfd, the same
+# pages missing), memory moved (mremap), dropped (MADV_DONTNEED: zeros now) or unmapped.
+LAZY_FEATURES = (UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE
+                 | UFFD_FEATURE_EVENT_UNMAP)
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -42,21 +50,25 @@ class Placer:
         self.registered = registered
 
     @classmethod
-    def open(cls, inj, vmas: list[dict]) -> Placer | None:
+    def open(cls, inj, vmas: list[dict], lazy: bool = False) -> Placer | None:
         """For the freshly mapped `vmas` of the stub of injector `inj`; None where no VMA can be
-        registered or the kernel gives no such userfaultfd: the pages are written instead."""
+        registered or the kernel gives no such userfaultfd: the pages are written instead.
+        `lazy`: for lazy.py, whose job runs before its pages are in: a kernel access waits for
+        its page like the job's own, and the job's changes to its memory are reported."""
         huge = _huge_on_fault()
         wanted = [v for v in vmas if v["saved_pages"] and not v["shared"]
-                  and v["kind"] in REGISTERED_KINDS and not huge(v["advice"])]
+                  and v["kind"] in REGISTERED_KINDS and not huge(v["advice"])
+                  and not (lazy and "wf" in v["advice"])]  # a child's would be wiped, not lazy
         if not wanted:
             return None
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | (0 if lazy else UFFD_USER_MODE_ONLY)
         try:
-            uffd = inj.take_fd("userfaultfd", os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+            uffd = inj.take_fd("userfaultfd", flags)
         except OSError:
             return None  # before 5.11 (no UFFD_USER_MODE_ONLY), or refused (seccomp, sysctl)
         registered = []
         with contextlib.suppress(OSError):
-            uffd_ioctl(uffd, UFFDIO_API, UFFD_API, 0, 0)
+            uffd_ioctl(uffd, UFFDIO_API, UFFD_API, LAZY_FEATURES if lazy else 0, 0)
             for v in wanted:
                 with contextlib.suppress(OSError):
                     uffd_ioctl(uffd, UFFDIO_REGISTER, v["start"], v["end"] - v["start"],

@@ -53,6 +53,7 @@ from hpccr.engine.job import (
     fork_into_new_pid_namespace,
     forward_signals,
 )
+from hpccr.engine.lazy import HOLD_OPTIONS, LazyPages
 from hpccr.engine.placement import Placer
 from hpccr.engine.tracer import (
     ALL_SIGNALS,
@@ -108,6 +109,7 @@ class Context:
         self.exe: tuple[int, int] | None = None  # a user's image: the executable checked
         self.cwd = proc["cwd"]  # where it enters, made by _deleted_working_directories
         self.threads: list[int] = []  # as hpccr sees them, once rebuilt
+        self.lazy: LazyPages | None = None  # where its memory goes, if it may come lazily
 
     def owner_rights(self):
         """File-system rights of the process's user in this (root) process, for a while."""
@@ -264,7 +266,8 @@ def restore(directory: str, detach: bool = False, pidfile: str | None = None,
 
 
 def restore_tree(directory: str, user: User | None = None, tcp_close: bool = False,
-                 part: Part | None = None) -> tuple[int, netns.JobNetwork | None]:
+                 part: Part | None = None,
+                 lazy: LazyPages | None = None) -> tuple[int, netns.JobNetwork | None]:
     """Restore the image and let it run; returns the restored root's pid (our child), and the
     network made for it (the job's own; None if it has ours), to be removed when it ends.
 
@@ -274,14 +277,16 @@ def restore_tree(directory: str, user: User | None = None, tcp_close: bool = Fal
     reset instead of failing the restore (fds/inet.py).  A `part` of a job on several nodes
     restores its slot's image of a checkpoint of all parts, and joins the job's overlay through
     the addresses of the job's new nodes.  An image of a series is read with the series in use
-    (series.in_use): no checkpoint into it meanwhile."""
+    (series.in_use): no checkpoint into it meanwhile.  With `lazy`, the memory lazy.py can
+    place after the job runs is left to it (its finish() does that), and the processes that
+    have such memory are left traced (lazy.tids)."""
     with in_use(directory, exclusive=False):
         return _restore_tree(directory, user, tcp_close, part.nodes if part else None,
-                             part.slot if part else None)
+                             part.slot if part else None, lazy)
 
 
 def _restore_tree(directory: str, user: User | None, tcp_close: bool, nodes: list[str] | None,
-                  slot: int | None) -> tuple[int, netns.JobNetwork | None]:
+                  slot: int | None, lazy: LazyPages | None) -> tuple[int, netns.JobNetwork | None]:
     with _step("reading the image"):
         if user is None:
             reader, meta = load(directory, slot)
@@ -294,6 +299,8 @@ def _restore_tree(directory: str, user: User | None, tcp_close: bool, nodes: lis
     network = None
     try:
         order = plan(reader, meta, trusted=user is None)
+        if lazy is not None and "gpu" not in meta:
+            _allow_lazy(order, lazy)
         pidns = meta.get("pidns", False)
         spec = _network_spec(meta, pidns)
         with _step("checking the image against this machine"):
@@ -305,7 +312,7 @@ def _restore_tree(directory: str, user: User | None, tcp_close: bool, nodes: lis
                        if spec else None)
         # Inside the job's network: its sockets are made there, and its first process forked.
         with network.entered() if network else contextlib.nullcontext():
-            _bring_back(order, meta, pidns, tcp_close, network)
+            _bring_back(order, meta, pidns, tcp_close, network, lazy)
         if gpus is not None:
             with _step("giving the GPU processes their GPU state back"):
                 try:
@@ -338,8 +345,20 @@ def _network_spec(meta: dict, pidns: bool) -> netns.Spec | None:
     return netns.Spec.from_image(meta["network"])
 
 
+def _allow_lazy(order: list[Task], lazy: LazyPages) -> None:
+    """Let the memory of the processes lazy.py can hold come lazily: not of those forked by
+    their parent's stub or forking children so (forked.py: the pages first), nor of those
+    stopped (release_all() waits for them to stop again, untraced) or made by their parent's
+    stub (sharing.py)."""
+    for task in order:
+        if not (task.zombie or task.sharer or task.carried or task.proc["stopped"]
+                or any(child.carried for child in task.children)
+                or any(sharer.proc["stopped"] for sharer in task.sharers)):
+            task.ctx.lazy = lazy
+
+
 def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
-                network: netns.JobNetwork | None) -> None:
+                network: netns.JobNetwork | None, lazy: LazyPages | None) -> None:
     """Create the tasks, rebuild them and let them run; or leave nothing behind."""
     pool = fds.Pool([(task.ctx, task.proc["fds"]) for task in order], tcp_close)
     try:
@@ -378,7 +397,8 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
             with _step("checking the pages no process needed"):
                 reader = order[0].ctx.reader
                 for image in (reader, *reader.parents):
-                    image.verify_deferred()  # the others were checked as they were written
+                    # the others were checked as they were written, or will be as streamed
+                    image.verify_deferred(but=lazy.files(image) if lazy else set())
             with _step("removing the files that were deleted"):
                 order[0].ctx.shared.unlink_all()  # deleted files are deleted before anything runs
                 for task in order:
@@ -389,8 +409,15 @@ def _bring_back(order: list[Task], meta: dict, pidns: bool, tcp_close: bool,
             if network is not None:
                 with _step("bringing the job's network up"):
                     network.up()  # its connections are back: a peer's packet finds them
+            held = set()
+            if lazy is not None:  # with the processes that share their memory
+                held = {pid for task in order if task.outer in lazy.pids
+                        for pid in (task.outer, *(sharer.outer for sharer in task.sharers
+                                                  if sharing.shares_memory(sharer.proc)))}
+                lazy.tids = [tid for task in order if task.outer in held
+                             for tid in task.ctx.threads]
             with _step("letting the processes run"):
-                release_all([task for task in order if not task.zombie])
+                release_all([task for task in order if not task.zombie], held)
         except BaseException:
             _kill_half_restored(order)
             raise
@@ -1010,20 +1037,21 @@ def _rebuild_memory_sharer(inj: Injector, sharer: Task) -> tuple[Thread, dict]:
     return thread, saved
 
 
-def release_all(tasks: list[Task]) -> None:
+def release_all(tasks: list[Task], held: set[int] = frozenset()) -> None:
     """Detach every thread of the rebuilt processes: each runs on from where it was saved, or
     stops again at once if it was stopped.  First none of them dies with hpccr any more
     (PTRACE_O_EXITKILL cleared): an hpccr killed from then on lets them all run, as a detach
-    would (a tracer's exit detaches its tracees), never some of them."""
+    would (a tracer's exit detaches its tracees), never some of them.  But those `held`
+    (lazy.py, none stopped) run on traced, and die with hpccr until lazy.py lets them go."""
     for task in tasks:
         if task.proc["stopped"]:
             os.kill(task.outer, signal.SIGSTOP)  # pending: they stop as soon as they run
         for tid in task.ctx.threads:
-            native.set_options(tid, 0)
+            native.set_options(tid, HOLD_OPTIONS if task.outer in held else 0)
     # Stopped processes first: the others must not see one before it stops again.
     for task in sorted(reversed(tasks), key=lambda t: not t.proc["stopped"]):
         for tid in reversed(task.ctx.threads):
-            native.detach(tid, 0)
+            (native.cont if task.outer in held else native.detach)(tid, 0)
         faults.point("release")
         if task.proc["stopped"]:
             wait_stopped_again(task.outer, task.ctx.threads)
@@ -1094,17 +1122,22 @@ def _restore_address_space(ctx: Context, inj: Injector, pid: int,
         inj.call("close", fd)
     forked.drop_unshared(inj, kept, shared)
     if chain.has_pages(ctx.reader, proc):
-        placer = Placer.open(inj, fresh)
-        try:
-            memory.write_pages(pid, chain.page_sources(ctx.reader, ctx.reader.parents,
-                                                       proc["pid"], ctx.parent_of,
-                                                       in_place=shared),
-                               lambda addr, length: inj.call("madvise", addr, length,
-                                                             memory.MADV_POPULATE_WRITE),
-                               placer)
-        finally:
-            if placer is not None:
-                placer.close()  # unregisters: the calls injected next may touch the memory
+        sources = chain.page_sources(ctx.reader, ctx.reader.parents, proc["pid"], ctx.parent_of,
+                                     in_place=shared)
+        lazy = (ctx.lazy is not None and not any(pages.compressed for pages, _ in sources)
+                and Placer.open(inj, fresh, lazy=True))
+        if lazy:
+            ctx.lazy.add(pid, lazy, sources)  # kept registered: the calls injected next wait
+        else:
+            placer = Placer.open(inj, fresh)
+            try:
+                memory.write_pages(pid, sources,
+                                   lambda addr, length: inj.call("madvise", addr, length,
+                                                                 memory.MADV_POPULATE_WRITE),
+                                   placer)
+            finally:
+                if placer is not None:
+                    placer.close()  # unregisters: the calls injected next may touch the memory
     for child in carried:  # before the madvise state (MADV_WIPEONFORK, MADV_DONTFORK)
         with _step(f"process {child.proc['pid']}: forking it from its parent"):
             _fork_carried(inj, pid, child, reaper)

@@ -200,6 +200,7 @@ class PageReader:
         self.compressed = pages_name(pid) + ZSTD in reader.files
         self._name = pages_name(pid) + (ZSTD if self.compressed else "")
         self._fd = reader.open_file(self._name)
+        self._random_fd = -1  # read_at()'s
         self._map: mmap.mmap | None = None
         try:
             self.runs, self.size = self._parse(index)  # size: of the pages, uncompressed
@@ -218,6 +219,11 @@ class PageReader:
         """The runs (vaddr, nr_pages, offset) and the bytes they add up to."""
         runs = parse_runs(index, pagemap_name(self._pid))
         return runs, (runs[-1][2] + runs[-1][1] * PAGE_SIZE if runs else 0)
+
+    @property
+    def file(self) -> tuple[ImageReader, str]:
+        """The image and the name of the file the pages are read from."""
+        return self._image, self._name
 
     @property
     def nr_pages(self) -> int:
@@ -354,10 +360,23 @@ class PageReader:
                 raise ImageCorrupt(f"{self._name}: more pages stored than the pagemap lists "
                                    "(image corrupted)")
 
+    def read_at(self, offset: int, size: int) -> bytes:
+        """`size` bytes of the (uncompressed) pages at `offset`, through the page cache, not
+        checked: for a lazy restore, whose pages are checked as chunks() reads them through."""
+        if self._random_fd < 0:  # its own open file: chunks() may set O_DIRECT on the other
+            self._random_fd = os.open(f"/proc/self/fd/{self._fd}", os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(self._random_fd, size, offset)
+        if len(data) != size:
+            raise ImageCorrupt(f"{self._name}: truncated while it was read")
+        return data
+
     def close(self) -> None:
         if self._map is not None:
             self._map.close()
             self._map = None
+        if self._random_fd >= 0:
+            os.close(self._random_fd)
+            self._random_fd = -1
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

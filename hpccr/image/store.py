@@ -500,9 +500,10 @@ class ImageReader:
         self._deferred.pop(name, None)
         self._checked[name] = identity
 
-    def verify_deferred(self) -> None:
-        """Check the deferred files that no one read through."""
-        self.verify_files(list(self._deferred))
+    def verify_deferred(self, but: set[str] = frozenset()) -> None:
+        """Check the deferred files that no one read through, but those in `but` (a lazy
+        restore's: read through later)."""
+        self.verify_files([name for name in self._deferred if name not in but])
 
     def stat(self) -> os.stat_result:
         """The image directory's own stat (its owner decides what it may restore)."""
