@@ -53,10 +53,10 @@ FAULT_AROUND = 64 << 10  # placed at once around a faulting page: the next acces
 WRITE_BATCH = 8 << 20  # the pages outside the registered VMAs, written before the job runs
 STREAM_HELD = 2  # chunks of the pages file held while the next is read
 EVENT_WAIT_S = 0.05  # a placement refused (EAGAIN) is tried again once an event is read, or then
+NEW_TASK_EVENTS = (native.PTRACE_EVENT_FORK, native.PTRACE_EVENT_VFORK, native.PTRACE_EVENT_CLONE)
 HOLD_OPTIONS = (native.PTRACE_O_EXITKILL | native.PTRACE_O_TRACECLONE
                 | native.PTRACE_O_TRACEFORK | native.PTRACE_O_TRACEVFORK)
 GROUP_STOPS = {signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
-PTRACE_EVENT_EXEC = 4
 UNSTOPPABLE = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP)
 
 
@@ -389,30 +389,23 @@ def _hold(tids: list[int], done: int, busy) -> None:
     """Keep the threads `tids` traced (and those they make, PTRACE_O_TRACECLONE/FORK) while
     they run as if untraced, as long as `busy()` (checked when `done` is readable); then detach
     them all."""
-    traced = set(tids)
+    held = _Held(tids)
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     previous = signal.signal(signal.SIGCHLD, lambda *_: None)
     old_wakeup = signal.set_wakeup_fd(wake_w)
-    detaching = False
     try:
-        while traced:
-            if not detaching and not busy():
-                detaching = True
-                for tid in list(traced):
-                    try:
-                        native.interrupt(tid)
-                    except ProcessLookupError:
-                        traced.discard(tid)  # gone (a thread of a process that exec'd)
+        while held.traced:
+            if not held.detaching and not busy():
+                held.detach_all()
             while True:
                 try:
                     tid, status = os.waitpid(-1, native.WALL | os.WNOHANG)
                 except ChildProcessError:
-                    traced.clear()
-                    break
+                    return  # nothing traced any more
                 if not tid:
                     break
-                _on_stop(tid, status, traced, detaching)
-            if traced:
+                held.stopped(tid, status)
+            if held.traced:
                 select.select([wake_r, done], [], [])
                 for fd in (wake_r, done):
                     with contextlib.suppress(BlockingIOError):
@@ -424,26 +417,51 @@ def _hold(tids: list[int], done: int, busy) -> None:
         os.close(wake_w)
 
 
-def _on_stop(tid: int, status: int, traced: set[int], detaching: bool) -> None:
-    """Pass a traced thread's stop on as if it were not traced (or detach it)."""
-    if os.WIFEXITED(status) or os.WIFSIGNALED(status):
-        traced.discard(tid)
-        return
-    if not os.WIFSTOPPED(status):
-        return
-    traced.add(tid)  # one made meanwhile reports its first stop
-    sig, event = os.WSTOPSIG(status), status >> 16
-    delivered = sig if event == 0 else 0  # a signal on its way to the thread: passed on
-    try:
-        if detaching:
-            native.detach(tid, delivered)
-            traced.discard(tid)
-        elif event == native.PTRACE_EVENT_STOP and sig in GROUP_STOPS:
-            native.listen(tid)  # stopped like its process, until a SIGCONT
-        else:
-            native.cont(tid, delivered)
-    except ProcessLookupError:
-        traced.discard(tid)  # killed meanwhile
+class _Held:
+    """The threads traced by _hold(), and what it does at each of their stops."""
+
+    def __init__(self, tids: list[int]):
+        self.traced = set(tids)
+        self.gone: set[int] = set()  # ended or detached
+        self.detaching = False
+
+    def detach_all(self) -> None:
+        """Interrupt every thread: each is detached at its next stop."""
+        self.detaching = True
+        for tid in list(self.traced):
+            try:
+                native.interrupt(tid)
+            except ProcessLookupError:
+                self._gone(tid)  # ended (a thread of a process that exec'd)
+
+    def stopped(self, tid: int, status: int) -> None:
+        """Pass a thread's stop on as if it were not traced (or detach it)."""
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._gone(tid)
+            return
+        if not os.WIFSTOPPED(status):
+            return
+        self.traced.add(tid)  # a new one reports its first stop
+        sig, event = os.WSTOPSIG(status), status >> 16
+        delivered = sig if event == 0 else 0  # a signal on its way to the thread: passed on
+        try:
+            if event in NEW_TASK_EVENTS:
+                new = native.event_message(tid)  # traced already: waited for, even if its
+                if new not in self.gone:         # maker is detached first
+                    self.traced.add(new)
+            if self.detaching:
+                native.detach(tid, delivered)
+                self._gone(tid)
+            elif event == native.PTRACE_EVENT_STOP and sig in GROUP_STOPS:
+                native.listen(tid)  # stopped like its process, until a SIGCONT
+            else:
+                native.cont(tid, delivered)
+        except ProcessLookupError:
+            self._gone(tid)  # killed meanwhile
+
+    def _gone(self, tid: int) -> None:
+        self.traced.discard(tid)
+        self.gone.add(tid)
 
 
 def _describe(exc: BaseException) -> str:
@@ -504,6 +522,8 @@ def _fill(directory: str, user, tcp_close: bool, part, report: int):
         else:
             print(f"hpccr: error: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except KeyboardInterrupt:  # ^C before the job ran: the command says it
+        code = 130
     except BaseException:  # noqa: BLE001 - its traceback, then the command's error
         traceback.print_exc()
     finally:

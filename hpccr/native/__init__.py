@@ -24,6 +24,7 @@ PTRACE_SETREGS = 13
 PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
 PTRACE_PEEKSIGINFO = 0x4209
@@ -35,7 +36,7 @@ PTRACE_O_TRACEVFORK = 0x4
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_EXITKILL = 0x100000
-PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK, PTRACE_EVENT_CLONE = 1, 2, 3
 PTRACE_EVENT_STOP = 128
 PTRACE_PEEKSIGINFO_SHARED = 1
 
@@ -137,6 +138,13 @@ def cont(tid: int, sig: int = 0) -> None:
 def listen(tid: int) -> None:
     """PTRACE_LISTEN: a tracee in group-stop stays stopped, but reports its next change."""
     _ptrace(PTRACE_LISTEN, tid)
+
+
+def event_message(tid: int) -> int:
+    """PTRACE_GETEVENTMSG: at a fork, vfork or clone event stop, the new task's id."""
+    msg = ffi.new("unsigned long *")
+    _ptrace(PTRACE_GETEVENTMSG, tid, 0, msg)
+    return msg[0]
 
 
 def detach(tid: int, sig: int = 0) -> None:
