@@ -15,6 +15,7 @@ import contextlib
 import os
 import select
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -37,6 +38,25 @@ from hpccr.user import User
 # Exit status of `hpccr run` and `hpccr restore` when a stop signal ended the job after its final
 # checkpoint (EX_TEMPFAIL: the job is not finished; restore its latest checkpoint to go on).
 STOPPED = 75
+
+
+def line_start() -> str:
+    """"\n" if stderr is a regular file that does not end with one (read through a descriptor
+    of its own: the job's is often opened for writing only): a message of hpccr's in the job's
+    output starts a line of its own even when the job's last write ended mid-line (the job
+    stopped or requeued in the middle of it)."""
+    try:
+        fd = sys.stderr.fileno()
+        st = os.fstat(fd)
+        if not st.st_size or not stat.S_ISREG(st.st_mode):
+            return ""
+        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return "" if os.pread(reader, 1, st.st_size - 1) == b"\n" else "\n"
+        finally:
+            os.close(reader)
+    except (OSError, ValueError):  # no descriptor, or a file this user cannot read
+        return ""
 
 
 def init_path() -> str:
@@ -295,6 +315,6 @@ class Supervision:
             return False
         with contextlib.suppress(ChildProcessError):  # the dump may have reaped it
             os.waitpid(self.pid, 0)
-        print(f"hpccr: {signal.Signals(signo).name}: job checkpointed to {path} and stopped",
-              file=sys.stderr, flush=True)
+        print(f"{line_start()}hpccr: {signal.Signals(signo).name}: job checkpointed to {path} "
+              "and stopped", file=sys.stderr, flush=True)
         return True

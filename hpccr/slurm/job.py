@@ -38,7 +38,6 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from hpccr.events import answer_events
 from hpccr.image.series import Series
 from hpccr.mpi import launch
 from hpccr.mpi.coordinate import part_image
-from hpccr.run import STOPPED
+from hpccr.run import STOPPED, line_start
 from hpccr.slurm import agent
 from hpccr.slurm.hooks import run_hooks
 
@@ -71,24 +70,7 @@ SIGNAL_STEPS_S = 5  # scancel retries while the job is being cancelled or requeu
 def warn(message: str) -> None:
     """One line on stderr, the job's output file: on a line of its own even when the job's
     last write, cut short by a requeue, ended mid-line."""
-    print(f"{_newline_needed()}hpccr: {message}", file=sys.stderr, flush=True)
-
-
-def _newline_needed() -> str:
-    """"\n" if stderr is a regular file that does not end with one (read through a descriptor
-    of its own: the job's is often opened for writing only)."""
-    try:
-        fd = sys.stderr.fileno()
-        st = os.fstat(fd)
-        if not st.st_size or not stat.S_ISREG(st.st_mode):
-            return ""
-        reader = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return "" if os.pread(reader, 1, st.st_size - 1) == b"\n" else "\n"
-        finally:
-            os.close(reader)
-    except (OSError, ValueError):  # no descriptor, or a file this user cannot read
-        return ""
+    print(f"{line_start()}hpccr: {message}", file=sys.stderr, flush=True)
 
 
 def default_dir(cfg: config.Config) -> Path:
