@@ -230,7 +230,9 @@ def test_restore_out_of_address_space(cr, tmp_path):
     4 MiB at a time, each restore that passes run to its end (exit status 0: PASS), until one
     fails: exit code 19 with the step and the resource named, no process left, and the image
     still restores."""
-    workload = cr.start("idle", 0.2)
+    # Its window ends at a moment of the monotonic clock, long past for every restore but the
+    # first (each passes at once), long enough for a dump under load (0.2 s was not).
+    workload = cr.start("idle", 5)
     img = tmp_path / "img"
     cr.dump_and_kill(workload, img)
     res = first_failure_out_of_address_space(
