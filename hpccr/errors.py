@@ -82,6 +82,16 @@ class Busy(HpccrError):
     exit_code = 22
 
 
+def from_report(report: str) -> tuple[HpccrError | None, str]:
+    """What another process of hpccr's reported as "<error class>\t<message>" (the first line):
+    that error, or None if it names no error class of hpccr's; and the message."""
+    kind, _, message = (report.splitlines() or [""])[0].partition("\t")
+    error = globals().get(kind)
+    if isinstance(error, type) and issubclass(error, HpccrError):
+        return error(message), message
+    return None, message
+
+
 def from_oserror(exc: OSError, what: str, other: type[HpccrError]) -> HpccrError:
     """Translate an OSError met while doing ``what`` into the matching hpccr error: ``other``
     (DumpFailed, RestoreFailed, ImageCorrupt...) for any errno without a class of its own, so

@@ -488,10 +488,8 @@ def restore_detached(directory: str, user, tcp_close: bool, part) -> int:
     if kind == "running":
         return int(message)
     os.waitpid(filler, 0)
-    error = getattr(errors, kind, None)
-    if isinstance(error, type) and issubclass(error, HpccrError):
-        raise error(message)
-    raise RestoreFailed(f"the lazy restore failed: {message or 'its process died'}")
+    error, message = errors.from_report(report)
+    raise error or RestoreFailed(f"the lazy restore failed: {message or 'its process died'}")
 
 
 def _fill(directory: str, user, tcp_close: bool, part, report: int):

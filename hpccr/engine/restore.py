@@ -567,11 +567,8 @@ def spawn(order: list[Task], pidns: bool, pool: fds.Pool, sysv_state: dict | Non
 
 def _task_error(report: str) -> HpccrError:
     """The error of the first new task that failed: it wrote "<error class>\t<message>"."""
-    kind, _, message = report.splitlines()[0].partition("\t")
-    error = getattr(errors, kind, None)
-    if isinstance(error, type) and issubclass(error, HpccrError):
-        return error(message)
-    return RestoreFailed(f"preparing the new tasks failed: {message}")
+    error, message = errors.from_report(report)
+    return error or RestoreFailed(f"preparing the new tasks failed: {message}")
 
 
 def _fork(pid: int, flags: int = 0) -> int:
