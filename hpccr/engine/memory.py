@@ -232,14 +232,25 @@ class MemoryReader:
             self._mem = -1
 
 
-def copy_pages(batches, reader, pages) -> None:
+def copy_pages(batches, reader, pages, kept: list | None = None) -> None:
     """Stream `batches` of page runs, read by `reader` (see MemoryReader), into `pages` (an image
     PageWriter).
 
     Two buffers in turn: while one batch is written out (and hashed) by a helper thread, the next
-    one is read from the target; both steps run without the GIL. The buffers are allocated here,
-    after a snapshot dump has released the target: faulting fresh memory is slow."""
-    buffers = page_buffers(2, COPY_BATCH, "copy")
+    one is read from the target; both steps run without the GIL. The buffers (as large as the
+    largest batch) are allocated here, after a snapshot dump has released the target: fresh
+    memory is slow.  `kept`: buffers of COPY_BATCH kept from one copy to the next (a series of
+    periodic checkpoints: in a VM, the fresh memory of new ones costs as much as the copy of a
+    small increment), filled in on first use."""
+    if not batches:
+        return
+    if kept is not None:
+        if not kept:
+            kept.extend(page_buffers(2, COPY_BATCH, "copy"))
+        buffers = kept
+    else:
+        largest = max(sum(n for _, n in batch) for batch in batches)
+        buffers = page_buffers(min(2, len(batches)), largest, "copy")
     try:
         with starting_threads("hpccr's writer thread"), ThreadPoolExecutor(1) as writer:
             in_flight: list = []
@@ -257,11 +268,16 @@ def copy_pages(batches, reader, pages) -> None:
             for future in in_flight:
                 future.result()
     finally:
-        for buf in buffers:
-            # After a failed write, the traceback may still hold a view of a buffer: the garbage
-            # collector unmaps that one instead.
-            with contextlib.suppress(BufferError):
-                buf.close()
+        if buffers is not kept:
+            close_buffers(buffers)
+
+
+def close_buffers(buffers: list) -> None:
+    for buf in buffers:
+        # After a failed write, the traceback may still hold a view of a buffer: the garbage
+        # collector unmaps that one instead.
+        with contextlib.suppress(BufferError):
+            buf.close()
 
 
 def _write_batch(pages, batch: list[tuple[int, int]], view: memoryview) -> None:
@@ -283,7 +299,11 @@ def describe_vmas(pid: int, entries: list[procfs.MapsEntry], ghosts) -> list[dic
     it: deleted mapped files, shared memory objects, and files in memory-backed file systems
     (POSIX shared memory in /dev/shm: another node's will not have them)."""
     vmas = []
-    flags, policies = procfs.vm_flags(pid), procfs.numa_policies(pid)
+    # Each file walks every page table of the process (2 GiB: ~20 ms each): side by side.
+    with starting_threads("hpccr's /proc reader thread"), ThreadPoolExecutor(1) as helper:
+        numa = helper.submit(procfs.numa_policies, pid)
+        flags = procfs.vm_flags(pid)
+        policies = numa.result()
     for e in entries:
         kind = kind_of(e)
         vm = flags.get(e.start, set())

@@ -70,6 +70,7 @@ class Tracker:
         self.covered: Spans = []
         self.written: Spans = []
         self.base: str | None = None  # the image (its checksums' digest) counted from
+        self.held: Spans | None = None  # where that image holds pages of this process
         self._protected: Spans = []  # VMAs the last scan protected again, for arm()
 
     @classmethod
@@ -213,6 +214,7 @@ class Tracking:
         self.trackers: dict[int, Tracker] = {}
         self.parent: Path | None = None  # the last checkpoint taken with them
         self.length = 0  # of the chain up to `parent`: 1 for a full image
+        self.copy_buffers: list = []  # kept from one dump to the next (memory.copy_pages)
 
     def next_parent(self) -> Path | None:
         """The image the next checkpoint may leave pages to; None: the next one is full."""
@@ -243,9 +245,12 @@ class Tracking:
         self.length = self.length + 1 if incremental else 1
 
     def reset(self) -> None:
-        """After a failed checkpoint: nothing is vouched for any more; the next is full."""
+        """After a failed checkpoint (or the last): nothing is vouched for any more; the next is
+        full, and the buffers kept for it are let go."""
         for tracker in self.trackers.values():
             tracker.close()
         self.trackers = {}
         self.parent = None
         self.length = 0
+        memory.close_buffers(self.copy_buffers)
+        self.copy_buffers = []

@@ -54,12 +54,14 @@ def forked_name(pid: int) -> str:
 
 
 def page_buffers(count: int, size: int, what: str) -> list[mmap.mmap]:
-    """`count` anonymous mappings of `size` bytes (page-aligned, as direct I/O wants them);
+    """`count` anonymous mappings of `size` bytes (page-aligned, as direct I/O wants them),
+    faulted in at once (MAP_POPULATE: one walk, not a fault per page, which is slow in a VM);
     an OSError that names them ("hpccr's `what` buffers") if they cannot all be had."""
     buffers: list[mmap.mmap] = []
     try:
         for _ in range(count):
-            buffers.append(mmap.mmap(-1, size))
+            buffers.append(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                     | mmap.MAP_POPULATE))
     except OSError as exc:
         for buf in buffers:
             buf.close()
