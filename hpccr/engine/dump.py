@@ -67,7 +67,7 @@ from hpccr.image.pages import (
     pagemap_name,
     spans_of,
 )
-from hpccr.spans import intersect, size, subtract, union
+from hpccr.spans import size, subtract, union
 from hpccr.user import User
 
 MODES = ("kill", "running", "stopped")
@@ -316,7 +316,8 @@ def _dump(root: int, directory: str, mode: str, clock: _Clock, cow: bool,
             with _Step(pid, "copying its memory"), \
                     PageWriter(writer, proc["pid"], *page_options) as pages:
                 try:
-                    memory.copy_pages(batches, reader, pages)
+                    memory.copy_pages(batches, reader, pages,
+                                      increment.tracking.copy_buffers if increment else None)
                     if cow:
                         reader.finish()
                         if reader.tracked:
@@ -409,6 +410,7 @@ class _Increment:
                 self.parent = ImageReader(parent)
         self.trackers: dict[int, tracking_.Tracker] = {}
         self.inherits = False  # whether a process left pages to the parent
+        self.holds: dict[int, list[tuple[int, int]]] = {}  # pid -> the spans its pages are at
 
     def scan(self, pid: int) -> tracking_.Tracker | None:
         """The tracker of frozen process `pid`, its pages written since the last checkpoint
@@ -425,26 +427,28 @@ class _Increment:
             self.trackers[pid] = tracker
         return tracker
 
-    def leave_to_parent(self, tracker: tracking_.Tracker | None, inner: int,
+    def leave_to_parent(self, pid: int, tracker: tracking_.Tracker | None, inner: int,
                         ranges: list[tuple[int, int]]):
         """(ranges to save, spans left to the parent): of the (address, length) `ranges` of
-        process `inner` (its pid in the image), the pages its tracker vouches for since the
-        parent that the parent holds."""
-        if tracker is None or self.parent is None or tracker.base != self.parent.digest:
-            return ranges, []
+        process `pid` (`inner` in the image), the pages its tracker vouches for since the
+        parent that the parent holds (saved there or left to its own parent: the ranges of
+        that dump, which the tracker keeps, else read from the parent's page lists)."""
         spans = [(addr, addr + length) for addr, length in ranges]
-        unchanged = subtract(intersect(spans, tracker.covered), tracker.written)
-        if not unchanged:
+        self.holds[pid] = spans
+        if (tracker is None or self.parent is None or tracker.base != self.parent.digest
+                or not tracker.covered):
             return ranges, []
         try:
             self.parent.verify_files([pagemap_name(inner), inherited_name(inner)])
-            with PageReader(self.parent, inner) as pages:
-                held = union(spans_of(pages.runs), pages.inherited)
+            held = tracker.held
+            if held is None:
+                with PageReader(self.parent, inner) as pages:
+                    held = union(spans_of(pages.runs), pages.inherited)
         except HpccrError:
             return ranges, []  # not in the parent, or its files changed: saved whole
-        inherited = intersect(unchanged, held)
+        inherited, saved = native.spans_inherit(spans, tracker.covered, tracker.written, held)
         self.inherits = self.inherits or bool(inherited)
-        return [(start, end - start) for start, end in subtract(spans, inherited)], inherited
+        return saved, inherited
 
     def committed(self, path: str) -> None:
         if self.parent is not None:
@@ -454,6 +458,8 @@ class _Increment:
             return
         image = ImageReader(path)
         image.close()
+        for pid, tracker in self.trackers.items():
+            tracker.held = self.holds.get(pid)
         self.tracking.committed(Path(path), image.digest, self.inherits, self.trackers)
 
 
@@ -597,7 +603,8 @@ def _collect(pid: int, frozen: FrozenProcess, writer, cow: bool, ghosts, fd_stat
             if track:
                 step.now = "looking for the pages it wrote since the last checkpoint"
                 tracker = increment.scan(pid)
-                ranges, inherited = increment.leave_to_parent(tracker, ids.of(pid), ranges)
+                ranges, inherited = increment.leave_to_parent(pid, tracker, ids.of(pid),
+                                                                ranges)
             step.now = "asking it for its state by injected system calls"
             inj = parasite.LiveInjector(at, frozen.threads[at], left_behind)
             try:

@@ -6,8 +6,8 @@ Every function raises OSError with the real errno; policy lives in the engine.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
-import itertools
 import os
 import struct
 from importlib import resources
@@ -283,16 +283,38 @@ def uffd_fill(uffd: int, dst: int, src, length: int) -> tuple[int, int]:
         return lib.hpccr_uffd_fill(uffd, dst, ptr, length, done), done[0]
 
 
+def _flat(pairs: list[tuple[int, int]]) -> array.array:
+    return array.array("Q", [value for pair in pairs for value in pair])
+
+
+def _pairs(flat: array.array, n: int) -> list[tuple[int, int]]:
+    return list(zip(flat[0:2 * n:2], flat[1:2 * n:2], strict=True))
+
+
 def spans_op(name: str, a: list[tuple[int, int]], b: list[tuple[int, int]]):
     """hpccr_spans_`name` (intersect, subtract) of two lists of sorted, disjoint spans."""
-    flat_a = array.array("Q", itertools.chain.from_iterable(a))
-    flat_b = array.array("Q", itertools.chain.from_iterable(b))
-    out = array.array("Q", bytes(16 * (len(a) + len(b) + 1)))
+    flat_a, flat_b = _flat(a), _flat(b)
+    out = array.array("Q", [0]) * (2 * (len(a) + len(b) + 1))
     with ffi.from_buffer("uint64_t[]", flat_a) as pa, ffi.from_buffer("uint64_t[]", flat_b) as pb, \
             ffi.from_buffer("uint64_t[]", out, require_writable=True) as po:
         n = getattr(lib, f"hpccr_spans_{name}")(pa, len(a), pb, len(b), po)
-    values = iter(out[:2 * n])
-    return list(zip(values, values, strict=True))
+    return _pairs(out, n)
+
+
+def spans_inherit(spans, covered, written, held):
+    """hpccr_spans_inherit: (the spans left to the parent, the (start, length) of the others)."""
+    flat = [_flat(spans), _flat(covered), _flat(written), _flat(held)]
+    room = 2 * (len(spans) + len(covered) + len(written) + len(held) + 1)
+    inherited, saved = array.array("Q", [0]) * room, array.array("Q", [0]) * room
+    nsaved = ffi.new("size_t *")
+    with contextlib.ExitStack() as stack:
+        ps, pc, pw, ph, pi, po = (stack.enter_context(ffi.from_buffer("uint64_t[]", each))
+                                  for each in (*flat, inherited, saved))
+        n = lib.hpccr_spans_inherit(ps, len(spans), pc, len(covered), pw, len(written), ph,
+                                    len(held), pi, po, nsaved)
+    if n < 0:
+        raise MemoryError("hpccr_spans_inherit")
+    return _pairs(inherited, n), _pairs(saved, nsaved[0])
 
 
 def read_mem(pid: int, addr: int, size: int) -> bytes:

@@ -86,6 +86,15 @@ size_t hpccr_spans_intersect(const uint64_t *a, size_t na, const uint64_t *b, si
 size_t hpccr_spans_subtract(const uint64_t *a, size_t na, const uint64_t *b, size_t nb,
                             uint64_t *out);
 
+/* What an incremental dump leaves to the parent image (dump.py): of the `spans` of pages it
+ * saves, those inside `covered`, outside `written` and inside `held` (all sorted, disjoint)
+ * go into `inherited` as [start, end) spans, and the others into `saved` as (start, length)
+ * pairs; each has room for ns + nc + nw + nh spans.  Returns the number of inherited spans
+ * (*nsaved: of saved ones), or -1 if out of memory. */
+long hpccr_spans_inherit(const uint64_t *spans, size_t ns, const uint64_t *covered, size_t nc,
+                         const uint64_t *written, size_t nw, const uint64_t *held, size_t nh,
+                         uint64_t *inherited, uint64_t *saved, size_t *nsaved);
+
 /* statfs(2) f_type of the file system holding `path`, or -errno. */
 long hpccr_statfs_type(const char *path);
 
@@ -101,6 +110,7 @@ SOURCE = r"""
 #include <linux/userfaultfd.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/ptrace.h>
@@ -415,6 +425,30 @@ size_t hpccr_spans_subtract(const uint64_t *a, size_t na, const uint64_t *b, siz
                 start = b[2 * k + 1];
         }
     }
+    return n;
+}
+
+long hpccr_spans_inherit(const uint64_t *spans, size_t ns, const uint64_t *covered, size_t nc,
+                         const uint64_t *written, size_t nw, const uint64_t *held, size_t nh,
+                         uint64_t *inherited, uint64_t *saved, size_t *nsaved)
+{
+    size_t room = ns + nc + nw + nh, n;
+    uint64_t *one = malloc(2 * sizeof(uint64_t) * (room + 1));
+    uint64_t *two = malloc(2 * sizeof(uint64_t) * (room + 1));
+
+    if (!one || !two) {
+        free(one);
+        free(two);
+        return -1;
+    }
+    n = hpccr_spans_intersect(spans, ns, covered, nc, one);
+    n = hpccr_spans_subtract(one, n, written, nw, two);
+    n = hpccr_spans_intersect(two, n, held, nh, inherited);
+    *nsaved = hpccr_spans_subtract(spans, ns, inherited, n, saved);
+    for (size_t i = 0; i < *nsaved; i++)
+        saved[2 * i + 1] -= saved[2 * i];
+    free(one);
+    free(two);
     return n;
 }
 

@@ -1,7 +1,7 @@
 /*
  * Dirty pages: memory written in phases between periodic checkpoints (incremental images).
  *
- * usage: dirty_pages SERIES PHASES
+ * usage: dirty_pages SERIES PHASES [fork]
  *
  * A 64 MiB private anonymous region A. Phase k (1..PHASES) writes a PRNG-chosen share of A's
  * pages (5 %; 40 % in phase 3, enough for a copy-on-write snapshot) with a pattern of (page,
@@ -14,12 +14,16 @@
  * restored from its latest checkpoint), stops the thread and checks every page of A, B, C and
  * D against what the phases and the sequence number say they must hold: PASS, or FAIL at the
  * first wrong page.
+ * With "fork", a child forked once A is written shares A with the job (copy-on-write) and
+ * never writes it: as the phases write the job's copy, the child keeps the pages of phase 40.
+ * Once SERIES/go exists it checks them; the job FAILs unless the child passed.
  */
 #include "wl.h"
 
 #include <limits.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 
 #define PAGE 4096UL
 #define A_PAGES (16384UL)            /* 64 MiB */
@@ -169,10 +173,12 @@ int main(int argc, char **argv)
 	char go[PATH_MAX], seen[PATH_MAX], now[PATH_MAX];
 	pthread_t thread;
 	struct stat st;
-	int phases;
+	pid_t child = 0;
+	int phases, status;
 
-	if (argc != 3 || (phases = atoi(argv[2])) < 1 || phases > MAX_PHASES) {
-		fprintf(stderr, "usage: dirty_pages SERIES PHASES\n");
+	if (argc < 3 || argc > 4 || (argc == 4 && strcmp(argv[3], "fork")) ||
+	    (phases = atoi(argv[2])) < 1 || phases > MAX_PHASES) {
+		fprintf(stderr, "usage: dirty_pages SERIES PHASES [fork]\n");
 		return 2;
 	}
 	snprintf(go, sizeof(go), "%s/go", argv[1]);
@@ -187,6 +193,19 @@ int main(int argc, char **argv)
 	memset(a_phase, 40, sizeof(a_phase));
 	memset(b, 0, B_PAGES * PAGE);
 	memset((void *)d, 0, D_PAGES * PAGE);  /* present: a later write is to a saved page */
+	if (argc == 4 && (child = fork()) < 0)
+		wl_die("fork");
+	if (child == 0 && argc == 4) {
+		while (stat(go, &st))
+			usleep(10000);
+		for (size_t p = 0; p < A_PAGES; p++)
+			if (!holds(a + p * PAGE, 1, p, 40)) {
+				printf("child: A page %zu is not as at its fork\n", p);
+				fflush(stdout);
+				_exit(1);
+			}
+		_exit(0);
+	}
 	if (pthread_create(&thread, NULL, writer, NULL))
 		wl_die("pthread_create");
 	wl_ready();
@@ -203,5 +222,7 @@ int main(int argc, char **argv)
 	stop = 1;
 	pthread_join(thread, NULL);
 	check();
+	if (child > 0 && (waitpid(child, &status, 0) != child || status))
+		wl_fail("the forked child (status %#x)", status);
 	return wl_finish();
 }
