@@ -54,14 +54,12 @@ def forked_name(pid: int) -> str:
 
 
 def page_buffers(count: int, size: int, what: str) -> list[mmap.mmap]:
-    """`count` anonymous mappings of `size` bytes (page-aligned, as direct I/O wants them),
-    faulted in at once (MAP_POPULATE: one walk, not a fault per page, which is slow in a VM);
+    """`count` anonymous mappings of `size` bytes (page-aligned, as direct I/O wants them);
     an OSError that names them ("hpccr's `what` buffers") if they cannot all be had."""
     buffers: list[mmap.mmap] = []
     try:
         for _ in range(count):
-            buffers.append(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                                     | mmap.MAP_POPULATE))
+            buffers.append(mmap.mmap(-1, size))
     except OSError as exc:
         for buf in buffers:
             buf.close()
