@@ -58,6 +58,9 @@ MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 
 
+ANONYMOUS_KINDS = ("anon", "heap", "stack")  # private mappings of no file: no page cache
+
+
 def kind_of(entry: procfs.MapsEntry) -> str:
     if entry.name in SPECIAL:
         return SPECIAL[entry.name]
@@ -101,28 +104,52 @@ def select_pages(pid: int, vmas: list[dict]) -> list[tuple[int, int]]:
         for vma in vmas:
             if not saves_pages(vma):
                 continue
-            no_bits = 0 if vma["shared"] else PM_FILE
             readable = vma["prot"][0] == "r"
-            first = vma["start"] // PAGE
-            total = (vma["end"] - vma["start"]) // PAGE
             count = 0
-            for chunk in range(0, total, PAGEMAP_CHUNK):
-                n = min(PAGEMAP_CHUNK, total - chunk)
-                entries = os.pread(fd, n * 8, (first + chunk) * 8)
-                for start, pages in native.pagemap_runs(entries, PM_PRESENT | PM_SWAPPED,
-                                                        no_bits):
-                    addr = (first + chunk + start) * PAGE
-                    if (ranges and ranges[-1][0] + ranges[-1][1] == addr
-                            and readable == last_readable):
-                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + pages * PAGE)
-                    else:
-                        ranges.append((addr, pages * PAGE))
-                    count += pages
-                    last_readable = readable
+            for start, end in _saved_runs(fd, vma["start"], vma["end"],
+                                          vma["kind"] in ANONYMOUS_KINDS):
+                if (ranges and ranges[-1][0] + ranges[-1][1] == start
+                        and readable == last_readable):
+                    ranges[-1] = (ranges[-1][0], end - ranges[-1][0])
+                else:
+                    ranges.append((start, end - start))
+                count += (end - start) // PAGE
+                last_readable = readable
             vma["saved_pages"] = count
     finally:
         os.close(fd)
     return ranges
+
+
+def _saved_runs(fd: int, start: int, end: int, anonymous: bool):
+    """The (start, end) runs of pages worth saving of the private mapping at [start, end):
+    present or swapped, anonymous (not a file's page cache), no pte markers.  PAGEMAP_SCAN
+    finds the present ones (a few regions for the whole of a large mapping; 2 GiB: 8 ms, 25
+    with the file test that a mapping of no file needs not); the others, and all of them
+    before Linux 6.7, are told apart in the pagemap's entries."""
+    no_file = 0 if anonymous else procfs.PAGE_IS_FILE
+    try:
+        regions = procfs.pagemap_scan(fd, start, end, inverted=no_file, required=no_file,
+                                      anyof=procfs.PAGE_IS_PRESENT | procfs.PAGE_IS_SWAPPED,
+                                      returned=procfs.PAGE_IS_PRESENT)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTTY, errno.EINVAL):
+            raise
+        regions = [(start, end, 0)]
+    for first, last, categories in regions:
+        if categories & procfs.PAGE_IS_PRESENT:
+            yield first, last
+        else:  # swapped, or a pte marker (which PAGEMAP_SCAN counts as swapped)
+            yield from _pagemap_runs(fd, first, last)
+
+
+def _pagemap_runs(fd: int, start: int, end: int):
+    """The runs of present or swapped anonymous pages in [start, end), from the pagemap."""
+    first, total = start // PAGE, (end - start) // PAGE
+    for chunk in range(0, total, PAGEMAP_CHUNK):
+        entries = os.pread(fd, min(PAGEMAP_CHUNK, total - chunk) * 8, (first + chunk) * 8)
+        for at, pages in native.pagemap_runs(entries, PM_PRESENT | PM_SWAPPED, PM_FILE):
+            yield (first + chunk + at) * PAGE, (first + chunk + at + pages) * PAGE
 
 
 def shared_with_parent(pid: int, parent: int, ranges: list[tuple[int, int]],

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import os
 import re
+import struct
 from dataclasses import dataclass
 
 PROC = "/proc"
 DELETED = " (deleted)"  # how a link of /proc names a file deleted since it was opened
+
+# PAGEMAP_SCAN (linux/fs.h of 6.7+, newer than Debian 12's headers) = _IOWR('f', 16, struct
+# pm_scan_arg): struct pm_scan_arg {u64 size, flags, start, end, walk_end, vec, vec_len,
+# max_pages, category_inverted, category_mask, category_anyof_mask, return_mask}; its output is
+# an array of struct page_region {u64 start, end, categories}.
+PAGEMAP_SCAN = 0xC0606610
+PM_SCAN_ARG = struct.Struct("<12Q")
+PAGE_REGION = struct.Struct("<QQQ")
+PM_SCAN_WP_MATCHING = 1 << 0
+PM_SCAN_CHECK_WPASYNC = 1 << 1
+PAGE_IS_WRITTEN, PAGE_IS_FILE, PAGE_IS_PRESENT, PAGE_IS_SWAPPED = 1 << 1, 1 << 2, 1 << 3, 1 << 4
+SCAN_REGIONS = 4096  # page regions per PAGEMAP_SCAN call
 
 
 def path(pid: int, *parts: str) -> str:
@@ -174,6 +190,32 @@ def personality(pid: int) -> int:
 
 def pagemap_fd(pid: int) -> int:
     return os.open(path(pid, "pagemap"), os.O_RDONLY)
+
+
+def pagemap_scan(fd: int, start: int, end: int, *, flags: int = 0, inverted: int = 0,
+                 required: int = 0, anyof: int = 0,
+                 returned: int = 0) -> list[tuple[int, int, int]]:
+    """The (start, end, categories) regions of [start, end) whose pages have every category
+    of `required` and one of `anyof` (those of `inverted` negated first), by PAGEMAP_SCAN on the
+    pagemap `fd`; neighbours with the same categories of `returned` are one region.  OSError
+    ENOTTY before Linux 6.7."""
+    out: list[tuple[int, int, int]] = []
+    regions = ctypes.create_string_buffer(PAGE_REGION.size * SCAN_REGIONS)
+    while start < end:
+        arg = bytearray(PM_SCAN_ARG.pack(PM_SCAN_ARG.size, flags, start, end, 0,
+                                         ctypes.addressof(regions), SCAN_REGIONS, 0, inverted,
+                                         required, anyof, returned))
+        n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
+        for first, last, categories in PAGE_REGION.iter_unpack(regions[:n * PAGE_REGION.size]):
+            if out and out[-1][1] == first and out[-1][2] == categories:
+                out[-1] = (out[-1][0], last, categories)
+            else:
+                out.append((first, last, categories))
+        walk_end = PM_SCAN_ARG.unpack(arg)[4]
+        if walk_end <= start:
+            raise OSError(errno.EIO, "PAGEMAP_SCAN made no progress")
+        start = walk_end
+    return out
 
 
 def ns_pid_depth(pid: int) -> int:

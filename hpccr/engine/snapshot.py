@@ -88,7 +88,7 @@ UFFD_EVENT_UNMAP = 0x16
 O_NONBLOCK = 0o4000
 O_CLOEXEC = 0o2000000
 
-REGISTERED_KINDS = ("anon", "heap", "stack")
+REGISTERED_KINDS = memory.ANONYMOUS_KINDS  # userfaultfd takes private anonymous memory
 BLOCK = 64 << 10  # what one write fault saves and un-protects
 SETTLE_TIMEOUT_S = 10.0
 

@@ -17,11 +17,8 @@ moved or re-mapped since, a process that exec'd) falls outside `covered` and is 
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import fcntl
 import os
-import struct
 from pathlib import Path
 
 from hpccr import faults, native
@@ -38,16 +35,6 @@ UFFD_FEATURE_WP_ASYNC = 1 << 15
 # pages, which a dump would save (zeros). Without it a page first touched after the protection
 # is not protected, and so shows as written: saved again, as it must be.
 FEATURES = UFFD_FEATURE_WP_ASYNC
-# PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg): struct pm_scan_arg {u64 size, flags, start,
-# end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask, category_anyof_mask,
-# return_mask}; its output is an array of struct page_region {u64 start, end, categories}.
-PAGEMAP_SCAN = 0xC0606610
-PM_SCAN_ARG = struct.Struct("<12Q")
-PAGE_REGION = struct.Struct("<QQQ")
-PM_SCAN_WP_MATCHING = 1 << 0
-PM_SCAN_CHECK_WPASYNC = 1 << 1
-PAGE_IS_WRITTEN = 1 << 1
-REGIONS = 4096  # page regions per PAGEMAP_SCAN call
 
 # --- the tracker of one process --------------------------------------------------------------
 
@@ -148,24 +135,11 @@ class Tracker:
         return True
 
     def _scan_span(self, fd: int, start: int, end: int) -> Spans:
-        out: Spans = []
-        regions = ctypes.create_string_buffer(PAGE_REGION.size * REGIONS)
-        while start < end:
-            arg = bytearray(PM_SCAN_ARG.pack(
-                PM_SCAN_ARG.size, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, start, end, 0,
-                ctypes.addressof(regions), REGIONS, 0, 0, PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN))
-            n = fcntl.ioctl(fd, PAGEMAP_SCAN, arg)
-            walk_end = PM_SCAN_ARG.unpack(arg)[4]
-            for i in range(n):
-                first, last, _ = PAGE_REGION.unpack_from(regions, i * PAGE_REGION.size)
-                if out and out[-1][1] == first:
-                    out[-1] = (out[-1][0], last)
-                else:
-                    out.append((first, last))
-            if walk_end <= start:
-                raise OSError(errno.EIO, "PAGEMAP_SCAN made no progress")
-            start = walk_end
-        return out
+        """The pages written in [start, end), protected again as they are reported."""
+        regions = procfs.pagemap_scan(
+            fd, start, end, flags=procfs.PM_SCAN_WP_MATCHING | procfs.PM_SCAN_CHECK_WPASYNC,
+            required=procfs.PAGE_IS_WRITTEN, returned=procfs.PAGE_IS_WRITTEN)
+        return [(first, last) for first, last, _ in regions]
 
     def disarm(self) -> None:
         """Unregister every span (their pages are no longer protected), for a snapshot."""
