@@ -7,16 +7,18 @@ same run.
 1. The machine's limits: process_vm_readv from a workload (the fastest a dump can copy memory
    out), memcpy between two buffers of this process, fresh memory (mmap MAP_POPULATE: what a
    restore pays before it writes a page), the image directory's write speed (page cache,
-   O_DIRECT as hpccr writes pages, and fsync'd).
+   O_DIRECT as hpccr writes pages, and fsync'd) and its O_DIRECT read speed (as a restore
+   reads them).
 2. For each size, what a user waits for: the `hpccr` commands themselves (`python -m hpccr`,
    start-up included), medians of --repeat rounds of `dump --leave-running`, `dump` (kill) and
    `restore --detach` of bench/workload.c, whose restored memory is then checked (OK), then
    `restore --detach --lazy` of the same image (lazy: until the command returns and the job
    runs; lazy:all: until the filler has placed every page and ended), checked too; frozen
    times as the commands print them, the commands' peak resident sets (hpccr's own memory);
-   beside them the time the copy out takes at readv speed, and the fresh memory of a restore
+   beside them the time the copy out takes at readv speed, the fresh memory of a restore
    at the speed measured (a restore gets it in the target, page by page as it is written, so
-   it can beat that figure), and the issue's targets.
+   it can beat that figure), the disk's time for the pages (written as a dump does, read as a
+   restore does: the floor of each), and the issue's targets.
 3. Incremental checkpoints of the largest size at each --percent of pages written
    (incremental.py's measure: engine API, tracking as `hpccr run --interval` does it).
 4. Compression of random data (256 MiB or the largest size if smaller) and of the demo's heat
@@ -60,6 +62,7 @@ from own_memory import hpccr
 MIB = 1 << 20
 LIMIT_BATCH = 64 * MIB
 MEMCPY_BYTES = 256 * MIB
+DIRECT_READ_BYTES = 1024 * MIB
 PR_SET_CHILD_SUBREAPER = 36
 # The issue's targets (seconds) per size: dump (kill) and restore, wall time of the command.
 TARGETS = {16 * MIB: (0.15, 0.15), 256 * MIB: (0.3, 0.3), 2048 * MIB: (None, 0.4)}
@@ -91,9 +94,30 @@ def limits(exe: str, size: int, directory: str, work: Path) -> dict[str, float]:
     found["fresh"] = populate_bandwidth(size)
     found["pcache"] = pagecache_bandwidth(directory, buf)
     found["direct"] = pagecache_bandwidth(directory, buf, direct=True)
+    found["dread"] = direct_read_bandwidth(directory, buf)
     buf.close()
     found["fsync"] = compression.write_speed(directory) / MIB
     return found
+
+
+def direct_read_bandwidth(directory: str, buf) -> float:
+    """MiB/s of reading a file of 1 GiB with O_DIRECT (as a restore reads its pages), in
+    `buf`-sized reads."""
+    fd, path = tempfile.mkstemp(dir=directory, prefix="direct-read-")
+    try:
+        for _ in range(DIRECT_READ_BYTES // len(buf)):
+            os.write(fd, buf)
+        os.fsync(fd)
+        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        started = time.monotonic()
+        while os.readv(fd, [buf]):
+            pass
+        elapsed = time.monotonic() - started
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return DIRECT_READ_BYTES / MIB / elapsed
 
 
 def frozen_ms(said: str) -> float:
@@ -158,11 +182,13 @@ def print_commands(exe: str, sizes: list[int], repeat: int, found: dict[str, flo
     print(f"\nthe commands, wall time of `python -m hpccr ...` in ms (medians of {repeat}); "
           "frz: frozen, as printed;\npeak resident set of the commands in MiB; size / "
           "readv, size / fresh memory: the copy out\nand the fresh memory of a restore at the "
-          "speeds measured above")
+          "speeds measured above; disk:w, disk:r: size / direct write,\nsize / direct read "
+          "(the disk's floor of a dump and of a restore)")
     names = ["run:frz", "run:tot", "kill:frz", "kill:tot", "restore", "lazy", "lazy:all",
              "dump MiB", "rest. MiB"]
     print(f"{'size':>6} " + " ".join(f"{n:>9}" for n in names)
-          + f" {'verify':>7}  {'readv':>9} {'fresh':>9}  targets (dump, restore)")
+          + f" {'verify':>7}  {'readv':>9} {'fresh':>9} {'disk:w':>9} {'disk:r':>9}"
+          "  targets (dump, restore)")
     ok = True
     for size in sizes:
         rounds = [command_round(exe, size, work) for _ in range(repeat)]
@@ -174,7 +200,9 @@ def print_commands(exe: str, sizes: list[int], repeat: int, found: dict[str, flo
                             for t in (dump_target, restore_target))
         print(f"{size // MIB:>4}M  {cells} {'/'.join(sorted(verdicts)):>7}  "
               f"{size / MIB / found['readv'] * 1000:9.1f} "
-              f"{size / MIB / found['fresh'] * 1000:9.1f}  {targets}", flush=True)
+              f"{size / MIB / found['fresh'] * 1000:9.1f} "
+              f"{size / MIB / found['direct'] * 1000:9.1f} "
+              f"{size / MIB / found['dread'] * 1000:9.1f}  {targets}", flush=True)
         if size == max(sizes):
             ratio = median(r["run:tot"] for r in rounds) / median(r["kill:tot"] for r in rounds)
             print(f"{'':>6} --leave-running total / kill-mode total: {ratio:.2f} "
@@ -209,7 +237,7 @@ def main() -> int:
         print(f"limits: readv {found['readv']:.0f} MiB/s, memcpy {found['memcpy']:.0f} MiB/s, "
               f"fresh memory {found['fresh']:.0f} MiB/s; {args.dir} ({fs_type(args.dir)}): "
               f"page cache {found['pcache']:.0f} MiB/s, direct {found['direct']:.0f} MiB/s, "
-              f"fsync'd {found['fsync']:.0f} MiB/s")
+              f"fsync'd {found['fsync']:.0f} MiB/s, direct read {found['dread']:.0f} MiB/s")
         ok = print_commands(exe, sizes, args.repeat, found, work)
 
         print(f"\nincremental, {max(sizes) // MIB} MiB (engine API, no start-up)")
