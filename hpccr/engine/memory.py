@@ -2,9 +2,10 @@
 
 Dump: every VMA of /proc/PID/maps is recorded; the pages worth saving are the present or swapped
 pages of private mappings that are anonymous (pagemap bit 61 clear: heap, stack, and the
-copy-on-write pages inside private file mappings), plus the pages of shared anonymous mappings.
-They are found with PAGEMAP_SCAN (the pagemap's entries where a page is not present), copied with
-process_vm_readv in large batches (/proc/PID/mem for unreadable VMAs) and streamed into the image.
+copy-on-write pages inside private file mappings); shared memory is saved apart, with its object
+(ghosts.py, sysv.py).  They are found with PAGEMAP_SCAN (the pagemap's entries where a page is
+not present), copied with process_vm_readv in large batches (/proc/PID/mem for unreadable VMAs)
+and streamed into the image.
 
 Restore (inside the stub, by injected calls): unmap the stub, move [vvar]/[vvar_vclock]/[vdso] to
 their saved addresses, map every VMA (writable while its pages are written), put the pages from
